@@ -1,0 +1,13 @@
+"""expo_kernels: fused LM-head kernels for DPO-style preference optimization and EXPO.
+
+Layers (each imports only the ones above it):
+
+* ``expo_kernels.ops``      — the kernels on plain tensors (Triton, chunked PyTorch).
+* ``expo_kernels.autograd`` — registered torch ops + autograd, backend chosen from the device.
+* ``expo_kernels.losses``   — per-sequence preference losses and their registry.
+"""
+from .autograd import TokenStats, available_backends, linear_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["linear_logprobs", "TokenStats", "available_backends", "__version__"]

@@ -1,0 +1,73 @@
+"""Argument checks shared by the public ops. Errors name the argument and what was expected."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_tensor(name: str, value, *, floating: bool = False, integer: bool = False) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
+    if integer and value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {value.dtype}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def check_positive_finite(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_linear_head(hidden, weight, labels, bias) -> None:
+    """hidden [..., H] float, weight [V, H] same dtype, labels [...] integer, bias [V] | None."""
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    check_tensor("labels", labels, integer=True)
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H] (at least 1 dimension), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight.dtype ({weight.dtype}) must match hidden.dtype ({hidden.dtype})")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias.dtype ({bias.dtype}) must match hidden.dtype ({hidden.dtype})")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+def raise_for_non_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """Called once a result came out non-finite: name the input that caused it."""
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+    raise ValueError("the logits overflowed to inf; check the scale of hidden, weight and logit_scale")

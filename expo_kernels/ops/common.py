@@ -1,0 +1,59 @@
+"""Types shared by every backend: the logit transform and the per-token outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z = softcap(raw * logit_scale) / temperature`` with ``softcap(x) = c * tanh(x / c)``.
+
+    The order is the one Hugging Face models and TRL apply: the model multiplies by
+    ``logit_scale`` (Cohere) or soft-caps (Gemma 2/3) inside its head, and the trainer divides
+    by the sampling temperature afterwards.
+    """
+
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+
+    @property
+    def inv_temperature(self) -> float:
+        return 1.0 / self.temperature
+
+    @property
+    def is_identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+    def apply(self, raw: torch.Tensor) -> torch.Tensor:
+        z = raw * self.logit_scale if self.logit_scale != 1.0 else raw
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z * self.inv_temperature if self.temperature != 1.0 else z
+
+    def apply_with_derivative(self, raw: torch.Tensor):
+        """Returns ``(z, dz/draw)``; the derivative is a python float when it is constant."""
+        z = raw * self.logit_scale
+        deriv = self.logit_scale * self.inv_temperature
+        if self.softcap is not None:
+            t = torch.tanh(z / self.softcap)
+            z = self.softcap * t
+            deriv = deriv * (1.0 - t * t)
+        return z * self.inv_temperature, deriv
+
+
+class TokenOutputs(NamedTuple):
+    """Per-token ``[N]`` results of a backend's forward: float32 (float64 for float64 inputs).
+
+    ``entropy`` .. ``log_sum_p2`` are None unless ``with_stats`` was asked for.
+    """
+
+    logp: torch.Tensor  # log p(label) = z_label - lse
+    lse: torch.Tensor  # log sum_v exp(z_v)
+    entropy: Optional[torch.Tensor] = None  # lse - sum_v p_v z_v
+    mean_logit: Optional[torch.Tensor] = None  # sum_v z_v / V
+    is_top1: Optional[torch.Tensor] = None  # bool: label == argmax_v z_v (first maximum)
+    log_sum_p2: Optional[torch.Tensor] = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)

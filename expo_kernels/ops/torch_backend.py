@@ -1,0 +1,159 @@
+"""Chunked pure-PyTorch backend: the readable specification of the fused op.
+
+Runs on any device. Tokens are processed in blocks of ``TOKEN_CHUNK`` and the vocabulary in
+tiles of ``VOCAB_CHUNK``; the largest temporary is one ``[TOKEN_CHUNK, VOCAB_CHUNK]`` float32
+tile, never ``[N, V]``. Every other backend is tested against this file.
+
+Forward (DESIGN.md section 2), one pass over vocab tiles with an online log-sum-exp per token:
+    m  <- max(m, max_v z_v)                 running maximum
+    s  <- s * e^(m_old - m) + sum_v e^(z_v - m)
+    lse = m + log s,   logp = z_label - lse
+Statistics ride along in the same pass: ``sum_v e^(z_v - m) z_v`` for the entropy,
+``sum_v e^(2(z_v - m))`` for ``log sum p^2``, ``sum_v z_v`` for the mean logit.
+
+Backward recomputes each tile: ``dz = g * (onehot(label) - p) * dz/draw``, then
+``d_hidden += dz @ W_tile``, ``d_weight[tile] += dz^T @ h``, ``d_bias[tile] += sum_n dz``,
+all accumulated in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .common import LogitTransform, TokenOutputs
+
+# Tile of the recomputed logits: 1024 x 8192 float32 = 32 MiB. Large enough that the GEMMs run
+# near peak on a CPU, small enough that the tile is noise next to the weight and its gradient.
+TOKEN_CHUNK = 1024
+VOCAB_CHUNK = 8192
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 stays float64 (gradcheck); everything else accumulates in float32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _raw_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """``h @ w.T + b`` for one tile, computed in ``acc`` precision (bf16 inputs upcast first)."""
+    raw = h.to(acc) @ w.to(acc).T
+    if b is not None:
+        raw += b.to(acc)
+    return raw
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    transform: LogitTransform,
+    with_stats: bool,
+) -> TokenOutputs:
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] in [0, V) -> TokenOutputs ([N] each)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    if n_tokens == 0:
+        empty = hidden.new_zeros(0, dtype=acc)
+        stats = (empty, empty, empty.bool(), empty) if with_stats else (None,) * 4
+        return TokenOutputs(empty, empty, *stats)
+    out = {k: [] for k in TokenOutputs._fields}
+    for t0 in range(0, n_tokens, TOKEN_CHUNK):
+        h = hidden[t0 : t0 + TOKEN_CHUNK]
+        y = labels[t0 : t0 + TOKEN_CHUNK]
+        n = h.shape[0]
+        m = torch.full((n,), -math.inf, dtype=acc, device=h.device)
+        s = torch.zeros(n, dtype=acc, device=h.device)
+        sz = torch.zeros_like(s)  # sum e^(z-m) z      -> entropy
+        s2 = torch.zeros_like(s)  # sum e^(2(z-m))     -> log sum p^2
+        z_sum = torch.zeros_like(s)
+        z_label = torch.zeros_like(s)
+        max_before_label = torch.full_like(s, -math.inf)  # for first-argmax tie-breaking
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            w = weight[v0 : v0 + VOCAB_CHUNK]
+            cols = torch.arange(v0, v0 + w.shape[0], device=h.device)
+            z = transform.apply(_raw_logits(h, w, None if bias is None else bias[v0 : v0 + VOCAB_CHUNK], acc))
+            m_new = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])
+            s = s * rescale + e.sum(dim=1)
+            in_tile = (y >= v0) & (y < v0 + w.shape[0])
+            z_label = torch.where(in_tile, z.gather(1, (y - v0).clamp(0, w.shape[0] - 1)[:, None])[:, 0], z_label)
+            if with_stats:
+                sz = sz * rescale + (e * z).sum(dim=1)
+                s2 = s2 * rescale * rescale + (e * e).sum(dim=1)
+                z_sum += z.sum(dim=1)
+                before = cols[None, :] < y[:, None]
+                max_before_label = torch.maximum(max_before_label, z.masked_fill(~before, -math.inf).amax(dim=1))
+            m = m_new
+            del z, e
+        lse = m + torch.log(s)
+        out["logp"].append(z_label - lse)
+        out["lse"].append(lse)
+        if with_stats:
+            out["entropy"].append(lse - sz / s)
+            out["mean_logit"].append(z_sum / vocab)
+            # label is the (first) argmax: it reaches the maximum and nothing before it does.
+            out["is_top1"].append((z_label >= m) & (max_before_label < z_label))
+            out["log_sum_p2"].append(torch.log(s2) - 2.0 * torch.log(s))
+
+    def cat(parts):
+        return torch.cat(parts) if parts else None
+
+    return TokenOutputs(
+        logp=cat(out["logp"]),
+        lse=cat(out["lse"]),
+        entropy=cat(out["entropy"]),
+        mean_logit=cat(out["mean_logit"]),
+        is_top1=cat(out["is_top1"]),
+        log_sum_p2=cat(out["log_sum_p2"]),
+    )
+
+
+def backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of ``sum_n grad_logp[n] * logp[n]``; float32 (float64 for float64 inputs) accumulators."""
+    acc = _acc_dtype(hidden.dtype)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    for t0 in range(0, n_tokens, TOKEN_CHUNK):
+        h = hidden[t0 : t0 + TOKEN_CHUNK]
+        y = labels[t0 : t0 + TOKEN_CHUNK]
+        g = grad_logp[t0 : t0 + TOKEN_CHUNK].to(acc)
+        lse_t = lse[t0 : t0 + TOKEN_CHUNK].to(acc)
+        h_acc = h.to(acc)
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            w = weight[v0 : v0 + VOCAB_CHUNK]
+            raw = _raw_logits(h, w, None if bias is None else bias[v0 : v0 + VOCAB_CHUNK], acc)
+            z, dz_draw = transform.apply_with_derivative(raw)
+            # dlogp/dz_v = 1[v = label] - p_v; scale by the upstream gradient and the transform.
+            dz = torch.exp(z - lse_t[:, None]).mul_(-g[:, None])
+            in_tile = (y >= v0) & (y < v0 + w.shape[0])
+            rows = torch.nonzero(in_tile).squeeze(1)
+            dz[rows, y[rows] - v0] += g[rows]
+            dz = dz * dz_draw
+            if need_hidden:
+                d_hidden[t0 : t0 + TOKEN_CHUNK] += dz @ w.to(acc)
+            if need_weight:
+                d_weight[v0 : v0 + VOCAB_CHUNK] += dz.T @ h_acc
+            if need_bias:
+                d_bias[v0 : v0 + VOCAB_CHUNK] += dz.sum(dim=0)
+            del raw, z, dz
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )

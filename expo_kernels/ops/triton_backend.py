@@ -1,0 +1,355 @@
+"""Triton backend: the fused LM head + log-softmax + gather, and its backward.
+
+Forward: one program per (token block, vocab split). It streams the weight of its vocab split in
+``BLOCK_V`` tiles, computes each ``[BLOCK_N, BLOCK_V]`` logit tile with ``tl.dot`` over ``BLOCK_H``
+slices of the hidden size (float32 accumulator), and folds the tile into an online log-sum-exp per
+token — the logits never leave registers. Each split writes O(1) partial statistics per token; a
+tiny O(splits x N) merge in PyTorch combines them (splitting the vocabulary keeps the GPU busy
+when there are few token blocks).
+
+Backward: one program per (token block, vocab tile). It recomputes the logit tile, forms
+``dz = g * (onehot - p) * dz/draw`` in registers and adds ``dz @ W_tile`` into ``d_hidden`` and
+``dz^T @ h`` into ``d_weight`` with float32 atomics, slice by slice of H. Atomics make the result
+order-dependent at the level of float32 rounding; a contention-free, deterministic schedule is
+the subject of the GPU performance work.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision tiles are upcast to float32 before any
+arithmetic, because the interpreter's bf16/fp16 arithmetic is wrong (DESIGN.md section 6).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LogitTransform, TokenOutputs
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TileConfig(NamedTuple):
+    """Block sizes: powers of two >= 16 (``tl.dot``'s minimum on GPUs)."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int = 4
+
+
+# 64 x 128 float32 accumulator = 32 KiB of registers across 8 warps, the usual sweet spot for
+# a GEMM-like tile that also carries per-row online-softmax state.
+GPU_CONFIG = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8)
+# Small but still compilable on a GPU, so interpreter tests exercise a real configuration.
+SMALL_CONFIG = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=4)
+
+# Slots of the forward's partial-statistics buffer [N_PARTIALS, splits, N].
+_M, _S, _SZ, _S2, _ZSUM, _ZLABEL, _MAX_BEFORE = range(7)
+N_PARTIALS = 7
+
+
+def default_config(device: torch.device) -> TileConfig:
+    return SMALL_CONFIG if INTERPRETING or device.type != "cuda" else GPU_CONFIG
+
+
+@triton.jit
+def offsets_2d(rows, cols, stride_r, stride_c):
+    """Element offsets of a [rows x cols] block, in int64: V*H or N*H may exceed 2^31."""
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _logit_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """raw[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v]^T (+ b), accumulated in ACC."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        a = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
+                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        # W^T tile loaded directly as [BLOCK_H, BLOCK_V].
+        b = tl.load(w_ptr + offsets_2d(offs_h, offs_v, stride_wh, stride_wv),
+                    mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap(raw * scale) / T and dz/draw (see LogitTransform)."""
+    x = raw * logit_scale
+    deriv = logit_scale * inv_temp
+    if HAS_SOFTCAP:
+        # tanh(u) = 2 sigmoid(2u) - 1: tl has no portable tanh across Triton 3.x versions.
+        t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+        x = softcap * t
+        deriv = deriv * (1.0 - t * t)
+    return x * inv_temp, deriv
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_per_split, n_splits,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)  # running max
+    s = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m)
+    sz = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m) z        (entropy)
+    s2 = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(2(z - m))       (log sum p^2)
+    z_sum = tl.zeros((BLOCK_N,), dtype=ACC)
+    z_label = tl.zeros((BLOCK_N,), dtype=ACC)
+    max_before = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)  # max z_v over v < label
+
+    v_lo = pid_s * vocab_per_split
+    v_hi = tl.minimum(v_lo + vocab_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_hi
+        raw = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                          stride_hn, stride_hh, stride_wv, stride_wh,
+                          HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        z_in = tl.where(mask_v[None, :], z, 0.0)  # finite stand-in for products and sums
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * rescale + tl.sum(e, axis=1)
+        z_label += tl.sum(tl.where(offs_v[None, :] == y[:, None], z_in, 0.0), axis=1)
+        if WITH_STATS:
+            sz = sz * rescale + tl.sum(e * z_in, axis=1)
+            s2 = s2 * rescale * rescale + tl.sum(e * e, axis=1)
+            z_sum += tl.sum(z_in, axis=1)
+            before = offs_v[None, :] < y[:, None]
+            max_before = tl.maximum(max_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
+        m = m_new
+
+    base = part_ptr + pid_s * N + offs_n
+    slot = n_splits * N
+    tl.store(base + 0 * slot, m, mask=mask_n)
+    tl.store(base + 1 * slot, s, mask=mask_n)
+    tl.store(base + 5 * slot, z_label, mask=mask_n)
+    if WITH_STATS:
+        tl.store(base + 2 * slot, sz, mask=mask_n)
+        tl.store(base + 3 * slot, s2, mask=mask_n)
+        tl.store(base + 4 * slot, z_sum, mask=mask_n)
+        tl.store(base + 6 * slot, max_before, mask=mask_n)
+
+
+@triton.jit
+def _backward_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+
+    raw = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                      stride_hn, stride_hh, stride_wv, stride_wh,
+                      HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    p = tl.exp(z - lse[:, None])
+    onehot = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
+    dz = g[:, None] * (onehot - p) * deriv
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+    if UPCAST:
+        dz_op = dz
+    else:
+        # Tensor-core operands in the input precision; the products still accumulate in fp32.
+        dz_op = dz.to(h_ptr.dtype.element_ty)
+
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        if NEED_DH:
+            w = tl.load(w_ptr + offsets_2d(offs_v, offs_h, stride_wv, stride_wh),
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
+            if IEEE_FP32:
+                part = tl.dot(dz_op, w, part, input_precision="ieee")
+            else:
+                part = tl.dot(dz_op, w, part)
+            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part,
+                          mask=mask_n[:, None] & mask_h[None, :])
+        if NEED_DW:
+            hb = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
+                         mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                hb = hb.to(tl.float32)
+            part = tl.zeros((BLOCK_V, BLOCK_H), dtype=ACC)
+            if IEEE_FP32:
+                part = tl.dot(tl.trans(dz_op), hb, part, input_precision="ieee")
+            else:
+                part = tl.dot(tl.trans(dz_op), hb, part)
+            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part,
+                          mask=mask_v[:, None] & mask_h[None, :])
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+
+
+def _kernel_flags(hidden: torch.Tensor) -> dict:
+    fp64 = hidden.dtype == torch.float64
+    low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
+    return dict(
+        UPCAST=INTERPRETING and low_precision,
+        # float32 inputs: exact fp32 products unless the user opted into TF32 for matmuls.
+        IEEE_FP32=hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        ACC=tl.float64 if fp64 else tl.float32,
+    )
+
+
+def _transform_args(transform: LogitTransform) -> dict:
+    return dict(
+        logit_scale=float(transform.logit_scale),
+        softcap=float(transform.softcap or 1.0),
+        inv_temp=float(transform.inv_temperature),
+        HAS_SOFTCAP=transform.softcap is not None,
+    )
+
+
+def _choose_splits(n_token_blocks: int, vocab_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    # Aim for a few waves of programs; each extra split only costs O(N) partials.
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(vocab_tiles, triton.cdiv(target, n_token_blocks)))
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    transform: LogitTransform,
+    with_stats: bool,
+    config: Optional[TileConfig] = None,
+    vocab_splits: Optional[int] = None,
+) -> TokenOutputs:
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] in [0, V) -> TokenOutputs ([N] each)."""
+    n_tokens, hid = hidden.shape
+    vocab = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if n_tokens == 0:
+        empty = hidden.new_zeros(0, dtype=acc)
+        stats = (empty, empty, empty.bool(), empty) if with_stats else (None,) * 4
+        return TokenOutputs(empty, empty, *stats)
+    cfg = config or default_config(hidden.device)
+    n_blocks = triton.cdiv(n_tokens, cfg.block_n)
+    vocab_tiles = triton.cdiv(vocab, cfg.block_v)
+    splits = min(vocab_splits or _choose_splits(n_blocks, vocab_tiles, hidden.device), vocab_tiles)
+    per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
+    splits = triton.cdiv(vocab, per_split)  # no empty split
+
+    parts = torch.empty((N_PARTIALS, splits, n_tokens), dtype=acc, device=hidden.device)
+    _forward_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden, labels, parts,
+        n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        per_split, splits,
+        HAS_BIAS=bias is not None, WITH_STATS=with_stats,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        **_transform_args(transform), **_kernel_flags(hidden),
+    )
+    return merge_partials(parts, vocab, with_stats)
+
+
+def merge_partials(parts: torch.Tensor, vocab: int, with_stats: bool) -> TokenOutputs:
+    """Combine per-split online-softmax states [N_PARTIALS, splits, N] into final per-token values.
+
+    Split k holds (m_k, s_k = sum e^(z - m_k), ...); rescaling by e^(m_k - M) with the global max
+    M puts every split on the same reference before summing.
+    """
+    m = parts[_M]
+    m_max = m.max(dim=0).values
+    w = torch.exp(m - m_max)
+    s = (parts[_S] * w).sum(dim=0)
+    lse = m_max + torch.log(s)
+    z_label = parts[_ZLABEL].sum(dim=0)  # only the split holding the label adds a non-zero
+    if not with_stats:
+        return TokenOutputs(z_label - lse, lse)
+    return TokenOutputs(
+        logp=z_label - lse,
+        lse=lse,
+        entropy=lse - (parts[_SZ] * w).sum(dim=0) / s,
+        mean_logit=parts[_ZSUM].sum(dim=0) / vocab,
+        is_top1=(z_label >= m_max) & (parts[_MAX_BEFORE].max(dim=0).values < z_label),
+        log_sum_p2=torch.log((parts[_S2] * w * w).sum(dim=0)) - 2.0 * torch.log(s),
+    )
+
+
+def backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    config: Optional[TileConfig] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of ``sum_n grad_logp[n] * logp[n]``, accumulated in float32 buffers."""
+    n_tokens, hid = hidden.shape
+    vocab = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    d_hidden = torch.zeros((n_tokens, hid), dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros((vocab, hid), dtype=acc, device=weight.device) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    if n_tokens > 0 and (need_hidden or need_weight or need_bias):
+        cfg = config or default_config(hidden.device)
+        grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+        dummy = lse  # stands in for pointers the constexpr flags switch off
+        _backward_kernel[grid](
+            hidden, weight, bias if bias is not None else dummy, labels, lse, grad_logp.contiguous(),
+            d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
+            d_bias if need_bias else dummy,
+            n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+            **_transform_args(transform), **_kernel_flags(hidden),
+        )
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )

@@ -1,0 +1,276 @@
+"""The fused op against an independent float64 reference, on every available backend.
+
+A new backend inherits the whole file by appearing in ``available_backends``.
+Tolerances: float32/float64 inputs are accumulated in float32 by the kernels (float64 for float64
+inputs), so values and gradients must match the float64 reference to ~1e-5 relative; bf16/fp16
+inputs round the outputs (gradients are returned in the input dtype) so we allow 2e-2 relative
+to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32/fp64 only
+(bf16 arithmetic is wrong in the interpreter, DESIGN.md section 6); a GPU runs it in bf16 too.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import expo_kernels as ek
+from expo_kernels.autograd import _backend_module, resolve_backend
+from expo_kernels.ops import LogitTransform
+from expo_kernels.ops import torch_backend
+
+from conftest import DEVICE
+from reference import reference_logprobs, reference_stats
+
+BACKENDS = ek.available_backends(DEVICE)
+ON_GPU = DEVICE.type == "cuda"
+
+TRANSFORMS = {
+    "plain": {},
+    "temperature": {"temperature": 0.7},
+    "logit_scale": {"logit_scale": 0.25},
+    "softcap": {"softcap": 3.0},
+    "all": {"temperature": 1.3, "logit_scale": 2.0, "softcap": 5.0},
+}
+
+# (tokens, hidden, vocab): vocab not a multiple of any tile, hidden not a power of two, one token.
+SHAPES = [(37, 24, 100), (1, 8, 33), (70, 40, 257)]
+
+
+def make_inputs(n, h, v, dtype, *, bias=False, ignore_frac=0.25, scale=1.0):
+    hidden = (torch.randn(n, h, device=DEVICE) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=DEVICE) / h**0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v, device=DEVICE) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, v, (n,), device=DEVICE)
+    labels[torch.rand(n, device=DEVICE) < ignore_frac] = -100
+    return hidden, weight, labels, b
+
+
+def grads_of(out, inputs, upstream):
+    return torch.autograd.grad((out.double() * upstream).sum(), [t for t in inputs if t is not None])
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(backend, n, h, v, dtype, transform, *, bias, tol):
+    hidden, weight, labels, b = make_inputs(n, h, v, dtype, bias=bias)
+    g = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    logp = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, **transform)
+    assert logp.shape == labels.shape
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = reference_logprobs(hidden, weight, labels, b, **transform)
+    assert torch.all(logp[labels == -100] == 0)
+    torch.testing.assert_close(logp.double(), ref, rtol=tol, atol=tol)
+    got = grads_of(logp, (hidden, weight, b), g)
+    want = grads_of(ref, (hidden, weight, b), g)
+    for name, x, y in zip(("hidden", "weight", "bias"), got, want):
+        assert x.dtype == dtype
+        assert rel_err(x, y) < tol, f"d_{name}: relative error {rel_err(x, y):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("transform", list(TRANSFORMS), ids=str)
+def test_matches_reference_fp32(backend, shape, transform):
+    check_against_reference(backend, *shape, torch.float32, TRANSFORMS[transform], bias=shape[0] == 37, tol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference_fp64(backend, bias):
+    # Triton passes Python floats (temperature, scale, softcap) to kernels as float32 scalars,
+    # which bounds its float64 path at ~1e-8 relative; the torch backend is float64 throughout.
+    tol = 1e-10 if backend == "torch" else 1e-7
+    check_against_reference(backend, 37, 24, 100, torch.float64, TRANSFORMS["all"], bias=bias, tol=tol)
+
+
+LOW_PRECISION_BACKENDS = [b for b in BACKENDS if b == "torch" or ON_GPU]
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("transform", ["plain", "all"])
+def test_matches_reference_low_precision(backend, dtype, transform):
+    # The reference sees the same rounded inputs, so only the op's own arithmetic is measured.
+    check_against_reference(backend, 70, 40, 257, dtype, TRANSFORMS[transform], bias=True, tol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_match_reference(backend):
+    hidden, weight, labels, b = make_inputs(50, 24, 130, torch.float32, bias=True)
+    # Make some labels the argmax, and add a tie: duplicate rows give equal logits, and only the
+    # first of equal maxima counts as the argmax (torch.argmax's convention).
+    with torch.no_grad():
+        weight[7] = weight[3]
+        weight[3] *= 1.0
+        top = (hidden @ weight.T + b).argmax(-1)
+    labels[:20] = top[:20]
+    labels[20:30] = -100
+    transform = TRANSFORMS["all"]
+    logp, stats = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True, **transform)
+    ref = reference_stats(hidden, weight, labels, b, **transform)
+    for name in ("lse", "entropy", "mean_logit", "log_sum_p2"):
+        value = getattr(stats, name)
+        assert value.shape == labels.shape and not value.requires_grad
+        torch.testing.assert_close(value.double(), ref[name], rtol=2e-5, atol=2e-5, msg=name)
+    assert stats.is_top1.dtype == torch.bool
+    assert torch.equal(stats.is_top1, ref["is_top1"])
+    assert stats.is_top1[:20].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_argmax_tie_counts_only_first(backend):
+    hidden = torch.randn(4, 16, device=DEVICE)
+    weight = torch.randn(40, 16, device=DEVICE)
+    weight[5] = hidden[0] * 3  # make row 5 the clear winner for token 0
+    weight[20] = weight[5]  # and row 20 tie with it
+    labels = torch.tensor([5, 20, 1, 2], device=DEVICE)
+    _, stats = ek.linear_logprobs(hidden, weight, labels, backend=backend, return_stats=True)
+    assert bool(stats.is_top1[0]) and not bool(stats.is_top1[1] and (hidden[1] @ weight.T).argmax() != 20)
+    labels[0] = 20
+    _, stats = ek.linear_logprobs(hidden, weight, labels, backend=backend, return_stats=True)
+    assert not bool(stats.is_top1[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_tokens_ignored(backend):
+    hidden, weight, labels, b = make_inputs(6, 8, 50, torch.float32, bias=True)
+    labels.fill_(-100)
+    logp, stats = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)
+    assert torch.equal(logp, torch.zeros_like(logp)) and not stats.is_top1.any()
+    logp.sum().backward()
+    for t in (hidden, weight, b):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_zero_grad_at_ignored_rows(backend):
+    hidden, weight, labels, _ = make_inputs(20, 16, 64, torch.float32, ignore_frac=0.0)
+    labels[::3] = 7  # 7 is a valid vocabulary id; as ignore_index it must be skipped
+    logp = ek.linear_logprobs(hidden, weight, labels, ignore_index=7, backend=backend)
+    ref = reference_logprobs(hidden, weight, labels, ignore_index=7)
+    torch.testing.assert_close(logp.double(), ref, rtol=2e-5, atol=2e-5)
+    logp.sum().backward()
+    assert torch.count_nonzero(hidden.grad[::3]) == 0 and torch.count_nonzero(hidden.grad[1::3]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_non_contiguous_hidden(backend):
+    base = torch.randn(24, 3, 2, device=DEVICE)  # [H, B, T] storage
+    hidden = base.permute(1, 2, 0).requires_grad_()  # [B, T, H], non-contiguous view
+    weight = torch.randn(45, 24, device=DEVICE) * 0.3
+    labels = torch.randint(0, 45, (3, 2), device=DEVICE)
+    assert not hidden.is_contiguous()
+    logp = ek.linear_logprobs(hidden, weight, labels, backend=backend)
+    assert logp.shape == (3, 2)
+    ref = reference_logprobs(hidden, weight, labels)
+    torch.testing.assert_close(logp.double(), ref, rtol=2e-5, atol=2e-5)
+    (grad,) = torch.autograd.grad(logp.sum(), hidden)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), hidden)
+    assert grad.shape == hidden.shape and rel_err(grad, grad_ref) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", ["plain", "all"])
+def test_gradcheck_float64(backend, transform):
+    hidden, weight, labels, b = make_inputs(5, 6, 19, torch.float64, bias=True, ignore_frac=0.3)
+    labels[0] = 3
+
+    def fn(h, w, bias):
+        return ek.linear_logprobs(h, w, labels, bias, backend=backend, **TRANSFORMS[transform])
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_and_frozen_hidden(backend):
+    hidden, weight, labels, _ = make_inputs(30, 16, 80, torch.float32)
+    weight.requires_grad_(False)
+    logp = ek.linear_logprobs(hidden, weight, labels, backend=backend)
+    logp.sum().backward()
+    ref = reference_logprobs(hidden, weight, labels)
+    (want,) = torch.autograd.grad(ref.sum(), hidden)
+    assert weight.grad is None and rel_err(hidden.grad, want) < 2e-5
+
+    hidden2 = hidden.detach()
+    weight.requires_grad_(True)
+    logp = ek.linear_logprobs(hidden2, weight, labels, backend=backend)
+    logp.sum().backward()
+    (want,) = torch.autograd.grad(reference_logprobs(hidden2, weight, labels).sum(), weight)
+    assert rel_err(weight.grad, want) < 2e-5
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            # Bytes, not elements: Triton's CPU interpreter re-views arguments as uint8.
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest:
+                self.largest, self.op = t.numel() * t.element_size(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
+    # Shapes where [N, V] dwarfs both [N, H] and [V, H]; the torch backend's tile is shrunk so
+    # that it, too, is far below N x V (its default tile is larger than this whole problem).
+    n, h, v = 96, 8, 640
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    hidden, weight, labels, b = make_inputs(n, h, v, torch.float32, bias=True, ignore_frac=0.0)
+    module = _backend_module(backend)
+    transform = LogitTransform(2.0, 4.0, 0.9)
+    with LargestTensor() as rec:
+        out = module.forward(hidden.detach(), weight.detach(), b.detach(), labels, transform, True)
+        module.backward(torch.ones(n, device=DEVICE), hidden.detach(), weight.detach(), b.detach(), labels,
+                        out.lse, transform, True, True, True)
+        # ... and the public op end to end (the registered op is opaque to the mode, so its
+        # internals are covered by the two calls above).
+        ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)[0].sum().backward()
+    # Nothing may exceed the float32 weight gradient [V, H]; [N, V] float32 would be 7.5x that.
+    assert rec.largest <= v * h * 4, f"{rec.op} made a {rec.largest}-byte tensor; [N, V] fp32 is {n * v * 4}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    hidden, weight, labels, _ = make_inputs(20, 16, 50, torch.float32)
+
+    def step(h, w):
+        return (ek.linear_logprobs(h, w, labels, backend=backend, softcap=4.0) * 0.5).sum()
+
+    eager = step(hidden, weight)
+    eager_grads = torch.autograd.grad(eager, (hidden, weight))
+    # aot_eager traces through the fake implementations and the registered autograd without
+    # paying for Inductor's C++ compilation on a 2-core CI machine.
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out = compiled(hidden, weight)
+    grads = torch.autograd.grad(out, (hidden, weight))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("EXPO_KERNELS_BACKEND", raising=False)
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    monkeypatch.setenv("EXPO_KERNELS_BACKEND", "torch")
+    assert resolve_backend(None, DEVICE) == "torch"
+    monkeypatch.setenv("EXPO_KERNELS_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="EXPO_KERNELS_BACKEND must be one of"):
+        resolve_backend(None, DEVICE)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("fast", DEVICE)
+
+
+def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton backend needs CUDA"):
+        resolve_backend("triton", torch.device("cpu"))
