@@ -6,8 +6,8 @@ Layers (each imports only the ones above it):
 * ``expo_kernels.autograd`` — registered torch ops + autograd, backend chosen from the device.
 * ``expo_kernels.losses``   — per-sequence preference losses and their registry.
 """
-from .autograd import TokenStats, available_backends, linear_logprobs
+from .autograd import TokenStats, available_backends, linear_logprobs, linear_token_kl
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_logprobs", "TokenStats", "available_backends", "__version__"]
+__all__ = ["linear_logprobs", "linear_token_kl", "TokenStats", "available_backends", "__version__"]

@@ -34,35 +34,40 @@ def check_positive_finite(name: str, value, *, allow_none: bool = False) -> None
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_linear_head(hidden, weight, labels, bias) -> None:
-    """hidden [..., H] float, weight [V, H] same dtype, labels [...] integer, bias [V] | None."""
-    check_tensor("hidden", hidden, floating=True)
-    check_tensor("weight", weight, floating=True)
+def check_linear_head(hidden, weight, labels, bias, prefix: str = "") -> None:
+    """hidden [..., H] float, weight [V, H] same dtype, labels [...] integer, bias [V] | None.
+
+    ``prefix`` names a second head's arguments in the messages (``ref_`` -> ``ref_hidden``, ...).
+    """
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    check_tensor(h_name, hidden, floating=True)
+    check_tensor(w_name, weight, floating=True)
     check_tensor("labels", labels, integer=True)
     if bias is not None:
-        check_tensor("bias", bias, floating=True)
+        check_tensor(b_name, bias, floating=True)
     if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., H] (at least 1 dimension), got a scalar")
+        raise ValueError(f"{h_name} must have shape [..., H] (at least 1 dimension), got a scalar")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{w_name} must have shape [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+        raise ValueError(f"{w_name} must have at least one row (vocabulary size V >= 1)")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+            f"{w_name} must have shape [V, H] with H = {h_name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
         )
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+            f"labels must have shape {h_name}.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight.dtype ({weight.dtype}) must match hidden.dtype ({hidden.dtype})")
+        raise TypeError(f"{w_name}.dtype ({weight.dtype}) must match {h_name}.dtype ({hidden.dtype})")
     if bias is not None:
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ValueError(f"{b_name} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias.dtype ({bias.dtype}) must match hidden.dtype ({hidden.dtype})")
-    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+            raise TypeError(f"{b_name}.dtype ({bias.dtype}) must match {h_name}.dtype ({hidden.dtype})")
+    check_same_device(**{h_name: hidden, w_name: weight, "labels": labels, b_name: bias})
 
 
 def raise_for_non_finite(**tensors: Optional[torch.Tensor]) -> None:

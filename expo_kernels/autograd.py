@@ -164,6 +164,12 @@ def _linear_logprobs_backward_op(
         need_weight,
         need_bias and bias is not None,
     )
+    return _pack_grads(d_h, d_w, d_b, hidden, rows)
+
+
+def _pack_grads(d_h, d_w, d_b, hidden, rows):
+    """Scatter d_hidden back to all rows; an empty tensor for each gradient not computed
+    (registered ops cannot return None)."""
     empty = hidden.new_empty(0)
     if d_h is not None and rows is not None:
         d_h = hidden.new_zeros(hidden.shape).index_copy_(0, rows, d_h)
@@ -174,14 +180,18 @@ def _linear_logprobs_backward_op(
     )
 
 
-@_linear_logprobs_backward_op.register_fake
-def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, temperature, backend,
-      need_hidden, need_weight, need_bias):
+def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
     return (
         hidden.new_empty(hidden.shape if need_hidden else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
         weight.new_empty(bias.shape if (need_bias and bias is not None) else (0,)),
     )
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, temperature, backend,
+      need_hidden, need_weight, need_bias):
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -204,6 +214,24 @@ def _backward(ctx, grad_logp, *_stat_grads):
 torch.library.register_autograd(
     "expo_kernels::linear_logprobs", _backward, setup_context=_setup_context
 )
+
+
+def _check_scalars(temperature, logit_scale, softcap, ignore_index) -> None:
+    V.check_positive_finite("temperature", temperature)
+    V.check_positive_finite("logit_scale", logit_scale, allow_none=True)
+    V.check_positive_finite("softcap", softcap, allow_none=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _scalar_args(ignore_index, logit_scale, softcap, temperature):
+    """The registered ops' scalar arguments, in schema order (logit_scale None -> 1.0)."""
+    return (
+        int(ignore_index),
+        float(logit_scale) if logit_scale is not None else 1.0,
+        float(softcap) if softcap is not None else None,
+        float(temperature),
+    )
 
 
 class TokenStats(NamedTuple):
@@ -251,25 +279,169 @@ def linear_logprobs(
         w.r.t. ``hidden``, ``weight`` and ``bias``; with ``return_stats``, ``(logp, TokenStats)``.
     """
     V.check_linear_head(hidden, weight, labels, bias)
-    V.check_positive_finite("temperature", temperature)
-    V.check_positive_finite("logit_scale", logit_scale, allow_none=True)
-    V.check_positive_finite("softcap", softcap, allow_none=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    name = resolve_backend(backend, hidden.device)
+    _check_scalars(temperature, logit_scale, softcap, ignore_index)
     out = _linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
         labels.reshape(-1),
-        int(ignore_index),
-        float(logit_scale) if logit_scale is not None else 1.0,
-        float(softcap) if softcap is not None else None,
-        float(temperature),
+        *_scalar_args(ignore_index, logit_scale, softcap, temperature),
         bool(return_stats),
-        name,
+        resolve_backend(backend, hidden.device),
     )
     logp = out[0].view(labels.shape)
     if not return_stats:
         return logp
     return logp, TokenStats(*(t.detach().view(labels.shape) for t in (out[1],) + tuple(out[2:])))
+
+
+# --------------------------------------------------------------------------------------------
+# Two heads over the same tokens: per-token KL(pi_ref || pi_theta) over the full vocabulary.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("expo_kernels::linear_token_kl", mutates_args=())
+def _linear_token_kl_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H], ref_hidden [N, Hr], labels [N] (a mask) -> (kl, lse_policy, lse_ref), each [N]."""
+    n = labels.shape[0]
+    rows = _valid_rows(labels, ignore_index, weight.shape[0])
+    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    outs = _backend_module(backend).token_kl_forward(
+        pick(hidden).contiguous(), weight, bias, pick(ref_hidden).contiguous(), ref_weight, ref_bias,
+        LogitTransform(logit_scale, softcap, temperature),
+    )
+    if not bool(torch.isfinite(outs[0]).all()):
+        V.raise_for_non_finite(hidden=pick(hidden), weight=weight, bias=bias, ref_hidden=pick(ref_hidden),
+                               ref_weight=ref_weight, ref_bias=ref_bias)
+    return tuple(_scatter(t, rows, n) for t in outs)
+
+
+@_linear_token_kl_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, logit_scale, softcap,
+      temperature, backend):
+    out = hidden.new_empty(labels.shape[0], dtype=result_dtype(hidden.dtype))
+    return out, out.clone(), out.clone()
+
+
+@torch.library.custom_op("expo_kernels::linear_token_kl_backward", mutates_args=())
+def _linear_token_kl_backward_op(
+    grad_kl: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Optional[Tensor],
+    labels: Tensor,
+    lse_p: Tensor,
+    lse_r: Tensor,
+    ignore_index: int,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Policy-head gradients (d_hidden, d_weight, d_bias); empty tensors where not needed."""
+    rows = _valid_rows(labels, ignore_index, weight.shape[0])
+    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    d_h, d_w, d_b = _backend_module(backend).token_kl_backward(
+        pick(grad_kl).to(result_dtype(hidden.dtype)).contiguous(), pick(hidden).contiguous(), weight, bias,
+        pick(ref_hidden).contiguous(), ref_weight, ref_bias, pick(lse_p), pick(lse_r),
+        LogitTransform(logit_scale, softcap, temperature), need_hidden, need_weight,
+        need_bias and bias is not None,
+    )
+    return _pack_grads(d_h, d_w, d_b, hidden, rows)
+
+
+@_linear_token_kl_backward_op.register_fake
+def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r, ignore_index,
+      logit_scale, softcap, temperature, backend, need_hidden, need_weight, need_bias):
+    return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+def _setup_token_kl_context(ctx, inputs, output):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels = inputs[:7]
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, output[1], output[2])
+    ctx.params = tuple(inputs[7:])
+
+
+def _token_kl_backward(ctx, grad_kl, *_lse_grads):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if any(ctx.needs_input_grad[3:6]):
+        raise RuntimeError("linear_token_kl: the reference head is frozen; detach ref_hidden / ref_weight / ref_bias")
+    if grad_kl is None or not (need_h or need_w or need_b):
+        return (None,) * 12
+    d_h, d_w, d_b = _linear_token_kl_backward_op(
+        grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r, *ctx.params,
+        need_h, need_w, need_b,
+    )
+    return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 9
+
+
+torch.library.register_autograd(
+    "expo_kernels::linear_token_kl", _token_kl_backward, setup_context=_setup_token_kl_context
+)
+
+
+def linear_token_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Per-token ``KL(pi_ref || pi_theta)`` over the full vocabulary, without ``[tokens, vocab]`` logits.
+
+    ``KL_n = sum_v q_v (zr_v - zp_v) - lse(zr) + lse(zp)`` with ``q = softmax(zr)``; EXPO's explicit
+    regularizer (``kl_estimator="token"``) and the distillation loss use it.
+
+    Args:
+        hidden, weight, bias: the policy head (``[..., H]``, ``[V, H]``, ``[V]``); differentiable.
+        ref_hidden, ref_weight, ref_bias: the frozen reference head over the same tokens
+            (``[..., Hr]``, ``[V, Hr]``, ``[V]``); no gradient flows to them.
+        labels: ``[...]``; only marks which tokens count (``ignore_index`` -> KL 0, no gradient).
+        temperature, logit_scale, softcap: the logit transform, applied to both heads.
+
+    Returns:
+        ``[...]`` shaped like ``labels``, float32 (float64 for float64 inputs).
+    """
+    V.check_linear_head(hidden, weight, labels, bias)
+    V.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the policy's vocabulary size V = {weight.shape[0]}, "
+                         f"got {ref_weight.shape[0]}")
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
+    V.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
+    _check_scalars(temperature, logit_scale, softcap, ignore_index)
+    kl, _, _ = _linear_token_kl_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, labels.reshape(-1),
+        *_scalar_args(ignore_index, logit_scale, softcap, temperature), resolve_backend(backend, hidden.device),
+    )
+    return kl.view(labels.shape)

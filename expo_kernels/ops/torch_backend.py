@@ -157,3 +157,75 @@ def backward(
         None if d_weight is None else d_weight.to(weight.dtype),
         None if d_bias is None else d_bias.to(bias.dtype),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Two heads over the same tokens: per-token KL(ref || policy) over the full vocabulary.
+#   KL_n = sum_v q_v (zr_v - zp_v) - lse_r + lse_p,  q = softmax(zr)
+# streamed with running (max, sum) for both heads and the running sum e^(zr - m_r)(zr - zp);
+# the gradient w.r.t. the policy logits is p - q (DESIGN.md section 2).
+# --------------------------------------------------------------------------------------------
+
+
+def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform):
+    """Policy hidden [N, H] / weight [V, H], reference [N, Hr] / [V, Hr] -> (kl, lse_p, lse_r), each [N]."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    results = []
+    for t0 in range(0, n_tokens, TOKEN_CHUNK):
+        h, hr = hidden[t0 : t0 + TOKEN_CHUNK], ref_hidden[t0 : t0 + TOKEN_CHUNK]
+        n = h.shape[0]
+        m_p = torch.full((n,), -math.inf, dtype=acc, device=h.device)
+        m_r = torch.full_like(m_p, -math.inf)
+        s_p, s_r, cross = torch.zeros_like(m_p), torch.zeros_like(m_p), torch.zeros_like(m_p)
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            sl = slice(v0, v0 + VOCAB_CHUNK)
+            zp = transform.apply(_raw_logits(h, weight[sl], None if bias is None else bias[sl], acc))
+            zr = transform.apply(_raw_logits(hr, ref_weight[sl], None if ref_bias is None else ref_bias[sl], acc))
+            mp_new = torch.maximum(m_p, zp.amax(dim=1))
+            mr_new = torch.maximum(m_r, zr.amax(dim=1))
+            s_p = s_p * torch.exp(m_p - mp_new) + torch.exp(zp - mp_new[:, None]).sum(dim=1)
+            er = torch.exp(zr - mr_new[:, None])
+            rescale_r = torch.exp(m_r - mr_new)
+            s_r = s_r * rescale_r + er.sum(dim=1)
+            cross = cross * rescale_r + (er * (zr - zp)).sum(dim=1)
+            m_p, m_r = mp_new, mr_new
+        lse_p, lse_r = m_p + torch.log(s_p), m_r + torch.log(s_r)
+        results.append(torch.stack([cross / s_r - lse_r + lse_p, lse_p, lse_r]))
+    if not results:
+        empty = hidden.new_zeros(0, dtype=acc)
+        return empty, empty, empty
+    kl, lse_p, lse_r = torch.cat(results, dim=1)
+    return kl, lse_p, lse_r
+
+
+def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
+                      transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
+    acc = _acc_dtype(hidden.dtype)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    for t0 in range(0, n_tokens, TOKEN_CHUNK):
+        ts = slice(t0, t0 + TOKEN_CHUNK)
+        h, hr, g = hidden[ts], ref_hidden[ts], grad_kl[ts].to(acc)
+        for v0 in range(0, vocab, VOCAB_CHUNK):
+            sl = slice(v0, v0 + VOCAB_CHUNK)
+            zp, dzp_draw = transform.apply_with_derivative(
+                _raw_logits(h, weight[sl], None if bias is None else bias[sl], acc))
+            zr = transform.apply(_raw_logits(hr, ref_weight[sl], None if ref_bias is None else ref_bias[sl], acc))
+            p = torch.exp(zp - lse_p[ts].to(acc)[:, None])
+            q = torch.exp(zr - lse_r[ts].to(acc)[:, None])
+            dz = (p - q) * g[:, None] * dzp_draw
+            if need_hidden:
+                d_hidden[ts] += dz @ weight[sl].to(acc)
+            if need_weight:
+                d_weight[sl] += dz.T @ h.to(acc)
+            if need_bias:
+                d_bias[sl] += dz.sum(dim=0)
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )

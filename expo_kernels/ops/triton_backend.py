@@ -103,6 +103,54 @@ def _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_grads(
+    dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """d_hidden[offs_n] += dz @ W[offs_v];  d_weight[offs_v] += dz^T @ h[offs_n];  d_bias += sum_n dz.
+
+    float32 atomics into global buffers, one BLOCK_H slice of the hidden size at a time.
+    """
+    if UPCAST:
+        dz_op = dz
+    else:
+        # Tensor-core operands in the input precision; the products still accumulate in fp32.
+        dz_op = dz.to(h_ptr.dtype.element_ty)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        if NEED_DH:
+            w = tl.load(w_ptr + offsets_2d(offs_v, offs_h, stride_wv, stride_wh),
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
+            if IEEE_FP32:
+                part = tl.dot(dz_op, w, part, input_precision="ieee")
+            else:
+                part = tl.dot(dz_op, w, part)
+            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part,
+                          mask=mask_n[:, None] & mask_h[None, :])
+        if NEED_DW:
+            hb = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
+                         mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+            if UPCAST:
+                hb = hb.to(tl.float32)
+            part = tl.zeros((BLOCK_V, BLOCK_H), dtype=ACC)
+            if IEEE_FP32:
+                part = tl.dot(tl.trans(dz_op), hb, part, input_precision="ieee")
+            else:
+                part = tl.dot(tl.trans(dz_op), hb, part)
+            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part,
+                          mask=mask_v[:, None] & mask_h[None, :])
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
     N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_per_split, n_splits,
@@ -189,41 +237,9 @@ def _backward_kernel(
     onehot = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
     dz = g[:, None] * (onehot - p) * deriv
     dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
-    if UPCAST:
-        dz_op = dz
-    else:
-        # Tensor-core operands in the input precision; the products still accumulate in fp32.
-        dz_op = dz.to(h_ptr.dtype.element_ty)
-
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        if NEED_DH:
-            w = tl.load(w_ptr + offsets_2d(offs_v, offs_h, stride_wv, stride_wh),
-                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            part = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
-            if IEEE_FP32:
-                part = tl.dot(dz_op, w, part, input_precision="ieee")
-            else:
-                part = tl.dot(dz_op, w, part)
-            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part,
-                          mask=mask_n[:, None] & mask_h[None, :])
-        if NEED_DW:
-            hb = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
-                         mask=mask_n[:, None] & mask_h[None, :], other=0.0)
-            if UPCAST:
-                hb = hb.to(tl.float32)
-            part = tl.zeros((BLOCK_V, BLOCK_H), dtype=ACC)
-            if IEEE_FP32:
-                part = tl.dot(tl.trans(dz_op), hb, part, input_precision="ieee")
-            else:
-                part = tl.dot(tl.trans(dz_op), hb, part)
-            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part,
-                          mask=mask_v[:, None] & mask_h[None, :])
-    if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                      stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
+                      UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
 
 
 def _kernel_flags(hidden: torch.Tensor) -> dict:
@@ -254,6 +270,33 @@ def _choose_splits(n_token_blocks: int, vocab_tiles: int, device: torch.device) 
     return max(1, min(vocab_tiles, triton.cdiv(target, n_token_blocks)))
 
 
+def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
+    """(token blocks, vocab splits, vocab columns per split), with no empty split."""
+    n_blocks = triton.cdiv(n_tokens, cfg.block_n)
+    vocab_tiles = triton.cdiv(vocab, cfg.block_v)
+    splits = min(vocab_splits or _choose_splits(n_blocks, vocab_tiles, device), vocab_tiles)
+    per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
+    return n_blocks, triton.cdiv(vocab, per_split), per_split
+
+
+def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+    """Zeroed float32 (float64 for float64 inputs) accumulators for the atomics."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (
+        torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None,
+        torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
+        torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None,
+    )
+
+
+def _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -273,12 +316,7 @@ def forward(
         stats = (empty, empty, empty.bool(), empty) if with_stats else (None,) * 4
         return TokenOutputs(empty, empty, *stats)
     cfg = config or default_config(hidden.device)
-    n_blocks = triton.cdiv(n_tokens, cfg.block_n)
-    vocab_tiles = triton.cdiv(vocab, cfg.block_v)
-    splits = min(vocab_splits or _choose_splits(n_blocks, vocab_tiles, hidden.device), vocab_tiles)
-    per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(vocab, per_split)  # no empty split
-
+    n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_PARTIALS, splits, n_tokens), dtype=acc, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden, labels, parts,
@@ -331,10 +369,7 @@ def backward(
     """Gradients of ``sum_n grad_logp[n] * logp[n]``, accumulated in float32 buffers."""
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    d_hidden = torch.zeros((n_tokens, hid), dtype=acc, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros((vocab, hid), dtype=acc, device=weight.device) if need_weight else None
-    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     if n_tokens > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or default_config(hidden.device)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
@@ -348,8 +383,161 @@ def backward(
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
             **_transform_args(transform), **_kernel_flags(hidden),
         )
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
+    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Two heads over the same tokens: per-token KL(ref || policy) (see torch_backend for the math).
+# Same schedule as the log-prob kernels; each program computes both heads' logit tiles.
+# --------------------------------------------------------------------------------------------
+
+_KL_MP, _KL_SP, _KL_MR, _KL_SR, _KL_CROSS = range(5)
+
+
+@triton.jit
+def _token_kl_forward_kernel(
+    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr,
+    N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hrn, stride_hrh, stride_wrv, stride_wrh, vocab_per_split, n_splits,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    m_p = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
+    m_r = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
+    s_p = tl.zeros((BLOCK_N,), dtype=ACC)
+    s_r = tl.zeros((BLOCK_N,), dtype=ACC)
+    cross = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(zr - m_r) (zr - zp)
+    v_lo = pid_s * vocab_per_split
+    v_hi = tl.minimum(v_lo + vocab_per_split, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_hi
+        zp, _ = _transform(
+            _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                        stride_hn, stride_hh, stride_wv, stride_wh,
+                        HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+            logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        zr, _ = _transform(
+            _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
+                        stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+                        HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+            logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        diff = tl.where(mask_v[None, :], zr - zp, 0.0)
+        zp = tl.where(mask_v[None, :], zp, float("-inf"))
+        zr = tl.where(mask_v[None, :], zr, float("-inf"))
+        mp_new = tl.maximum(m_p, tl.max(zp, axis=1))
+        mr_new = tl.maximum(m_r, tl.max(zr, axis=1))
+        s_p = s_p * tl.exp(m_p - mp_new) + tl.sum(tl.exp(zp - mp_new[:, None]), axis=1)
+        er = tl.exp(zr - mr_new[:, None])
+        rescale_r = tl.exp(m_r - mr_new)
+        s_r = s_r * rescale_r + tl.sum(er, axis=1)
+        cross = cross * rescale_r + tl.sum(er * diff, axis=1)
+        m_p = mp_new
+        m_r = mr_new
+    base = part_ptr + pid_s * N + offs_n
+    slot = n_splits * N
+    tl.store(base + 0 * slot, m_p, mask=mask_n)
+    tl.store(base + 1 * slot, s_p, mask=mask_n)
+    tl.store(base + 2 * slot, m_r, mask=mask_n)
+    tl.store(base + 3 * slot, s_r, mask=mask_n)
+    tl.store(base + 4 * slot, cross, mask=mask_n)
+
+
+@triton.jit
+def _token_kl_backward_kernel(
+    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_p_ptr, lse_r_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
+    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    lse_p = tl.load(lse_p_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    lse_r = tl.load(lse_r_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+    zp, deriv = _transform(
+        _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                    stride_hn, stride_hh, stride_wv, stride_wh,
+                    HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    zr, _ = _transform(
+        _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
+                    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+                    HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    dz = g[:, None] * (tl.exp(zp - lse_p[:, None]) - tl.exp(zr - lse_r[:, None])) * deriv
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                      stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
+                      UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+
+
+def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform,
+                     config: Optional[TileConfig] = None, vocab_splits: Optional[int] = None):
+    """Policy hidden [N, H] / weight [V, H], reference [N, Hr] / [V, Hr] -> (kl, lse_p, lse_r), each [N]."""
+    n_tokens, hid = hidden.shape
+    vocab = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if n_tokens == 0:
+        empty = hidden.new_zeros(0, dtype=acc)
+        return empty, empty, empty
+    cfg = config or default_config(hidden.device)
+    n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
+    parts = torch.empty((5, splits, n_tokens), dtype=acc, device=hidden.device)
+    _token_kl_forward_kernel[(n_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden,
+        ref_hidden, ref_weight, ref_bias if ref_bias is not None else hidden, parts,
+        n_tokens, vocab, hid, ref_hidden.shape[1], *hidden.stride(), *weight.stride(),
+        *ref_hidden.stride(), *ref_weight.stride(), per_split, splits,
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        **_transform_args(transform), **_kernel_flags(hidden),
     )
+    m_p, m_r = parts[_KL_MP].max(dim=0).values, parts[_KL_MR].max(dim=0).values
+    lse_p = m_p + torch.log((parts[_KL_SP] * torch.exp(parts[_KL_MP] - m_p)).sum(dim=0))
+    w_r = torch.exp(parts[_KL_MR] - m_r)
+    s_r = (parts[_KL_SR] * w_r).sum(dim=0)
+    lse_r = m_r + torch.log(s_r)
+    kl = (parts[_KL_CROSS] * w_r).sum(dim=0) / s_r - lse_r + lse_p
+    return kl, lse_p, lse_r
+
+
+def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
+                      transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool,
+                      config: Optional[TileConfig] = None):
+    """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
+    n_tokens, hid = hidden.shape
+    vocab = weight.shape[0]
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    if n_tokens > 0 and (need_hidden or need_weight or need_bias):
+        cfg = config or default_config(hidden.device)
+        grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+        dummy = lse_p
+        _token_kl_backward_kernel[grid](
+            hidden, weight, bias if bias is not None else dummy,
+            ref_hidden, ref_weight, ref_bias if ref_bias is not None else dummy,
+            lse_p, lse_r, grad_kl.contiguous(),
+            d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
+            d_bias if need_bias else dummy,
+            n_tokens, vocab, hid, ref_hidden.shape[1], *hidden.stride(), *weight.stride(),
+            *ref_hidden.stride(), *ref_weight.stride(),
+            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+            NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+            **_transform_args(transform), **_kernel_flags(hidden),
+        )
+    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)

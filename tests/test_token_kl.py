@@ -1,0 +1,99 @@
+"""The fused two-head token KL(pi_ref || pi_theta) against a float64 materialized reference."""
+import pytest
+import torch
+
+import expo_kernels as ek
+from expo_kernels.ops import LogitTransform
+
+from conftest import DEVICE
+from reference import logits64
+from test_linear_logprobs import TRANSFORMS, LargestTensor, _backend_module, rel_err
+
+BACKENDS = ek.available_backends(DEVICE)
+
+
+def reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=None, ref_bias=None, **transform):
+    zp = logits64(hidden.reshape(-1, hidden.shape[-1]), weight, bias, **transform)
+    zr = logits64(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, **transform)
+    log_q, log_p = torch.log_softmax(zr, -1), torch.log_softmax(zp, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return torch.where(labels.reshape(-1) != -100, kl, torch.zeros_like(kl)).view(labels.shape)
+
+
+def make(n, h, hr, v, dtype, bias=True):
+    hidden = torch.randn(n, h, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h, device=DEVICE, dtype=dtype) / h**0.5).requires_grad_()
+    b = (torch.randn(v, device=DEVICE, dtype=dtype) * 0.3).requires_grad_() if bias else None
+    ref_hidden = torch.randn(n, hr, device=DEVICE, dtype=dtype)
+    ref_weight = torch.randn(v, hr, device=DEVICE, dtype=dtype) / hr**0.5
+    ref_bias = torch.randn(v, device=DEVICE, dtype=dtype) * 0.3 if bias else None
+    labels = torch.randint(0, v, (n,), device=DEVICE)
+    labels[::4] = -100
+    return hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", ["plain", "all"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-7)], ids=["fp32", "fp64"])
+def test_token_kl_matches_reference(backend, transform, dtype, tol):
+    # Reference head with a different hidden size (a smaller reference model is allowed).
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(37, 24, 20, 100, dtype)
+    kl = ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, backend=backend,
+                            **TRANSFORMS[transform])
+    ref = reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, **TRANSFORMS[transform])
+    assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (kl[labels != -100] > 0).all() and (kl[labels == -100] == 0).all()
+    torch.testing.assert_close(kl.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn(37, dtype=torch.float64, device=DEVICE)
+    got = torch.autograd.grad((kl.double() * g).sum(), (hidden, weight, b))
+    want = torch.autograd.grad((ref * g).sum(), (hidden, weight, b))
+    for name, x, y in zip(("hidden", "weight", "bias"), got, want):
+        assert rel_err(x, y) < tol, f"d_{name}: {rel_err(x, y):.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_kl_is_zero_for_identical_heads(backend):
+    hidden, weight, _, _, _, _, labels = make(20, 16, 16, 64, torch.float32, bias=False)
+    kl = ek.linear_token_kl(hidden, weight, hidden.detach(), weight.detach(), labels, backend=backend)
+    assert kl.abs().max() < 1e-5
+    (grad,) = torch.autograd.grad(kl.sum(), hidden)
+    assert grad.abs().max() < 1e-5  # p - q = 0 everywhere
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_kl_gradcheck(backend):
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(5, 6, 4, 17, torch.float64)
+
+    def fn(h, w, bias):
+        return ek.linear_token_kl(h, w, ref_hidden, ref_weight, labels, bias, ref_bias, backend=backend, softcap=3.0)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, b), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_kl_never_allocates_tokens_by_vocab(backend, monkeypatch):
+    from expo_kernels.ops import torch_backend
+
+    n, h, v = 96, 8, 640
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, _ = make(n, h, h, v, torch.float32)
+    args = (hidden.detach(), weight.detach(), b.detach(), ref_hidden, ref_weight, ref_bias)
+    module = _backend_module(backend)
+    transform = LogitTransform(1.0, 5.0, 1.0)
+    with LargestTensor() as rec:
+        kl, lse_p, lse_r = module.token_kl_forward(*args, transform)
+        module.token_kl_backward(torch.ones(n, device=DEVICE), *args, lse_p, lse_r, transform, True, True, True)
+    assert rec.largest <= v * h * 4, f"{rec.op} made a {rec.largest}-byte tensor; [N, V] fp32 is {n * v * 4}"
+
+
+def test_token_kl_bad_input():
+    hidden, weight, _, ref_hidden, ref_weight, _, labels = make(6, 8, 8, 30, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="ref_weight must have shape"):
+        ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight[:, :5], labels)
+    with pytest.raises(ValueError, match="ref_weight must have the policy's vocabulary size V = 30"):
+        ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight[:20], labels)
+    with pytest.raises(TypeError, match="ref_hidden.dtype"):
+        ek.linear_token_kl(hidden, weight, ref_hidden.double(), ref_weight.double(), labels)
+    with pytest.raises(RuntimeError, match="reference head is frozen"):
+        ek.linear_token_kl(hidden, weight, ref_hidden.requires_grad_(), ref_weight, labels).sum().backward()
