@@ -1,0 +1,655 @@
+"""Forward+backward time and peak memory of per-token log-probs of ``hidden @ weight.T``.
+
+Compares every ``expo_kernels.linear_logprobs`` backend available for the device with
+
+* ``naive`` — what Hugging Face models do: ``logits = F.linear(hidden, weight).float()``
+  (``[tokens, vocab]`` in fp32), ``log_softmax``, ``gather``;
+* ``trl``  — TRL's fused head ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` with the
+  vocab chunk size TRL's trainers use, on the valid tokens only (compacted first, as
+  ``trl.trainer.utils.add_fused_lm_head`` does on GPUs);
+* ``cce``  — Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")``
+  (``impl="cce"`` on CUDA, ``impl="torch_compile"`` elsewhere); ``logp = -nll``.
+
+The loss is ``(logp * g).sum()`` with fixed random per-token weights ``g``, so gradients flow to
+``hidden`` and ``weight``. Each implementation runs in a fresh subprocess so that the peak memory
+is its own: peak RSS (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` minus the inputs
+on CUDA. A separate reference process computes exact fp32 log-probs (token-chunked, no grad) and
+random projections of the exact gradients, against which every implementation is checked.
+
+    python -m benchmarks.bench_logprobs                    # --quick: small shape, < 1 min on CPU
+    python -m benchmarks.bench_logprobs --preset cpu --vocab 32000
+    python -m benchmarks.bench_logprobs --preset gpu
+    python -m benchmarks.bench_logprobs --tokens 2048 --hidden 512 --vocab 32000 --impls naive expo-torch
+
+The parent process never imports torch: on Linux a child's ``ru_maxrss`` starts at the RSS of
+the process that spawned it, so a heavy parent would inflate every child's number.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+IGNORE_INDEX = -100
+ALL_IMPLS = ("expo-triton", "expo-torch", "naive", "trl", "cce")
+PRESETS = {
+    # name: (tokens, hidden, vocab, dtype) — each a list; shapes are their product
+    "quick": ([512], [256], [8192], "fp32"),
+    "cpu": ([4096], [1024], [32000, 128256], "fp32"),
+    "gpu": ([8192, 32768], [4096], [128256], "bf16"),
+}
+DEFAULT_REPEATS = {"quick": 5, "cpu": 3, "gpu": 10}
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces that run inside a worker (torch imported lazily, so the parent stays light)
+# ----------------------------------------------------------------------------------------------
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore_frac=0.33, seed=0,
+                logit_std=2.0):
+    """Deterministic inputs: ``hidden [N, H]`` and ``weight [V, H]`` (leaf tensors with
+    ``requires_grad``), ``labels [N]`` with ``round(ignore_frac * N)`` positions set to -100, and
+    per-token loss weights ``g [N]`` (fp32). Logits have a standard deviation of about ``logit_std``.
+
+    Generated in fp32 in row blocks on ``device`` and cast block by block, so no full-size fp32
+    temporary inflates the peak RSS of a bf16 run. Same arguments give the same tensors in every
+    process on the same kind of device.
+    """
+    import torch
+
+    device = torch.device(device)
+    dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def rows(n, scale, block=8192):
+        out = torch.empty(n, hidden_size, dtype=dt, device=device)
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            chunk = torch.randn(stop - start, hidden_size, generator=gen, device=device)
+            out[start:stop] = (chunk * scale).to(dt)
+        return out
+
+    hidden = rows(n_tokens, 1.0).requires_grad_(True)
+    weight = rows(vocab, logit_std / hidden_size ** 0.5).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
+    n_ignored = int(round(ignore_frac * n_tokens))
+    if n_ignored:
+        ignored = torch.randperm(n_tokens, generator=gen, device=device)[:n_ignored]
+        labels[ignored] = IGNORE_INDEX
+    g = torch.randn(n_tokens, generator=gen, device=device)
+    return hidden, weight, labels, g
+
+
+def trl_chunk_size() -> int:
+    """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``)."""
+    import trl.trainer.utils as tu
+
+    size = getattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if size is None:  # renamed in some release: find it in the source of add_fused_lm_head
+        import inspect
+        import re
+
+        match = re.search(r"_CHUNK\w*\s*=\s*(\d+)", inspect.getsource(tu))
+        size = int(match.group(1)) if match else 32768
+    return int(size)
+
+
+def build_impl(name: str, device):
+    """``fn(hidden, weight, labels) -> logp`` (fp32, shaped like labels, 0 at ignored positions).
+
+    All imports happen here, so a worker can measure its baseline memory after calling this.
+    """
+    import torch
+
+    device = torch.device(device)
+    if name.startswith("expo-"):
+        import expo_kernels
+
+        backend = name[len("expo-"):]
+
+        def fn(hidden, weight, labels):
+            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                                backend=backend)
+
+        return fn
+
+    if name == "naive":
+
+        def fn(hidden, weight, labels):
+            logits = torch.nn.functional.linear(hidden, weight).float()  # [N, V]
+            logp = logits.log_softmax(-1)
+            valid = labels != IGNORE_INDEX
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return torch.where(valid, picked, torch.zeros_like(picked))
+
+        return fn
+
+    if name == "trl":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        chunk = trl_chunk_size()
+
+        def fn(hidden, weight, labels):
+            mask = labels != IGNORE_INDEX
+            out = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None,
+                                               1.0, ("log_probs",))
+            logp = out[0]
+            return logp.new_zeros(labels.shape, dtype=torch.float32).masked_scatter(mask, logp.float())
+
+        return fn
+
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if device.type == "cuda" else "torch_compile"
+
+        def fn(hidden, weight, labels):
+            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
+                                       impl=impl)
+            return -nll.float()
+
+        return fn
+
+    raise ValueError(f"unknown implementation {name!r}; choose from {ALL_IMPLS}")
+
+
+def impl_detail(name: str, device_type: str) -> str:
+    if name == "trl":
+        try:
+            return f"ChunkedLogProbFunction, chunk_size={trl_chunk_size()}, valid tokens only"
+        except Exception:  # pragma: no cover
+            return "ChunkedLogProbFunction"
+    if name == "cce":
+        return "impl=" + ("cce (filter_eps='high', the default)" if device_type == "cuda" else "torch_compile")
+    if name == "naive":
+        return "F.linear(h, W).float() -> log_softmax -> gather"
+    if name.startswith("expo-"):
+        return f"expo_kernels.linear_logprobs(backend={name[5:]!r})"
+    return ""
+
+
+def make_step(fn, hidden, weight, labels, g):
+    """One forward+backward of ``loss = (logp * g).sum()``; returns the detached logp."""
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        logp = fn(hidden, weight, labels)
+        (logp * g).sum().backward()
+        return logp.detach()
+
+    return step
+
+
+def grad_probe(hidden_size, device, seed=0):
+    """A fixed random vector ``r [H]``: gradients are compared through ``dW @ r`` and ``dH @ r``."""
+    import torch
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed + 12345)
+    return torch.randn(hidden_size, generator=gen).to(device)
+
+
+def reference(hidden, weight, labels, g, block_tokens=None):
+    """Exact fp32 ``logp [N]`` and the gradient projections ``dH @ r [N]``, ``dW @ r [V]``.
+
+    Token-chunked, no autograd: ``dz = g (onehot - softmax)``, ``dH @ r = dz @ (W r)``,
+    ``dW @ r = dz^T (H r)``.
+    """
+    import torch
+
+    with torch.no_grad():
+        device = hidden.device
+        N, H = hidden.shape
+        V = weight.shape[0]
+        w = weight.detach().float()
+        r = grad_probe(H, device)
+        wr = w @ r
+        logp = torch.zeros(N, dtype=torch.float32, device=device)
+        dh_r = torch.zeros(N, dtype=torch.float32, device=device)
+        dw_r = torch.zeros(V, dtype=torch.float32, device=device)
+        if block_tokens is None:
+            budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+            block_tokens = max(1, min(N, budget // (4 * V)))
+        for s in range(0, N, block_tokens):
+            e = min(s + block_tokens, N)
+            h = hidden[s:e].detach().float()
+            lab = labels[s:e]
+            valid = lab != IGNORE_INDEX
+            z = h @ w.T
+            lse = torch.logsumexp(z, -1)
+            tgt = lab.clamp(min=0)
+            lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - lse
+            logp[s:e] = torch.where(valid, lp, torch.zeros_like(lp))
+            gv = torch.where(valid, g[s:e].float(), torch.zeros_like(lp))
+            dz = (z - lse.unsqueeze(-1)).exp_().mul_(-gv.unsqueeze(-1))
+            dz.scatter_add_(-1, tgt.unsqueeze(-1), gv.unsqueeze(-1))
+            dh_r[s:e] = dz @ wr
+            dw_r += dz.T @ (h @ r)
+            del z, dz
+        return logp, dh_r, dw_r
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker process
+# ----------------------------------------------------------------------------------------------
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _save(arr_dir: Path, tag: str, **tensors):
+    import numpy as np
+
+    for key, t in tensors.items():
+        np.save(arr_dir / f"{tag}_{key}.npy", t.detach().float().cpu().numpy())
+
+
+def run_worker(spec: dict) -> dict:
+    """Runs in a fresh process: builds one implementation, times it, measures peak memory."""
+    rss_start = _maxrss_bytes()
+    result = {"impl": spec["impl"], "status": "error"}
+    try:
+        import torch
+
+        device = torch.device(spec["device"])
+        arr_dir = Path(spec["arr_dir"])
+        tag = spec["tag"]
+        N, H, V, dtype = spec["tokens"], spec["hidden"], spec["vocab"], spec["dtype"]
+        hidden, weight, labels, g = make_inputs(N, H, V, dtype, device, spec["ignore_frac"], spec["seed"],
+                                                spec["logit_std"])
+        result["n_valid"] = int((labels != IGNORE_INDEX).sum())
+        is_cuda = device.type == "cuda"
+
+        def sync():
+            if is_cuda:
+                torch.cuda.synchronize(device)
+
+        if spec["impl"] == "reference":
+            logp, dh_r, dw_r = reference(hidden, weight, labels, g)
+            _save(arr_dir, tag, logp=logp, dh_r=dh_r, dw_r=dw_r)
+            result["status"] = "ok"
+            return result
+
+        fn = build_impl(spec["impl"], device)  # all imports happen here
+        step = make_step(fn, hidden, weight, labels, g)
+        sync()
+        if is_cuda:
+            inputs_bytes = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            result["inputs_bytes"] = inputs_bytes
+        else:
+            result["baseline_rss_bytes"] = _maxrss_bytes()
+        result["rss_at_start_bytes"] = rss_start
+
+        t0 = time.perf_counter()
+        step()
+        sync()
+        result["first_s"] = time.perf_counter() - t0
+        for _ in range(spec["warmup"]):
+            step()
+        sync()
+        times = []
+        for _ in range(spec["repeats"]):
+            if is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        sync()
+        if is_cuda:
+            result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - inputs_bytes
+        else:
+            result["peak_rss_bytes"] = _maxrss_bytes()
+        result["times_s"] = times
+        result["median_s"] = statistics.median(times) if times else result["first_s"]
+
+        # Outputs of one more call, for the accuracy check (after the memory readings).
+        logp = step()
+        r = grad_probe(H, device)
+        _save(arr_dir, tag, logp=logp.reshape(-1), dh_r=hidden.grad.float() @ r, dw_r=weight.grad.float() @ r)
+        result["status"] = "ok"
+    except BaseException as exc:  # noqa: BLE001 — any failure becomes an error row
+        result["error"] = f"{type(exc).__name__}: {exc}".strip()
+        result["traceback"] = traceback.format_exc()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent process (no torch import)
+# ----------------------------------------------------------------------------------------------
+
+
+def _spawn(spec: dict, timeout: float) -> dict:
+    fd, out_path = tempfile.mkstemp(suffix=".json", dir=spec["arr_dir"])
+    os.close(fd)
+    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--_worker", json.dumps(spec), "--_out", out_path]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    try:
+        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s"}
+    try:
+        with open(out_path) as f:
+            return json.load(f)
+    except Exception:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        if proc.returncode == -9:
+            why += " (out of memory?)"
+        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+
+
+def probe(device_arg: str | None, timeout: float = 300) -> dict:
+    """Device, versions and expo backends, found in a subprocess so the parent needs no torch."""
+    code = r"""
+import json, os, platform, sys
+info = {}
+import torch
+dev = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else ("cuda" if torch.cuda.is_available() else "cpu")
+d = torch.device(dev)
+info["device"] = str(d)
+info["device_type"] = d.type
+if d.type == "cuda":
+    info["device_name"] = torch.cuda.get_device_name(d)
+    info["cuda"] = torch.version.cuda
+else:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip(); break
+    except OSError:
+        pass
+    info["device_name"] = name
+info["cpu_count"] = os.cpu_count()
+info["torch_threads"] = torch.get_num_threads()
+v = {"python": platform.python_version(), "torch": torch.__version__}
+from importlib import metadata
+for dist in ("triton", "trl", "cut-cross-entropy", "transformers", "liger-kernel", "expo-kernels", "numpy"):
+    try:
+        v[dist] = metadata.version(dist)
+    except Exception:
+        v[dist] = None
+try:
+    import expo_kernels
+    v["expo_kernels"] = getattr(expo_kernels, "__version__", None)
+    info["expo_backends"] = list(expo_kernels.available_backends(d))
+except Exception as exc:
+    info["expo_error"] = f"{type(exc).__name__}: {exc}"
+info["versions"] = v
+print(json.dumps(info))
+"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", code, device_arg or ""], cwd=str(REPO_ROOT), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"probing the device failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def default_impls(info: dict) -> list:
+    backends = info.get("expo_backends")
+    if backends is None:  # expo_kernels does not import: show its rows as errors
+        backends = ["triton", "torch"] if info["device_type"] == "cuda" else ["torch"]
+    # On CPU triton only runs under TRITON_INTERPRET=1, far too slow to benchmark.
+    expo = [f"expo-{b}" for b in backends if not (b == "triton" and info["device_type"] != "cuda")]
+    return expo + ["naive", "trl", "cce"]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT), capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _compare(arr_dir: Path, tag: str, ref_tag: str) -> dict:
+    import numpy as np
+
+    out = {}
+    try:
+        lp = np.load(arr_dir / f"{tag}_logp.npy").astype(np.float64)
+        ref = np.load(arr_dir / f"{ref_tag}_logp.npy").astype(np.float64)
+        out["max_abs_dlogp"] = float(np.max(np.abs(lp - ref))) if lp.size else 0.0
+        ignored_nonzero = int(np.count_nonzero(lp[ref == 0.0]))  # ref is exactly 0 only where ignored
+        out["ignored_nonzero"] = ignored_nonzero
+        errs = []
+        for key in ("dh_r", "dw_r"):
+            a = np.load(arr_dir / f"{tag}_{key}.npy").astype(np.float64)
+            b = np.load(arr_dir / f"{ref_tag}_{key}.npy").astype(np.float64)
+            scale = max(float(np.max(np.abs(b))), 1e-30)
+            out[f"rel_err_{key}"] = float(np.max(np.abs(a - b))) / scale
+            errs.append(out[f"rel_err_{key}"])
+        out["grad_rel_err"] = max(errs)
+    except Exception as exc:
+        out["compare_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _gb(x):
+    return f"{x / 2**30:.3f}" if isinstance(x, (int, float)) else "-"
+
+
+def _fmt_s(x):
+    if not isinstance(x, (int, float)):
+        return "-"
+    return f"{x:.4f}" if x < 10 else f"{x:.2f}"
+
+
+def _fmt_e(x):
+    return f"{x:.1e}" if isinstance(x, (int, float)) else "-"
+
+
+def format_table(rows: list, device_type: str) -> str:
+    mem_cols = (["peak GiB", "inputs GiB"] if device_type == "cuda"
+                else ["peak RSS GiB", "base RSS GiB", "Δ GiB"])
+    head = ["impl", "shape N×H×V", "dtype", "fwd+bwd s", "first s", "TFLOP/s"] + mem_cols + [
+        "max|Δlogp|", "grad rel err"]
+    lines = []
+    for r in rows:
+        shape = f"{r['tokens']}×{r['hidden']}×{r['vocab']}"
+        if r["status"] != "ok":
+            err = r.get("error", "?").splitlines()[0] if r.get("error") else "?"
+            lines.append([r["impl"], shape, r["dtype"], "ERROR: " + err[:110]])
+            continue
+        if device_type == "cuda":
+            mem = [_gb(r.get("peak_bytes")), _gb(r.get("inputs_bytes"))]
+        else:
+            peak, base = r.get("peak_rss_bytes"), r.get("baseline_rss_bytes")
+            mem = [_gb(peak), _gb(base), _gb(peak - base) if peak is not None and base is not None else "-"]
+        tf = r.get("tflops")
+        dlogp = _fmt_e(r.get("max_abs_dlogp"))
+        if r.get("ignored_nonzero"):
+            dlogp += f" ({r['ignored_nonzero']} ignored≠0)"
+        lines.append([r["impl"], shape, r["dtype"], _fmt_s(r.get("median_s")), _fmt_s(r.get("first_s")),
+                      f"{tf:.3f}" if isinstance(tf, float) else "-"] + mem + [dlogp, _fmt_e(r.get("grad_rel_err"))])
+    full = [ln for ln in lines if len(ln) == len(head)]
+    widths = [max([len(head[i])] + [len(ln[i]) for ln in full]) for i in range(len(head))]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    for ln in lines:
+        if len(ln) == len(head):
+            out.append(" | ".join(c.ljust(w) for c, w in zip(ln, widths)))
+        else:
+            out.append(" | ".join(c.ljust(w) for c, w in zip(ln[:3], widths[:3])) + " | " + ln[3])
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_logprobs", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shape N=512 H=256 V=8192 fp32 (default without shape flags)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="cpu: N=4096 H=1024 V=32000,128256 fp32; "
+                   "gpu: N=8192,32768 H=4096 V=128256 bf16. Shape flags override the preset's dimension.")
+    p.add_argument("--tokens", "-N", type=int, nargs="+", help="tokens per call (incl. ignored), one or more")
+    p.add_argument("--hidden", "-H", type=int, nargs="+", help="hidden size, one or more")
+    p.add_argument("--vocab", "-V", type=int, nargs="+", help="vocab size, one or more")
+    p.add_argument("--dtype", choices=DTYPES, help="input dtype (default fp32; bf16 for --preset gpu)")
+    p.add_argument("--ignore-frac", type=float, default=0.33, help="fraction of tokens labelled -100 (default 0.33)")
+    p.add_argument("--repeats", type=int, help="timed calls after warm-up; the median is reported (default 5; cpu 3; gpu 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the (separately timed) first call")
+    p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(ALL_IMPLS)} ('expo' = every expo backend "
+                   "of the device); default: all, triton only on CUDA")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logit-std", type=float, default=2.0, help="std of the random logits (default 2.0)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
+    p.add_argument("--no-check", action="store_true", help="skip the fp32 reference and the accuracy columns")
+    p.add_argument("--json", help="where to write the results (default benchmarks/results/bench_logprobs_<device>.json)")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick and args.preset:
+        p.error("--quick and --preset are exclusive")
+    if not 0.0 <= args.ignore_frac < 1.0:
+        p.error("--ignore-frac must be in [0, 1)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._worker:
+        result = run_worker(json.loads(args._worker))
+        with open(args._out, "w") as f:
+            json.dump(result, f)
+        return 0
+
+    preset = args.preset or ("quick" if args.quick or not (args.tokens or args.hidden or args.vocab) else None)
+    base = PRESETS[preset] if preset else PRESETS["quick"]
+    tokens = args.tokens or base[0]
+    hiddens = args.hidden or base[1]
+    vocabs = args.vocab or base[2]
+    dtype = args.dtype or (base[3] if preset else "fp32")
+    repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS.get(preset, 5)
+
+    info = probe(args.device)
+    device_type = info["device_type"]
+    if args.impls:
+        impls = []
+        for name in args.impls:
+            if name == "expo":
+                impls += [i for i in default_impls(info) if i.startswith("expo-")]
+            elif name in ALL_IMPLS:
+                impls.append(name)
+            else:
+                raise SystemExit(f"unknown implementation {name!r}; choose from {ALL_IMPLS} or 'expo'")
+    else:
+        impls = default_impls(info)
+    impls = list(dict.fromkeys(impls))
+
+    print(f"device: {info['device']} ({info['device_name']}), torch {info['versions']['torch']}, "
+          f"{info['torch_threads']} threads", flush=True)
+    if "expo_error" in info:
+        print(f"expo_kernels does not import: {info['expo_error']}", flush=True)
+    print(f"impls: {', '.join(impls)}; preset={preset}, dtype={dtype}, ignore_frac={args.ignore_frac}, "
+          f"warmup={args.warmup}, repeats={repeats}", flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_logprobs_") as tmp:
+        arr_dir = Path(tmp)
+        for si, (N, H, V) in enumerate(itertools.product(tokens, hiddens, vocabs)):
+            common = dict(device=info["device"], tokens=N, hidden=H, vocab=V, dtype=dtype,
+                          ignore_frac=args.ignore_frac, seed=args.seed, logit_std=args.logit_std,
+                          warmup=args.warmup, repeats=repeats, arr_dir=str(arr_dir))
+            ref_tag = f"s{si}_reference"
+            ref_ok = False
+            if not args.no_check:
+                t0 = time.perf_counter()
+                ref = _spawn(dict(common, impl="reference", tag=ref_tag), args.timeout)
+                ref_ok = ref["status"] == "ok"
+                msg = "ok" if ref_ok else ref.get("error")
+                print(f"[{N}x{H}x{V} {dtype}] reference (fp32, chunked): {msg} ({time.perf_counter() - t0:.1f} s)",
+                      flush=True)
+            for impl in impls:
+                tag = f"s{si}_{impl}"
+                t0 = time.perf_counter()
+                res = _spawn(dict(common, impl=impl, tag=tag), args.timeout)
+                row = {"impl": impl, "detail": impl_detail(impl, device_type), "tokens": N, "hidden": H,
+                       "vocab": V, "dtype": dtype, "ignore_frac": args.ignore_frac}
+                row.update(res)
+                row["impl"] = impl
+                if row["status"] == "ok":
+                    flops = 8.0 * row["n_valid"] * H * V  # forward 2NHV + backward 6NHV, valid tokens
+                    row["useful_flop"] = flops
+                    row["tflops"] = flops / row["median_s"] / 1e12 if row.get("median_s") else None
+                    if ref_ok:
+                        row.update(_compare(arr_dir, tag, ref_tag))
+                rows.append(row)
+                status = ("ok" if row["status"] == "ok" else "ERROR " + row.get("error", "?").splitlines()[0][:200])
+                print(f"[{N}x{H}x{V} {dtype}] {impl}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    print()
+    print(format_table(rows, device_type))
+    print()
+    if device_type == "cuda":
+        print("peak = torch.cuda.max_memory_allocated over all calls minus the inputs (includes hidden.grad and weight.grad)")
+    else:
+        print("peak RSS = ru_maxrss of the implementation's own process; base = after imports + inputs; Δ = peak - base")
+    print("TFLOP/s counts 8·N_valid·H·V useful FLOPs; max|Δlogp| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| relative "
+          "to max |ref|, r a random vector) are against an exact fp32 reference on the same inputs")
+
+    out_path = Path(args.json) if args.json else RESULTS_DIR / f"bench_logprobs_{device_type}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "bench_logprobs",
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.bench_logprobs"]
+                            + list(sys.argv[1:] if argv is None else argv)),
+        "git_commit": _git_commit(),
+        "host": platform.node(),
+        "device": {k: info.get(k) for k in ("device", "device_type", "device_name", "cuda", "cpu_count",
+                                             "torch_threads")},
+        "versions": info["versions"],
+        "settings": {"preset": preset, "tokens": tokens, "hidden": hiddens, "vocab": vocabs, "dtype": dtype,
+                     "ignore_frac": args.ignore_frac, "warmup": args.warmup, "repeats": repeats, "seed": args.seed,
+                     "logit_std": args.logit_std, "impls": impls, "ignore_index": IGNORE_INDEX,
+                     "loss": "(logp * g).sum(), g ~ N(0, 1) per token",
+                     "memory": ("torch.cuda.max_memory_allocated - inputs" if device_type == "cuda"
+                                else "ru_maxrss of a fresh process per implementation")},
+        "results": rows,
+    }
+    with open(out_path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
