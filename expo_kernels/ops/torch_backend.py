@@ -43,6 +43,25 @@ def _raw_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acc
     return raw
 
 
+def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+    """Zeroed accumulators (float32; float64 for float64 inputs) for the gradients asked for."""
+    acc = _acc_dtype(hidden.dtype)
+    return (
+        torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None,
+        torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
+        torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None,
+    )
+
+
+def _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
+    """Accumulators back to the inputs' dtypes."""
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        None if d_weight is None else d_weight.to(weight.dtype),
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -126,9 +145,7 @@ def backward(
     """Gradients of ``sum_n grad_logp[n] * logp[n]``; float32 (float64 for float64 inputs) accumulators."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         h = hidden[t0 : t0 + TOKEN_CHUNK]
         y = labels[t0 : t0 + TOKEN_CHUNK]
@@ -152,11 +169,7 @@ def backward(
             if need_bias:
                 d_bias[v0 : v0 + VOCAB_CHUNK] += dz.sum(dim=0)
             del raw, z, dz
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
-    )
+    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +217,7 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
+    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         ts = slice(t0, t0 + TOKEN_CHUNK)
         h, hr, g = hidden[ts], ref_hidden[ts], grad_kl[ts].to(acc)
@@ -224,8 +235,4 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
                 d_weight[sl] += dz.T @ h.to(acc)
             if need_bias:
                 d_bias[sl] += dz.sum(dim=0)
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
-    )
+    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)

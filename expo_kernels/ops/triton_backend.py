@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .common import LogitTransform, TokenOutputs
+from .torch_backend import _cast_grads, _grad_buffers
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -277,24 +278,6 @@ def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
     splits = min(vocab_splits or _choose_splits(n_blocks, vocab_tiles, device), vocab_tiles)
     per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
     return n_blocks, triton.cdiv(vocab, per_split), per_split
-
-
-def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
-    """Zeroed float32 (float64 for float64 inputs) accumulators for the atomics."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return (
-        torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None,
-        torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None,
-        torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None,
-    )
-
-
-def _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
-    )
 
 
 def forward(
