@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import itertools
 import json
 import os
@@ -265,6 +266,24 @@ def _maxrss_bytes() -> int:
     return int(kb) * (1 if sys.platform == "darwin" else 1024)
 
 
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the RSS high-water mark (also what ru_maxrss reads)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _save(arr_dir: Path, tag: str, **tensors):
     import numpy as np
 
@@ -293,6 +312,8 @@ def run_worker(spec: dict) -> dict:
                 torch.cuda.synchronize(device)
 
         if spec["impl"] == "reference":
+            if is_cuda:  # exact fp32 matmuls, whatever the environment asks for
+                torch.backends.cuda.matmul.allow_tf32 = False
             logp, dh_r, dw_r = reference(hidden, weight, labels, g)
             _save(arr_dir, tag, logp=logp, dh_r=dh_r, dw_r=dw_r)
             result["status"] = "ok"
@@ -306,7 +327,11 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             result["inputs_bytes"] = inputs_bytes
         else:
-            result["baseline_rss_bytes"] = _maxrss_bytes()
+            gc.collect()
+            result["import_peak_rss_bytes"] = _maxrss_bytes()  # high-water mark of imports + inputs
+            result["baseline_rss_bytes"] = _current_rss_bytes() or result["import_peak_rss_bytes"]
+            # Reset the high-water mark so the peak below is that of the calls, not of the imports.
+            result["peak_reset"] = _reset_peak_rss()
         result["rss_at_start_bytes"] = rss_start
 
         t0 = time.perf_counter()
@@ -316,6 +341,21 @@ def run_worker(spec: dict) -> dict:
         for _ in range(spec["warmup"]):
             step()
         sync()
+        # Peak over the first call and warm-up (lazy imports, compilation, autotuning included) ...
+        if is_cuda:
+            result["first_peak_bytes"] = torch.cuda.max_memory_allocated(device) - inputs_bytes
+        else:
+            result["first_peak_rss_bytes"] = _maxrss_bytes()
+        # ... and, separately, over the timed calls: the working memory of a training step.
+        hidden.grad = None
+        weight.grad = None
+        gc.collect()
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            before_timed = torch.cuda.memory_allocated(device)
+        else:
+            before_timed = _current_rss_bytes()
+            steady_reset = _reset_peak_rss()
         times = []
         for _ in range(spec["repeats"]):
             if is_cuda:
@@ -331,9 +371,16 @@ def run_worker(spec: dict) -> dict:
                 times.append(time.perf_counter() - t0)
         sync()
         if is_cuda:
-            result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - inputs_bytes
+            steady = torch.cuda.max_memory_allocated(device)
+            result["steady_peak_bytes"] = steady - inputs_bytes
+            result["peak_bytes"] = max(result["first_peak_bytes"], result["steady_peak_bytes"])
+            result["step_work_bytes"] = steady - before_timed
         else:
-            result["peak_rss_bytes"] = _maxrss_bytes()
+            steady = _maxrss_bytes()
+            result["steady_peak_rss_bytes"] = steady if steady_reset else None
+            result["peak_rss_bytes"] = max(result["first_peak_rss_bytes"], steady)
+            if steady_reset and before_timed is not None:
+                result["step_work_bytes"] = steady - before_timed
         result["times_s"] = times
         result["median_s"] = statistics.median(times) if times else result["first_s"]
 
@@ -479,8 +526,8 @@ def _fmt_e(x):
 
 
 def format_table(rows: list, device_type: str) -> str:
-    mem_cols = (["peak GiB", "inputs GiB"] if device_type == "cuda"
-                else ["peak RSS GiB", "base RSS GiB", "Δ GiB"])
+    mem_cols = (["peak GiB", "steady GiB", "inputs GiB"] if device_type == "cuda"
+                else ["peak RSS GiB", "base RSS GiB", "steady RSS GiB", "step GiB"])
     head = ["impl", "shape N×H×V", "dtype", "fwd+bwd s", "first s", "TFLOP/s"] + mem_cols + [
         "max|Δlogp|", "grad rel err"]
     lines = []
@@ -491,18 +538,19 @@ def format_table(rows: list, device_type: str) -> str:
             lines.append([r["impl"], shape, r["dtype"], "ERROR: " + err[:110]])
             continue
         if device_type == "cuda":
-            mem = [_gb(r.get("peak_bytes")), _gb(r.get("inputs_bytes"))]
+            mem = [_gb(r.get("peak_bytes")), _gb(r.get("steady_peak_bytes")), _gb(r.get("inputs_bytes"))]
         else:
-            peak, base = r.get("peak_rss_bytes"), r.get("baseline_rss_bytes")
-            mem = [_gb(peak), _gb(base), _gb(peak - base) if peak is not None and base is not None else "-"]
+            star = "*" if r.get("peak_reset") is False else ""
+            mem = [_gb(r.get("peak_rss_bytes")) + star, _gb(r.get("baseline_rss_bytes")),
+                   _gb(r.get("steady_peak_rss_bytes")), _gb(r.get("step_work_bytes"))]
         tf = r.get("tflops")
         dlogp = _fmt_e(r.get("max_abs_dlogp"))
         if r.get("ignored_nonzero"):
             dlogp += f" ({r['ignored_nonzero']} ignored≠0)"
         lines.append([r["impl"], shape, r["dtype"], _fmt_s(r.get("median_s")), _fmt_s(r.get("first_s")),
-                      f"{tf:.3f}" if isinstance(tf, float) else "-"] + mem + [dlogp, _fmt_e(r.get("grad_rel_err"))])
-    full = [ln for ln in lines if len(ln) == len(head)]
-    widths = [max([len(head[i])] + [len(ln[i]) for ln in full]) for i in range(len(head))]
+                      f"{tf:.3g}" if isinstance(tf, float) else "-"] + mem + [dlogp, _fmt_e(r.get("grad_rel_err"))])
+    widths = [max([len(head[i])] + [len(ln[i]) for ln in lines if i < 3 or len(ln) == len(head)])
+              for i in range(len(head))]
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     for ln in lines:
         if len(ln) == len(head):
@@ -510,6 +558,16 @@ def format_table(rows: list, device_type: str) -> str:
         else:
             out.append(" | ".join(c.ljust(w) for c, w in zip(ln[:3], widths[:3])) + " | " + ln[3])
     return "\n".join(out)
+
+
+MEMORY_NOTE = {
+    "cuda": "peak = torch.cuda.max_memory_allocated over all calls minus the inputs (first call included; "
+            "hidden.grad and weight.grad count); steady = the same over the timed calls only",
+    "cpu": "one fresh process per implementation. base RSS = resident after imports + inputs; peak RSS = ru_maxrss "
+           "over all calls (high-water mark reset after the inputs via /proc/self/clear_refs; * = reset not "
+           "possible, imports included); steady RSS = ru_maxrss over the timed calls only; step = steady RSS minus "
+           "the RSS just before them (one step's working memory, gradients included)",
+}
 
 
 def parse_args(argv=None):
@@ -618,10 +676,7 @@ def main(argv=None):
     print()
     print(format_table(rows, device_type))
     print()
-    if device_type == "cuda":
-        print("peak = torch.cuda.max_memory_allocated over all calls minus the inputs (includes hidden.grad and weight.grad)")
-    else:
-        print("peak RSS = ru_maxrss of the implementation's own process; base = after imports + inputs; Δ = peak - base")
+    print(MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"])
     print("TFLOP/s counts 8·N_valid·H·V useful FLOPs; max|Δlogp| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| relative "
           "to max |ref|, r a random vector) are against an exact fp32 reference on the same inputs")
 
@@ -641,8 +696,7 @@ def main(argv=None):
                      "ignore_frac": args.ignore_frac, "warmup": args.warmup, "repeats": repeats, "seed": args.seed,
                      "logit_std": args.logit_std, "impls": impls, "ignore_index": IGNORE_INDEX,
                      "loss": "(logp * g).sum(), g ~ N(0, 1) per token",
-                     "memory": ("torch.cuda.max_memory_allocated - inputs" if device_type == "cuda"
-                                else "ru_maxrss of a fresh process per implementation")},
+                     "memory": MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]},
         "results": rows,
     }
     with open(out_path, "w") as f:

@@ -5,9 +5,37 @@ Layers (each imports only the ones above it):
 * ``expo_kernels.ops``      — the kernels on plain tensors (Triton, chunked PyTorch).
 * ``expo_kernels.autograd`` — registered torch ops + autograd, backend chosen from the device.
 * ``expo_kernels.losses``   — per-sequence preference losses and their registry.
+* ``expo_kernels.modules``  — ``FusedLinearPreferenceLoss``: hidden states + LM head -> loss.
 """
 from .autograd import TokenStats, available_backends, linear_logprobs, linear_token_kl
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_logprobs", "linear_token_kl", "TokenStats", "available_backends", "__version__"]
+__all__ = [
+    "linear_logprobs",
+    "linear_token_kl",
+    "TokenStats",
+    "available_backends",
+    "__version__",
+    "preference_loss",
+    "preference_loss_and_metrics",
+    "LOSSES",
+    "FusedLinearPreferenceLoss",
+    "PreferenceLossOutput",
+    "FusedLinearDPOLoss",
+    "FusedLinearEXPOLoss",
+    "FusedLinearSimPOLoss",
+    "FusedLinearORPOLoss",
+    "FusedLinearKTOLoss",
+]
+
+from .losses import LOSSES, preference_loss, preference_loss_and_metrics  # noqa: E402
+from .modules import (  # noqa: E402
+    FusedLinearDPOLoss,
+    FusedLinearEXPOLoss,
+    FusedLinearKTOLoss,
+    FusedLinearORPOLoss,
+    FusedLinearPreferenceLoss,
+    FusedLinearSimPOLoss,
+    PreferenceLossOutput,
+)

@@ -1,0 +1,278 @@
+"""Registry of the sequence-level preference losses.
+
+Every loss is a plain function ``fn(batch, hp) -> LossTerms`` on per-sequence numbers (see
+:class:`~expo_kernels.losses._common.PreferenceBatch`). It is registered under a name together with
+a :class:`LossSpec` that says which hyperparameters it takes (with defaults and range checks), whether
+it needs the reference model's log-probs, the completion lengths or an NLL term, and whether its
+per-pair values are separable (``reduction="none"`` allowed).
+
+Adding a loss::
+
+    @register_loss(
+        "my_loss",
+        hparams=[HParam("beta", 0.1, "inverse temperature", check=positive)],
+        reference="required",
+        description="-log sigma(beta * margin) with my twist",
+    )
+    def _my_loss(batch, hp):
+        ...
+        return LossTerms(terms=per_pair, metrics=lambda: {...})
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "REQUIRED",
+    "HParam",
+    "LossSpec",
+    "LOSSES",
+    "register_loss",
+    "get_loss_spec",
+    "positive",
+    "non_negative",
+    "unit_interval",
+    "one_of",
+    "real",
+]
+
+
+class _Required:
+    """Sentinel default of a hyperparameter that has no default and must be passed."""
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+# --------------------------------------------------------------------------------------------------
+# Range checks. Each returns None when the value is valid, else the text "expected ..." used in the
+# ValueError raised by the spec.
+# --------------------------------------------------------------------------------------------------
+def _as_float(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+def real(value: Any) -> Optional[str]:
+    """Any finite real number."""
+    v = _as_float(value)
+    if v is None or not math.isfinite(v):
+        return "a finite real number"
+    return None
+
+
+def positive(value: Any) -> Optional[str]:
+    """A finite number > 0."""
+    v = _as_float(value)
+    if v is None or not math.isfinite(v) or v <= 0:
+        return "a finite number > 0"
+    return None
+
+
+def non_negative(value: Any) -> Optional[str]:
+    """A finite number >= 0."""
+    v = _as_float(value)
+    if v is None or not math.isfinite(v) or v < 0:
+        return "a finite number >= 0"
+    return None
+
+
+def unit_interval(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Callable:
+    """A number in an interval, e.g. ``unit_interval(0, 0.5)`` is ``[0, 0.5)``."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(value: Any) -> Optional[str]:
+        v = _as_float(value)
+        if v is None or not math.isfinite(v):
+            return f"a number in {text}"
+        if v < low or (low_open and v == low) or v > high or (high_open and v == high):
+            return f"a number in {text}"
+        return None
+
+    check.__doc__ = f"A number in {text}."
+    return check
+
+
+def one_of(*choices: str) -> Callable:
+    """One of the given strings."""
+
+    def check(value: Any) -> Optional[str]:
+        if value not in choices:
+            return f"one of {list(choices)}"
+        return None
+
+    check.__doc__ = f"One of {list(choices)}."
+    return check
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter of a loss: name, default (``REQUIRED`` if none), meaning and range check."""
+
+    name: str
+    default: Any
+    doc: str
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def validate(self, loss_name: str, value: Any) -> Any:
+        if self.check is not None:
+            expected = self.check(value)
+            if expected is not None:
+                raise ValueError(
+                    f"Loss {loss_name!r}: hyperparameter `{self.name}` must be {expected}; got {value!r}."
+                )
+        # python numbers are normalised to float; strings and tensors are kept as given
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the registry knows about one loss.
+
+    Attributes:
+        name: registry name (TRL's ``loss_type`` where one exists).
+        fn: ``fn(batch: PreferenceBatch, hp: dict) -> LossTerms``.
+        hparams: the hyperparameters it accepts, by name, with defaults and range checks.
+        reference: ``"required"`` (needs ``ref_chosen_logps``/``ref_rejected_logps``), ``"optional"``
+            (needed only under some hyperparameters, e.g. EXPO's KL estimators) or ``"none"``.
+        needs_lengths: needs ``chosen_lengths``/``rejected_lengths`` (length-normalised loss) under its
+            default hyperparameters.
+        needs_nll: adds an NLL term on the chosen completion (needs ``chosen_lengths`` or ``chosen_nll``).
+        paired: False for unpaired losses (KTO-style) that take ``policy_logps``/``is_desirable``.
+        batch_coupled: True when a per-pair value depends on the rest of the batch (sorting, batch
+            statistics), so ``reduction="none"`` is refused.
+        description: one line.
+        aliases: other accepted spellings of hyperparameter names (alias -> canonical name).
+    """
+
+    name: str
+    fn: Callable
+    hparams: Mapping[str, HParam]
+    reference: str = "required"
+    needs_lengths: bool = False
+    needs_nll: bool = False
+    paired: bool = True
+    batch_coupled: bool = False
+    description: str = ""
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def requires_reference(self) -> bool:
+        return self.reference == "required"
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        """The default value of each hyperparameter (``REQUIRED`` where there is none)."""
+        return {k: h.default for k, h in self.hparams.items()}
+
+    def canonical(self, key: str) -> Optional[str]:
+        if key in self.hparams:
+            return key
+        return self.aliases.get(key)
+
+    def resolve(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:
+        """Fill defaults, map aliases, validate ranges. Keys this loss does not know are ignored here
+        (the caller checks that each passed key is known to at least one loss)."""
+        out: Dict[str, Any] = {}
+        for key, value in hparams.items():
+            canon = self.canonical(key)
+            if canon is None:
+                continue
+            if canon in out:
+                raise ValueError(
+                    f"Loss {self.name!r}: hyperparameter `{canon}` given twice (as `{canon}` and an alias)."
+                )
+            out[canon] = value
+        for name, h in self.hparams.items():
+            if name not in out:
+                if h.required:
+                    raise ValueError(
+                        f"Loss {self.name!r}: hyperparameter `{name}` is required ({h.doc}); it has no default."
+                    )
+                out[name] = h.default
+            out[name] = h.validate(self.name, out[name])
+        return out
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={h.default!r}" for k, h in self.hparams.items())
+        return f"LossSpec({self.name!r}, reference={self.reference!r}, hparams=({hp}))"
+
+
+LOSSES: Dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str,
+    *,
+    hparams: Sequence[HParam] = (),
+    reference: str = "required",
+    needs_lengths: bool = False,
+    needs_nll: bool = False,
+    paired: bool = True,
+    batch_coupled: bool = False,
+    description: str = "",
+    aliases: Optional[Mapping[str, str]] = None,
+) -> Callable:
+    """Decorator registering ``fn(batch, hp) -> LossTerms`` in :data:`LOSSES` under ``name``."""
+    if reference not in ("required", "optional", "none"):
+        raise ValueError(f"reference must be 'required', 'optional' or 'none', got {reference!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"A loss named {name!r} is already registered.")
+        LOSSES[name] = LossSpec(
+            name=name,
+            fn=fn,
+            hparams={h.name: h for h in hparams},
+            reference=reference,
+            needs_lengths=needs_lengths,
+            needs_nll=needs_nll,
+            paired=paired,
+            batch_coupled=batch_coupled,
+            description=description,
+            aliases=dict(aliases or {}),
+        )
+        return fn
+
+    return deco
+
+
+def get_loss_spec(name: str) -> LossSpec:
+    """The spec registered under ``name``; unknown names raise ValueError naming the closest ones."""
+    if not isinstance(name, str):
+        raise ValueError(f"A loss name must be a string, got {type(name).__name__}: {name!r}.")
+    try:
+        return LOSSES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(LOSSES), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"Unknown preference loss {name!r}.{hint} Known losses: {sorted(LOSSES)}."
+        ) from None
+
+
+def _names(name: Any) -> Tuple[str, ...]:
+    if isinstance(name, str):
+        return (name,)
+    if isinstance(name, (list, tuple)) and len(name) > 0 and all(isinstance(n, str) for n in name):
+        return tuple(name)
+    raise ValueError(
+        f"`name` must be a loss name or a non-empty list of loss names (MPO-style mix); got {name!r}."
+    )

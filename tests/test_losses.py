@@ -1,0 +1,503 @@
+"""expo_kernels.losses against hand-written float64 formulas (DESIGN.md section 3), independent of TRL,
+plus reductions, dtypes, gradients (gradcheck), metrics, aggregation and EXPO's population properties."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expo_kernels.losses import (
+    LOSSES,
+    aggregate_pair_logps,
+    preference_loss,
+    preference_loss_and_metrics,
+    sequence_logps,
+    wpo_weights,
+)
+
+DT = torch.float64
+B = 6
+
+
+def ls(x):  # log sigma
+    return F.logsigmoid(x)
+
+
+def sig(x):
+    return torch.sigmoid(x)
+
+
+def _inputs(seed=0, b=B, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    lc = torch.randint(1, 20, (b,), generator=g)
+    lr = torch.randint(1, 20, (b,), generator=g)
+    c = -(torch.rand(b, generator=g, dtype=dtype) * 1.5 + 0.05) * lc
+    r = -(torch.rand(b, generator=g, dtype=dtype) * 1.5 + 0.05) * lr
+    cref = c + torch.randn(b, generator=g, dtype=dtype) * 2
+    rref = r + torch.randn(b, generator=g, dtype=dtype) * 2
+    return [t.clone().requires_grad_(True) for t in (c, r, cref, rref)], lc, lr
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand formulas, straight from DESIGN.md's table (per pair).
+# c, r, cr, rr: policy / reference summed log-probs; lc, lr lengths; hp the hyperparameters.
+# ------------------------------------------------------------------------------------------------
+def _nll(c, lc):
+    return -c.sum() / lc.sum()
+
+
+def _fmap(u, kind, a=0.5):  # DESIGN's f-divergence maps (constants dropped)
+    return {"reverse_kl": u, "forward_kl": -torch.exp(-u), "js_divergence": ls(u),
+            "alpha_divergence": torch.exp((a - 1) * u) / (a - 1)}[kind]
+
+
+def _fmap_const(kind, a=0.5):
+    """The constant TRL's maps f'(exp(u)) add to DESIGN's: it cancels in chosen - rejected, but not once
+    the two scores are divided by different lengths (ipo, sigmoid_norm)."""
+    return {"reverse_kl": 0.0, "forward_kl": 1.0, "js_divergence": math.log(2.0),
+            "alpha_divergence": -1.0 / (a - 1)}[kind]
+
+
+def _logodds(a):
+    return a - torch.log(1 - torch.exp(a))
+
+
+HAND = {
+    "sigmoid": (dict(beta=0.4, label_smoothing=0.15),
+                lambda c, r, cr, rr, lc, lr, beta, label_smoothing: -(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
+                - label_smoothing * ls(-beta * ((c - cr) - (r - rr)))),
+    "robust": (dict(beta=0.4, label_smoothing=0.2),
+               lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (-(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
+                                                                    + label_smoothing * ls(-beta * ((c - cr) - (r - rr))))
+               / (1 - 2 * label_smoothing)),
+    "hinge": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: torch.clamp(1 - beta * ((c - cr) - (r - rr)), min=0)),
+    "ipo": (dict(beta=0.2), lambda c, r, cr, rr, lc, lr, beta: ((c - cr) / lc - (r - rr) / lr - 1 / (2 * beta)) ** 2),
+    "exo_pair": (dict(beta=0.5, label_smoothing=0.01),
+                 lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (
+                     lambda q: q * (torch.log(q) - math.log(1 - label_smoothing))
+                     + (1 - q) * (torch.log(1 - q) - math.log(label_smoothing)))(sig(beta * ((c - cr) - (r - rr))))),
+    "nca_pair": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: -ls(beta * (c - cr)) - 0.5 * ls(-beta * (c - cr))
+                 - 0.5 * ls(-beta * (r - rr))),
+    "bco_pair": (dict(beta=0.3, delta=0.2), lambda c, r, cr, rr, lc, lr, beta, delta: -ls(beta * (c - cr) - delta)
+                 - ls(-(beta * (r - rr) - delta))),
+    "sppo_hard": (dict(beta=0.7), lambda c, r, cr, rr, lc, lr, beta: ((c - cr) - 1 / (2 * beta)) ** 2
+                  + ((r - rr) + 1 / (2 * beta)) ** 2),
+    "apo_zero": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: (1 - sig(beta * (c - cr))) + sig(beta * (r - rr))),
+    "apo_down": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: sig(beta * (c - cr))
+                 + (1 - sig(beta * ((c - cr) - (r - rr))))),
+    "discopop": (dict(beta=0.2, discopop_tau=0.3),
+                 lambda c, r, cr, rr, lc, lr, beta, discopop_tau: (
+                     lambda z: (1 - sig(z / discopop_tau)) * (-ls(z)) + sig(z / discopop_tau) * torch.exp(-z))(
+                     beta * ((c - cr) - (r - rr)))),
+    "sigmoid_norm": (dict(beta=0.9), lambda c, r, cr, rr, lc, lr, beta: -ls(beta * ((c - cr) / lc - (r - rr) / lr))),
+    "sft": (dict(), lambda c, r, cr, rr, lc, lr: _nll(c, lc).expand(c.shape[0])),
+    "rpo": (dict(beta=0.3, rpo_alpha=0.7), lambda c, r, cr, rr, lc, lr, beta, rpo_alpha:
+            -ls(beta * ((c - cr) - (r - rr))) + rpo_alpha * _nll(c, lc)),
+    "simpo": (dict(beta=2.0, gamma=0.8), lambda c, r, cr, rr, lc, lr, beta, gamma: -ls(beta * (c / lc - r / lr) - gamma)),
+    "cpo": (dict(beta=0.2, cpo_alpha=0.6), lambda c, r, cr, rr, lc, lr, beta, cpo_alpha: -ls(beta * (c - r))
+            + cpo_alpha * _nll(c, lc)),
+    # AlphaPO paper (arXiv 2501.03884): reward -(1/alpha) (exp(-alpha * avg_logp) - 1), SimPO margin gamma
+    "alphapo": (dict(beta=2.5, gamma=0.3, alpha=0.4), lambda c, r, cr, rr, lc, lr, beta, gamma, alpha:
+                -ls(beta * (-(torch.exp(-alpha * c / lc) - 1) / alpha + (torch.exp(-alpha * r / lr) - 1) / alpha)
+                    - gamma)),
+    "orpo": (dict(beta=0.25), lambda c, r, cr, rr, lc, lr, beta: _nll(c, lc)
+             - beta * ls(_logodds(c / lc) - _logodds(r / lr))),
+    "odpo": (dict(beta=0.3, alpha=0.5), None),  # needs `offset`: own test below
+    "expo": (dict(lam=0.3), lambda c, r, cr, rr, lc, lr, lam: F.softplus(-(c - r))
+             + lam * 0.5 * ((cr - c) + (rr - r))),
+}
+
+
+@pytest.mark.parametrize("name", [n for n, (_, f) in HAND.items() if f is not None])
+def test_loss_matches_hand_formula(name):
+    hp, formula = HAND[name]
+    (c, r, cr, rr), lc, lr = _inputs(seed=len(name))
+    per_pair_ref = formula(c, r, cr, rr, lc.to(DT), lr.to(DT), **hp)
+    expected = per_pair_ref.mean()
+    ours = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, **hp)
+    assert ours.dtype == DT and ours.dim() == 0
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-13)
+    g_ours = torch.autograd.grad(ours, (c, r, cr, rr), allow_unused=True)
+    g_ref = torch.autograd.grad(expected, (c, r, cr, rr), allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_hand_formula(name):
+    (c, r, cr, rr), _, _ = _inputs(seed=3)
+    beta, eps = 0.3, 0.1
+    if name == "aot":
+        d = torch.sort(c - r).values - torch.sort(cr - rr).values
+    else:
+        d = torch.sort(c - cr).values - torch.sort(r - rr).values
+    expected = (-(1 - eps) * ls(beta * d) - eps * ls(-beta * d)).mean()
+    torch.testing.assert_close(preference_loss(name, c, r, cr, rr, beta=beta, label_smoothing=eps), expected,
+                               rtol=1e-12, atol=1e-13)
+
+
+def test_odpo_hand_formula_and_offset_forms():
+    (c, r, cr, rr), _, _ = _inputs(seed=4)
+    offset = torch.linspace(0.0, 2.0, B, dtype=DT)
+    beta, alpha = 0.3, 0.5
+    expected = -ls(beta * ((c - cr) - (r - rr)) - alpha * offset)
+    got = preference_loss("odpo", c, r, cr, rr, offset=offset, beta=beta, alpha=alpha, reduction="none")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
+    # a scalar offset is broadcast; offset 0 is DPO
+    torch.testing.assert_close(preference_loss("odpo", c, r, cr, rr, offset=0.0, beta=beta),
+                               preference_loss("sigmoid", c, r, cr, rr, beta=beta))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "robust", "discopop", "sigmoid_norm"])
+def test_f_divergence_matches_design_maps(kind, name):
+    # DESIGN.md's maps differ from TRL's by constants, which cancel in chosen - rejected
+    (c, r, cr, rr), lc, lr = _inputs(seed=5)
+    lcf, lrf = lc.to(DT), lr.to(DT)
+    a, beta = 0.3, 0.5
+    sc, sr = _fmap(c - cr, kind, a), _fmap(r - rr, kind, a)
+    if name in ("ipo", "sigmoid_norm"):
+        k = _fmap_const(kind, a)
+        sc, sr = (sc + k) / lcf, (sr + k) / lrf
+    d = sc - sr
+    eps = 0.1 if name == "robust" else 0.0
+    expected = {
+        "sigmoid": -ls(beta * d),
+        "hinge": torch.relu(1 - beta * d),
+        "ipo": (d - 1 / (2 * beta)) ** 2,
+        "robust": (-(1 - eps) * ls(beta * d) + eps * ls(-beta * d)) / (1 - 2 * eps),
+        "discopop": (lambda z: (1 - sig(z / 0.05)) * (-ls(z)) + sig(z / 0.05) * torch.exp(-z))(beta * d),
+        "sigmoid_norm": -ls(beta * d),
+    }[name].mean()
+    hp = dict(beta=beta, f_divergence_type=kind, f_alpha_divergence_coef=a)
+    if name == "robust":
+        hp["label_smoothing"] = eps
+    got = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, **hp)
+    torch.testing.assert_close(got, expected, rtol=1e-11, atol=1e-12)
+
+
+def test_reverse_kl_is_default_and_identity():
+    (c, r, cr, rr), _, _ = _inputs(seed=6)
+    torch.testing.assert_close(preference_loss("sigmoid", c, r, cr, rr, f_divergence_type="reverse_kl"),
+                               preference_loss("sigmoid", c, r, cr, rr))
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"aot", "aot_unpaired", "kto", "apo_zero_unpaired", "sft", "rpo",
+                                                          "cpo", "orpo"}))
+def test_reductions_consistent(name):
+    (c, r, cr, rr), lc, lr = _inputs(seed=7)
+    kw = dict(chosen_lengths=lc, rejected_lengths=lr, **{k: v for k, v in HAND.get(name, ({}, None))[0].items()})
+    if name == "odpo":
+        kw["offset"] = torch.ones(B, dtype=DT)
+    if name == "expo":
+        kw["lam"] = 0.2
+    per = preference_loss(name, c, r, cr, rr, reduction="none", **kw)
+    assert per.shape == (B,) and per.dtype == DT
+    torch.testing.assert_close(per.mean(), preference_loss(name, c, r, cr, rr, **kw))
+    torch.testing.assert_close(per.sum(), preference_loss(name, c, r, cr, rr, reduction="sum", **kw))
+    # per-pair separability: changing pair 0 changes only entry 0
+    c2 = c.detach().clone()
+    c2[0] -= 0.7
+    per2 = preference_loss(name, c2, r, cr, rr, reduction="none", **kw)
+    torch.testing.assert_close(per2[1:], per[1:])
+
+
+@pytest.mark.parametrize("name", ["sft", "cpo", "orpo", "rpo"])
+def test_nll_losses_per_pair_with_explicit_chosen_nll(name):
+    (c, r, cr, rr), lc, lr = _inputs(seed=8)
+    nll = -c / lc.to(DT)
+    per = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, chosen_nll=nll,
+                          reduction="none")
+    assert per.shape == (B,)
+    # the NLL part of pair i is nll_i (times its weight)
+    w = {"sft": 1.0, "cpo": 1.0, "orpo": 1.0, "rpo": 1.0}[name]
+    base = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr,
+                           chosen_nll=torch.zeros(B, dtype=DT), reduction="none")
+    torch.testing.assert_close(per - base, w * nll)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "simpo", "orpo", "expo", "kto", "aot", "discopop"])
+def test_dtype_preserved(dtype, name):
+    (c, r, cr, rr), lc, lr = _inputs(seed=9, dtype=dtype)
+    extra = {"expo": dict(lam=0.1), "kto": dict(kl=0.1)}.get(name, {})
+    loss, metrics = preference_loss_and_metrics(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, **extra)
+    assert loss.dtype == dtype
+    assert all(v.dtype == dtype and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    loss.backward()
+    assert c.grad is not None and c.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("sigmoid", dict(label_smoothing=0.1)), ("ipo", {}), ("exo_pair", {}), ("simpo", {}), ("orpo", {}),
+    ("cpo", dict(cpo_loss_type="simpo", alpha=0.3)), ("kto", dict(kl=0.05)), ("expo", dict(lam=0.5)),
+    ("expo", dict(lam=0.5, kl_estimator="pair")), ("aot_unpaired", {}), ("apo_down", {}),
+])
+def test_gradcheck(name, kw):
+    (c, r, cr, rr), lc, lr = _inputs(seed=10, b=4)
+
+    def f(c, r, cr, rr):
+        return preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, beta=0.8, **kw) \
+            if name not in ("expo",) else preference_loss(name, c, r, cr, rr, **kw)
+
+    assert torch.autograd.gradcheck(f, (c, r, cr, rr))
+
+
+# ------------------------------------------------------------------------------------------------
+# MPO, weights
+# ------------------------------------------------------------------------------------------------
+def test_mpo_mix_is_weighted_sum():
+    (c, r, cr, rr), lc, lr = _inputs(seed=11)
+    kw = dict(chosen_lengths=lc, rejected_lengths=lr, beta=0.3)
+    mix = preference_loss(["sigmoid", "bco_pair", "sft"], c, r, cr, rr, loss_weights=[0.8, 0.2, 1.0], **kw)
+    parts = (0.8 * preference_loss("sigmoid", c, r, cr, rr, **kw) + 0.2 * preference_loss("bco_pair", c, r, cr, rr, **kw)
+             + preference_loss("sft", c, r, cr, rr, **kw))
+    torch.testing.assert_close(mix, parts)
+    # default weights are 1
+    torch.testing.assert_close(preference_loss(["sigmoid", "hinge"], c, r, cr, rr, **kw),
+                               preference_loss("sigmoid", c, r, cr, rr, **kw) + preference_loss("hinge", c, r, cr, rr, **kw))
+    _, m = preference_loss_and_metrics(["sigmoid", "sft"], c, r, cr, rr, loss_weights=[1, 0.5], **kw)
+    assert {"loss/sigmoid", "loss/sft", "nll_loss", "rewards/margins"} <= set(m)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "sft", "ipo", "expo"])
+def test_weights_multiply_per_pair_losses(name):
+    (c, r, cr, rr), lc, lr = _inputs(seed=12)
+    w = torch.rand(B, dtype=DT, generator=torch.Generator().manual_seed(0))
+    kw = dict(chosen_lengths=lc, rejected_lengths=lr, **({"lam": 0.3} if name == "expo" else {}))
+    if name == "sft":  # TRL weights the expanded batch NLL: mean(nll * w)
+        expected = _nll(c, lc.to(DT)) * w.mean()
+    else:
+        expected = (preference_loss(name, c, r, cr, rr, reduction="none", **kw) * w).mean()
+    torch.testing.assert_close(preference_loss(name, c, r, cr, rr, weights=w, **kw), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+def test_dpo_metrics_are_trl_batch_means():
+    (c, r, cr, rr), _, _ = _inputs(seed=13)
+    beta = 0.25
+    _, m = preference_loss_and_metrics("sigmoid", c, r, cr, rr, beta=beta)
+    rc, rrw = beta * (c - cr), beta * (r - rr)
+    expected = {"rewards/chosen": rc.mean(), "rewards/rejected": rrw.mean(),
+                "rewards/accuracies": (rc > rrw).to(DT).mean(), "rewards/margins": (rc - rrw).mean(),
+                "logps/chosen": c.mean(), "logps/rejected": r.mean()}
+    assert set(m) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(m[k], v.detach())
+
+
+def test_expo_metrics():
+    (c, r, cr, rr), _, _ = _inputs(seed=14)
+    _, m = preference_loss_and_metrics("expo", c, r, cr, rr, lam=0.5)
+    torch.testing.assert_close(m["bt_loss"], F.softplus(-(c - r)).mean().detach())
+    torch.testing.assert_close(m["kl"], (0.5 * ((cr - c) + (rr - r))).mean().detach())
+    torch.testing.assert_close(m["rewards/accuracies"], (c > r).to(DT).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO
+# ------------------------------------------------------------------------------------------------
+def test_kto_hand_formula_and_forms():
+    g = torch.Generator().manual_seed(15)
+    n = 7
+    pol = -torch.rand(n, generator=g, dtype=DT) * 20
+    ref = pol + torch.randn(n, generator=g, dtype=DT)
+    lab = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    klp = -torch.rand(5, generator=g, dtype=DT) * 20
+    klr = klp - torch.rand(5, generator=g, dtype=DT)  # policy above the reference: z0 > 0
+    beta, wd, wu = 0.4, 1.2, 0.7
+    z0 = (klp - klr).mean()
+    h = pol - ref
+    expected = torch.where(lab, wd * (1 - sig(beta * (h - z0))), wu * (1 - sig(beta * (z0 - h)))).mean()
+    hp = dict(beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    got = preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl_logps=klp, ref_kl_logps=klr, **hp)
+    torch.testing.assert_close(got, expected)
+    got2 = preference_loss("kto", pol[lab], pol[~lab], ref[lab], ref[~lab], kl_logps=klp, ref_kl_logps=klr, **hp)
+    torch.testing.assert_close(got2, expected)
+    # precomputed baseline gives per-example losses in input order
+    per = preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=z0, reduction="none", **hp)
+    torch.testing.assert_close(per.mean(), expected)
+    assert per.shape == (n,)
+    # the baseline is detached
+    p = pol.clone().requires_grad_(True)
+    kp = klp.clone().requires_grad_(True)
+    loss = preference_loss("kto", policy_logps=p, ref_logps=ref, is_desirable=lab, kl_logps=kp, ref_kl_logps=klr, **hp)
+    gp, gk = torch.autograd.grad(loss, (p, kp), allow_unused=True)
+    assert gk is None or gk.abs().max() == 0
+    assert gp.abs().max() > 0
+    # apo_zero_unpaired
+    exp_apo = torch.where(lab, wd * (1 - sig(beta * h)), wu * sig(beta * h)).mean()
+    torch.testing.assert_close(preference_loss("apo_zero_unpaired", policy_logps=pol, ref_logps=ref,
+                                               is_desirable=lab, **hp), exp_apo)
+
+
+# ------------------------------------------------------------------------------------------------
+# EXPO
+# ------------------------------------------------------------------------------------------------
+def test_expo_estimators_hand_formulas():
+    (c, r, cr, rr), _, _ = _inputs(seed=16)
+    lam = 0.7
+    bt = F.softplus(-(c - r))
+    seq = preference_loss("expo", c, r, cr, rr, lam=lam, kl_estimator="sequence")
+    torch.testing.assert_close(seq, bt.mean() + lam * torch.cat([cr - c, rr - r]).mean())
+    q_ref, q = sig(cr - rr), sig(c - r)
+    kl_pair = q_ref * torch.log(q_ref / q) + (1 - q_ref) * torch.log((1 - q_ref) / (1 - q))
+    torch.testing.assert_close(preference_loss("expo", c, r, cr, rr, lam=lam, kl_estimator="pair"),
+                               bt.mean() + lam * kl_pair.mean())
+    tk = torch.rand(2 * B, dtype=DT, generator=torch.Generator().manual_seed(1))
+    for token_kl, mean_kl in ((tk, tk.mean()), (tk[:B], tk[:B].mean()), (torch.tensor(0.3, dtype=DT), 0.3)):
+        got = preference_loss("expo", c, r, lam=lam, kl_estimator="token", token_kl=token_kl)
+        torch.testing.assert_close(got, bt.mean() + lam * mean_kl)
+    # lam = 0: the Bradley-Terry term alone, no reference needed
+    torch.testing.assert_close(preference_loss("expo", c, r, lam=0.0), bt.mean())
+
+
+def _population_optimum(loss, ref_probs, target, steps=60, **kw):
+    """argmin over a softmax policy on 3 outcomes of the exact expected pairwise loss: all ordered pairs
+    (i, j), i preferred with probability sigma(log target_i - log target_j) (Bradley-Terry of pi*)."""
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    ci, ri = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    lt = torch.log(torch.tensor(target, dtype=DT))
+    lref = torch.log(torch.tensor(ref_probs, dtype=DT))
+    w = sig(lt[ci] - lt[ri])
+    theta = torch.zeros(3, dtype=DT, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=steps, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(theta, 0)
+        extra = dict(kw)
+        if loss == "expo":  # exact KL(pi_ref || pi) over the 3 outcomes, the 'token' estimator's quantity
+            extra["token_kl"] = (lref.exp() * (lref - logp)).sum()
+        out = preference_loss(loss, logp[ci], logp[ri], lref[ci], lref[ri], weights=w, **extra)
+        out.backward()
+        return out
+
+    for _ in range(3):
+        opt.step(closure)
+    return torch.softmax(theta.detach(), 0)
+
+
+def test_population_optima_dpo_vs_expo():
+    pi_star, pi_ref = [0.6, 0.3, 0.1], [0.4, 0.4, 0.2]
+    dpo = _population_optimum("sigmoid", pi_ref, pi_star, beta=1.0)
+    torch.testing.assert_close(dpo, torch.tensor([0.24, 0.12, 0.02], dtype=DT) / 0.38, rtol=1e-6, atol=1e-7)
+    dpo_same = _population_optimum("sigmoid", pi_star, pi_star, beta=1.0)
+    p2 = torch.tensor(pi_star, dtype=DT) ** 2
+    torch.testing.assert_close(dpo_same, p2 / p2.sum(), rtol=1e-6, atol=1e-7)  # [.783, .196, .022]
+    # EXPO with pi_ref = pi* stays at pi* for every lambda
+    for lam in (0.1, 1.0, 10.0):
+        e = _population_optimum("expo", pi_star, pi_star, lam=lam, kl_estimator="token")
+        torch.testing.assert_close(e, torch.tensor(pi_star, dtype=DT), rtol=1e-6, atol=1e-7)
+    # and moves monotonically from pi* to pi_ref as lambda grows
+    ref = torch.tensor(pi_ref, dtype=DT)
+    dists = []
+    for lam in (0.0, 0.3, 1.0, 3.0, 30.0):
+        e = _population_optimum("expo", pi_ref, pi_star, lam=lam, kl_estimator="token")
+        dists.append(float((e - ref).abs().sum()))
+        if lam == 0.0:
+            torch.testing.assert_close(e, torch.tensor(pi_star, dtype=DT), rtol=1e-6, atol=1e-7)
+    assert all(a > b for a, b in zip(dists, dists[1:])), dists
+    assert dists[-1] < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation (per-token -> per-sequence)
+# ------------------------------------------------------------------------------------------------
+def test_aggregate_plain_sums_lengths_nll():
+    lp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0],
+                       [-1.0, -1.0, -1.0, -1.0], [-2.0, float("-inf"), 0.0, 0.0]], dtype=DT)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    out = aggregate_pair_logps(lp, mask)
+    torch.testing.assert_close(out.chosen_logps, torch.tensor([-6.0, -0.5], dtype=DT))
+    torch.testing.assert_close(out.rejected_logps, torch.tensor([-4.0, -2.0], dtype=DT))  # -inf is masked out
+    assert out.chosen_lengths.tolist() == [3, 2] and out.rejected_lengths.tolist() == [4, 1]
+    torch.testing.assert_close(out.chosen_nll, torch.tensor(6.5 / 5, dtype=DT))
+    assert out.weights is None
+    s, n = sequence_logps(lp, mask)
+    torch.testing.assert_close(s, torch.tensor([-6.0, -0.5, -4.0, -2.0], dtype=DT))
+
+
+def test_aggregate_ld_alpha_by_hand():
+    # pair 0: chosen 3 tokens, rejected 5 -> shared 3; pair 1: chosen 4, rejected 2 -> shared 2
+    lp = -torch.arange(1, 25, dtype=DT).reshape(4, 6) / 10
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]])
+    a = 0.3
+    out = aggregate_pair_logps(lp, mask, ld_alpha=a)
+    v = lp.tolist()
+    chosen0 = v[0][1] + v[0][2] + v[0][3]
+    chosen1 = v[1][0] + v[1][1] + a * (v[1][2] + v[1][3])
+    rej0 = v[2][0] + v[2][1] + v[2][2] + a * (v[2][3] + v[2][4])
+    rej1 = v[3][3] + v[3][4]
+    torch.testing.assert_close(out.chosen_logps, torch.tensor([chosen0, chosen1], dtype=DT))
+    torch.testing.assert_close(out.rejected_logps, torch.tensor([rej0, rej1], dtype=DT))
+    # the NLL ignores the LD weighting
+    torch.testing.assert_close(out.chosen_nll, -(lp[0, 1:4].sum() + lp[1, :4].sum()) / 7)
+    # ld_alpha = 1 is the plain sum
+    plain = aggregate_pair_logps(lp, mask)
+    torch.testing.assert_close(aggregate_pair_logps(lp, mask, ld_alpha=1.0).chosen_logps, plain.chosen_logps)
+
+
+def test_wpo_weights_by_hand():
+    g = torch.Generator().manual_seed(2)
+    lp = -torch.rand(4, 5, generator=g, dtype=DT)
+    lsp = -torch.rand(4, 5, generator=g, dtype=DT)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    seq_w = [math.exp(sum(lp[i, j] - lsp[i, j] for j in range(5) if mask[i, j]) / int(mask[i].sum())) for i in range(4)]
+    expected = torch.tensor([seq_w[0] * seq_w[2], seq_w[1] * seq_w[3]], dtype=DT)
+    torch.testing.assert_close(wpo_weights(lp, lsp, mask), expected)
+    torch.testing.assert_close(aggregate_pair_logps(lp, mask, log_sum_p2=lsp).weights, expected)
+    assert not wpo_weights(lp.requires_grad_(True), lsp, mask).requires_grad
+
+
+# ------------------------------------------------------------------------------------------------
+# registry
+# ------------------------------------------------------------------------------------------------
+TRL_DPO_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+def test_registry_covers_trl_and_extras():
+    for n in TRL_DPO_TYPES + ["simpo", "cpo", "alphapo", "orpo", "kto", "apo_zero_unpaired", "odpo", "rpo", "expo"]:
+        assert n in LOSSES, n
+        spec = LOSSES[n]
+        assert spec.description and callable(spec.fn)
+    assert LOSSES["sigmoid"].requires_reference and not LOSSES["simpo"].requires_reference
+    assert LOSSES["expo"].reference == "optional"
+    assert LOSSES["ipo"].needs_lengths and LOSSES["orpo"].needs_nll and LOSSES["aot"].batch_coupled
+    assert LOSSES["sigmoid"].defaults["beta"] == 0.1
+    assert LOSSES["discopop"].defaults["discopop_tau"] == 0.05
+    assert LOSSES["simpo"].canonical("simpo_gamma") == "gamma"
+
+
+def test_register_custom_loss():
+    from expo_kernels.losses import HParam, register_loss
+    from expo_kernels.losses._common import LossTerms
+
+    @register_loss("_test_margin", hparams=[HParam("k", 2.0, "scale")], reference="none", description="test")
+    def _margin(batch, hp):
+        return LossTerms(hp["k"] * (batch.rejected - batch.chosen), lambda: {})
+
+    try:
+        (c, r, _, _), _, _ = _inputs(seed=17)
+        torch.testing.assert_close(preference_loss("_test_margin", c, r, k=3.0), (3.0 * (r - c)).mean())
+        with pytest.raises(ValueError, match="already registered"):
+            register_loss("_test_margin")(_margin)
+    finally:
+        LOSSES.pop("_test_margin")
+
+
+def test_package_exports():
+    import expo_kernels
+
+    assert expo_kernels.preference_loss is preference_loss
+    assert expo_kernels.LOSSES is LOSSES
+    assert {"preference_loss", "preference_loss_and_metrics", "LOSSES"} <= set(expo_kernels.__all__)
