@@ -238,7 +238,9 @@ class FusedLinearPreferenceLoss(nn.Module):
                     "Loss 'expo' with kl_estimator='token' needs the reference model's hidden states `ref_hidden` "
                     "(and its head `ref_weight`, default: the policy head): the token KL runs over the full vocabulary."
                 )
-            tkl = linear_token_kl(hidden, lm_head_weight, ref_hidden, ref_weight, labels, bias, ref_bias,
+            # the reference is a constant of the loss (no gradient to a shared head through this side)
+            tkl = linear_token_kl(hidden, lm_head_weight, ref_hidden.detach(), ref_weight.detach(), labels, bias,
+                                  None if ref_bias is None else ref_bias.detach(),
                                   ignore_index=self.ignore_index, backend=self.backend, **self.transform)
             token_kl_rows = tkl.sum(dim=1)  # zero at ignored positions: the per-row completion sum
 

@@ -215,17 +215,34 @@ def test_precomputed_reference_equals_reference_pass():
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
 
 
-def test_reference_pass_keeps_no_graph():
-    """The reference tensors get no gradient and the loss's graph does not reach them."""
+@pytest.mark.parametrize("loss", [ek.FusedLinearDPOLoss(backend="torch"),
+                                  ek.FusedLinearEXPOLoss(lam=0.5, kl_estimator="token", backend="torch")],
+                         ids=["dpo", "expo_token"])
+def test_reference_pass_keeps_no_graph(loss):
+    """Reference tensors that require grad (a trainer's reference model) get no gradient."""
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=4)
     ref_hidden.requires_grad_(True)
     ref_weight.requires_grad_(True)
     h, w = leaves(hidden, weight)
-    out = ek.FusedLinearDPOLoss(backend="torch")(w, h, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
-    assert out.ref_logps.grad_fn is None and not out.ref_logps.requires_grad
+    out = loss(w, h, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    if out.ref_logps is not None:
+        assert out.ref_logps.grad_fn is None and not out.ref_logps.requires_grad
     out.loss.backward()
     assert ref_hidden.grad is None and ref_weight.grad is None
     assert h.grad is not None and w.grad is not None
+
+
+def test_shared_head_token_kl_gradient_is_policy_side_only():
+    """EXPO token KL with ref_weight=None: the head gets the policy-side gradient only, as when the
+    reference head is a separate frozen copy."""
+    hidden, weight, _, ref_hidden, _, labels = make_batch(2 * B, seed=15)
+    m = ek.FusedLinearEXPOLoss(lam=0.5, kl_estimator="token", backend="torch")
+    h1, w1 = leaves(hidden, weight)
+    m(w1, h1, labels, ref_hidden=ref_hidden).loss.backward()
+    h2, w2 = leaves(hidden, weight)
+    m(w2, h2, labels, ref_hidden=ref_hidden, ref_weight=weight.clone()).loss.backward()
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL)
+    torch.testing.assert_close(h1.grad, h2.grad, **TOL)
 
 
 def test_frozen_head_gets_no_gradient():
