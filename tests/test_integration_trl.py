@@ -283,3 +283,38 @@ def test_fused_forward_matches_model_logits(make_model):
                                atol=1e-5)
     assert torch.equal(out.is_top1[mask], (logits.argmax(-1) == lab)[mask])
     assert out.loss.item() == pytest.approx(-want[mask].mean().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CPO / ORPO
+def _run_logits_trainer(cls, config_cls, make_model=llama, **cfg):
+    torch.manual_seed(0)
+    model = make_model()
+    base = dict(output_dir="/tmp/expo_kernels_test_cpo", per_device_train_batch_size=4, max_steps=3,
+                learning_rate=0.1, optim="sgd", logging_steps=1, report_to=[], seed=0, save_strategy="no",
+                use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False, max_length=64)
+    base.update(cfg)
+    tr = cls(model=model, args=config_cls(**base), train_dataset=PAIRS, processing_class=TOK)
+    tr.train()
+    logs = [{k: v for k, v in e.items() if k not in _SKIP_LOG} for e in tr.state.log_history if "loss" in e]
+    return logs, {k: p.detach().clone() for k, p in tr.model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", [dict(loss_type="sigmoid", cpo_alpha=1.0), dict(loss_type="simpo", cpo_alpha=0.0),
+                                 dict(loss_type="ipo")], ids=["cpo", "simpo", "ipo"])
+def test_cpo_family_matches_trl(cfg):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from expo_kernels.integrations.trl import FusedCPOTrainer
+
+    assert_runs_match(_run_logits_trainer(CPOTrainer, CPOConfig, **cfg),
+                      _run_logits_trainer(FusedCPOTrainer, CPOConfig, **cfg))
+
+
+@pytest.mark.parametrize("make_model", [llama, gemma2], ids=["llama", "gemma2"])
+def test_orpo_matches_trl(make_model):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from expo_kernels.integrations.trl import FusedORPOTrainer
+
+    assert_runs_match(_run_logits_trainer(ORPOTrainer, ORPOConfig, make_model),
+                      _run_logits_trainer(FusedORPOTrainer, ORPOConfig, make_model))

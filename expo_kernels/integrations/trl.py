@@ -14,6 +14,8 @@ WPO, precomputed references, PEFT references, KTO) runs unchanged on our kernels
   backbone's hidden states; EXPO's ``kl_estimator="token"`` gets the fused two-head KL. Their extra
   hyperparameters go in ``loss_kwargs`` (e.g. ``{"lam": 0.1, "kl_estimator": "token"}``).
 * :func:`enable_fused_lm_head` switches an already-built trainer.
+* :class:`FusedCPOTrainer` / :class:`FusedORPOTrainer`: TRL's experimental CPO (CPO, SimPO, AlphaPO)
+  and ORPO trainers, which compute from full logits, with ``concatenated_forward`` on our op.
 
 Tested with TRL 1.16 (``tests/test_integration_trl.py``).
 """
@@ -43,12 +45,19 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "expo_kernels.integrations.trl needs `trl>=1.16` (pip install trl); its import failed: " + str(e)
     ) from e
 
+try:  # TRL's CPO / ORPO trainers moved to trl.experimental; absent in some versions
+    from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
+    from trl.experimental.orpo import ORPOTrainer as _TRLORPOTrainer
+except ImportError:  # pragma: no cover
+    _TRLCPOTrainer = _TRLORPOTrainer = None
+
 try:
     from peft import PeftModel
 except ImportError:  # pragma: no cover
     PeftModel = ()
 
-__all__ = ["add_fused_lm_head", "FusedDPOTrainer", "FusedKTOTrainer", "enable_fused_lm_head", "TRL_DPO_LOSS_TYPES"]
+__all__ = ["add_fused_lm_head", "FusedDPOTrainer", "FusedKTOTrainer", "FusedCPOTrainer", "FusedORPOTrainer",
+           "enable_fused_lm_head", "TRL_DPO_LOSS_TYPES"]
 
 #: the ``loss_type`` values TRL 1.16's DPOTrainer implements itself
 TRL_DPO_LOSS_TYPES = frozenset({
@@ -92,7 +101,8 @@ def add_fused_lm_head(
     fields (for the shifted labels, zero where the label is -100) come from one
     :func:`~expo_kernels.linear_logprobs` pass; the ``[batch, seq, vocab]`` logits never exist.
     ``fused_lm_head="hidden"`` returns the shifted final hidden states instead
-    (``.hidden_states [B, T-1, H]``, ``.labels``), for losses that run the head themselves. Without
+    (``.hidden_states [B, T-1, H]``, ``.labels``; unshifted ``.last_hidden_state``), for losses
+    that run the head themselves. Without
     ``fused_lm_head`` the original forward runs (generation is unchanged).
 
     Raises at patch time for a model whose logit transform is unknown
@@ -117,7 +127,7 @@ def add_fused_lm_head(
         if kwargs.get("output_router_logits"):
             raise ValueError("expo_kernels' fused LM head does not compute MoE router losses (output_router_logits=True).")
         kwargs["use_cache"] = False
-        hidden = backbone(self)(*args, **kwargs).last_hidden_state
+        hidden = full = backbone(self)(*args, **kwargs).last_hidden_state
         if shift_labels is None:  # position t predicts token t+1
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -125,7 +135,7 @@ def add_fused_lm_head(
         weight, bias = lm_head_parameters(self)
         hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         if fused_lm_head == "hidden":
-            return types.SimpleNamespace(hidden_states=hidden, labels=labels)
+            return types.SimpleNamespace(hidden_states=hidden, labels=labels, last_hidden_state=full)
         if cast_lm_head_to_fp32:
             hidden, weight = hidden.float(), _gathered(weight).float()
             bias = None if bias is None else _gathered(bias).float()
@@ -332,3 +342,110 @@ def enable_fused_lm_head(trainer, *, loss_kwargs: Optional[Dict[str, Any]] = Non
         trainer.__class__ = type(f"Fused{type(trainer).__name__}", (_FusedDPOMixin, type(trainer)), {})
         trainer._expo_setup(loss_kwargs, backend, registry_loss)
     return trainer
+
+
+# -------------------------------------------------------------------------------------------------
+# CPO (and SimPO / AlphaPO through it) and ORPO: TRL computes these from full logits in
+# ``concatenated_forward``; ours returns the same numbers from hidden states.
+# -------------------------------------------------------------------------------------------------
+def _mean_logit(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Dict) -> Tensor:
+    """Mean of the (transformed) logits over all positions of ``hidden [R, T, H]`` and the vocabulary,
+    without logits: TRL logs it as ``logits/chosen`` / ``logits/rejected``. For an affine head
+    ``mean_v z = h . mean_v(W) + mean(b)`` (times the scale); a softcap needs the op's statistics."""
+    with torch.no_grad():
+        if transform["softcap"] is None:
+            scale = (transform["logit_scale"] or 1.0) / transform["temperature"]
+            per_pos = hidden.float() @ weight.float().mean(0)
+            if bias is not None:
+                per_pos = per_pos + bias.float().mean()
+            return (per_pos * scale).mean()
+        dummy = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+        _, stats = linear_logprobs(hidden, weight, dummy, bias, return_stats=True, **transform)
+        return stats.mean_logit.mean()
+
+
+class _FusedConcatenatedForward:
+    """``concatenated_forward`` of TRL's CPO/ORPO trainers on expo_kernels' head.
+
+    Returns what TRL's returns — ``(chosen_logps, rejected_logps, chosen_logits, rejected_logits,
+    nll_loss)`` — except that the two "logits" are 0-d tensors holding their mean (the only use TRL
+    makes of them, for the ``logits/*`` metrics), so no logits exist.
+    """
+
+    _nll_over_prompt = False  # ORPO: the chosen NLL covers prompt and completion tokens
+
+    def _expo_setup_head(self, backend, logit_transform) -> None:
+        if self.is_encoder_decoder:
+            raise ValueError("expo_kernels' fused head supports decoder-only models, not encoder-decoder ones.")
+        if self.aux_loss_enabled:
+            raise ValueError("MoE router auxiliary losses are not supported by expo_kernels' fused head.")
+        add_fused_lm_head(_unwrap(self, self.model), backend=backend, logit_transform_override=logit_transform)
+        self._expo_backend = backend
+
+    def _average_logps(self) -> bool:
+        return True
+
+    def _nll_weight(self) -> float:
+        return 1.0
+
+    def concatenated_forward(self, model, batch):
+        cb = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self._expo_pad_value(),
+                                      device=self.accelerator.device)
+        len_chosen = batch["chosen_labels"].shape[0]
+        ids, attn = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
+        completion = cb["concatenated_labels"]
+        # one pass scores every token the loss reads: the completion, plus the prompt for ORPO's NLL
+        labels = torch.where(attn == 1, ids, -100) if self._nll_over_prompt else completion
+        out = model(ids, attention_mask=attn, use_cache=False, labels=labels, fused_lm_head="hidden")
+        policy = _unwrap(self, self.model)
+        transform = policy._expo_kernels_fused_head["transform"]
+        hidden, weight, bias = _head_operands(out.hidden_states, *lm_head_parameters(policy))
+        logp = linear_logprobs(hidden, weight, out.labels, bias, backend=self._expo_backend, **transform)
+        comp_mask = completion[:, 1:].to(logp.device) != -100
+        seq = torch.where(comp_mask, logp, torch.zeros_like(logp)).sum(-1)
+        if self._average_logps():
+            seq = seq / comp_mask.sum(-1)
+        if self._nll_weight() == 0:
+            nll = torch.tensor(0.0, device=self.accelerator.device)
+        else:  # nn.CrossEntropyLoss: mean over the scored tokens of the chosen rows
+            scored = out.labels[:len_chosen] != -100
+            nll = -logp[:len_chosen].sum() / scored.sum()
+        if self._nll_over_prompt:  # TRL: all_logits[:, :-1]
+            pos = hidden
+        else:  # TRL: all_logits, every position
+            pos, _, _ = _head_operands(out.last_hidden_state, weight, None)
+        mean_c = _mean_logit(pos[:len_chosen], weight, bias, transform)
+        mean_r = _mean_logit(pos[len_chosen:], weight, bias, transform)
+        return seq[:len_chosen], seq[len_chosen:], mean_c, mean_r, nll
+
+
+if _TRLCPOTrainer is not None:
+
+    class FusedCPOTrainer(_FusedConcatenatedForward, _TRLCPOTrainer):
+        """``trl.experimental.cpo.CPOTrainer`` (CPO, SimPO, AlphaPO, ...) on expo_kernels' head: same
+        arguments, losses and metrics, no logits."""
+
+        def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._expo_setup_head(backend, logit_transform)
+
+        def _expo_pad_value(self):
+            return self.pad_token_id
+
+        def _average_logps(self) -> bool:
+            return self.loss_type in ("ipo", "simpo")
+
+        def _nll_weight(self) -> float:
+            return self.cpo_alpha
+
+    class FusedORPOTrainer(_FusedConcatenatedForward, _TRLORPOTrainer):
+        """``trl.experimental.orpo.ORPOTrainer`` on expo_kernels' head: same arguments, loss and metrics."""
+
+        _nll_over_prompt = True
+
+        def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._expo_setup_head(backend, logit_transform)
+
+        def _expo_pad_value(self):
+            return self.padding_value
