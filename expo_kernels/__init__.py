@@ -8,6 +8,7 @@ Layers (each imports only the ones above it):
 * ``expo_kernels.modules``  — ``FusedLinearPreferenceLoss``: hidden states + LM head -> loss.
 """
 from .autograd import TokenStats, available_backends, linear_logprobs, linear_token_kl
+from .ops.options import kernel_options
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "linear_token_kl",
     "TokenStats",
     "available_backends",
+    "kernel_options",
     "__version__",
     "preference_loss",
     "preference_loss_and_metrics",

@@ -10,8 +10,12 @@ when there are few token blocks).
 Backward: one program per (token block, vocab tile). It recomputes the logit tile, forms
 ``dz = g * (onehot - p) * dz/draw`` in registers and adds ``dz @ W_tile`` into ``d_hidden`` and
 ``dz^T @ h`` into ``d_weight`` with float32 atomics, slice by slice of H. Atomics make the result
-order-dependent at the level of float32 rounding; a contention-free, deterministic schedule is
-the subject of the GPU performance work.
+order-dependent at the level of float32 rounding. Under ``torch.use_deterministic_algorithms(True)``
+the backward runs the torch backend's chunked GEMMs instead: owning a ``[BLOCK_N, H]`` or
+``[BLOCK_V, H]`` gradient tile in one program does not fit in registers for LM hidden sizes, and
+recomputing logits per slice of H would multiply the backward's FLOPs. With
+``kernel_options(grad_filter_eps=eps)`` a tile whose probabilities are all below ``eps`` and that
+holds no label skips its accumulation (see ``ops.options``).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision tiles are upcast to float32 before any
 arithmetic, because the interpreter's bf16/fp16 arithmetic is wrong (DESIGN.md section 6).
@@ -25,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import torch_backend
 from .common import LogitTransform, TokenOutputs
+from .options import get_kernel_options
 from .torch_backend import _cast_grads, _grad_buffers
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -214,8 +220,8 @@ def _forward_kernel(
 def _backward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
     N, V, H, stride_hn, stride_hh, stride_wv, stride_wh,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logit_scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -235,12 +241,18 @@ def _backward_kernel(
                       HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
     p = tl.exp(z - lse[:, None])
-    onehot = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
-    dz = g[:, None] * (onehot - p) * deriv
-    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
-    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                      stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
-                      UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    hit = offs_v[None, :] == y[:, None]
+    valid = mask_n[:, None] & mask_v[None, :]
+    dz = g[:, None] * (tl.where(hit, 1.0, 0.0) - p) * deriv
+    dz = tl.where(valid, dz, 0.0)
+    # gradient filtering: a tile of negligible probabilities without a label adds nothing visible
+    keep = True
+    if FILTER:
+        keep = (tl.max(tl.where(valid, p, 0.0)) >= filter_eps) | (tl.sum(tl.where(hit & valid, 1, 0)) > 0)
+    if keep:
+        _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                          stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
+                          UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
 
 
 def _kernel_flags(hidden: torch.Tensor) -> dict:
@@ -261,6 +273,11 @@ def _transform_args(transform: LogitTransform) -> dict:
         inv_temp=float(transform.inv_temperature),
         HAS_SOFTCAP=transform.softcap is not None,
     )
+
+
+def _filter_args() -> dict:
+    eps = get_kernel_options().grad_filter_eps
+    return dict(filter_eps=float(eps or 0.0), FILTER=eps is not None)
 
 
 def _choose_splits(n_token_blocks: int, vocab_tiles: int, device: torch.device) -> int:
@@ -350,6 +367,9 @@ def backward(
     config: Optional[TileConfig] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of ``sum_n grad_logp[n] * logp[n]``, accumulated in float32 buffers."""
+    if torch.are_deterministic_algorithms_enabled():
+        return torch_backend.backward(grad_logp, hidden, weight, bias, labels, lse, transform,
+                                      need_hidden, need_weight, need_bias)
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
@@ -364,7 +384,7 @@ def backward(
             n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             HAS_BIAS=bias is not None, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-            **_transform_args(transform), **_kernel_flags(hidden),
+            **_transform_args(transform), **_kernel_flags(hidden), **_filter_args(),
         )
     return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
 
@@ -437,8 +457,8 @@ def _token_kl_backward_kernel(
     h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_p_ptr, lse_r_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
     N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
     stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    logit_scale, softcap, inv_temp, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -462,11 +482,17 @@ def _token_kl_backward_kernel(
                     stride_hrn, stride_hrh, stride_wrv, stride_wrh,
                     HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
         logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-    dz = g[:, None] * (tl.exp(zp - lse_p[:, None]) - tl.exp(zr - lse_r[:, None])) * deriv
-    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
-    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                      stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
-                      UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    p = tl.exp(zp - lse_p[:, None])
+    q = tl.exp(zr - lse_r[:, None])
+    valid = mask_n[:, None] & mask_v[None, :]
+    dz = tl.where(valid, g[:, None] * (p - q) * deriv, 0.0)
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.where(valid, tl.maximum(p, q), 0.0)) >= filter_eps
+    if keep:
+        _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                          stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
+                          UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
 
 
 def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform,
@@ -503,6 +529,9 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
                       transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool,
                       config: Optional[TileConfig] = None):
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return torch_backend.token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                               lse_p, lse_r, transform, need_hidden, need_weight, need_bias)
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
@@ -521,6 +550,6 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
             HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
             NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-            **_transform_args(transform), **_kernel_flags(hidden),
+            **_transform_args(transform), **_kernel_flags(hidden), **_filter_args(),
         )
     return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
