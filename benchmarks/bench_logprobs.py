@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of per-token log-probs of ``hidden @ weight.T``.
 
-Compares every ``expo_kernels.linear_logprobs`` backend available for the device with
+Compares every ``expo_kernels.linear_logprobs`` backend available for the device (``expo-native``:
+the C++ CPU backend of ``csrc/``, ``expo-torch``, ``expo-triton`` on CUDA) with
 
 * ``naive`` — what Hugging Face models do: ``logits = F.linear(hidden, weight).float()``
   (``[tokens, vocab]`` in fp32), ``log_softmax``, ``gather``;
@@ -46,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 IGNORE_INDEX = -100
-ALL_IMPLS = ("expo-triton", "expo-torch", "naive", "trl", "cce")
+ALL_IMPLS = ("expo-triton", "expo-native", "expo-torch", "naive", "trl", "cce")
 PRESETS = {
     # name: (tokens, hidden, vocab, dtype) — each a list; shapes are their product
     "quick": ([512], [256], [8192], "fp32"),

@@ -16,7 +16,7 @@ from . import _validation as V
 from .ops import LogitTransform, TokenOutputs
 from .ops import torch_backend
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 BACKEND_ENV = "EXPO_KERNELS_BACKEND"
 
 
@@ -32,10 +32,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _native_available(device: torch.device) -> bool:
+    """The C++ CPU backend (csrc/): CPU tensors, built/loaded on first use, off with EXPO_KERNELS_NATIVE=0.
+
+    A failed build warns once and leaves CPU tensors on the torch backend."""
+    if device.type != "cpu":
+        return False
+    from . import _native_build
+
+    return _native_build.ensure_loaded()
+
+
 def available_backends(device="cpu") -> list:
     """Backends that can run on ``device``, fastest first."""
     device = torch.device(device)
     names = []
+    if _native_available(device):
+        names.append("native")
     if _triton_importable() and (device.type == "cuda" or _interpreting()):
         names.append("triton")
     names.append("torch")
@@ -47,10 +60,17 @@ def resolve_backend(requested: Optional[str], device: torch.device) -> str:
     name = requested if requested is not None else os.environ.get(BACKEND_ENV) or None
     source = "backend" if requested is not None else BACKEND_ENV
     if name is None:
-        return "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        if device.type == "cuda" and _triton_importable():
+            return "triton"
+        return "native" if _native_available(device) else "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name not in available_backends(device):
+        if name == "native":
+            from . import _native_build
+
+            why = _native_build.status()["reason"] if device.type == "cpu" else "it runs on CPU tensors only"
+            raise ValueError(f"{source}='native' cannot run on {device.type} tensors: {why}")
         raise ValueError(
             f"{source}={name!r} cannot run on {device.type} tensors: the triton backend needs CUDA tensors "
             "(or TRITON_INTERPRET=1 set before importing expo_kernels, for CPU testing) and triton installed"
@@ -63,6 +83,10 @@ def _backend_module(name: str):
         from .ops import triton_backend
 
         return triton_backend
+    if name == "native":
+        from .ops import native_backend
+
+        return native_backend
     return torch_backend
 
 
@@ -247,6 +271,12 @@ class TokenStats(NamedTuple):
     log_sum_p2: Tensor  # log sum_v p_v^2 (WPO weighting)
 
 
+def _group_size(process_group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(process_group)
+
+
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -259,6 +289,7 @@ def linear_logprobs(
     softcap: Optional[float] = None,
     return_stats: bool = False,
     backend: Optional[str] = None,
+    process_group=None,
 ):
     """Per-token ``log softmax(z)[label]`` of ``z = softcap(hidden @ weight.T + bias) ...`` without
     ever materializing ``[tokens, vocab]`` logits.
@@ -271,13 +302,27 @@ def linear_logprobs(
         temperature, logit_scale, softcap: the logit transform
             ``z = softcap * tanh(raw * logit_scale / softcap) / temperature`` (see ``LogitTransform``).
         return_stats: also return ``TokenStats`` (no gradient).
-        backend: ``"triton"`` or ``"torch"``; default from ``$EXPO_KERNELS_BACKEND`` or the device.
+        backend: ``"triton"``, ``"native"`` or ``"torch"``; default from ``$EXPO_KERNELS_BACKEND`` or the
+            device (Triton for CUDA tensors, the native C++ backend for CPU tensors when it builds).
+        process_group: a ``torch.distributed`` group over which the head is sharded along the
+            vocabulary: ``weight``/``bias`` are then this rank's ``torch.chunk(W, world_size)[rank]``
+            rows, ``hidden``/``labels`` replicated, labels global ids (see
+            :func:`expo_kernels.distributed.vocab_parallel_linear_logprobs`). Ignored when the group
+            has one rank.
 
     Returns:
         ``logp`` shaped like ``labels``, float32 (float64 for float64 inputs), exactly 0 at ignored
         positions, differentiable
         w.r.t. ``hidden``, ``weight`` and ``bias``; with ``return_stats``, ``(logp, TokenStats)``.
     """
+    if process_group is not None and _group_size(process_group) > 1:
+        from .distributed import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(
+            hidden, weight, labels, bias, process_group=process_group, ignore_index=ignore_index,
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap, return_stats=return_stats,
+            backend=backend,
+        )
     V.check_linear_head(hidden, weight, labels, bias)
     _check_scalars(temperature, logit_scale, softcap, ignore_index)
     out = _linear_logprobs_op(
@@ -414,6 +459,7 @@ def linear_token_kl(
     logit_scale: Optional[float] = None,
     softcap: Optional[float] = None,
     backend: Optional[str] = None,
+    process_group=None,
 ) -> Tensor:
     """Per-token ``KL(pi_ref || pi_theta)`` over the full vocabulary, without ``[tokens, vocab]`` logits.
 
@@ -426,10 +472,20 @@ def linear_token_kl(
             (``[..., Hr]``, ``[V, Hr]``, ``[V]``); no gradient flows to them.
         labels: ``[...]``; only marks which tokens count (``ignore_index`` -> KL 0, no gradient).
         temperature, logit_scale, softcap: the logit transform, applied to both heads.
+        process_group: vocab-parallel group: both heads are this rank's vocab shards (see
+            :func:`expo_kernels.distributed.vocab_parallel_linear_token_kl`); ignored with one rank.
 
     Returns:
         ``[...]`` shaped like ``labels``, float32 (float64 for float64 inputs).
     """
+    if process_group is not None and _group_size(process_group) > 1:
+        from .distributed import vocab_parallel_linear_token_kl
+
+        return vocab_parallel_linear_token_kl(
+            hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, process_group=process_group,
+            ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            backend=backend,
+        )
     V.check_linear_head(hidden, weight, labels, bias)
     V.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
     if ref_weight.shape[0] != weight.shape[0]:

@@ -88,7 +88,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         loss_weights: one weight per loss when ``loss`` is a list.
         compute_metrics: compute the metrics dict (costs the statistics of the policy pass); when
             False, ``metrics`` is empty.
-        backend: kernel backend (``"triton"``, ``"torch"``); default from the device.
+        backend: kernel backend (``"triton"``, ``"native"``, ``"torch"``); default from the device.
         **hparams: the loss's hyperparameters (``beta``, ``label_smoothing``, ``lam``, ``kl_estimator``,
             ``gamma``, ...), validated here so a bad value fails at construction.
     """

@@ -80,12 +80,13 @@ def test_matches_reference_fp32(backend, shape, transform):
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_reference_fp64(backend, bias):
     # Triton passes Python floats (temperature, scale, softcap) to kernels as float32 scalars,
-    # which bounds its float64 path at ~1e-8 relative; the torch backend is float64 throughout.
-    tol = 1e-10 if backend == "torch" else 1e-7
+    # which bounds its float64 path at ~1e-8 relative; the torch and native backends are float64 throughout.
+    tol = 1e-10 if backend in ("torch", "native") else 1e-7
     check_against_reference(backend, 37, 24, 100, torch.float64, TRANSFORMS["all"], bias=bias, tol=tol)
 
 
-LOW_PRECISION_BACKENDS = [b for b in BACKENDS if b == "torch" or ON_GPU]
+# The torch and native backends upcast bf16/fp16 tiles to float32 on any device.
+LOW_PRECISION_BACKENDS = [b for b in BACKENDS if b in ("torch", "native") or ON_GPU]
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
@@ -218,6 +219,21 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def shrink_native_tiles(monkeypatch, token_block, vocab_tile):
+    """The native backend's tiles, like the torch backend's, shrunk below [N, V] of the test shapes.
+
+    The native kernels allocate through ATen (at::empty, at::mm_out, ...), and their ops are
+    registered as composite kernels, so a TorchDispatchMode sees those allocations too. It cannot see
+    memory C++ obtains otherwise (none in csrc/expo_native.cpp; MKL's GEMM workspaces are
+    O(block size)); tests/test_native_backend.py also bounds the peak RSS of a large native call.
+    """
+    if "native" in BACKENDS:
+        from expo_kernels.ops import native_backend
+
+        monkeypatch.setattr(native_backend, "TOKEN_BLOCK", token_block)
+        monkeypatch.setattr(native_backend, "VOCAB_TILE", vocab_tile)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     # Shapes where [N, V] dwarfs both [N, H] and [V, H]; the torch backend's tile is shrunk so
@@ -225,6 +241,7 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     n, h, v = 96, 8, 640
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    shrink_native_tiles(monkeypatch, 32, 64)
     hidden, weight, labels, b = make_inputs(n, h, v, torch.float32, bias=True, ignore_frac=0.0)
     module = _backend_module(backend)
     transform = LogitTransform(2.0, 4.0, 0.9)
@@ -260,7 +277,9 @@ def test_torch_compile(backend):
 
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("EXPO_KERNELS_BACKEND", raising=False)
-    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    # CPU default: the native C++ backend when it is built, else the chunked torch backend.
+    assert resolve_backend(None, torch.device("cpu")) == ("native" if "native" in
+                                                          ek.available_backends("cpu") else "torch")
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "torch")
     assert resolve_backend(None, DEVICE) == "torch"
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "cuda-magic")

@@ -7,7 +7,7 @@ from expo_kernels.ops import LogitTransform
 
 from conftest import DEVICE
 from reference import logits64
-from test_linear_logprobs import TRANSFORMS, LargestTensor, _backend_module, rel_err
+from test_linear_logprobs import TRANSFORMS, LargestTensor, _backend_module, rel_err, shrink_native_tiles
 
 BACKENDS = ek.available_backends(DEVICE)
 
@@ -77,6 +77,7 @@ def test_token_kl_never_allocates_tokens_by_vocab(backend, monkeypatch):
     n, h, v = 96, 8, 640
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    shrink_native_tiles(monkeypatch, 32, 64)
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, _ = make(n, h, h, v, torch.float32)
     args = (hidden.detach(), weight.detach(), b.detach(), ref_hidden, ref_weight, ref_bias)
     module = _backend_module(backend)

@@ -29,7 +29,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..autograd import linear_logprobs
+from ..autograd import TokenStats, linear_logprobs
+from ..distributed import _is_fsdp2, fsdp_lm_head_call
 from ..losses import LOSSES
 from ..modules import FusedLinearPreferenceLoss
 from .hf import backbone, check_no_router_aux_loss, lm_head_parameters, logit_transform
@@ -56,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover
     PeftModel = ()
 
-__all__ = ["add_fused_lm_head", "FusedDPOTrainer", "FusedKTOTrainer", "FusedCPOTrainer", "FusedORPOTrainer",
+__all__ = ["add_fused_lm_head", "call_with_lm_head", "FusedDPOTrainer", "FusedKTOTrainer", "FusedCPOTrainer", "FusedORPOTrainer",
            "enable_fused_lm_head", "TRL_DPO_LOSS_TYPES"]
 
 #: the ``loss_type`` values TRL 1.16's DPOTrainer implements itself
@@ -73,6 +74,21 @@ def _gathered(t: Optional[Tensor]) -> Optional[Tensor]:
     if t is not None and type(t).__name__ == "DTensor":
         return t.full_tensor()
     return t
+
+
+def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(weight, bias, *args, **kwargs)`` with the head's whole weight and bias.
+
+    An FSDP2 head (``fully_shard(lm_head)``) runs ``fn`` as its own forward
+    (:func:`expo_kernels.distributed.fsdp_lm_head_call`), so FSDP gathers the weight for the call
+    and reduce-scatters its gradient; reading ``lm_head.weight`` directly would bypass those hooks.
+    Otherwise the parameters are used as they are (inside an enclosing FSDP2 forward they are
+    already gathered), a sharded DTensor outside any forward as its full tensor (as TRL does).
+    """
+    if _is_fsdp2(head):
+        return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k),
+                                 *args, **kwargs)
+    return fn(_gathered(head.weight), _gathered(getattr(head, "bias", None)), *args, **kwargs)
 
 
 def _head_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -132,20 +148,25 @@ def add_fused_lm_head(
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        weight, bias = lm_head_parameters(self)
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        head = self.get_output_embeddings()
+        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
         if fused_lm_head == "hidden":
             return types.SimpleNamespace(hidden_states=hidden, labels=labels, last_hidden_state=full)
-        if cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), _gathered(weight).float()
-            bias = None if bias is None else _gathered(bias).float()
-        else:
-            hidden, weight, bias = _head_operands(hidden, weight, bias)
+
+        def project(weight, bias, hidden, labels):
+            if cast_lm_head_to_fp32:
+                hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
+            else:
+                hidden, weight, bias = _head_operands(hidden, weight, bias)
+            res = linear_logprobs(hidden, weight, labels, bias, return_stats=with_stats, backend=backend, **transform)
+            return tuple(res[:1]) + tuple(res[1]) if with_stats else (res,)  # flat: FSDP hooks every tensor
+
+        res = call_with_lm_head(head, project, hidden, labels)
+        logp = res[0]
         mask = labels != -100
-        res = linear_logprobs(hidden, weight, labels, bias, return_stats=with_stats, backend=backend, **transform)
-        logp, stats = res if with_stats else (res, None)
         fields = dict.fromkeys(_STATS_OUTPUTS)
-        if stats is not None:
+        if with_stats:
+            stats = TokenStats(*res[1:])
             avail = {"entropy": stats.entropy, "log_sum_sq_probs": stats.log_sum_p2, "mean_logits": stats.mean_logit,
                      "is_top1": stats.is_top1}
             fields.update({k: avail[k] for k in _STATS_OUTPUTS if k in outputs})
@@ -249,7 +270,7 @@ class _FusedDPOMixin:
                 return out.hidden_states, None, None
             out = self.ref_model(**ref_model_kwargs, labels=labels, fused_lm_head="hidden")
             w, b = lm_head_parameters(self.accelerator.unwrap_model(self.ref_model))
-            return out.hidden_states, w, b
+            return out.hidden_states, _gathered(w), _gathered(b)  # no gradient: a full copy is enough
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self._expo_loss is None:
@@ -263,19 +284,23 @@ class _FusedDPOMixin:
         seq_len = completion_mask.size(1) - 1
         out = model(**model_kwargs, labels=labels, fused_lm_head="hidden")
         hidden, shifted = out.hidden_states[:, -seq_len:], out.labels[:, -seq_len:]
-        hidden, weight, bias = _head_operands(hidden, *lm_head_parameters(_unwrap(self, self.model)))
         ref = {}
         if self.precompute_ref_logps:
             ref = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         elif self._expo_loss.needs_ref_logps or self._expo_loss.token_kl or not self._expo_loss.reference_free:
             ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs, labels)
             ref_hidden = ref_hidden[:, -seq_len:]
-            if ref_w is None:
-                ref_hidden = ref_hidden.to(weight.dtype)
-            else:
+            if ref_w is not None:
                 ref_hidden, ref_w, ref_b = _head_operands(ref_hidden, ref_w, ref_b)
             ref = dict(ref_hidden=ref_hidden, ref_weight=ref_w, ref_bias=ref_b)
-        result = self._expo_loss(weight, hidden, shifted, bias=bias, **ref)
+
+        def loss(weight, bias, hidden, labels, **ref):
+            hidden, weight, bias = _head_operands(hidden, weight, bias)
+            if ref.get("ref_hidden") is not None and ref.get("ref_weight") is None:  # shared head
+                ref["ref_hidden"] = ref["ref_hidden"].to(weight.dtype)
+            return self._expo_loss(weight, hidden, labels, bias=bias, **ref)
+
+        result = call_with_lm_head(_unwrap(self, self.model).get_output_embeddings(), loss, hidden, shifted, **ref)
         self._log_expo_metrics(mode, inputs, result.metrics)
         if return_outputs:
             with torch.no_grad():
@@ -399,8 +424,13 @@ class _FusedConcatenatedForward:
         out = model(ids, attention_mask=attn, use_cache=False, labels=labels, fused_lm_head="hidden")
         policy = _unwrap(self, self.model)
         transform = policy._expo_kernels_fused_head["transform"]
-        hidden, weight, bias = _head_operands(out.hidden_states, *lm_head_parameters(policy))
-        logp = linear_logprobs(hidden, weight, out.labels, bias, backend=self._expo_backend, **transform)
+
+        def project(weight, bias, hidden, labels):
+            hidden, weight, bias = _head_operands(hidden, weight, bias)
+            return linear_logprobs(hidden, weight, labels, bias, backend=self._expo_backend, **transform)
+
+        head = policy.get_output_embeddings()
+        logp = call_with_lm_head(head, project, out.hidden_states, out.labels)
         comp_mask = completion[:, 1:].to(logp.device) != -100
         seq = torch.where(comp_mask, logp, torch.zeros_like(logp)).sum(-1)
         if self._average_logps():
@@ -410,12 +440,13 @@ class _FusedConcatenatedForward:
         else:  # nn.CrossEntropyLoss: mean over the scored tokens of the chosen rows
             scored = out.labels[:len_chosen] != -100
             nll = -logp[:len_chosen].sum() / scored.sum()
-        if self._nll_over_prompt:  # TRL: all_logits[:, :-1]
-            pos = hidden
-        else:  # TRL: all_logits, every position
-            pos, _, _ = _head_operands(out.last_hidden_state, weight, None)
-        mean_c = _mean_logit(pos[:len_chosen], weight, bias, transform)
-        mean_r = _mean_logit(pos[len_chosen:], weight, bias, transform)
+        # TRL logs the mean of all_logits[:, :-1] (ORPO) or of all_logits (CPO): no gradient, the
+        # head's full tensors are enough
+        pos = out.hidden_states if self._nll_over_prompt else out.last_hidden_state
+        with torch.no_grad():
+            pos, weight, bias = _head_operands(pos.detach(), *lm_head_parameters(policy))
+            mean_c = _mean_logit(pos[:len_chosen], weight, bias, transform)
+            mean_r = _mean_logit(pos[len_chosen:], weight, bias, transform)
         return seq[:len_chosen], seq[len_chosen:], mean_c, mean_r, nll
 
 

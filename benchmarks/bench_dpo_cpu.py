@@ -1,0 +1,337 @@
+"""A whole DPO loss step on the CPU: time and peak RSS of every implementation, each in a fresh process.
+
+One step = policy pass through the LM head with gradient + reference pass forward-only (no graph),
+per-sequence sums of the completion log-probs, the sigmoid DPO loss
+``-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` averaged over pairs, and ``backward()``
+(gradients reach the policy hidden states and the LM-head weight). The reference shares the policy
+head (``ref_weight = weight.detach()``: a LoRA-style frozen head, or step 0 of full fine-tuning) and
+has its own hidden states. Rows: B chosen then B rejected sequences of T tokens (TRL's layout); the
+first third of every row is prompt (label -100).
+
+Implementations (``--impls``):
+
+* ``expo-native``, ``expo-torch`` — ``expo_kernels.linear_logprobs(..., backend=...)`` for both
+  passes (what ``expo_kernels.FusedLinearDPOLoss`` runs), one row per backend
+  ``available_backends("cpu")`` lists;
+* ``naive`` — full ``[tokens, vocab]`` fp32 logits, ``log_softmax``, ``gather`` (older TRL);
+* ``trl`` — TRL's ``ChunkedLogProbFunction`` on the valid tokens (as ``bench_logprobs``);
+* ``liger`` — Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``compiled=True``, its default; chunks of
+  one pair);
+* ``cce`` — Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none", impl="torch_compile")``,
+  ``logp = -nll``.
+
+The per-token implementations and the input generator are those of ``benchmarks.bench_logprobs``
+(imported, not copied). Time: the first call (compilation included), ``--warmup`` untimed calls,
+then the median of ``--repeats``. Peak RSS: ``ru_maxrss`` of the worker over all its calls, its
+high-water mark reset after imports and inputs (``/proc/self/clear_refs``), so it counts inputs +
+gradients + working memory (+ the interpreter and libraries).
+
+    python -m benchmarks.bench_dpo_cpu --quick               # small shape, ~1 min
+    python -m benchmarks.bench_dpo_cpu                       # N=4096 H=1024, V=32000 and 128256 (long)
+    python -m benchmarks.bench_dpo_cpu --vocab 32000 --impls expo naive liger
+
+Writes ``benchmarks/results/bench_dpo_cpu.json`` (``--json`` to change): device, versions, command,
+every time and memory number, the loss and gradient checks against the ``naive`` row (or the first
+row that ran).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/bench_dpo_cpu.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import bench_logprobs as bl  # noqa: E402  (light: imports no torch at module level)
+
+RESULTS_DIR = bl.RESULTS_DIR
+IGNORE_INDEX = bl.IGNORE_INDEX
+ALL_IMPLS = ("expo-native", "expo-torch", "naive", "trl", "liger", "cce")
+PROMPT_FRAC = 1.0 / 3.0
+BETA = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker
+# ----------------------------------------------------------------------------------------------
+
+
+def make_dpo_inputs(n_pairs, seq_len, hidden_size, vocab, seed=0, logit_std=2.0):
+    """``hidden [2B, T, H]`` (requires grad), ``ref_hidden [2B, T, H]``, ``weight [V, H]`` (requires
+    grad), ``labels [2B, T]`` with the first third of each row -100 (prompt)."""
+    import torch
+
+    rows = 2 * n_pairs
+    hidden, weight, labels, _ = bl.make_inputs(rows * seq_len, hidden_size, vocab, "fp32", "cpu", ignore_frac=0.0,
+                                               seed=seed, logit_std=logit_std)
+    gen = torch.Generator().manual_seed(seed + 777)
+    ref_hidden = (hidden.detach() + 0.3 * torch.randn(hidden.shape, generator=gen)).view(rows, seq_len, hidden_size)
+    hidden = hidden.detach().view(rows, seq_len, hidden_size).requires_grad_(True)
+    labels = labels.view(rows, seq_len).clone()
+    labels[:, : int(round(PROMPT_FRAC * seq_len))] = IGNORE_INDEX
+    return hidden, ref_hidden, weight, labels
+
+
+def dpo_loss_from_seq_logps(pol, ref, beta=BETA):
+    import torch.nn.functional as F
+
+    b = pol.shape[0] // 2
+    margin = (pol[:b] - ref[:b]) - (pol[b:] - ref[b:])
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def build_dpo_step(name: str):
+    """``step(hidden, ref_hidden, weight, labels) -> loss`` (runs backward itself)."""
+    import torch
+
+    if name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        loss_fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, use_ref_model=True)
+
+        def step(hidden, ref_hidden, weight, labels):
+            out = loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=weight.detach())
+            loss = out[0] if isinstance(out, (tuple, list)) else out
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    per_token = bl.build_impl(name, "cpu")  # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
+
+    def step(hidden, ref_hidden, weight, labels):
+        rows, seq, width = hidden.shape
+        logp = per_token(hidden.reshape(-1, width), weight, labels.reshape(-1)).view(rows, seq)
+        with torch.no_grad():
+            ref_logp = per_token(ref_hidden.reshape(-1, width), weight.detach(), labels.reshape(-1)).view(rows, seq)
+        loss = dpo_loss_from_seq_logps(logp.sum(-1), ref_logp.sum(-1))
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def run_worker(spec: dict) -> dict:
+    result = {"impl": spec["impl"], "status": "error"}
+    try:
+        import torch
+
+        hidden, ref_hidden, weight, labels = make_dpo_inputs(spec["pairs"], spec["seq_len"], spec["hidden"],
+                                                             spec["vocab"], spec["seed"], spec["logit_std"])
+        result["n_valid"] = int((labels != IGNORE_INDEX).sum())
+        step_fn = build_dpo_step(spec["impl"])  # all imports happen here
+
+        def step():
+            hidden.grad = None
+            weight.grad = None
+            return step_fn(hidden, ref_hidden, weight, labels)
+
+        gc.collect()
+        result["baseline_rss_bytes"] = bl._current_rss_bytes()
+        result["peak_reset"] = bl._reset_peak_rss()
+        t0 = time.perf_counter()
+        step()
+        result["first_s"] = time.perf_counter() - t0
+        for _ in range(spec["warmup"]):
+            step()
+        times = []
+        for _ in range(spec["repeats"]):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+        result["peak_rss_bytes"] = bl._maxrss_bytes()
+        result["times_s"] = times
+        result["median_s"] = statistics.median(times) if times else result["first_s"]
+        r = bl.grad_probe(spec["hidden"], "cpu")
+        result["loss"] = float(loss)
+        result["dw_r"] = (weight.grad.float() @ r).tolist()
+        result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
+        result["threads"] = torch.get_num_threads()
+        result["status"] = "ok"
+    except BaseException as exc:  # noqa: BLE001 — any failure becomes an error row
+        result["error"] = f"{type(exc).__name__}: {exc}".strip()
+        result["traceback"] = traceback.format_exc()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent (no torch import)
+# ----------------------------------------------------------------------------------------------
+
+
+def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
+    fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
+    os.close(fd)
+    cmd = [sys.executable, "-m", "benchmarks.bench_dpo_cpu", "--_worker", json.dumps(spec), "--_out", out_path]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(bl.REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    try:
+        proc = subprocess.run(cmd, cwd=str(bl.REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s"}
+    try:
+        with open(out_path) as f:
+            return json.load(f)
+    except Exception:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+
+
+def _rel(a, b) -> float:
+    num = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+    return num / max(max((abs(y) for y in b), default=0.0), 1e-30)
+
+
+def _add_checks(rows: list) -> None:
+    """Loss and gradient projections of each row against the naive row (else the first ok row)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    ref = next((r for r in ok if r["impl"] == "naive"), ok[0] if ok else None)
+    for r in ok:
+        r["checked_against"] = ref["impl"]
+        r["abs_dloss"] = abs(r["loss"] - ref["loss"])
+        r["grad_rel_err"] = max(_rel(r["dw_r"], ref["dw_r"]), _rel(r["dh_r"], ref["dh_r"]))
+
+
+def format_table(rows: list) -> str:
+    head = ["impl", "B×T×H×V", "fwd+bwd s", "first s", "peak RSS GiB", "base RSS GiB", "|Δloss|", "grad rel err"]
+    lines = [head]
+    for r in rows:
+        shape = f"{r['pairs']}×2×{r['seq_len']}×{r['hidden']}×{r['vocab']}"
+        if r["status"] != "ok":
+            lines.append([r["impl"], shape, "ERROR: " + (r.get("error") or "?").splitlines()[0][:100]])
+            continue
+        lines.append([r["impl"], shape, bl._fmt_s(r["median_s"]), bl._fmt_s(r["first_s"]),
+                      bl._gb(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
+                      bl._gb(r.get("baseline_rss_bytes")), f"{r['abs_dloss']:.1e}", f"{r['grad_rel_err']:.1e}"])
+    widths = [max(len(ln[i]) for ln in lines if i < len(ln) and (len(ln) == len(head) or i < 2))
+              for i in range(len(head))]
+    out = []
+    for k, ln in enumerate(lines):
+        if len(ln) == len(head):
+            out.append(" | ".join(c.ljust(w) for c, w in zip(ln, widths)))
+        else:
+            out.append(" | ".join(c.ljust(w) for c, w in zip(ln[:2], widths[:2])) + " | " + ln[2])
+        if k == 0:
+            out.append("-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dpo_cpu", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shape: 2 pairs x 256 tokens, H=256, V=8192")
+    p.add_argument("--tokens", "-N", type=int, help="tokens per step incl. prompt (default 4096; quick 1024)")
+    p.add_argument("--pairs", "-B", type=int, help="preference pairs per step (2B rows; default 4; quick 2)")
+    p.add_argument("--hidden", "-H", type=int, help="hidden size (default 1024; quick 256)")
+    p.add_argument("--vocab", "-V", type=int, nargs="+", help="vocab sizes (default 32000 128256; quick 8192)")
+    p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(ALL_IMPLS)} ('expo' = every expo backend)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after warm-up; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the (separately timed) first one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logit-std", type=float, default=2.0)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
+    p.add_argument("--json", help="output path (default benchmarks/results/bench_dpo_cpu.json)")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._worker:
+        result = run_worker(json.loads(args._worker))
+        with open(args._out, "w") as f:
+            json.dump(result, f)
+        return 0
+    tokens = args.tokens or (1024 if args.quick else 4096)
+    pairs = args.pairs or (2 if args.quick else 4)
+    hidden = args.hidden or (256 if args.quick else 1024)
+    vocabs = args.vocab or ([8192] if args.quick else [32000, 128256])
+    if tokens % (2 * pairs):
+        raise SystemExit(f"--tokens {tokens} must be a multiple of 2 * pairs = {2 * pairs}")
+    seq_len = tokens // (2 * pairs)
+
+    info = bl.probe("cpu")
+    backends = info.get("expo_backends") or ["torch"]
+    expo = [f"expo-{b}" for b in backends if b in ("native", "torch")]
+    impls = []
+    for name in args.impls or (expo + ["naive", "trl", "liger", "cce"]):
+        if name == "expo":
+            impls += expo
+        elif name in ALL_IMPLS:
+            impls.append(name)
+        else:
+            raise SystemExit(f"unknown implementation {name!r}; choose from {ALL_IMPLS} or 'expo'")
+    impls = list(dict.fromkeys(impls))
+    print(f"device: cpu ({info['device_name']}), torch {info['versions']['torch']}, {info['torch_threads']} threads; "
+          f"expo backends: {backends}", flush=True)
+    print(f"impls: {', '.join(impls)}; {pairs} pairs x 2 rows x {seq_len} tokens (N={tokens}, a third prompt), "
+          f"H={hidden}, V={vocabs}, fp32, warmup={args.warmup}, repeats={args.repeats}", flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
+        for V in vocabs:
+            shape_rows = []
+            for impl in impls:
+                spec = dict(impl=impl, pairs=pairs, seq_len=seq_len, hidden=hidden, vocab=V, seed=args.seed,
+                            logit_std=args.logit_std, warmup=args.warmup, repeats=args.repeats)
+                t0 = time.perf_counter()
+                res = _spawn(spec, args.timeout, tmp)
+                row = dict(spec)
+                row.update(res)
+                row["impl"] = impl
+                shape_rows.append(row)
+                status = "ok" if row["status"] == "ok" else "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
+                extra = (f" median {row['median_s']:.3f} s, peak RSS {bl._gb(row['peak_rss_bytes'])} GiB"
+                         if row["status"] == "ok" else "")
+                print(f"[V={V}] {impl}: {status}{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            _add_checks(shape_rows)
+            rows += shape_rows
+
+    print()
+    print(format_table(rows))
+    print("\npeak RSS = ru_maxrss over all steps (reset after imports + inputs; * = reset impossible); base RSS = "
+          "resident after imports + inputs; |Δloss| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| over max |ref|) "
+          "against the naive row")
+    for r in rows:  # the projections are long; keep them out of the JSON summary
+        r.pop("dw_r", None)
+        r.pop("dh_r", None)
+    out_path = Path(args.json) if args.json else RESULTS_DIR / "bench_dpo_cpu.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "bench_dpo_cpu",
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.bench_dpo_cpu"]
+                            + list(sys.argv[1:] if argv is None else argv)),
+        "git_commit": bl._git_commit(),
+        "host": platform.node(),
+        "device": {k: info.get(k) for k in ("device", "device_name", "cpu_count", "torch_threads")},
+        "versions": info["versions"],
+        "settings": {"tokens": tokens, "pairs": pairs, "seq_len": seq_len, "hidden": hidden, "vocab": vocabs,
+                     "dtype": "fp32", "prompt_frac": PROMPT_FRAC, "beta": BETA, "warmup": args.warmup,
+                     "repeats": args.repeats, "seed": args.seed, "impls": impls,
+                     "reference": "forward-only, own hidden states, shares the policy head (detached)"},
+        "results": rows,
+    }
+    with open(out_path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Builds and loads the native CPU backend (``csrc/expo_native.cpp``) as a torch C++ extension.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a
+per-machine cache directory and loaded from there afterwards:
+
+* ``$EXPO_KERNELS_BUILD_DIR`` if set, else ``~/.cache/expo_kernels/native`` (``$XDG_CACHE_HOME`` is
+  honoured), one subdirectory per (torch version, Python version, instruction-set flags, source
+  hash), so a changed source, torch or CPU never reuses a stale binary;
+* flags ``-O3 -fopenmp -fno-trapping-math -fno-math-errno``, plus ``-mavx2 -mfma`` when this CPU has AVX2 and FMA;
+* ``EXPO_KERNELS_NATIVE=0`` disables the backend (no build is attempted, no warning);
+* if the build or the load fails (no compiler, no ninja, ...), the backend is reported missing
+  with the error text (``python -m expo_kernels.info`` prints it), CPU tensors fall back to the
+  torch backend and one ``RuntimeWarning`` is emitted.
+
+The build happens at most once per process; concurrent processes are serialized by the lock
+file ``torch.utils.cpp_extension`` keeps in the build directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+NATIVE_ENV = "EXPO_KERNELS_NATIVE"
+BUILD_DIR_ENV = "EXPO_KERNELS_BUILD_DIR"
+SOURCE_NAME = "expo_native.cpp"
+
+_lock = threading.Lock()
+_state = {"tried": False, "ok": False, "error": None, "warned": False, "build_s": None, "build_dir": None}
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def source_path() -> Optional[Path]:
+    """``csrc/expo_native.cpp``: next to the package (editable install / checkout) or shipped inside it."""
+    pkg = Path(__file__).resolve().parent
+    for cand in (pkg / "_csrc" / SOURCE_NAME, pkg.parent / "csrc" / SOURCE_NAME):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags() -> list:
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        if {"avx2", "fma"} <= flags:
+            return ["-mavx2", "-mfma"]
+    return []
+
+
+def build_dir_for(src: Path, cflags: list) -> Path:
+    import torch
+
+    root = os.environ.get(BUILD_DIR_ENV)
+    if not root:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "expo_kernels", "native")
+    digest = hashlib.sha256(src.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
+    return Path(root) / tag.replace("+", "_")
+
+
+def _load():
+    import time
+
+    import torch
+    from torch.utils import cpp_extension
+
+    src = source_path()
+    if src is None:
+        raise RuntimeError(f"source {SOURCE_NAME} not found (it ships with the repository's csrc/ folder)")
+    # -fno-trapping-math lets GCC if-convert (and so vectorize) the exp and max loops; torch itself
+    # is built with it and -fno-math-errno. The code is C++17; the standard is left to torch.
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + isa_flags()
+    build_dir = build_dir_for(src, cflags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _state["build_dir"] = str(build_dir)
+    t0 = time.perf_counter()
+    built = build_dir / "expo_native.so"
+    if built.is_file():
+        # The directory is keyed by source, flags and torch version: a library there is current.
+        # Loading it directly skips the ninja up-to-date check (about a second per process).
+        try:
+            torch.ops.load_library(str(built))
+        except Exception:  # noqa: BLE001 - a broken leftover: rebuild below
+            pass
+        else:
+            _state["build_s"] = 0.0
+            if hasattr(torch.ops.expo_native, "logprobs_forward"):
+                return
+    cpp_extension.load(
+        name="expo_native",
+        sources=[str(src)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    _state["build_s"] = time.perf_counter() - t0
+    if not hasattr(torch.ops.expo_native, "logprobs_forward"):
+        raise RuntimeError("the extension loaded but registered no expo_native ops")
+
+
+def ensure_loaded(warn: bool = True) -> bool:
+    """Builds/loads the extension once; True when ``torch.ops.expo_native`` is usable."""
+    if disabled_by_env():
+        return False
+    # Fast path without the lock (also keeps torch.compile able to trace through backend choice).
+    if _state["ok"]:
+        return True
+    if _state["tried"] and (_state["warned"] or not warn):
+        return False
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _load()
+                _state["ok"] = True
+            except Exception as exc:  # noqa: BLE001 - any build/load failure means "not available"
+                text = f"{type(exc).__name__}: {exc}".strip()
+                _state["error"] = text[-4000:]
+        if not _state["ok"] and warn and not _state["warned"]:
+            _state["warned"] = True
+            first = (_state["error"] or "").strip().splitlines()
+            warnings.warn(
+                "expo_kernels: the native CPU backend could not be built or loaded; CPU tensors use the "
+                f"torch backend. ({first[0][:300] if first else 'unknown error'}; full text: "
+                f"python -m expo_kernels.info; set {NATIVE_ENV}=0 to silence)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _state["ok"]
+
+
+def status() -> dict:
+    """``{"available": bool, "reason": str | None, "build_dir": ..., "build_s": ...}`` (builds if needed)."""
+    if disabled_by_env():
+        return {"available": False, "reason": f"disabled by {NATIVE_ENV}=0", "build_dir": None, "build_s": None}
+    ok = ensure_loaded(warn=False)
+    return {"available": ok, "reason": None if ok else _state["error"], "build_dir": _state["build_dir"],
+            "build_s": _state["build_s"]}
+
+
+def _reset_for_tests() -> None:
+    """Forget a failed attempt (tests simulate failures); a loaded library stays loaded."""
+    with _lock:
+        if not _state["ok"]:
+            _state.update(tried=False, error=None, warned=False)
