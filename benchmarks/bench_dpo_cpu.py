@@ -39,13 +39,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import itertools
 import json
-import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -173,22 +170,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
-    fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
-    os.close(fd)
-    cmd = [sys.executable, "-m", "benchmarks.bench_dpo_cpu", "--_worker", json.dumps(spec), "--_out", out_path]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(bl.REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    try:
-        proc = subprocess.run(cmd, cwd=str(bl.REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s"}
-    try:
-        with open(out_path) as f:
-            return json.load(f)
-    except Exception:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+    return bl.spawn_worker("benchmarks.bench_dpo_cpu", spec, timeout, tmp)
 
 
 def _rel(a, b) -> float:

@@ -401,16 +401,18 @@ def run_worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _spawn(spec: dict, timeout: float) -> dict:
-    fd, out_path = tempfile.mkstemp(suffix=".json", dir=spec["arr_dir"])
+def spawn_worker(module: str, spec: dict, timeout: float, tmp: str) -> dict:
+    """Run ``python -m <module> --_worker <spec>`` in a fresh process; its JSON result, or an error
+    row (timeout, crash, out of memory) so the other rows still run. Shared by the benchmark scripts."""
+    fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
     os.close(fd)
-    cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--_worker", json.dumps(spec), "--_out", out_path]
+    cmd = [sys.executable, "-m", module, "--_worker", json.dumps(spec), "--_out", out_path]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     try:
         proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s"}
+        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s (--timeout)"}
     try:
         with open(out_path) as f:
             return json.load(f)
@@ -420,6 +422,10 @@ def _spawn(spec: dict, timeout: float) -> dict:
         if proc.returncode == -9:
             why += " (out of memory?)"
         return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+
+
+def _spawn(spec: dict, timeout: float) -> dict:
+    return spawn_worker("benchmarks.bench_logprobs", spec, timeout, spec["arr_dir"])
 
 
 def probe(device_arg: str | None, timeout: float = 300) -> dict:

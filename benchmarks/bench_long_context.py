@@ -34,7 +34,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import os
 import platform
 import shlex
 import subprocess
@@ -52,6 +51,7 @@ from benchmarks.bench_logprobs import (
     _reset_peak_rss,
     build_impl,
     probe,
+    spawn_worker,
     torch_dtype,
     trl_chunk_size,
 )
@@ -236,24 +236,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
-    fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
-    os.close(fd)
-    cmd = [sys.executable, "-m", "benchmarks.bench_long_context", "--_worker", json.dumps(spec), "--_out", out_path]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    try:
-        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s (--timeout)"}
-    try:
-        with open(out_path) as f:
-            return json.load(f)
-    except Exception:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        if proc.returncode == -9:
-            why += " (out of memory?)"
-        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+    return spawn_worker("benchmarks.bench_long_context", spec, timeout, tmp)
 
 
 def _git_dirty():
@@ -391,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", "-j", type=int, help="worker processes at a time (default 1; 4 with --quick). Memory "
                    "numbers are per process and stay valid; timings get noisier")
     p.add_argument("--json", help="results file (default benchmarks/results/bench_long_context_<device>.json)")
-    p.add_argument("--plot", help="figure (default benchmarks/results/long_context_<device>.png)")
+    p.add_argument("--plot", help="figure (default benchmarks/results/long_context_<device>.png, or beside --json)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -473,7 +456,12 @@ def main(argv=None):
 
     suffix = "cuda" if dev == "cuda" else "cpu"
     out_path = Path(args.json) if args.json else RESULTS_DIR / f"bench_long_context_{suffix}.json"
-    plot_path = Path(args.plot) if args.plot else RESULTS_DIR / f"long_context_{suffix}.png"
+    if args.plot:
+        plot_path = Path(args.plot)
+    elif args.json:  # a custom JSON path keeps its figure beside it, not over the committed one
+        plot_path = out_path.with_suffix(".png")
+    else:
+        plot_path = RESULTS_DIR / f"long_context_{suffix}.png"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "bench_long_context",
