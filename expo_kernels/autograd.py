@@ -102,6 +102,14 @@ def _valid_rows(labels: Tensor, ignore_index: int, vocab: int) -> Optional[Tenso
     return valid.nonzero().squeeze(1)
 
 
+def _counted_rows(labels: Tensor, ignore_index: int, vocab: int):
+    """``(rows, pick)``: the indices of the counted tokens (None when all count; labels range-checked)
+    and a function selecting those rows of any per-token tensor. Ignored tokens cost nothing: every
+    op compacts them away before a kernel runs."""
+    rows = _valid_rows(labels, ignore_index, vocab)
+    return rows, ((lambda t: t) if rows is None else (lambda t: t.index_select(0, rows)))
+
+
 def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """Per-token results are float32, or float64 for float64 inputs (gradcheck, small studies)."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -130,12 +138,11 @@ def _linear_logprobs_op(
     """hidden [N, H], labels [N] -> (logp, lse, entropy, mean_logit, is_top1, log_sum_p2), each [N]
     (the four statistics are empty tensors when ``with_stats`` is False)."""
     n = labels.shape[0]
-    rows = _valid_rows(labels, ignore_index, weight.shape[0])
-    # Ignored tokens cost nothing: compact before any kernel runs.
-    h = hidden if rows is None else hidden.index_select(0, rows)
-    y = (labels if rows is None else labels.index_select(0, rows)).long()
+    rows, pick = _counted_rows(labels, ignore_index, weight.shape[0])
+    h = pick(hidden)
     transform = LogitTransform(logit_scale, softcap, temperature)
-    out: TokenOutputs = _backend_module(backend).forward(h.contiguous(), weight, bias, y, transform, with_stats)
+    out: TokenOutputs = _backend_module(backend).forward(h.contiguous(), weight, bias, pick(labels).long(), transform,
+                                                         with_stats)
     if not bool(torch.isfinite(out.lse).all()):
         V.raise_for_non_finite(hidden=h, weight=weight, bias=bias)
     if with_stats:
@@ -174,8 +181,7 @@ def _linear_logprobs_backward_op(
     need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_hidden [N, H], d_weight [V, H], d_bias [V]); an empty tensor for each gradient not needed."""
-    rows = _valid_rows(labels, ignore_index, weight.shape[0])
-    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    rows, pick = _counted_rows(labels, ignore_index, weight.shape[0])
     d_h, d_w, d_b = _backend_module(backend).backward(
         pick(grad_logp).to(result_dtype(hidden.dtype)).contiguous(),
         pick(hidden).contiguous(),
@@ -362,8 +368,7 @@ def _linear_token_kl_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], ref_hidden [N, Hr], labels [N] (a mask) -> (kl, lse_policy, lse_ref), each [N]."""
     n = labels.shape[0]
-    rows = _valid_rows(labels, ignore_index, weight.shape[0])
-    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    rows, pick = _counted_rows(labels, ignore_index, weight.shape[0])
     outs = _backend_module(backend).token_kl_forward(
         pick(hidden).contiguous(), weight, bias, pick(ref_hidden).contiguous(), ref_weight, ref_bias,
         LogitTransform(logit_scale, softcap, temperature),
@@ -403,8 +408,7 @@ def _linear_token_kl_backward_op(
     need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Policy-head gradients (d_hidden, d_weight, d_bias); empty tensors where not needed."""
-    rows = _valid_rows(labels, ignore_index, weight.shape[0])
-    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    rows, pick = _counted_rows(labels, ignore_index, weight.shape[0])
     d_h, d_w, d_b = _backend_module(backend).token_kl_backward(
         pick(grad_kl).to(result_dtype(hidden.dtype)).contiguous(), pick(hidden).contiguous(), weight, bias,
         pick(ref_hidden).contiguous(), ref_weight, ref_bias, pick(lse_p), pick(lse_r),

@@ -189,7 +189,7 @@ def main(argv: List[str] = None) -> int:
     from tqdm.auto import tqdm
 
     jobs = [(loss, path) for loss in opts.losses for path in opts.paths if not (loss == "expo" and path == "trl")]
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     rows = []
     bar = tqdm(jobs, desc="demo", unit="run")
     for loss, path in bar:

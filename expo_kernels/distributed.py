@@ -72,7 +72,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validation as V
-from .autograd import TokenStats, _check_scalars, _valid_rows, resolve_backend, result_dtype, _backend_module
+from .autograd import TokenStats, _check_scalars, _counted_rows, _scatter, resolve_backend, result_dtype, _backend_module
 from .ops import LogitTransform
 from .ops import torch_backend
 
@@ -317,9 +317,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, transform, with_stats, backend, group, offset, vocab):
         n = labels.shape[0]
-        rows = _valid_rows(labels, ignore_index, vocab)
-        h = hidden if rows is None else hidden.index_select(0, rows)
-        y = (labels if rows is None else labels.index_select(0, rows)).long()
+        rows, pick = _counted_rows(labels, ignore_index, vocab)
+        h, y = pick(hidden), pick(labels).long()
         mod = _backend_module(backend)
         outs = _vp_forward(h.contiguous(), weight, bias, y, transform, with_stats, offset, vocab, group, mod)
         if not bool(torch.isfinite(outs[1]).all()):
@@ -327,11 +326,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         dtype = result_dtype(hidden.dtype)
 
         def scatter(t, fill_dtype=dtype):
-            if t is None:
-                return hidden.new_empty(0, dtype=fill_dtype)
-            if rows is None:
-                return t
-            return torch.zeros(n, dtype=t.dtype, device=t.device).index_copy_(0, rows, t)
+            return hidden.new_empty(0, dtype=fill_dtype) if t is None else _scatter(t, rows, n)
 
         logp, lse = scatter(outs[0]), scatter(outs[1])
         stats = [scatter(outs[2]), scatter(outs[3]), scatter(outs[4], torch.bool), scatter(outs[5])]
@@ -348,8 +343,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         need_b = need_b and bias is not None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        rows = _valid_rows(labels, ignore_index, vocab)
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        rows, pick = _counted_rows(labels, ignore_index, vocab)
         d_h, d_w, d_b = _vp_backward(pick(grad_logp), pick(hidden).contiguous(), weight, bias, pick(labels).long(),
                                      pick(lse), transform, offset, _backend_module(backend), need_h, need_w, need_b)
         if need_h:
@@ -427,8 +421,7 @@ class _VocabParallelTokenKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, transform, backend,
                 group, vocab):
         n = labels.shape[0]
-        rows = _valid_rows(labels, ignore_index, vocab)
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        rows, pick = _counted_rows(labels, ignore_index, vocab)
         h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
         acc = result_dtype(hidden.dtype)
         k = h.shape[0]
@@ -459,11 +452,7 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         if not bool(torch.isfinite(kl).all()):
             V.raise_for_non_finite(hidden=h, weight_shard=weight, bias_shard=bias, ref_hidden=hr,
                                    ref_weight_shard=ref_weight, ref_bias_shard=ref_bias)
-
-        def scatter(t):
-            return t if rows is None else torch.zeros(n, dtype=t.dtype, device=t.device).index_copy_(0, rows, t)
-
-        kl, lse_p, lse_r = scatter(kl), scatter(lse_p), scatter(lse_r)
+        kl, lse_p, lse_r = (_scatter(t, rows, n) for t in (kl, lse_p, lse_r))
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r)
         ctx.params = (ignore_index, transform, backend, group, vocab)
         ctx.mark_non_differentiable(lse_p, lse_r)
@@ -478,8 +467,7 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         acc = result_dtype(hidden.dtype)
-        rows = _valid_rows(labels, ignore_index, vocab)
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        rows, pick = _counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
         d_h = d_w = d_b = None
         if weight.shape[0] > 0 and h.shape[0] > 0:

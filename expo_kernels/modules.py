@@ -298,7 +298,7 @@ class FusedLinearPreferenceLoss(nn.Module):
                                  "(use `ref_logps` [R] for precomputed reference log-probs).")
         if is_desirable is None:
             raise ValueError(f"Loss {self.loss!r} needs `is_desirable`: [R] bool, True for desirable examples.")
-        _require_rows("is_desirable", torch.as_tensor(is_desirable), rows, 1)
+        is_desirable = _require_rows("is_desirable", torch.as_tensor(is_desirable, device=labels.device), rows, 1)
         pol, _ = sequence_logps(logp, mask)
         if ref_tok is not None:
             ref, _ = sequence_logps(ref_tok, mask)
@@ -320,7 +320,7 @@ class FusedLinearPreferenceLoss(nn.Module):
                                                    ref_bias if ref_weight is not None else bias, kl_labels)
             kl_logps, ref_kl_logps = sequence_logps(kl_tok, kmask)[0], sequence_logps(ref_kl_tok, kmask)[0]
         loss, metrics = self._loss_and_metrics(
-            policy_logps=pol, ref_logps=ref, is_desirable=torch.as_tensor(is_desirable, device=pol.device),
+            policy_logps=pol, ref_logps=ref, is_desirable=is_desirable,
             kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=kl,
         )
         if self.compute_metrics:

@@ -93,8 +93,8 @@ def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
 
 def _head_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Operands in the dtype ``F.linear`` would use: under autocast the autocast dtype (as TRL's
-    chunked head, whose matmul runs under autocast), otherwise the head's own dtype."""
-    weight, bias = _gathered(weight), _gathered(bias)
+    chunked head, whose matmul runs under autocast), otherwise the head's own dtype. The head's
+    tensors come whole (``call_with_lm_head``)."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -287,7 +287,7 @@ class _FusedDPOMixin:
         ref = {}
         if self.precompute_ref_logps:
             ref = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
-        elif self._expo_loss.needs_ref_logps or self._expo_loss.token_kl or not self._expo_loss.reference_free:
+        elif not self._expo_loss.reference_free:  # the loss, its token KL or its logged rewards read it
             ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs, labels)
             ref_hidden = ref_hidden[:, -seq_len:]
             if ref_w is not None:
@@ -444,7 +444,8 @@ class _FusedConcatenatedForward:
         # head's full tensors are enough
         pos = out.hidden_states if self._nll_over_prompt else out.last_hidden_state
         with torch.no_grad():
-            pos, weight, bias = _head_operands(pos.detach(), *lm_head_parameters(policy))
+            weight, bias = (_gathered(t) for t in lm_head_parameters(policy))
+            pos, weight, bias = _head_operands(pos.detach(), weight, bias)
             mean_c = _mean_logit(pos[:len_chosen], weight, bias, transform)
             mean_r = _mean_logit(pos[len_chosen:], weight, bias, transform)
         return seq[:len_chosen], seq[len_chosen:], mean_c, mean_r, nll

@@ -398,6 +398,30 @@ _KL_MP, _KL_SP, _KL_MR, _KL_SR, _KL_CROSS = range(5)
 
 
 @triton.jit
+def _two_head_logits(
+    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Transformed policy and reference logit tiles over the same tokens and vocab columns:
+    ``(zp, dzp/draw, zr)``."""
+    zp, deriv = _transform(
+        _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
+                    stride_hn, stride_hh, stride_wv, stride_wh,
+                    HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    zr, _ = _transform(
+        _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
+                    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+                    HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
+        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    return zp, deriv, zr
+
+
+@triton.jit
 def _token_kl_forward_kernel(
     h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr,
     N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
@@ -421,16 +445,11 @@ def _token_kl_forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_hi
-        zp, _ = _transform(
-            _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                        stride_hn, stride_hh, stride_wv, stride_wh,
-                        HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-            logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-        zr, _ = _transform(
-            _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
-                        stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-                        HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-            logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        zp, _, zr = _two_head_logits(
+            h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
+            stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+            logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
+            UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
         diff = tl.where(mask_v[None, :], zr - zp, 0.0)
         zp = tl.where(mask_v[None, :], zp, float("-inf"))
         zr = tl.where(mask_v[None, :], zr, float("-inf"))
@@ -472,16 +491,11 @@ def _token_kl_backward_kernel(
     lse_p = tl.load(lse_p_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     lse_r = tl.load(lse_r_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
-    zp, deriv = _transform(
-        _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                    stride_hn, stride_hh, stride_wv, stride_wh,
-                    HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-    zr, _ = _transform(
-        _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
-                    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-                    HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    zp, deriv, zr = _two_head_logits(
+        h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
+        stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
+        logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
+        UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     p = tl.exp(zp - lse_p[:, None])
     q = tl.exp(zr - lse_r[:, None])
     valid = mask_n[:, None] & mask_v[None, :]
