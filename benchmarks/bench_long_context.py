@@ -109,7 +109,7 @@ def build_dpo(name, device, beta):
 
     if name.startswith("expo-"):
         import expo_kernels
-        from expo_kernels.autograd import resolve_backend
+        from expo_kernels._dispatch import resolve_backend
 
         backend = name[len("expo-"):]
         resolved = resolve_backend(backend, torch.device(device))  # loads/builds a native backend now

@@ -115,7 +115,7 @@ def _run_world(world, args):
 
 def _env():
     import expo_kernels as ek
-    from expo_kernels.autograd import resolve_backend
+    from expo_kernels._dispatch import resolve_backend
 
     cpu = platform.processor() or platform.machine()
     try:

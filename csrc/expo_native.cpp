@@ -82,6 +82,20 @@ static inline float tanh_acc(float x) {
 
 static inline double tanh_acc(double x) { return std::tanh(x); }
 
+// The running max as the shift of exp(z - shift): 0 while a token has seen only masked (-inf) logits.
+template <typename T>
+static inline T safe_shift(T m) {
+  return m > -std::numeric_limits<T>::infinity() ? m : T(0);
+}
+
+// p = exp(z - lse) clamped to 1: a recomputed logit may round a hair above the saved lse (at |z| ~ 1e30
+// that hair is ~1e23, and exp of it overflows).
+template <typename T>
+static inline T prob(T z, T lse) {
+  const T x = z - lse;
+  return exp_acc(x < T(0) ? x : T(0));
+}
+
 template <typename T>
 struct Transform {
   // z = softcap * tanh(raw * scale / softcap) * inv_temp; plain scale * inv_temp without softcap.
@@ -247,22 +261,26 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
             const T mt = std::max(mx_before, mx_after);
             const T m_old = m[i];
             const T m_new = std::max(m_old, mt);
-            const T rescale = m_old == ninf ? T(0) : exp_acc(m_old - m_new);
+            // shift 0 while only masked (-inf) logits were seen: exp(-inf - 0) = 0, never -inf - (-inf)
+            const T shift = safe_shift(m_new);
+            const T rescale = m_old == ninf ? T(0) : exp_acc(m_old - shift);
             T se = 0;
             if (!with_stats) {
 #pragma omp simd reduction(+ : se)
-              for (int64_t j = 0; j < vt; ++j) se += exp_acc(z[j] - m_new);
+              for (int64_t j = 0; j < vt; ++j) se += exp_acc(z[j] - shift);
             } else {
               T sez = 0, se2 = 0, zsum = 0;
 #pragma omp simd reduction(+ : se, sez, se2, zsum)
               for (int64_t j = 0; j < vt; ++j) {
-                const T e = exp_acc(z[j] - m_new);
+                const T e = exp_acc(z[j] - shift);
                 se += e;
-                sez += e * z[j];
+                // shifted products (entropy without cancellation at large |z|); masked entries add 0
+                sez += e > T(0) ? e * (z[j] - shift) : T(0);
                 se2 += e * e;
-                zsum += z[j];
+                zsum += z[j] > ninf ? z[j] : T(0);
               }
-              sz[i] = sz[i] * rescale + sez;
+              // sum e^(z - m_new)(z - m_new) = rescale * (sz + (m_old - m_new) s) + this tile's terms
+              sz[i] = rescale * (sz[i] + (s[i] > T(0) ? (m_old - shift) * s[i] : T(0))) + sez;
               s2[i] = s2[i] * rescale * rescale + se2;
               zs[i] += zsum;
               mb[i] = std::max(mb[i], mx_before);
@@ -279,7 +297,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
   Tensor lse = m_t + at::log(s_t);
   Tensor logp = zl_t - lse;
   if (!with_stats) return {logp, lse};
-  Tensor entropy = lse - sz_t / s_t;
+  Tensor entropy = at::log(s_t) - sz_t / s_t;
   Tensor mean_logit = zs_t / static_cast<double>(std::max<int64_t>(V, 1));
   Tensor is_top1 = at::logical_and(at::ge(zl_t, m_t), at::lt(mb_t, zl_t));
   Tensor log_sum_p2 = at::log(s2_t) - 2.0 * at::log(s_t);
@@ -404,13 +422,13 @@ std::vector<Tensor> backward_impl(const Tensor& grad_in, const Tensor& hidden_in
       const T mul = tf.scale * tf.inv_temp;
       const T coef = -gi * mul;
 #pragma omp simd
-      for (int64_t j = 0; j < vt; ++j) z[j] = coef * exp_acc((z[j] + b[j]) * mul - li);
+      for (int64_t j = 0; j < vt; ++j) z[j] = coef * prob((z[j] + b[j]) * mul, li);
     } else {
       const T pre = tf.scale / tf.softcap, post = tf.softcap * tf.inv_temp, dmul = tf.scale * tf.inv_temp;
 #pragma omp simd
       for (int64_t j = 0; j < vt; ++j) {
         const T t = tanh_acc((z[j] + b[j]) * pre);
-        z[j] = -gi * exp_acc(post * t - li) * (dmul * (T(1) - t * t));
+        z[j] = -gi * prob(post * t, li) * (dmul * (T(1) - t * t));
       }
     }
     if (label_here) z[yl] += gi * d_label;
@@ -499,15 +517,16 @@ std::vector<Tensor> kl_forward_impl(const Tensor& hidden_in, const Tensor& weigh
             apply_transform_row<T>(zr, brp + v0, vt, tf, has_rb);
             const T mp_new = std::max(mp[i], row_max(zp, vt));
             const T mr_new = std::max(mr[i], row_max(zr, vt));
-            const T resc_p = mp[i] == ninf ? T(0) : exp_acc(mp[i] - mp_new);
-            const T resc_r = mr[i] == ninf ? T(0) : exp_acc(mr[i] - mr_new);
+            const T shift_p = safe_shift(mp_new), shift_r = safe_shift(mr_new);
+            const T resc_p = mp[i] == ninf ? T(0) : exp_acc(mp[i] - shift_p);
+            const T resc_r = mr[i] == ninf ? T(0) : exp_acc(mr[i] - shift_r);
             T sep = 0, ser = 0, sc = 0;
 #pragma omp simd reduction(+ : sep, ser, sc)
             for (int64_t j = 0; j < vt; ++j) {
-              sep += exp_acc(zp[j] - mp_new);
-              const T er = exp_acc(zr[j] - mr_new);
+              sep += exp_acc(zp[j] - shift_p);
+              const T er = exp_acc(zr[j] - shift_r);
               ser += er;
-              sc += er * (zr[j] - zp[j]);
+              sc += er > T(0) ? er * (zr[j] - zp[j]) : T(0);  // masked in the reference: adds 0
             }
             sp[i] = sp[i] * resc_p + sep;
             sr[i] = sr[i] * resc_r + ser;
@@ -582,7 +601,7 @@ std::vector<Tensor> kl_backward_impl(const Tensor& grad_in, const Tensor& hidden
 #pragma omp simd
       for (int64_t j = 0; j < vt; ++j) {
         const T zp = (z[j] + b[j]) * mul;
-        z[j] = coef * (exp_acc(zp - lpi) - exp_acc(zr[j] - lri));
+        z[j] = coef * (prob(zp, lpi) - prob(zr[j], lri));
       }
     } else {
       const T pre = tf.scale / tf.softcap, post = tf.softcap * tf.inv_temp, dmul = gi * tf.scale * tf.inv_temp;
@@ -590,8 +609,8 @@ std::vector<Tensor> kl_backward_impl(const Tensor& grad_in, const Tensor& hidden
 #pragma omp simd
       for (int64_t j = 0; j < vt; ++j) {
         const T t = tanh_acc((z[j] + b[j]) * pre);
-        const T p = exp_acc(post * t - lpi);
-        const T q = exp_acc(zrc[j] - lri);
+        const T p = prob(post * t, lpi);
+        const T q = prob(zrc[j], lri);
         z[j] = (p - q) * (dmul * (T(1) - t * t));
       }
     }

@@ -7,7 +7,8 @@ Layers (each imports only the ones above it):
 * ``expo_kernels.losses``   — per-sequence preference losses and their registry.
 * ``expo_kernels.modules``  — ``FusedLinearPreferenceLoss``: hidden states + LM head -> loss.
 """
-from .autograd import TokenStats, available_backends, linear_logprobs, linear_token_kl
+from ._dispatch import available_backends
+from .functional import TokenStats, linear_logprobs, linear_token_kl
 from .ops.options import kernel_options
 
 __version__ = "0.1.0"

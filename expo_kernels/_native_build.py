@@ -6,7 +6,7 @@ per-machine cache directory and loaded from there afterwards:
 * ``$EXPO_KERNELS_BUILD_DIR`` if set, else ``~/.cache/expo_kernels/native`` (``$XDG_CACHE_HOME`` is
   honoured), one subdirectory per (torch version, Python version, instruction-set flags, source
   hash), so a changed source, torch or CPU never reuses a stale binary;
-* flags ``-O3 -fopenmp -fno-trapping-math -fno-math-errno``, plus ``-mavx2 -mfma`` when this CPU has AVX2 and FMA;
+* flags ``-O3 -fopenmp -fno-trapping-math -fno-math-errno -ffp-contract=off``, plus ``-mavx2 -mfma`` when this CPU has AVX2 and FMA;
 * ``EXPO_KERNELS_NATIVE=0`` disables the backend (no build is attempted, no warning);
 * if the build or the load fails (no compiler, no ninja, ...), the backend is reported missing
   with the error text (``python -m expo_kernels.info`` prints it), CPU tensors fall back to the
@@ -90,7 +90,9 @@ def _load():
         raise RuntimeError(f"source {SOURCE_NAME} not found (it ships with the repository's csrc/ folder)")
     # -fno-trapping-math lets GCC if-convert (and so vectorize) the exp and max loops; torch itself
     # is built with it and -fno-math-errno. The code is C++17; the standard is left to torch.
-    cflags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + isa_flags()
+    # -ffp-contract=off: the backward recomputes each logit and must round it exactly as the forward
+    # did (z - lse decides p; with a tiny temperature a fused multiply-add there flips p between 0 and 1)
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + isa_flags()
     build_dir = build_dir_for(src, cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
     _state["build_dir"] = str(build_dir)

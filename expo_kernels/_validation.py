@@ -8,6 +8,32 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+BACKENDS = ("triton", "native", "torch")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_bool(name: str, value) -> None:
+    """A real ``bool`` (``"no"`` or ``0`` are refused: a truthy string would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def check_backend_name(value, name: str = "backend") -> None:
+    """None (choose from the device) or one of ``BACKENDS``; whether it runs on a device is checked
+    when the tensors are known."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be None or one of {BACKENDS}, got {type(value).__name__} {value!r}")
+    if value not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
+
+
+def check_ignore_index(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([-2**63, 2**63 - 1]), got {value}")
 
 
 def check_tensor(name: str, value, *, floating: bool = False, integer: bool = False) -> None:
@@ -47,6 +73,8 @@ def check_linear_head(hidden, weight, labels, bias, prefix: str = "") -> None:
         check_tensor(b_name, bias, floating=True)
     if hidden.dim() < 1:
         raise ValueError(f"{h_name} must have shape [..., H] (at least 1 dimension), got a scalar")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{h_name} must have a hidden size H = {h_name}.shape[-1] >= 1, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must have shape [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:

@@ -17,7 +17,8 @@ shard-local softmax; ``M = max_s lse_s``, ``w_s = exp(lse_s - M)``):
 * ``lse  = M + log S``, ``S = sum_s w_s``                               (MAX, then SUM all-reduce)
 * ``logp = z_y - lse``; ``z_y = logp_s + lse_s`` on the rank owning the label (others add 0).
   Tokens whose label is outside the shard are run with the dummy local label 0 and discarded.
-* ``sum_{v in s} exp(z_v - M) z_v = w_s (lse_s - H_s)``  ->  ``entropy = lse - (sum_s w_s (lse_s - H_s)) / S``
+* ``entropy = sum_s pi_s (H_s - log pi_s)`` with ``pi_s = w_s / S`` (the chain rule of entropy over
+  the shards) ``= (sum_s w_s (H_s - (lse_s - M))) / S + log S``: no ``lse - sum p z`` cancellation
 * ``mean_logit = (sum_s |V_s| mean_s) / V``
 * ``sum_{v in s} exp(2 (z_v - M)) = w_s^2 exp(lsp2_s)``   ->  ``log_sum_p2 = log(sum_s w_s^2 e^{lsp2_s}) - 2 log S``
 * ``is_top1`` needs the global maximum logit, which no backend returns. When statistics are asked
@@ -72,7 +73,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _validation as V
-from .autograd import TokenStats, _check_scalars, _counted_rows, _scatter, resolve_backend, result_dtype, _backend_module
+from . import _dispatch as D
+from .ops.common import TokenStats
 from .ops import LogitTransform
 from .ops import torch_backend
 
@@ -211,7 +213,7 @@ def _shard_max_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, offset
 def _vp_forward(h, w, b, y, transform, with_stats, offset, vocab, group, mod):
     """Compacted tokens h [n, H], global labels y [n] -> TokenOutputs-like tuple of [n] tensors."""
     n, vs = h.shape[0], w.shape[0]
-    acc = result_dtype(h.dtype)
+    acc = D.result_dtype(h.dtype)
     if n == 0:  # every token ignored (the same on every rank): nothing to combine
         empty = h.new_zeros(0, dtype=acc)
         return (empty, empty) + ((empty, empty, empty.bool(), empty) if with_stats else (None,) * 4)
@@ -242,7 +244,9 @@ def _vp_forward(h, w, b, y, transform, with_stats, offset, vocab, group, mod):
         mean = out.mean_logit.to(acc) if out is not None else zeros
         lsp2 = out.log_sum_p2.to(acc) if out is not None else zeros
         sums += [
-            torch.where(has, w_s * (lse_s - ent), zeros),
+            # entropy by the chain rule over shards (pi_s = w_s / S): sum_s pi_s (H_s - log pi_s), which
+            # has no lse - sum p z cancellation at large |z|
+            torch.where(has, w_s * (ent - (lse_s - big_m_safe)), zeros),
             mean * vs,
             torch.where(has, torch.exp(lsp2 + 2.0 * (lse_s - big_m_safe)), zeros),
             torch.where(owned, zy_exact, zeros),
@@ -253,7 +257,7 @@ def _vp_forward(h, w, b, y, transform, with_stats, offset, vocab, group, mod):
     logp = sums[1] - lse
     if not with_stats:
         return logp, lse, None, None, None, None
-    entropy = lse - sums[2] / s
+    entropy = sums[2] / s + torch.log(s)
     mean_logit = sums[3] / vocab
     log_sum_p2 = torch.log(sums[4]) - 2.0 * torch.log(s)
     z_label = sums[5]
@@ -280,7 +284,7 @@ def _vp_backward(g, h, w, b, y, lse, transform, offset, mod, need_h, need_w, nee
     """Shard gradients of sum_n g_n logp_n given the GLOBAL lse (compacted tokens): d_hidden [n, H] in
     float32/float64, local (not yet all-reduced); d_weight / d_bias in the shard's dtype."""
     vs = w.shape[0]
-    acc = result_dtype(h.dtype)
+    acc = D.result_dtype(h.dtype)
     d_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
     d_w = d_b = None
     owned = (y >= offset) & (y < offset + vs)
@@ -317,16 +321,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, transform, with_stats, backend, group, offset, vocab):
         n = labels.shape[0]
-        rows, pick = _counted_rows(labels, ignore_index, vocab)
-        h, y = pick(hidden), pick(labels).long()
-        mod = _backend_module(backend)
-        outs = _vp_forward(h.contiguous(), weight, bias, y, transform, with_stats, offset, vocab, group, mod)
-        if not bool(torch.isfinite(outs[1]).all()):
-            V.raise_for_non_finite(hidden=h, weight_shard=weight, bias_shard=bias)
-        dtype = result_dtype(hidden.dtype)
+        rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
+        h = pick(hidden).contiguous()
+        mod = D.backend_module(backend)
+        outs = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
+        finite_results = (outs[1],) + ((outs[2], outs[3], outs[5]) if with_stats else ())
+        D.check_finite({"hidden": h, "weight_shard": weight}, {"bias_shard": bias}, finite_results,
+                       dataclasses.asdict(transform))
+        dtype = D.result_dtype(hidden.dtype)
 
         def scatter(t, fill_dtype=dtype):
-            return hidden.new_empty(0, dtype=fill_dtype) if t is None else _scatter(t, rows, n)
+            return hidden.new_empty(0, dtype=fill_dtype) if t is None else D.scatter(t, rows, n)
 
         logp, lse = scatter(outs[0]), scatter(outs[1])
         stats = [scatter(outs[2]), scatter(outs[3]), scatter(outs[4], torch.bool), scatter(outs[5])]
@@ -343,9 +348,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         need_b = need_b and bias is not None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        rows, pick = _counted_rows(labels, ignore_index, vocab)
-        d_h, d_w, d_b = _vp_backward(pick(grad_logp), pick(hidden).contiguous(), weight, bias, pick(labels).long(),
-                                     pick(lse), transform, offset, _backend_module(backend), need_h, need_w, need_b)
+        rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
+        d_h, d_w, d_b = _vp_backward(pick(grad_logp), pick(hidden).contiguous(), weight, bias, y,
+                                     pick(lse), transform, offset, D.backend_module(backend), need_h, need_w, need_b)
         if need_h:
             if d_h.shape[0] > 0:  # only the valid tokens' rows travel; all ignored (on every rank): none
                 d_h = _all_reduce(d_h, dist.ReduceOp.SUM, group)
@@ -397,13 +402,13 @@ def vocab_parallel_linear_logprobs(
     if weight_shard.dim() != 2:
         raise ValueError(f"weight_shard must have shape [V_shard, H], got shape {tuple(weight_shard.shape)}")
     _check_head(hidden, weight_shard, labels, bias_shard)
-    _check_scalars(temperature, logit_scale, softcap, ignore_index)
+    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     offset, vocab, _ = _layout(weight_shard, group, vocab_size)
     transform = LogitTransform(float(logit_scale) if logit_scale is not None else 1.0,
                                float(softcap) if softcap is not None else None, float(temperature))
     out = _VocabParallelLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, labels.reshape(-1), int(ignore_index),
-        transform, bool(return_stats), resolve_backend(backend, hidden.device), group, offset, vocab,
+        transform, bool(return_stats), D.resolve_backend(backend, hidden.device, hidden.dtype), group, offset, vocab,
     )
     logp = out[0].view(labels.shape)
     if not return_stats:
@@ -421,9 +426,9 @@ class _VocabParallelTokenKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, transform, backend,
                 group, vocab):
         n = labels.shape[0]
-        rows, pick = _counted_rows(labels, ignore_index, vocab)
+        rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
         h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
-        acc = result_dtype(hidden.dtype)
+        acc = D.result_dtype(hidden.dtype)
         k = h.shape[0]
         zeros = torch.zeros(k, dtype=acc, device=h.device)
         if k == 0:  # every token ignored, on every rank
@@ -434,7 +439,7 @@ class _VocabParallelTokenKL(torch.autograd.Function):
             ctx.mark_non_differentiable(lse_p, lse_r)
             return out.clone(), lse_p, lse_r
         if weight.shape[0] > 0 and k > 0:
-            kl_s, lse_p_s, lse_r_s = (t.to(acc) for t in _backend_module(backend).token_kl_forward(
+            kl_s, lse_p_s, lse_r_s = (t.to(acc) for t in D.backend_module(backend).token_kl_forward(
                 h, weight, bias, hr, ref_weight, ref_bias, transform))
             a_s = kl_s + lse_r_s - lse_p_s
         else:
@@ -449,10 +454,10 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         lse_p = maxes[0] + torch.log(sums[0])
         lse_r = maxes[1] + torch.log(sums[1])
         kl = sums[2] / sums[1] - lse_r + lse_p
-        if not bool(torch.isfinite(kl).all()):
-            V.raise_for_non_finite(hidden=h, weight_shard=weight, bias_shard=bias, ref_hidden=hr,
-                                   ref_weight_shard=ref_weight, ref_bias_shard=ref_bias)
-        kl, lse_p, lse_r = (_scatter(t, rows, n) for t in (kl, lse_p, lse_r))
+        D.check_finite({"hidden": h, "weight_shard": weight, "ref_hidden": hr, "ref_weight_shard": ref_weight},
+                       {"bias_shard": bias, "ref_bias_shard": ref_bias}, (lse_p, lse_r),
+                       dataclasses.asdict(transform))
+        kl, lse_p, lse_r = (D.scatter(t, rows, n) for t in (kl, lse_p, lse_r))
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r)
         ctx.params = (ignore_index, transform, backend, group, vocab)
         ctx.mark_non_differentiable(lse_p, lse_r)
@@ -466,12 +471,12 @@ class _VocabParallelTokenKL(torch.autograd.Function):
             raise RuntimeError("linear_token_kl: the reference head is frozen; detach ref_hidden / ref_weight / ref_bias")
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        acc = result_dtype(hidden.dtype)
-        rows, pick = _counted_rows(labels, ignore_index, vocab)
+        acc = D.result_dtype(hidden.dtype)
+        rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
         d_h = d_w = d_b = None
         if weight.shape[0] > 0 and h.shape[0] > 0:
-            d_h, d_w, d_b = _backend_module(backend).token_kl_backward(
+            d_h, d_w, d_b = D.backend_module(backend).token_kl_backward(
                 pick(grad_kl).to(acc).contiguous(), h, weight, bias, pick(ref_hidden).contiguous(), ref_weight,
                 ref_bias, pick(lse_p), pick(lse_r), transform, need_h, need_w, need_b)
         if need_h:
@@ -524,14 +529,14 @@ def vocab_parallel_linear_token_kl(
                          f"rows, got {ref_weight_shard.shape[0]}")
     if ref_hidden.dtype != hidden.dtype:
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
-    _check_scalars(temperature, logit_scale, softcap, ignore_index)
+    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     _, vocab, _ = _layout(weight_shard, group, vocab_size)
     transform = LogitTransform(float(logit_scale) if logit_scale is not None else 1.0,
                                float(softcap) if softcap is not None else None, float(temperature))
     kl, _, _ = _VocabParallelTokenKL.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
         ref_weight_shard, ref_bias_shard, labels.reshape(-1), int(ignore_index), transform,
-        resolve_backend(backend, hidden.device), group, vocab,
+        D.resolve_backend(backend, hidden.device, hidden.dtype), group, vocab,
     )
     return kl.view(labels.shape)
 

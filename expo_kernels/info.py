@@ -25,7 +25,7 @@ def collect() -> dict:
 
     import expo_kernels as ek
     from expo_kernels import _native_build
-    from expo_kernels import autograd as ag
+    from expo_kernels import _dispatch as ag
 
     info = {
         "versions": {
@@ -42,7 +42,7 @@ def collect() -> dict:
         "devices": {},
     }
     native = _native_build.status()
-    triton_ok = ag._triton_importable()
+    triton_ok = ag.triton_importable()
     triton_why = None
     if not triton_ok:
         try:

@@ -24,10 +24,11 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .autograd import linear_logprobs, linear_token_kl
+from . import _validation as V
+from .functional import linear_logprobs, linear_token_kl
 from .losses import aggregate_pair_logps, get_loss_spec, preference_loss, preference_loss_and_metrics, sequence_logps
-from .losses.api import _check_hparams
-from .losses.registry import _names
+from .losses.api import _check_hparams, check_loss_weights
+from .losses.registry import HParamTypeError, _names, as_real, describe
 
 __all__ = [
     "PreferenceLossOutput",
@@ -65,6 +66,19 @@ def _require_rows(name: str, x: Any, rows: int, dims: int) -> Tensor:
         want = "[R, T, H]" if dims == 3 else ("[R, T]" if dims == 2 else "[R]")
         raise ValueError(f"`{name}` must have shape {want} with R = {rows} rows; got {tuple(x.shape)}.")
     return x
+
+
+def _positive_number(name: str, value: Any, allow_none: bool = False) -> Optional[float]:
+    """A finite number > 0 (None too when ``allow_none``), as a float: wrong type -> TypeError, bad
+    value -> ValueError, both naming ``name``."""
+    if value is None and allow_none:
+        return None
+    v = as_real(value)
+    if v is None:
+        none = "None or " if allow_none else ""
+        raise HParamTypeError(f"`{name}` must be {none}a finite number > 0; got {describe(value)}.")
+    V.check_positive_finite(name, v)
+    return v
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -126,13 +140,22 @@ class FusedLinearPreferenceLoss(nn.Module):
             raise ValueError(f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with others; got {list(names)}.")
         _check_hparams(self.specs, hparams)
         self.resolved = [s.resolve(hparams) for s in self.specs]  # range checks now, not at the first step
-        if loss_weights is not None and len(list(loss_weights)) != len(self.specs):
-            raise ValueError(
-                f"`loss_weights` must have one weight per loss: {len(list(loss_weights))} for {list(names)}."
-            )
-        if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
-                                     or not 0.0 <= ld_alpha <= 1.0):
-            raise ValueError(f"`ld_alpha` must be a number in [0, 1] or None; got {ld_alpha!r}.")
+        # every option is checked here, by type and range, so a bad value fails at construction
+        lws = check_loss_weights(loss_weights, names)
+        if ld_alpha is not None:
+            a = as_real(ld_alpha)
+            if a is None:
+                raise HParamTypeError(f"`ld_alpha` must be a number in [0, 1] or None; got {describe(ld_alpha)}.")
+            if not 0.0 <= a <= 1.0:  # NaN fails this too
+                raise ValueError(f"`ld_alpha` must be a number in [0, 1] or None; got {ld_alpha!r}.")
+            ld_alpha = a
+        V.check_ignore_index(ignore_index)
+        temperature = _positive_number("temperature", temperature)
+        logit_scale = _positive_number("logit_scale", logit_scale, allow_none=True)
+        softcap = _positive_number("softcap", softcap, allow_none=True)
+        V.check_bool("use_weighting", use_weighting)
+        V.check_bool("compute_metrics", compute_metrics)
+        V.check_backend_name(backend)
         self.paired = self.specs[0].paired
         if not self.paired and (ld_alpha is not None or use_weighting):
             raise ValueError(f"`ld_alpha` and `use_weighting` are options of the paired losses, not of {self.loss!r}.")
@@ -144,7 +167,7 @@ class FusedLinearPreferenceLoss(nn.Module):
         self.transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
         self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
         self.use_weighting = bool(use_weighting)
-        self.loss_weights = None if loss_weights is None else [float(w) for w in loss_weights]
+        self.loss_weights = None if loss_weights is None else lws
         self.compute_metrics = bool(compute_metrics)
         self.backend = backend
         expo = [hp for s, hp in zip(self.specs, self.resolved) if s.name == "expo"]

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import expo_kernels as ek
-from expo_kernels.autograd import _backend_module, resolve_backend
+from expo_kernels._dispatch import backend_module as _backend_module, resolve_backend
 from expo_kernels.ops import LogitTransform
 from expo_kernels.ops import torch_backend
 
@@ -76,13 +76,26 @@ def test_matches_reference_fp32(backend, shape, transform):
     check_against_reference(backend, *shape, torch.float32, TRANSFORMS[transform], bias=shape[0] == 37, tol=2e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# float64 is float64 throughout on the torch and native backends; Triton refuses it (see below).
+FP64_BACKENDS = [b for b in BACKENDS if b != "triton"]
+
+
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_reference_fp64(backend, bias):
-    # Triton passes Python floats (temperature, scale, softcap) to kernels as float32 scalars,
-    # which bounds its float64 path at ~1e-8 relative; the torch and native backends are float64 throughout.
-    tol = 1e-10 if backend in ("torch", "native") else 1e-7
-    check_against_reference(backend, 37, 24, 100, torch.float64, TRANSFORMS["all"], bias=bias, tol=tol)
+    check_against_reference(backend, 37, 24, 100, torch.float64, TRANSFORMS["all"], bias=bias, tol=1e-10)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
+def test_triton_refuses_float64_and_the_default_routes_it_elsewhere():
+    # Triton scalars and (on GPUs) the kernels' accumulators are float32: a float64 call would be
+    # silently ~1e-8 accurate, so an explicit request is refused and the default never picks Triton.
+    hidden, weight, labels, _ = make_inputs(5, 8, 20, torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' does not support float64"):
+        ek.linear_logprobs(hidden, weight, labels, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' does not support float64"):
+        ek.linear_token_kl(hidden, weight, hidden.detach(), weight.detach(), labels, backend="triton")
+    assert resolve_backend(None, DEVICE, torch.float64) != "triton"
 
 
 # The torch and native backends upcast bf16/fp16 tiles to float32 on any device.
@@ -172,7 +185,7 @@ def test_leading_dims_and_non_contiguous_hidden(backend):
     assert grad.shape == hidden.shape and rel_err(grad, grad_ref) < 2e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("transform", ["plain", "all"])
 def test_gradcheck_float64(backend, transform):
     hidden, weight, labels, b = make_inputs(5, 6, 19, torch.float64, bias=True, ignore_frac=0.3)

@@ -501,3 +501,119 @@ def test_package_exports():
     assert expo_kernels.preference_loss is preference_loss
     assert expo_kernels.LOSSES is LOSSES
     assert {"preference_loss", "preference_loss_and_metrics", "LOSSES"} <= set(expo_kernels.__all__)
+
+
+# ---------------------------------------------------------------------------------------------- overflow
+# Regression tests: float32 must give the float64 answer (value and gradient) of the plain formula where
+# that answer is representable; before the fixes these gave NaN / inf / a zero gradient.
+def _grad_pair(fn, *inputs):
+    """Value and input gradients of fn in float32 and float64."""
+    out = []
+    for dt in (torch.float32, torch.float64):
+        xs = [torch.tensor(x, dtype=dt, requires_grad=True) for x in inputs]
+        v = fn(*xs)
+        grads = torch.autograd.grad(v, xs, allow_unused=True)
+        out.append((v.detach(), [torch.zeros(()) if g is None else g for g in grads]))
+    return out
+
+
+def _discopop_plain(c, r, cr, rr, beta=0.1, tau=0.05):
+    z = beta * ((c - cr) - (r - rr))
+    w = torch.sigmoid(z / tau)
+    return (-(1 - w) * torch.log(torch.sigmoid(z)) + w * torch.exp(-z)).double()
+
+
+def test_discopop_float32_extreme_margin_is_finite():
+    one = lambda v: torch.tensor([v], dtype=torch.float32)  # noqa: E731
+    got = preference_loss("discopop", one(-1000.0), one(-100.0), one(-100.0), one(-100.0), beta=0.1)
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(90.0, rel=1e-6)  # float64 of the plain formula
+    (v32, g32), (v64, g64) = _grad_pair(lambda c: preference_loss("discopop", c.reshape(1), *(
+        torch.full((1,), -100.0, dtype=c.dtype) for _ in range(3)), beta=0.1), -1000.0)
+    assert torch.isfinite(g32[0]) and g32[0].item() == pytest.approx(g64[0].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("m", [-30.0, -5.0, -0.3, 0.0, 0.2, 1.0, 4.0, 40.0])
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+def test_discopop_matches_float64_plain_formula(m, tau):
+    def ours(c):
+        z = torch.zeros(1, dtype=c.dtype)
+        return preference_loss("discopop", c.reshape(1), z, z, z, beta=0.5, discopop_tau=tau)
+
+    (v32, g32), (v64, g64) = _grad_pair(ours, m)
+    c64 = torch.tensor(m, dtype=torch.float64, requires_grad=True)
+    z = torch.zeros((), dtype=torch.float64)
+    want = _discopop_plain(c64, z, z, z, beta=0.5, tau=tau)
+    (gwant,) = torch.autograd.grad(want, c64)
+    torch.testing.assert_close(v64, want.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g64[0], gwant, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v32.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g32[0].double(), gwant, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("pc", [-1e-9, -1e-6, -0.3, -0.69, -0.7, -5.0, -120.0])
+def test_orpo_log_odds_float32_matches_float64(pc):
+    """log(1 - exp(a)) near a = 0 and very negative: finite value and gradient, as float64 gives."""
+    def ours(c):
+        n = torch.ones(1, dtype=torch.long)
+        return preference_loss("orpo", c.reshape(1), torch.full((1,), -2.0, dtype=c.dtype),
+                               chosen_lengths=n, rejected_lengths=n, chosen_nll=torch.zeros((), dtype=c.dtype))
+
+    (v32, g32), (v64, g64) = _grad_pair(ours, pc)
+    assert torch.isfinite(v32) and torch.isfinite(g32[0])
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g32[0].double(), g64[0], rtol=1e-3, atol=1e-6)
+
+
+def test_orpo_probability_one_is_finite():
+    """An average log-prob of exactly 0 (float32 reaches it): saturated, not NaN."""
+    for dt in (torch.float32, torch.float64):
+        c = torch.zeros(1, dtype=dt, requires_grad=True)
+        n = torch.ones(1, dtype=torch.long)
+        loss = preference_loss("orpo", c, torch.full((1,), -1.0, dtype=dt), chosen_lengths=n, rejected_lengths=n)
+        (g,) = torch.autograd.grad(loss, c)
+        assert torch.isfinite(loss) and torch.isfinite(g)
+
+
+def test_forward_kl_saturated_scores_do_not_cancel_to_nan():
+    one = lambda v, dt: torch.tensor([v], dtype=dt)  # noqa: E731
+    for dt in (torch.float32, torch.float64):  # float64: log 2 exactly (equal log-ratios)
+        got = preference_loss("sigmoid", one(-200.0, dt), one(-200.0, dt), one(-100.0, dt), one(-100.0, dt),
+                              f_divergence_type="forward_kl")
+        assert got.item() == pytest.approx(math.log(2.0), rel=1e-6)
+
+
+def test_alphapo_reward_saturates_instead_of_nan():
+    n = torch.ones(1, dtype=torch.long)
+    for dt in (torch.float32, torch.float64):
+        c = torch.full((1,), -1000.0 if dt == torch.float32 else -5000.0, dtype=dt)
+        got = preference_loss("cpo", c, c.clone(), alpha=0.5, cpo_alpha=0.0, chosen_lengths=n, rejected_lengths=n)
+        assert got.item() == pytest.approx(math.log(2.0), rel=1e-6)  # equal rewards, not inf - inf
+
+
+@pytest.mark.parametrize("name,c,r", [("apo_zero", 300.0, -400.0), ("apo_down", -600.0, -1000.0)])
+def test_apo_small_terms_keep_relative_precision(name, c, r):
+    """sigma(-x) instead of 1 - sigma(x): the tail term and its gradient survive in float32."""
+    def ours(x):
+        z = torch.zeros(1, dtype=x.dtype)
+        return preference_loss(name, x.reshape(1), torch.full((1,), r, dtype=x.dtype), z, z, beta=0.1)
+
+    (v32, g32), _ = _grad_pair(ours, c)
+    # exact in float64: 1 - sigma(x) = sigma(-x) (1 - sigma(40) rounds to 0 even in float64)
+    x = torch.tensor(c, dtype=torch.float64, requires_grad=True)
+    b = 0.1
+    want = (torch.sigmoid(-b * x) + torch.sigmoid(b * torch.tensor(r, dtype=torch.float64)) if name == "apo_zero"
+            else torch.sigmoid(b * x) + torch.sigmoid(-b * (x - r)))
+    (gwant,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(v32.double(), want.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g32[0].double(), gwant, rtol=1e-4, atol=0)
+
+
+def test_kto_small_terms_keep_relative_precision():
+    def ours(p):
+        return preference_loss("kto", policy_logps=p.reshape(1), ref_logps=torch.zeros(1, dtype=p.dtype),
+                               is_desirable=torch.tensor([True]), kl=0.0, beta=1.0)
+
+    (v32, g32), (v64, g64) = _grad_pair(ours, 25.0)
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g32[0].double(), g64[0], rtol=1e-4, atol=0)

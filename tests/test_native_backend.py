@@ -41,7 +41,7 @@ FALLBACK_CODE = """
     warnings.simplefilter("always")
     with warnings.catch_warnings(record=True) as caught:
         import expo_kernels as ek
-        from expo_kernels.autograd import resolve_backend
+        from expo_kernels._dispatch import resolve_backend
         first = ek.available_backends("cpu")
         second = ek.available_backends("cpu")
         default = resolve_backend(None, torch.device("cpu"))

@@ -34,8 +34,10 @@ def make(n, h, hr, v, dtype, bias=True):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", ["plain", "all"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-7)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
 def test_token_kl_matches_reference(backend, transform, dtype, tol):
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("Triton refuses float64 (test_linear_logprobs.test_triton_refuses_float64...)")
     # Reference head with a different hidden size (a smaller reference model is allowed).
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(37, 24, 20, 100, dtype)
     kl = ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, backend=backend,
@@ -60,7 +62,7 @@ def test_token_kl_is_zero_for_identical_heads(backend):
     assert grad.abs().max() < 1e-5  # p - q = 0 everywhere
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # float64: not on Triton
 def test_token_kl_gradcheck(backend):
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(5, 6, 4, 17, torch.float64)
 

@@ -29,7 +29,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..autograd import TokenStats, linear_logprobs
+from ..functional import TokenStats, linear_logprobs
+from .._validation import check_backend_name, check_bool
 from ..distributed import _is_fsdp2, fsdp_lm_head_call
 from ..losses import LOSSES
 from ..modules import FusedLinearPreferenceLoss
@@ -180,6 +181,19 @@ def add_fused_lm_head(
 # -------------------------------------------------------------------------------------------------
 # Trainers
 # -------------------------------------------------------------------------------------------------
+def _check_options(backend=None, logit_transform=None, loss_kwargs=None, registry_loss=None) -> None:
+    """The options of our trainers, checked before TRL's ``__init__`` (model copies, dataset
+    processing, reference precompute) so a typo fails at once, naming the argument."""
+    check_backend_name(backend)
+    for name, value in (("logit_transform", logit_transform), ("loss_kwargs", loss_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{name} must be None or a dict, got {type(value).__name__} {value!r}")
+    if loss_kwargs is not None and not all(isinstance(k, str) for k in loss_kwargs):
+        raise TypeError(f"loss_kwargs must map hyperparameter names (str) to values, got keys {list(loss_kwargs)}")
+    if registry_loss is not None:
+        check_bool("registry_loss", registry_loss)
+
+
 @contextlib.contextmanager
 def _trl_head_replaced(module, **options):
     """Make ``module.add_fused_lm_head`` (the name TRL's trainer calls in its ``__init__``) ours."""
@@ -333,6 +347,7 @@ class FusedDPOTrainer(_FusedDPOMixin, _trl_dpo.DPOTrainer):
 
     def __init__(self, *args, loss_kwargs: Optional[Dict[str, Any]] = None, backend: Optional[str] = None,
                  logit_transform: Optional[Dict] = None, registry_loss: Optional[bool] = None, **kwargs):
+        _check_options(backend, logit_transform, loss_kwargs, registry_loss)
         with _trl_head_replaced(_trl_dpo, backend=backend, logit_transform_override=logit_transform):
             super().__init__(*args, **kwargs)
         self._expo_setup(loss_kwargs, backend, registry_loss)
@@ -342,6 +357,7 @@ class FusedKTOTrainer(_trl_kto.KTOTrainer):
     """``trl.KTOTrainer`` whose LM head (policy, reference and KL-baseline passes) runs through expo_kernels."""
 
     def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+        _check_options(backend, logit_transform)
         with _trl_head_replaced(_trl_kto, backend=backend, logit_transform_override=logit_transform):
             super().__init__(*args, **kwargs)
 
@@ -354,6 +370,7 @@ def enable_fused_lm_head(trainer, *, loss_kwargs: Optional[Dict[str, Any]] = Non
     dpo, kto = _trl_dpo.DPOTrainer, _trl_kto.KTOTrainer
     if not isinstance(trainer, (dpo, kto)):
         raise TypeError(f"enable_fused_lm_head expects a trl DPOTrainer or KTOTrainer, got {type(trainer).__name__}.")
+    _check_options(backend, logit_transform, loss_kwargs, registry_loss)  # before anything is patched
     if isinstance(trainer, kto) and loss_kwargs:
         raise ValueError("`loss_kwargs` applies to DPOTrainer losses only.")
     outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -458,6 +475,7 @@ if _TRLCPOTrainer is not None:
         arguments, losses and metrics, no logits."""
 
         def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+            _check_options(backend, logit_transform)
             super().__init__(*args, **kwargs)
             self._expo_setup_head(backend, logit_transform)
 
@@ -476,6 +494,7 @@ if _TRLCPOTrainer is not None:
         _nll_over_prompt = True
 
         def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+            _check_options(backend, logit_transform)
             super().__init__(*args, **kwargs)
             self._expo_setup_head(backend, logit_transform)
 

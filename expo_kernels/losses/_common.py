@@ -156,14 +156,23 @@ def label_smoothing(default: float = 0.0, *, low_open: bool = False, doc: str = 
 # Constant offsets (the 1 of forward_kl, log 2 of JS, -1/(a-1) of alpha) cancel in every loss that
 # takes the chosen-rejected difference; they are kept so the scores equal TRL's.
 # ------------------------------------------------------------------------------------------------
+# Largest exponent (with margin) whose exp is finite in each dtype: the saturating exps below clamp
+# their argument there, so two saturated scores cancel (inf - inf would be NaN) and the loss stays finite.
 _ALPHA_CLAMP = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0, torch.float64: 700.0}
+
+
+def exp_limit(dtype: torch.dtype) -> float:
+    """The largest argument the saturating exps of the losses pass to ``exp`` in ``dtype``."""
+    return _ALPHA_CLAMP.get(dtype, 80.0)
 
 
 def f_divergence_scores(u: Tensor, kind: str, coef: float) -> Tensor:
     if kind == "reverse_kl":
         return u
     if kind == "forward_kl":
-        return 1 - torch.exp(-u)
+        # exp(-u) overflows for u < -88 in float32 (a log-ratio that drifted 88 nats); unclamped, two such
+        # scores give inf - inf = NaN where float64 gives a finite loss. Same saturation as alpha below.
+        return 1 - torch.exp(torch.clamp(-u, max=exp_limit(u.dtype)))
     if kind == "js_divergence":
         return math.log(2.0) + F.logsigmoid(u)
     if kind == "alpha_divergence":

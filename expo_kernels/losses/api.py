@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._common import F_DIVERGENCE_LOSSES, F_DIVERGENCE_TYPES, LossTerms, PreferenceBatch
-from .registry import LOSSES, LossSpec, _names, get_loss_spec
+from .registry import LOSSES, HParamTypeError, LossSpec, _names, as_real, describe, get_loss_spec
 
 Tensor = torch.Tensor
 Number = Union[int, float]
@@ -15,6 +15,76 @@ Number = Union[int, float]
 __all__ = ["preference_loss", "preference_loss_and_metrics"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_reduction(reduction: Any) -> None:
+    if not isinstance(reduction, str):
+        raise HParamTypeError(f"`reduction` must be one of {list(_REDUCTIONS)}; got {describe(reduction)}.")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {list(_REDUCTIONS)}; got {reduction!r}.")
+
+
+def check_loss_weights(loss_weights: Any, names: Sequence[str]) -> List[float]:
+    """One finite real number per loss (default 1 each)."""
+    if loss_weights is None:
+        return [1.0] * len(names)
+    if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, (list, tuple)):
+        if not (isinstance(loss_weights, torch.Tensor) and loss_weights.dim() == 1):
+            raise HParamTypeError(
+                f"`loss_weights` must be a list of numbers, one per loss {list(names)}; got {describe(loss_weights)}."
+            )
+    lws = list(loss_weights)
+    if len(lws) != len(names):
+        raise ValueError(
+            f"`loss_weights` must have one weight per loss: {len(lws)} weights for {len(names)} losses {list(names)}."
+        )
+    out = []
+    for w in lws:
+        v = as_real(w)
+        if v is None:
+            raise HParamTypeError(f"`loss_weights` must be finite numbers; got {describe(w)} in {loss_weights!r}.")
+        if not math.isfinite(v):
+            raise ValueError(f"`loss_weights` must be finite numbers; got {loss_weights!r}.")
+        out.append(v)
+    return out
+
+
+def _check_is_desirable(x: Any, n: int, device) -> Tensor:
+    """``[N]`` bool, True = desirable. Integer 0/1 labels are accepted; floats are refused (``0.3``
+    would silently count as True)."""
+    if not isinstance(x, torch.Tensor):
+        if isinstance(x, (list, tuple)) and all(isinstance(v, bool) or type(v).__name__ == "bool_" for v in x):
+            x = torch.tensor([bool(v) for v in x], dtype=torch.bool)
+        else:
+            raise HParamTypeError(f"`is_desirable` must be a bool tensor (or list of bools) of shape ({n},); "
+                                  f"got {type(x).__name__}.")
+    if x.dim() != 1 or x.shape[0] != n:
+        raise ValueError(f"`is_desirable` must have shape ({n},); got {tuple(x.shape)}.")
+    if x.dtype != torch.bool:
+        if x.dtype not in _INT_DTYPES:
+            raise HParamTypeError(f"`is_desirable` must be a bool tensor (True = desirable); got dtype {x.dtype}.")
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError("`is_desirable` must hold 0/1 (or True/False) labels; got other integers.")
+    return x.to(device).bool()
+
+
+def _check_finite(result: Tensor, names: Sequence[str], hparams: Dict[str, Any], **inputs: Any) -> None:
+    """A NaN / inf loss is an error, not a number to train on: name the input that caused it.
+
+    One device sync on the (reduced) result; the inputs are only looked at once it is non-finite.
+    """
+    if bool(torch.isfinite(result.detach()).all()):
+        return
+    for key, t in inputs.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) \
+                and not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"`{key}` contains NaN or inf values (the loss came out non-finite).")
+    raise ValueError(
+        f"Loss {list(names) if len(names) > 1 else names[0]!r} came out non-finite from finite inputs: it "
+        f"overflowed the {result.dtype} range; check the scale of the log-probs and the hyperparameters "
+        f"{dict(hparams)}."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,10 +111,15 @@ def _vector(name: str, x: Any, n: int) -> Tensor:
 
 
 def _scalar_or_vector(name: str, x: Any, n: int, like: Tensor, allowed: Sequence[int]) -> Tensor:
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return torch.tensor(float(x), dtype=like.dtype, device=like.device)
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"`{name}` must be a number or a tensor; got {type(x).__name__}.")
+        v = as_real(x)
+        if v is None:
+            raise HParamTypeError(f"`{name}` must be a number or a tensor; got {describe(x)}.")
+        if not math.isfinite(v):
+            raise ValueError(f"`{name}` must be finite; got {x!r}.")
+        return torch.tensor(v, dtype=like.dtype, device=like.device)
+    if not (x.is_floating_point() or x.dtype in _INT_DTYPES):
+        raise HParamTypeError(f"`{name}` must be a real (floating-point or integer) tensor; got dtype {x.dtype}.")
     if x.dim() == 0:
         return x
     if x.dim() != 1 or x.shape[0] not in allowed:
@@ -58,6 +133,17 @@ _FDIV_KEYS = ("f_divergence_type", "f_alpha_divergence_coef")
 
 def _check_hparams(specs: Sequence[LossSpec], hparams: Dict[str, Any]) -> None:
     fdiv = hparams.get("f_divergence_type", "reverse_kl")
+    if not isinstance(fdiv, str):
+        raise HParamTypeError(
+            f"`f_divergence_type` must be one of {list(F_DIVERGENCE_TYPES)}; got {describe(fdiv)}."
+        )
+    # checked here too: a loss that does not take it would otherwise never look at it
+    coef = hparams.get("f_alpha_divergence_coef", 0.5)
+    v = as_real(coef)
+    if v is None:
+        raise HParamTypeError(f"`f_alpha_divergence_coef` must be a finite real number; got {describe(coef)}.")
+    if not math.isfinite(v):
+        raise ValueError(f"`f_alpha_divergence_coef` must be a finite real number; got {coef!r}.")
     if fdiv not in F_DIVERGENCE_TYPES:
         raise ValueError(
             f"Unknown f_divergence_type {fdiv!r}; expected one of {list(F_DIVERGENCE_TYPES)}."
@@ -140,11 +226,8 @@ def _build_unpaired(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_re
         ref = None if ref_logps is None else _float_vector("ref_logps", ref_logps, n)
         if is_desirable is None:
             raise ValueError(f"Loss {name!r}: `is_desirable` ([N] bool, True = desirable) is required with `policy_logps`.")
-        if not isinstance(is_desirable, torch.Tensor):
-            is_desirable = torch.as_tensor(is_desirable, device=pol.device)
-        if is_desirable.dim() != 1 or is_desirable.shape[0] != n:
-            raise ValueError(f"`is_desirable` must have shape ({n},); got {tuple(is_desirable.shape)}.")
-        batch = PreferenceBatch(policy_logps=pol, ref_logps=ref, is_desirable=is_desirable.to(pol.device).bool())
+        batch = PreferenceBatch(policy_logps=pol, ref_logps=ref,
+                                is_desirable=_check_is_desirable(is_desirable, n, pol.device))
         like = pol
     else:
         if chosen_logps is None or rejected_logps is None:
@@ -186,19 +269,8 @@ def _compute(
 ) -> Tuple[Tensor, List[Tuple[str, float, LossTerms]]]:
     names = _names(name)
     specs = [get_loss_spec(n) for n in names]
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {list(_REDUCTIONS)}; got {reduction!r}.")
-    if loss_weights is None:
-        lws = [1.0] * len(specs)
-    else:
-        lws = list(loss_weights)
-        if len(lws) != len(specs):
-            raise ValueError(
-                f"`loss_weights` must have one weight per loss: {len(lws)} weights for {len(specs)} losses {list(names)}."
-            )
-        for w in lws:
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ValueError(f"`loss_weights` must be finite numbers; got {loss_weights!r}.")
+    check_reduction(reduction)
+    lws = check_loss_weights(loss_weights, names)
     if any(not s.paired for s in specs) and len(specs) > 1:
         raise ValueError(
             f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with other losses; got {list(names)}."
@@ -236,8 +308,14 @@ def _compute(
             raise ValueError(
                 f"reduction='none' is not available for loss {n!r}: {why}. Use reduction='mean' or 'sum'."
             )
-        return total, parts
-    return (total.mean() if reduction == "mean" else total.sum()), parts
+    else:
+        total = total.mean() if reduction == "mean" else total.sum()
+    _check_finite(total, names, hparams, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, weights=weights,
+                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=batch.chosen_nll,
+                  offset=batch.offset, token_kl=batch.token_kl, policy_logps=policy_logps, ref_logps=ref_logps,
+                  kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=batch.kl)
+    return total, parts
 
 
 def preference_loss(
@@ -325,10 +403,10 @@ def preference_loss_and_metrics(
     are kept, and ``loss/<name>`` holds each component's mean.
     """
     kw = dict(kwargs)
-    signature = ("reduction", "loss_weights", "weights", "chosen_lengths", "rejected_lengths", "chosen_nll",
+    signature = ("loss_weights", "weights", "chosen_lengths", "rejected_lengths", "chosen_nll",
                  "offset", "token_kl", "policy_logps", "ref_logps", "is_desirable", "kl_logps", "ref_kl_logps", "kl")
     args = {k: kw.pop(k, None) for k in signature}
-    args["reduction"] = args["reduction"] or "mean"
+    args["reduction"] = kw.pop("reduction", "mean")  # an explicit None or "" is checked, not defaulted
     loss, parts = _compute(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                            hparams=kw, **args)
     metrics: Dict[str, Tensor] = {}

@@ -202,7 +202,8 @@ def _aot_unpaired(batch: PreferenceBatch, hp: dict) -> LossTerms:
 def _apo_zero(batch: PreferenceBatch, hp: dict) -> LossTerms:
     hc, hr = batch.logratios("apo_zero")
     b = hp["beta"]
-    return LossTerms((1 - torch.sigmoid(b * hc)) + torch.sigmoid(b * hr), dpo_metrics(batch, b))
+    # sigma(-x) rather than 1 - sigma(x): the same value, without rounding to 0 (and a zero gradient) for large x
+    return LossTerms(torch.sigmoid(-b * hc) + torch.sigmoid(b * hr), dpo_metrics(batch, b))
 
 
 @register_loss(
@@ -213,7 +214,7 @@ def _apo_zero(batch: PreferenceBatch, hp: dict) -> LossTerms:
 def _apo_down(batch: PreferenceBatch, hp: dict) -> LossTerms:
     hc, hr = batch.logratios("apo_down")
     b = hp["beta"]
-    return LossTerms(torch.sigmoid(b * hc) + (1 - torch.sigmoid(b * (hc - hr))), dpo_metrics(batch, b))
+    return LossTerms(torch.sigmoid(b * hc) + torch.sigmoid(-b * (hc - hr)), dpo_metrics(batch, b))
 
 
 @register_loss(
@@ -228,8 +229,11 @@ def _apo_down(batch: PreferenceBatch, hp: dict) -> LossTerms:
 def _discopop(batch: PreferenceBatch, hp: dict) -> LossTerms:
     _, _, sc, sr = scores(batch, "discopop", hp)
     z = hp["beta"] * (sc - sr)
-    w = torch.sigmoid(z / hp["discopop_tau"])
-    terms = -F.logsigmoid(z) * (1 - w) + torch.exp(-z) * w
+    zt = z / hp["discopop_tau"]
+    # Written so nothing overflows: the plain w * exp(-z) is 0 * inf = NaN once exp(-z) overflows (z < -88
+    # in float32) although w is then far smaller; exp(log w - z) is the same number without the inf.
+    # 1 - w = sigma(-z/tau) keeps the small values that 1 - sigma(z/tau) rounds to 0.
+    terms = -F.logsigmoid(z) * torch.sigmoid(-zt) + torch.exp(F.logsigmoid(zt) - z)
     return LossTerms(terms, dpo_metrics(batch, hp["beta"]))
 
 

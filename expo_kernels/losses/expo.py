@@ -78,7 +78,7 @@ def _expo(batch: PreferenceBatch, hp: dict) -> LossTerms:
             else:  # pair
                 d_ref = rc - rr
                 q_ref = torch.sigmoid(d_ref)
-                kl = q_ref * (F.logsigmoid(d_ref) - F.logsigmoid(d)) + (1 - q_ref) * (
+                kl = q_ref * (F.logsigmoid(d_ref) - F.logsigmoid(d)) + torch.sigmoid(-d_ref) * (
                     F.logsigmoid(-d_ref) - F.logsigmoid(-d)
                 )
 

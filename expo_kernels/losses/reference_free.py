@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import BETA, LossTerms, PreferenceBatch, label_smoothing, reward_metrics
+from ._common import BETA, LossTerms, PreferenceBatch, exp_limit, label_smoothing, reward_metrics
 from .registry import HParam, non_negative, one_of, positive, real, register_loss
 
 _GAMMA = HParam("gamma", 0.5, "SimPO target reward margin (TRL's `simpo_gamma`, default 0.5)", real)
@@ -48,9 +48,12 @@ def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alp
     if alpha != 0.0:
         # AlphaPO (Gupta et al. 2025, arXiv 2501.03884) as TRL's CPOTrainer implements it:
         # r = (1 - p^(-alpha)) / alpha with p = exp(logp). Written as -expm1(-alpha*logp)/alpha, the same
-        # number without forming p (which underflows for long sequences).
-        rc = -torch.expm1(-alpha * pc) / alpha
-        rr = -torch.expm1(-alpha * pr) / alpha
+        # number without forming p (which underflows for long sequences). The exponent is clamped where
+        # exp overflows (alpha > 0 and summed log-probs below -88/alpha in float32): two rewards of -inf
+        # would make a NaN margin where float64 gives a finite one.
+        lim = exp_limit(pc.dtype)
+        rc = -torch.expm1(torch.clamp(-alpha * pc, max=lim)) / alpha
+        rr = -torch.expm1(torch.clamp(-alpha * pr, max=lim)) / alpha
     else:
         rc, rr = pc, pr
     logits = rc - rr
@@ -131,8 +134,18 @@ _LN_HALF = -math.log(2.0)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, switching formula at ``-log 2`` for accuracy."""
-    return torch.where(x < _LN_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """``log(1 - exp(x))`` for ``x <= 0``, switching formula at ``-log 2`` for accuracy.
+
+    Each branch gets its input clamped to the side where it is used: torch.where back-propagates
+    0 * (the other branch's gradient), which is NaN where that branch is infinite (log1p(-exp(x))
+    at x -> 0). ``x`` is also kept below ``-tiny``: at ``x = 0`` (a probability of exactly 1, which
+    float32 log-probs do reach) the value would be -inf; it saturates at ``log(tiny)`` instead
+    (about -87 in float32) with a zero gradient there.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    lo = torch.clamp(x, max=_LN_HALF)
+    hi = torch.clamp(x, min=_LN_HALF, max=-tiny)
+    return torch.where(x < _LN_HALF, torch.log1p(-torch.exp(lo)), torch.log(-torch.expm1(hi)))
 
 
 @register_loss(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -37,7 +38,18 @@ __all__ = [
     "unit_interval",
     "one_of",
     "real",
+    "HParamTypeError",
+    "as_real",
+    "describe",
 ]
+
+
+class HParamTypeError(TypeError, ValueError):
+    """A hyperparameter (or option) of the wrong type, e.g. ``beta="0.1"``.
+
+    A TypeError, and a ValueError too: the loss layer raised ValueError for every bad hyperparameter
+    before, so callers catching that keep working.
+    """
 
 
 class _Required:
@@ -54,35 +66,58 @@ REQUIRED: Any = _Required()
 # Range checks. Each returns None when the value is valid, else the text "expected ..." used in the
 # ValueError raised by the spec.
 # --------------------------------------------------------------------------------------------------
-def _as_float(value: Any) -> Optional[float]:
-    if isinstance(value, bool):
+def as_real(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a real number, else None.
+
+    Accepted: int / float (not bool), numpy real scalars and 0-dim real tensors. Strings are refused:
+    ``float("0.1")`` would accept them, and a string reaching the math fails far from its cause.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
         return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:  # torch is optional here: the registry has no hard dependency on it
+        import torch
+    except ImportError:  # pragma: no cover
         return None
-    return out
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value.item())
+    return None
 
 
+def describe(value: Any) -> str:
+    """``str '0.1'``, ``float nan``: a value with its type, for error messages."""
+    return f"{type(value).__name__} {value!r}"
+
+
+def _number_check(fn: Callable) -> Callable:
+    fn.expects = "number"  # a value of another type is a type error (HParamTypeError)
+    return fn
+
+
+@_number_check
 def real(value: Any) -> Optional[str]:
     """Any finite real number."""
-    v = _as_float(value)
+    v = as_real(value)
     if v is None or not math.isfinite(v):
         return "a finite real number"
     return None
 
 
+@_number_check
 def positive(value: Any) -> Optional[str]:
     """A finite number > 0."""
-    v = _as_float(value)
+    v = as_real(value)
     if v is None or not math.isfinite(v) or v <= 0:
         return "a finite number > 0"
     return None
 
 
+@_number_check
 def non_negative(value: Any) -> Optional[str]:
     """A finite number >= 0."""
-    v = _as_float(value)
+    v = as_real(value)
     if v is None or not math.isfinite(v) or v < 0:
         return "a finite number >= 0"
     return None
@@ -93,7 +128,7 @@ def unit_interval(low: float, high: float, *, low_open: bool = False, high_open:
     text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def check(value: Any) -> Optional[str]:
-        v = _as_float(value)
+        v = as_real(value)
         if v is None or not math.isfinite(v):
             return f"a number in {text}"
         if v < low or (low_open and v == low) or v > high or (high_open and v == high):
@@ -101,18 +136,20 @@ def unit_interval(low: float, high: float, *, low_open: bool = False, high_open:
         return None
 
     check.__doc__ = f"A number in {text}."
-    return check
+    return _number_check(check)
 
 
 def one_of(*choices: str) -> Callable:
     """One of the given strings."""
 
     def check(value: Any) -> Optional[str]:
-        if value not in choices:
+        # isinstance first: `tensor in choices` would compare element-wise
+        if not isinstance(value, str) or value not in choices:
             return f"one of {list(choices)}"
         return None
 
     check.__doc__ = f"One of {list(choices)}."
+    check.expects = "str"
     return check
 
 
@@ -133,13 +170,24 @@ class HParam:
         if self.check is not None:
             expected = self.check(value)
             if expected is not None:
-                raise ValueError(
-                    f"Loss {loss_name!r}: hyperparameter `{self.name}` must be {expected}; got {value!r}."
+                exc = HParamTypeError if self._wrong_type(value) else ValueError
+                raise exc(
+                    f"Loss {loss_name!r}: hyperparameter `{self.name}` must be {expected}; got {describe(value)}."
                 )
-        # python numbers are normalised to float; strings and tensors are kept as given
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # numbers are normalised to float (numpy scalars included); strings and tensors are kept as given
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         return value
+
+    def _wrong_type(self, value: Any) -> bool:
+        """Whether a refused value has the wrong type (vs. the right type out of range). The check
+        says what it expects; a custom check without ``expects`` is read from the default's type."""
+        expects = getattr(self.check, "expects", None)
+        if expects is None:
+            expects = "str" if isinstance(self.default, str) else "number"
+        if expects == "str":
+            return not isinstance(value, str)
+        return as_real(value) is None
 
 
 @dataclass(frozen=True)
@@ -257,7 +305,7 @@ def register_loss(
 def get_loss_spec(name: str) -> LossSpec:
     """The spec registered under ``name``; unknown names raise ValueError naming the closest ones."""
     if not isinstance(name, str):
-        raise ValueError(f"A loss name must be a string, got {type(name).__name__}: {name!r}.")
+        raise HParamTypeError(f"A loss name must be a string, got {type(name).__name__}: {name!r}.")
     try:
         return LOSSES[name]
     except KeyError:
@@ -273,6 +321,6 @@ def _names(name: Any) -> Tuple[str, ...]:
         return (name,)
     if isinstance(name, (list, tuple)) and len(name) > 0 and all(isinstance(n, str) for n in name):
         return tuple(name)
-    raise ValueError(
-        f"`name` must be a loss name or a non-empty list of loss names (MPO-style mix); got {name!r}."
+    raise HParamTypeError(
+        f"`name` must be a loss name or a non-empty list of loss names (MPO-style mix); got {describe(name)}."
     )

@@ -94,8 +94,9 @@ def _kto(batch: PreferenceBatch, hp: dict) -> LossTerms:
         )
     h = pol - ref
     b = hp["beta"]
-    des = hp["desirable_weight"] * (1 - torch.sigmoid(b * (h - z0)))
-    und = hp["undesirable_weight"] * (1 - torch.sigmoid(b * (z0 - h)))
+    # sigma(-x) rather than TRL's 1 - sigma(x): equal, but without rounding to 0 for large x
+    des = hp["desirable_weight"] * torch.sigmoid(-b * (h - z0))
+    und = hp["undesirable_weight"] * torch.sigmoid(-b * (z0 - h))
     terms = torch.where(lab, des, und)
     return LossTerms(terms, _metrics(pol, h, lab, b, z0), coupled=coupled)
 
@@ -110,7 +111,7 @@ def _apo_zero_unpaired(batch: PreferenceBatch, hp: dict) -> LossTerms:
     pol, ref, lab = _examples(batch, "apo_zero_unpaired")
     h = pol - ref
     b = hp["beta"]
-    des = hp["desirable_weight"] * (1 - torch.sigmoid(b * h))
+    des = hp["desirable_weight"] * torch.sigmoid(-b * h)
     und = hp["undesirable_weight"] * torch.sigmoid(b * h)
     terms = torch.where(lab, des, und)
     zero = torch.zeros((), dtype=h.dtype, device=h.device)

@@ -1,10 +1,11 @@
-"""Types shared by every backend: the logit transform and the per-token outputs."""
+"""Types shared by every backend: the logit transform, the per-token outputs, the public statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,6 @@ class LogitTransform:
     @property
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
-
-    @property
-    def is_identity(self) -> bool:
-        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
 
     def apply(self, raw: torch.Tensor) -> torch.Tensor:
         z = raw * self.logit_scale if self.logit_scale != 1.0 else raw
@@ -53,7 +50,20 @@ class TokenOutputs(NamedTuple):
 
     logp: torch.Tensor  # log p(label) = z_label - lse
     lse: torch.Tensor  # log sum_v exp(z_v)
-    entropy: Optional[torch.Tensor] = None  # lse - sum_v p_v z_v
-    mean_logit: Optional[torch.Tensor] = None  # sum_v z_v / V
+    entropy: Optional[torch.Tensor] = None  # sum_v p_v (lse - z_v), from max-shifted logits
+    mean_logit: Optional[torch.Tensor] = None  # sum_v z_v / V over finite z_v (masked -inf entries add 0)
     is_top1: Optional[torch.Tensor] = None  # bool: label == argmax_v z_v (first maximum)
     log_sum_p2: Optional[torch.Tensor] = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of the head's distribution, shaped like ``labels``, without gradient.
+
+    Zero (False) at ignored positions.
+    """
+
+    lse: Tensor  # log sum_v exp(z_v)
+    entropy: Tensor  # -sum_v p_v log p_v
+    mean_logit: Tensor  # sum_v z_v / V over the finite z_v (a masked -inf entry adds 0)
+    is_top1: Tensor  # bool: label == argmax_v z_v (first maximum on ties)
+    log_sum_p2: Tensor  # log sum_v p_v^2 (WPO weighting)

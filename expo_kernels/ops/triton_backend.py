@@ -32,7 +32,7 @@ import triton.language as tl
 from . import torch_backend
 from .common import LogitTransform, TokenOutputs
 from .options import get_kernel_options
-from .torch_backend import _cast_grads, _grad_buffers
+from .torch_backend import _cast_grads, _grad_buffers, empty_outputs, safe_shift
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -94,6 +94,18 @@ def _logit_tile(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(ACC)[None, :]
     return acc
+
+
+@triton.jit
+def _safe_shift(m):
+    """The running max as a shift: 0 while only masked (-inf) logits were seen (see torch_backend)."""
+    return tl.where(m > float("-inf"), m, 0.0)
+
+
+@triton.jit
+def _masked_row_products(e, x):
+    """Row sums of e * x where e > 0: a masked entry (e = 0, x = -inf) adds 0, not nan."""
+    return tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=1)
 
 
 @triton.jit
@@ -174,7 +186,7 @@ def _forward_kernel(
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)  # running max
     s = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m)
-    sz = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m) z        (entropy)
+    sz = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m) (z - m)  (entropy, shifted)
     s2 = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(2(z - m))       (log sum p^2)
     z_sum = tl.zeros((BLOCK_N,), dtype=ACC)
     z_label = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -189,19 +201,21 @@ def _forward_kernel(
                           stride_hn, stride_hh, stride_wv, stride_wh,
                           HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
         z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-        z_in = tl.where(mask_v[None, :], z, 0.0)  # finite stand-in for products and sums
-        z = tl.where(mask_v[None, :], z, float("-inf"))
+        z = tl.where(mask_v[None, :], z, float("-inf"))  # columns past the split count as masked
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * rescale + tl.sum(e, axis=1)
-        z_label += tl.sum(tl.where(offs_v[None, :] == y[:, None], z_in, 0.0), axis=1)
+        shift = _safe_shift(m_new)
+        rescale = tl.exp(m - shift)
+        e = tl.exp(z - shift[:, None])
+        z_label += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         if WITH_STATS:
-            sz = sz * rescale + tl.sum(e * z_in, axis=1)
+            # sum e^(z - m_new)(z - m_new) = rescale * (sz + (m - m_new) s) + this tile's terms
+            sz = rescale * (sz + tl.where(s > 0.0, m - shift, 0.0) * s) + _masked_row_products(
+                e, z - shift[:, None])
             s2 = s2 * rescale * rescale + tl.sum(e * e, axis=1)
-            z_sum += tl.sum(z_in, axis=1)
+            z_sum += tl.sum(tl.where(z > float("-inf"), z, 0.0), axis=1)
             before = offs_v[None, :] < y[:, None]
             max_before = tl.maximum(max_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
+        s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
     base = part_ptr + pid_s * N + offs_n
@@ -240,7 +254,7 @@ def _backward_kernel(
                       stride_hn, stride_hh, stride_wv, stride_wh,
                       HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp(tl.minimum(z - lse[:, None], 0.0))  # <= 1 even if the recomputed z rounds above lse
     hit = offs_v[None, :] == y[:, None]
     valid = mask_n[:, None] & mask_v[None, :]
     dz = g[:, None] * (tl.where(hit, 1.0, 0.0) - p) * deriv
@@ -312,9 +326,8 @@ def forward(
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n_tokens == 0:
-        empty = hidden.new_zeros(0, dtype=acc)
-        stats = (empty, empty, empty.bool(), empty) if with_stats else (None,) * 4
-        return TokenOutputs(empty, empty, *stats)
+        return empty_outputs(hidden, with_stats)
+    labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
     cfg = config or default_config(hidden.device)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_PARTIALS, splits, n_tokens), dtype=acc, device=hidden.device)
@@ -337,16 +350,19 @@ def merge_partials(parts: torch.Tensor, vocab: int, with_stats: bool) -> TokenOu
     """
     m = parts[_M]
     m_max = m.max(dim=0).values
-    w = torch.exp(m - m_max)
+    shift = safe_shift(m_max)
+    w = torch.exp(m - shift)
     s = (parts[_S] * w).sum(dim=0)
     lse = m_max + torch.log(s)
     z_label = parts[_ZLABEL].sum(dim=0)  # only the split holding the label adds a non-zero
     if not with_stats:
         return TokenOutputs(z_label - lse, lse)
+    # each split's sum e^(z - m_k)(z - m_k) moved to the common shift: w_k (sz_k + (m_k - M) s_k)
+    sz = (w * (parts[_SZ] + torch.where(parts[_S] > 0, m - shift, 0.0) * parts[_S])).sum(dim=0)
     return TokenOutputs(
         logp=z_label - lse,
         lse=lse,
-        entropy=lse - (parts[_SZ] * w).sum(dim=0) / s,
+        entropy=torch.log(s) - sz / s,
         mean_logit=parts[_ZSUM].sum(dim=0) / vocab,
         is_top1=(z_label >= m_max) & (parts[_MAX_BEFORE].max(dim=0).values < z_label),
         log_sum_p2=torch.log((parts[_S2] * w * w).sum(dim=0)) - 2.0 * torch.log(s),
@@ -378,7 +394,8 @@ def backward(
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse  # stands in for pointers the constexpr flags switch off
         _backward_kernel[grid](
-            hidden, weight, bias if bias is not None else dummy, labels, lse, grad_logp.contiguous(),
+            hidden, weight, bias.contiguous() if bias is not None else dummy, labels.contiguous(),
+            lse.contiguous(), grad_logp.contiguous(),
             d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
             d_bias if need_bias else dummy,
             n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -450,16 +467,18 @@ def _token_kl_forward_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
             logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
             UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-        diff = tl.where(mask_v[None, :], zr - zp, 0.0)
+        diff = zr - zp
         zp = tl.where(mask_v[None, :], zp, float("-inf"))
         zr = tl.where(mask_v[None, :], zr, float("-inf"))
         mp_new = tl.maximum(m_p, tl.max(zp, axis=1))
         mr_new = tl.maximum(m_r, tl.max(zr, axis=1))
-        s_p = s_p * tl.exp(m_p - mp_new) + tl.sum(tl.exp(zp - mp_new[:, None]), axis=1)
-        er = tl.exp(zr - mr_new[:, None])
-        rescale_r = tl.exp(m_r - mr_new)
+        shift_p = _safe_shift(mp_new)
+        shift_r = _safe_shift(mr_new)
+        s_p = s_p * tl.exp(m_p - shift_p) + tl.sum(tl.exp(zp - shift_p[:, None]), axis=1)
+        er = tl.exp(zr - shift_r[:, None])
+        rescale_r = tl.exp(m_r - shift_r)
         s_r = s_r * rescale_r + tl.sum(er, axis=1)
-        cross = cross * rescale_r + tl.sum(er * diff, axis=1)
+        cross = cross * rescale_r + _masked_row_products(er, diff)
         m_p = mp_new
         m_r = mr_new
     base = part_ptr + pid_s * N + offs_n
@@ -496,8 +515,8 @@ def _token_kl_backward_kernel(
         stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
         logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
         UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-    p = tl.exp(zp - lse_p[:, None])
-    q = tl.exp(zr - lse_r[:, None])
+    p = tl.exp(tl.minimum(zp - lse_p[:, None], 0.0))
+    q = tl.exp(tl.minimum(zr - lse_r[:, None], 0.0))
     valid = mask_n[:, None] & mask_v[None, :]
     dz = tl.where(valid, g[:, None] * (p - q) * deriv, 0.0)
     keep = True
@@ -516,8 +535,8 @@ def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tra
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n_tokens == 0:
-        empty = hidden.new_zeros(0, dtype=acc)
-        return empty, empty, empty
+        return tuple(hidden.new_zeros(0, dtype=acc) for _ in range(3))
+    bias, ref_bias = (None if b is None else b.contiguous() for b in (bias, ref_bias))
     cfg = config or default_config(hidden.device)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((5, splits, n_tokens), dtype=acc, device=hidden.device)
@@ -531,8 +550,8 @@ def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tra
         **_transform_args(transform), **_kernel_flags(hidden),
     )
     m_p, m_r = parts[_KL_MP].max(dim=0).values, parts[_KL_MR].max(dim=0).values
-    lse_p = m_p + torch.log((parts[_KL_SP] * torch.exp(parts[_KL_MP] - m_p)).sum(dim=0))
-    w_r = torch.exp(parts[_KL_MR] - m_r)
+    lse_p = m_p + torch.log((parts[_KL_SP] * torch.exp(parts[_KL_MP] - safe_shift(m_p))).sum(dim=0))
+    w_r = torch.exp(parts[_KL_MR] - safe_shift(m_r))
     s_r = (parts[_KL_SR] * w_r).sum(dim=0)
     lse_r = m_r + torch.log(s_r)
     kl = (parts[_KL_CROSS] * w_r).sum(dim=0) / s_r - lse_r + lse_p
@@ -554,9 +573,9 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse_p
         _token_kl_backward_kernel[grid](
-            hidden, weight, bias if bias is not None else dummy,
-            ref_hidden, ref_weight, ref_bias if ref_bias is not None else dummy,
-            lse_p, lse_r, grad_kl.contiguous(),
+            hidden, weight, bias.contiguous() if bias is not None else dummy,
+            ref_hidden, ref_weight, ref_bias.contiguous() if ref_bias is not None else dummy,
+            lse_p.contiguous(), lse_r.contiguous(), grad_kl.contiguous(),
             d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
             d_bias if need_bias else dummy,
             n_tokens, vocab, hid, ref_hidden.shape[1], *hidden.stride(), *weight.stride(),

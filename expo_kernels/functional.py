@@ -1,0 +1,147 @@
+"""The public fused ops: ``linear_logprobs`` and ``linear_token_kl``.
+
+Each checks its arguments (errors name the argument), picks the backend (``expo_kernels._dispatch``)
+and calls the registered op (``expo_kernels.autograd``), or the vocab-parallel path when the head is
+sharded over a process group (``expo_kernels.distributed``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from . import _dispatch as D
+from . import _validation as V
+from .autograd import _linear_logprobs_op, _linear_token_kl_op
+from .ops.common import TokenStats
+
+__all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
+
+
+def _sharded(process_group) -> bool:
+    return process_group is not None and D.group_size(process_group) > 1
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    return_stats: bool = False,
+    backend: Optional[str] = None,
+    process_group=None,
+):
+    """Per-token ``log softmax(z)[label]`` of ``z = softcap(hidden @ weight.T + bias) ...`` without
+    ever materializing ``[tokens, vocab]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float32/bfloat16/float16/float64, any strides.
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        labels: ``[...]`` integer (``hidden.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature, logit_scale, softcap: the logit transform
+            ``z = softcap * tanh(raw * logit_scale / softcap) / temperature`` (see ``LogitTransform``).
+        return_stats: also return ``TokenStats`` (no gradient).
+        backend: ``"triton"``, ``"native"`` or ``"torch"``; default from ``$EXPO_KERNELS_BACKEND`` or the
+            device (Triton for CUDA tensors, the native C++ backend for CPU tensors when it builds).
+        process_group: a ``torch.distributed`` group over which the head is sharded along the
+            vocabulary: ``weight``/``bias`` are then this rank's ``torch.chunk(W, world_size)[rank]``
+            rows, ``hidden``/``labels`` replicated, labels global ids (see
+            :func:`expo_kernels.distributed.vocab_parallel_linear_logprobs`). Ignored when the group
+            has one rank.
+
+    Returns:
+        ``logp`` shaped like ``labels``, float32 (float64 for float64 inputs), exactly 0 at ignored
+        positions, differentiable
+        w.r.t. ``hidden``, ``weight`` and ``bias``; with ``return_stats``, ``(logp, TokenStats)``.
+    """
+    V.check_bool("return_stats", return_stats)
+    V.check_backend_name(backend)
+    if _sharded(process_group):
+        from .distributed import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(
+            hidden, weight, labels, bias, process_group=process_group, ignore_index=ignore_index,
+            temperature=temperature, logit_scale=logit_scale, softcap=softcap, return_stats=return_stats,
+            backend=backend,
+        )
+    V.check_linear_head(hidden, weight, labels, bias)
+    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    out = _linear_logprobs_op(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        labels.reshape(-1),
+        *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
+        return_stats,
+        D.resolve_backend(backend, hidden.device, hidden.dtype),
+    )
+    logp = out[0].view(labels.shape)
+    if not return_stats:
+        return logp
+    return logp, TokenStats(*(t.detach().view(labels.shape) for t in (out[1],) + tuple(out[2:])))
+
+
+def linear_token_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    backend: Optional[str] = None,
+    process_group=None,
+) -> Tensor:
+    """Per-token ``KL(pi_ref || pi_theta)`` over the full vocabulary, without ``[tokens, vocab]`` logits.
+
+    ``KL_n = sum_v q_v (zr_v - zp_v) - lse(zr) + lse(zp)`` with ``q = softmax(zr)``; EXPO's explicit
+    regularizer (``kl_estimator="token"``) and the distillation loss use it.
+
+    Args:
+        hidden, weight, bias: the policy head (``[..., H]``, ``[V, H]``, ``[V]``); differentiable.
+        ref_hidden, ref_weight, ref_bias: the frozen reference head over the same tokens
+            (``[..., Hr]``, ``[V, Hr]``, ``[V]``); no gradient flows to them.
+        labels: ``[...]``; only marks which tokens count (``ignore_index`` -> KL 0, no gradient).
+        temperature, logit_scale, softcap: the logit transform, applied to both heads.
+        process_group: vocab-parallel group: both heads are this rank's vocab shards (see
+            :func:`expo_kernels.distributed.vocab_parallel_linear_token_kl`); ignored with one rank.
+
+    Returns:
+        ``[...]`` shaped like ``labels``, float32 (float64 for float64 inputs).
+    """
+    V.check_backend_name(backend)
+    if _sharded(process_group):
+        from .distributed import vocab_parallel_linear_token_kl
+
+        return vocab_parallel_linear_token_kl(
+            hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, process_group=process_group,
+            ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            backend=backend,
+        )
+    V.check_linear_head(hidden, weight, labels, bias)
+    V.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the policy's vocabulary size V = {weight.shape[0]}, "
+                         f"got {ref_weight.shape[0]}")
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
+    V.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
+    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    kl, _, _ = _linear_token_kl_op(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, labels.reshape(-1),
+        *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
+        D.resolve_backend(backend, hidden.device, hidden.dtype),
+    )
+    return kl.view(labels.shape)

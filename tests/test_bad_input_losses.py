@@ -1,0 +1,335 @@
+"""Bad-input matrix of the loss-level entry points: every bad argument raises TypeError or ValueError
+naming it, never a silent wrong answer or an unrelated error from deep inside.
+
+One parametrized test per public entry point: ``preference_loss`` / ``preference_loss_and_metrics``,
+the ``FusedLinear*Loss`` modules (construction and forward) and the TRL trainers' constructors (which
+check their own options before TRL's ``__init__`` does any work).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import expo_kernels as ek
+from expo_kernels.losses import preference_loss, preference_loss_and_metrics
+
+DT = torch.float64
+B = 3
+NAN, INF = float("nan"), float("inf")
+
+
+def _logps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.rand(B, generator=g, dtype=DT) * 10 for _ in range(4)]
+
+
+def _with_nan(i):
+    x = -torch.rand(B, dtype=DT)
+    x[i] = NAN
+    return x
+
+
+LENS = dict(chosen_lengths=torch.full((B,), 4), rejected_lengths=torch.full((B,), 5))
+
+# ------------------------------------------------------------------------------------------------
+# preference_loss / preference_loss_and_metrics: (case id, loss name, keyword overrides, match)
+# ------------------------------------------------------------------------------------------------
+_HPARAM_CASES = [
+    # beta: wrong types, then out of range
+    ("beta_str", "sigmoid", dict(beta="0.1"), "beta"),
+    ("beta_bool", "sigmoid", dict(beta=True), "beta"),
+    ("beta_none", "sigmoid", dict(beta=None), "beta"),
+    ("beta_list", "sigmoid", dict(beta=[0.1]), "beta"),
+    ("beta_vector", "sigmoid", dict(beta=torch.tensor([0.1, 0.2])), "beta"),
+    ("beta_nan", "sigmoid", dict(beta=NAN), "beta"),
+    ("beta_inf", "sigmoid", dict(beta=INF), "beta"),
+    ("beta_zero", "sigmoid", dict(beta=0), "beta"),
+    ("beta_negative", "ipo", dict(beta=-0.5), "beta"),
+    ("beta_np_bool", "sigmoid", dict(beta=np.bool_(True)), "beta"),
+    ("beta_str_kto", "kto", dict(beta="1"), "beta"),
+    ("beta_str_orpo", "orpo", dict(beta="0.1"), "beta"),
+    # label smoothing and the other real-valued hyperparameters
+    ("label_smoothing_str", "sigmoid", dict(label_smoothing="0"), "label_smoothing"),
+    ("label_smoothing_half", "robust", dict(label_smoothing=0.5), "label_smoothing"),
+    ("label_smoothing_nan", "sigmoid", dict(label_smoothing=NAN), "label_smoothing"),
+    ("exo_eps_zero", "exo_pair", dict(label_smoothing=0.0), "label_smoothing"),
+    ("discopop_tau_str", "discopop", dict(discopop_tau="0.05"), "discopop_tau"),
+    ("discopop_tau_negative", "discopop", dict(discopop_tau=-1.0), "discopop_tau"),
+    ("rpo_alpha_none", "rpo", dict(rpo_alpha=None), "rpo_alpha"),
+    ("odpo_alpha_inf", "odpo", dict(alpha=INF, offset=0.1), "alpha"),
+    ("bco_delta_str", "bco_pair", dict(delta="0"), "delta"),
+    ("gamma_bool", "simpo", dict(gamma=False), "gamma"),
+    ("simpo_gamma_nan", "simpo", dict(simpo_gamma=NAN), "gamma"),
+    ("cpo_alpha_negative", "cpo", dict(cpo_alpha=-1.0), "cpo_alpha"),
+    ("cpo_loss_type_int", "cpo", dict(cpo_loss_type=1), "cpo_loss_type"),
+    ("cpo_loss_type_unknown", "cpo", dict(cpo_loss_type="kto"), "cpo_loss_type"),
+    ("alphapo_alpha_str", "alphapo", dict(alpha="0.25"), "alpha"),
+    ("desirable_weight_negative", "kto", dict(desirable_weight=-1.0), "desirable_weight"),
+    ("undesirable_weight_str", "kto", dict(undesirable_weight="1"), "undesirable_weight"),
+    ("lam_missing", "expo", dict(), "lam"),
+    ("lam_str", "expo", dict(lam="0.1"), "lam"),
+    ("lam_negative", "expo", dict(lam=-1.0), "lam"),
+    ("kl_estimator_unknown", "expo", dict(lam=0.1, kl_estimator="regression"), "kl_estimator"),
+    ("kl_estimator_tensor", "expo", dict(lam=0.1, kl_estimator=torch.tensor([1, 2])), "kl_estimator"),
+    ("f_divergence_type_int", "sigmoid", dict(f_divergence_type=3), "f_divergence_type"),
+    ("f_divergence_type_unknown", "sigmoid", dict(f_divergence_type="kl"), "f_divergence_type"),
+    ("f_alpha_coef_str", "sigmoid", dict(f_alpha_divergence_coef="0.5"), "f_alpha_divergence_coef"),
+    ("f_alpha_coef_nan_unused", "nca_pair", dict(f_alpha_divergence_coef=NAN), "f_alpha_divergence_coef"),
+    ("unknown_hparam", "sigmoid", dict(bta=0.1), "bta"),
+    # reduction, loss weights, name
+    ("reduction_unknown", "sigmoid", dict(reduction="avg"), "reduction"),
+    ("reduction_none_value", "sigmoid", dict(reduction=None), "reduction"),
+    ("reduction_int", "sigmoid", dict(reduction=0), "reduction"),
+    ("loss_weights_str", ["sigmoid", "hinge"], dict(loss_weights="11"), "loss_weights"),
+    ("loss_weights_number", ["sigmoid", "hinge"], dict(loss_weights=1.0), "loss_weights"),
+    ("loss_weights_bool", ["sigmoid", "hinge"], dict(loss_weights=[True, 1.0]), "loss_weights"),
+    ("loss_weights_str_item", ["sigmoid", "hinge"], dict(loss_weights=["1", 1.0]), "loss_weights"),
+    ("loss_weights_inf", ["sigmoid", "hinge"], dict(loss_weights=[INF, 1.0]), "loss_weights"),
+    ("loss_weights_length", ["sigmoid", "hinge"], dict(loss_weights=[1.0]), "loss_weights"),
+    ("name_int", 3, dict(), "name"),
+    ("name_empty_list", [], dict(), "name"),
+]
+
+_INPUT_CASES = [
+    # tensors: wrong types, dtypes, shapes, non-finite values
+    ("chosen_list", "sigmoid", dict(chosen_logps=[0.0] * B), "chosen_logps"),
+    ("chosen_long", "sigmoid", dict(chosen_logps=torch.zeros(B, dtype=torch.long)), "chosen_logps"),
+    ("chosen_2d", "sigmoid", dict(chosen_logps=torch.zeros(B, 2, dtype=DT)), "chosen_logps"),
+    ("rejected_short", "sigmoid", dict(rejected_logps=torch.zeros(B - 1, dtype=DT)), "rejected_logps"),
+    ("ref_chosen_scalar", "sigmoid", dict(ref_chosen_logps=torch.zeros((), dtype=DT)), "ref_chosen_logps"),
+    ("ref_rejected_missing", "sigmoid", dict(ref_rejected_logps=None), "ref_rejected_logps"),
+    ("chosen_nan", "sigmoid", dict(chosen_logps=_with_nan(1)), "chosen_logps"),
+    ("rejected_nan", "hinge", dict(rejected_logps=_with_nan(0)), "rejected_logps"),
+    ("ref_chosen_inf", "ipo", dict(ref_chosen_logps=torch.full((B,), -INF, dtype=DT)), "ref_chosen_logps"),
+    ("ref_rejected_nan_mean", "discopop", dict(ref_rejected_logps=_with_nan(2)), "ref_rejected_logps"),
+    ("chosen_nan_none", "sigmoid", dict(chosen_logps=_with_nan(0), reduction="none"), "chosen_logps"),
+    ("chosen_nan_expo", "expo", dict(chosen_logps=_with_nan(2), lam=0.1), "chosen_logps"),
+    ("weights_nan", "sigmoid", dict(weights=torch.tensor([1.0, NAN, 1.0], dtype=DT)), "weights"),
+    ("weights_shape", "sigmoid", dict(weights=torch.ones(B + 1, dtype=DT)), "weights"),
+    ("lengths_shape", "ipo", dict(chosen_lengths=torch.ones(B + 1)), "chosen_lengths"),
+    ("offset_str", "odpo", dict(offset="1"), "offset"),
+    ("offset_nan", "odpo", dict(offset=NAN), "offset"),
+    ("offset_nan_tensor", "odpo", dict(offset=_with_nan(1)), "offset"),
+    ("offset_bool_tensor", "odpo", dict(offset=torch.ones(B, dtype=torch.bool)), "offset"),
+    ("chosen_nll_inf", "rpo", dict(chosen_nll=INF), "chosen_nll"),
+    ("token_kl_list", "expo", dict(lam=0.1, kl_estimator="token", token_kl=[0.0] * B), "token_kl"),
+    ("token_kl_nan", "expo", dict(lam=0.1, kl_estimator="token", token_kl=_with_nan(0)), "token_kl"),
+    ("kl_str", "kto", dict(kl="0"), "kl"),
+    ("kl_nan", "kto", dict(kl=NAN), "kl"),
+    ("is_desirable_float", "kto", dict(is_desirable=torch.tensor([0.3, 1.0, 0.0]), kl=0.0), "is_desirable"),
+    ("is_desirable_int_2", "kto", dict(is_desirable=torch.tensor([2, 1, 0]), kl=0.0), "is_desirable"),
+    ("is_desirable_str", "kto", dict(is_desirable="yes", kl=0.0), "is_desirable"),
+    ("policy_logps_nan", "kto", dict(policy_logps=_with_nan(1), kl=0.0), "policy_logps"),
+]
+
+
+def _call(entry, name, kw):
+    c, r, cr, rr = _logps()
+    args = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=cr, ref_rejected_logps=rr, **LENS)
+    names = name if isinstance(name, list) else [name]
+    if "kto" in names:  # unpaired form
+        args = dict(policy_logps=c, ref_logps=cr, is_desirable=torch.tensor([True, False, True]), kl=0.0)
+    if "odpo" in names:
+        args["offset"] = 0.1
+    args.update(kw)
+    return entry(name, **args)
+
+
+@pytest.mark.parametrize("entry", [preference_loss, preference_loss_and_metrics],
+                         ids=["preference_loss", "preference_loss_and_metrics"])
+@pytest.mark.parametrize("name,kw,match", [c[1:] for c in _HPARAM_CASES + _INPUT_CASES],
+                         ids=[c[0] for c in _HPARAM_CASES + _INPUT_CASES])
+def test_preference_loss_bad_input(entry, name, kw, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        _call(entry, name, kw)
+
+
+@pytest.mark.parametrize("kw,exc", [(dict(beta="0.1"), TypeError), (dict(beta=True), TypeError),
+                                    (dict(beta=0.0), ValueError), (dict(reduction=1), TypeError)])
+def test_type_errors_are_type_errors(kw, exc):
+    """Wrong type: TypeError (also a ValueError, as the loss layer raised before); wrong value: ValueError."""
+    with pytest.raises(exc, match=r"`(beta|reduction)` must be"):
+        _call(preference_loss, "sigmoid", kw)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1, np.float32(0.1), np.float64(0.1), np.int64(1), torch.tensor(0.1)])
+def test_real_numbers_are_accepted(beta):
+    ref = _call(preference_loss, "sigmoid", dict(beta=0.1 if not isinstance(beta, (int, np.int64)) else 1.0))
+    got = _call(preference_loss, "sigmoid", dict(beta=beta))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FusedLinear*Loss: construction
+# ------------------------------------------------------------------------------------------------
+_MODULE_CTOR_CASES = [
+    ("dpo_beta_str", ek.FusedLinearDPOLoss, dict(beta="0.1"), "beta"),
+    ("dpo_beta_none", ek.FusedLinearDPOLoss, dict(beta=None), "beta"),
+    ("dpo_beta_nan", ek.FusedLinearDPOLoss, dict(beta=NAN), "beta"),
+    ("dpo_label_smoothing_bool", ek.FusedLinearDPOLoss, dict(label_smoothing=True), "label_smoothing"),
+    ("expo_lam_missing", ek.FusedLinearEXPOLoss, dict(), "lam"),
+    ("expo_lam_inf", ek.FusedLinearEXPOLoss, dict(lam=INF), "lam"),
+    ("expo_kl_estimator_int", ek.FusedLinearEXPOLoss, dict(lam=0.1, kl_estimator=0), "kl_estimator"),
+    ("simpo_gamma_str", ek.FusedLinearSimPOLoss, dict(gamma="0.5"), "gamma"),
+    ("orpo_beta_negative", ek.FusedLinearORPOLoss, dict(beta=-0.1), "beta"),
+    ("kto_weight_str", ek.FusedLinearKTOLoss, dict(desirable_weight="1"), "desirable_weight"),
+    ("ignore_index_float", ek.FusedLinearDPOLoss, dict(ignore_index=-100.0), "ignore_index"),
+    ("ignore_index_bool", ek.FusedLinearDPOLoss, dict(ignore_index=True), "ignore_index"),
+    ("ignore_index_huge", ek.FusedLinearDPOLoss, dict(ignore_index=2**70), "ignore_index"),
+    ("temperature_str", ek.FusedLinearDPOLoss, dict(temperature="1"), "temperature"),
+    ("temperature_zero", ek.FusedLinearDPOLoss, dict(temperature=0.0), "temperature"),
+    ("temperature_none", ek.FusedLinearDPOLoss, dict(temperature=None), "temperature"),
+    ("logit_scale_nan", ek.FusedLinearDPOLoss, dict(logit_scale=NAN), "logit_scale"),
+    ("logit_scale_bool", ek.FusedLinearDPOLoss, dict(logit_scale=True), "logit_scale"),
+    ("softcap_negative", ek.FusedLinearDPOLoss, dict(softcap=-30.0), "softcap"),
+    ("softcap_str", ek.FusedLinearDPOLoss, dict(softcap="30"), "softcap"),
+    ("ld_alpha_str", ek.FusedLinearDPOLoss, dict(ld_alpha="0.5"), "ld_alpha"),
+    ("ld_alpha_nan", ek.FusedLinearDPOLoss, dict(ld_alpha=NAN), "ld_alpha"),
+    ("ld_alpha_above_1", ek.FusedLinearDPOLoss, dict(ld_alpha=1.5), "ld_alpha"),
+    ("use_weighting_str", ek.FusedLinearDPOLoss, dict(use_weighting="no"), "use_weighting"),
+    ("use_weighting_int", ek.FusedLinearDPOLoss, dict(use_weighting=1), "use_weighting"),
+    ("compute_metrics_none", ek.FusedLinearDPOLoss, dict(compute_metrics=None), "compute_metrics"),
+    ("backend_bogus", ek.FusedLinearDPOLoss, dict(backend="bogus"), "backend"),
+    ("backend_int", ek.FusedLinearEXPOLoss, dict(lam=0.1, backend=1), "backend"),
+    ("loss_weights_number", ek.FusedLinearDPOLoss, dict(loss_weights=1.0), "loss_weights"),
+    ("loss_weights_nan", ek.FusedLinearDPOLoss, dict(loss_weights=[NAN]), "loss_weights"),
+    ("reduction_not_an_option", ek.FusedLinearDPOLoss, dict(reduction="mean"), "reduction"),
+    ("loss_name_int", ek.FusedLinearPreferenceLoss, dict(loss=5), "name"),
+    ("loss_name_unknown", ek.FusedLinearPreferenceLoss, dict(loss="sigmod"), "sigmod"),
+    ("preset_other_loss", ek.FusedLinearDPOLoss, dict(loss="ipo"), "FusedLinearPreferenceLoss"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,match", [c[1:] for c in _MODULE_CTOR_CASES], ids=[c[0] for c in _MODULE_CTOR_CASES])
+def test_module_construction_bad_input(cls, kw, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        cls(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# FusedLinear*Loss: forward
+# ------------------------------------------------------------------------------------------------
+R, T, H, V = 2 * B, 5, 8, 11
+
+
+def _head_batch():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(R, T, H, generator=g, dtype=DT)
+    weight = torch.randn(V, H, generator=g, dtype=DT)
+    labels = torch.randint(0, V, (R, T), generator=g)
+    labels[:, :2] = -100  # prompt
+    return hidden, weight, labels
+
+
+_FORWARD_CASES = [
+    ("hidden_2d", dict(hidden=lambda h, w, l: h[:, :, 0]), "hidden"),
+    ("hidden_list", dict(hidden=lambda h, w, l: h.tolist()), "hidden"),
+    ("hidden_int", dict(hidden=lambda h, w, l: h.long()), "hidden"),
+    ("hidden_odd_rows", dict(hidden=lambda h, w, l: h[:-1], labels=lambda h, w, l: l[:-1]), "rows"),
+    ("hidden_width", dict(hidden=lambda h, w, l: h[..., :-1]), "weight|hidden"),
+    ("weight_1d", dict(weight=lambda h, w, l: w[0]), "weight"),
+    ("weight_dtype", dict(weight=lambda h, w, l: w.float()), "weight"),
+    ("labels_float", dict(labels=lambda h, w, l: l.double()), "labels"),
+    ("labels_1d", dict(labels=lambda h, w, l: l[:, 0]), "labels"),
+    ("labels_list", dict(labels=lambda h, w, l: l.tolist()), "labels"),
+    ("labels_short", dict(labels=lambda h, w, l: l[:, :-1]), "labels"),
+    ("ref_chosen_logps_shape", dict(ref_chosen_logps=lambda h, w, l: torch.zeros(B + 1, dtype=DT),
+                                    ref_rejected_logps=lambda h, w, l: torch.zeros(B, dtype=DT)), "ref_chosen_logps"),
+    ("ref_chosen_logps_nan", dict(ref_chosen_logps=lambda h, w, l: torch.full((B,), NAN, dtype=DT),
+                                  ref_rejected_logps=lambda h, w, l: torch.zeros(B, dtype=DT)), "ref_chosen_logps"),
+    ("ref_hidden_tokens", dict(ref_hidden=lambda h, w, l: h[:, :-1]), "ref_hidden"),
+    ("ref_weight_without_hidden", dict(ref_weight=lambda h, w, l: w), "ref_hidden"),
+    ("offset_for_dpo", dict(ref_hidden=lambda h, w, l: h, offset=lambda h, w, l: 1.0), "offset"),
+    ("is_desirable_for_dpo", dict(ref_hidden=lambda h, w, l: h,
+                                  is_desirable=lambda h, w, l: torch.ones(R, dtype=torch.bool)), "is_desirable"),
+]
+
+
+@pytest.mark.parametrize("kw,match", [c[1:] for c in _FORWARD_CASES], ids=[c[0] for c in _FORWARD_CASES])
+def test_module_forward_bad_input(kw, match):
+    hidden, weight, labels = _head_batch()
+    args = dict(hidden=hidden, weight=weight, labels=labels, ref_hidden=hidden + 0.1)
+    if any(k.startswith("ref_") for k in kw):
+        args.pop("ref_hidden")
+    for k, f in kw.items():
+        args[k] = f(hidden, weight, labels)
+    mod = ek.FusedLinearDPOLoss(backend="torch")
+    w, h, lab = args.pop("weight"), args.pop("hidden"), args.pop("labels")
+    with pytest.raises((TypeError, ValueError), match=match):
+        mod(w, h, lab, **args)
+
+
+def test_module_forward_kto_bad_is_desirable():
+    hidden, weight, labels = _head_batch()
+    mod = ek.FusedLinearKTOLoss(backend="torch")
+    with pytest.raises((TypeError, ValueError), match="is_desirable"):
+        mod(weight, hidden, labels, ref_hidden=hidden, kl=0.0, is_desirable=torch.full((R,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL trainers: their own options are checked before TRL's __init__ runs
+# ------------------------------------------------------------------------------------------------
+def _trainer_classes():
+    trl_mod = pytest.importorskip("expo_kernels.integrations.trl")
+    return trl_mod
+
+
+_TRAINER_CASES = [
+    ("backend_bogus", dict(backend="bogus"), "backend"),
+    ("backend_int", dict(backend=0), "backend"),
+    ("logit_transform_list", dict(logit_transform=[("softcap", 30.0)]), "logit_transform"),
+    ("logit_transform_str", dict(logit_transform="softcap"), "logit_transform"),
+]
+_DPO_ONLY_CASES = [
+    ("loss_kwargs_list", dict(loss_kwargs=[("lam", 0.1)]), "loss_kwargs"),
+    ("loss_kwargs_str", dict(loss_kwargs="lam=0.1"), "loss_kwargs"),
+    ("registry_loss_str", dict(registry_loss="yes"), "registry_loss"),
+]
+
+
+class _Boom:
+    """Stands for the model: any use of it by TRL's __init__ would fail the test loudly."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"TRL's __init__ ran (touched model.{name}) before the options were checked")
+
+
+@pytest.mark.parametrize("trainer", ["FusedDPOTrainer", "FusedKTOTrainer", "FusedCPOTrainer", "FusedORPOTrainer"])
+@pytest.mark.parametrize("kw,match", [c[1:] for c in _TRAINER_CASES], ids=[c[0] for c in _TRAINER_CASES])
+def test_trainer_construction_bad_option(trainer, kw, match):
+    mod = _trainer_classes()
+    cls = getattr(mod, trainer, None)
+    if cls is None:
+        pytest.skip(f"{trainer} needs trl.experimental")
+    with pytest.raises((TypeError, ValueError), match=match):
+        cls(model=_Boom(), **kw)
+
+
+@pytest.mark.parametrize("kw,match", [c[1:] for c in _DPO_ONLY_CASES], ids=[c[0] for c in _DPO_ONLY_CASES])
+def test_dpo_trainer_construction_bad_option(kw, match):
+    mod = _trainer_classes()
+    with pytest.raises((TypeError, ValueError), match=match):
+        mod.FusedDPOTrainer(model=_Boom(), **kw)
+
+
+@pytest.mark.parametrize("kw,match", [c[1:] for c in _TRAINER_CASES + _DPO_ONLY_CASES],
+                         ids=[c[0] for c in _TRAINER_CASES + _DPO_ONLY_CASES])
+def test_enable_fused_lm_head_bad_option(kw, match):
+    mod = _trainer_classes()
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    trainer = DPOTrainer.__new__(DPOTrainer)  # an instance without TRL's __init__: nothing may be touched
+    with pytest.raises((TypeError, ValueError), match=match):
+        mod.enable_fused_lm_head(trainer, **kw)
+    with pytest.raises(TypeError, match="DPOTrainer"):
+        mod.enable_fused_lm_head(object(), **kw)
+
+
+def test_matrix_size():
+    """The matrix stays a matrix: 60+ bad-input cases."""
+    n = 2 * len(_HPARAM_CASES + _INPUT_CASES) + len(_MODULE_CTOR_CASES) + len(_FORWARD_CASES) \
+        + 4 * len(_TRAINER_CASES) + 2 * len(_DPO_ONLY_CASES) + len(_TRAINER_CASES)
+    assert n >= 60 and math.isfinite(n)
