@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..functional import TokenStats, linear_logprobs
 from .._validation import check_backend_name, check_bool
-from ..distributed import _is_fsdp2, fsdp_lm_head_call
+from ..distributed.fsdp import fsdp_lm_head_call, is_fsdp2
 from ..losses import LOSSES
 from ..modules import FusedLinearPreferenceLoss
 from .hf import backbone, check_no_router_aux_loss, lm_head_parameters, logit_transform
@@ -86,7 +86,7 @@ def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
     Otherwise the parameters are used as they are (inside an enclosing FSDP2 forward they are
     already gathered), a sharded DTensor outside any forward as its full tensor (as TRL does).
     """
-    if _is_fsdp2(head):
+    if is_fsdp2(head):
         return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k),
                                  *args, **kwargs)
     return fn(_gathered(head.weight), _gathered(getattr(head, "bias", None)), *args, **kwargs)
