@@ -2,7 +2,7 @@
 
 All metadata lives in pyproject.toml. The native CPU backend (csrc/, see csrc/README.md) is not
 compiled here: it is built on first use with ``torch.utils.cpp_extension.load`` into a per-machine
-cache (``expo_kernels/_native_build.py``), which works the same under build isolation (no torch at
+cache (``expo_kernels/ops/_native_build.py``), which works the same under build isolation (no torch at
 build time), in editable installs and without a compiler (then CPU tensors use the torch
 backend). What this file does is ship the C++ source inside the package, as
 ``expo_kernels/_csrc/``, so that non-editable installs (wheels) can build it too; editable installs

@@ -20,8 +20,8 @@ Implementations (``--impls``):
 * ``cce`` — Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none", impl="torch_compile")``,
   ``logp = -nll``.
 
-The per-token implementations and the input generator are those of ``benchmarks.bench_logprobs``
-(imported, not copied). Time: the first call (compilation included), ``--warmup`` untimed calls,
+The inputs (``make_dpo_inputs``), the per-token implementations and the DPO loss are those of
+``benchmarks._workloads``, shared with ``bench_logprobs`` and ``bench_long_context``. Time: the first call (compilation included), ``--warmup`` untimed calls,
 then the median of ``--repeats``. Peak RSS: ``ru_maxrss`` of the worker over all its calls, its
 high-water mark reset after imports and inputs (``/proc/self/clear_refs``), so it counts inputs +
 gradients + working memory (+ the interpreter and libraries).
@@ -37,57 +37,34 @@ row that ran).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import json
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/bench_dpo_cpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_logprobs as bl  # noqa: E402  (light: imports no torch at module level)
+from benchmarks import _harness as hn  # noqa: E402  (neither imports torch at module level)
+from benchmarks._workloads import (  # noqa: E402
+    IGNORE_INDEX,
+    PROMPT_FRAC,
+    build_impl,
+    dpo_sigmoid,
+    grad_probe,
+    make_dpo_inputs,
+)
 
-RESULTS_DIR = bl.RESULTS_DIR
-IGNORE_INDEX = bl.IGNORE_INDEX
+RESULTS_DIR = hn.RESULTS_DIR
 ALL_IMPLS = ("expo-native", "expo-torch", "naive", "trl", "liger", "cce")
-PROMPT_FRAC = 1.0 / 3.0
 BETA = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
 # Worker
 # ----------------------------------------------------------------------------------------------
-
-
-def make_dpo_inputs(n_pairs, seq_len, hidden_size, vocab, seed=0, logit_std=2.0):
-    """``hidden [2B, T, H]`` (requires grad), ``ref_hidden [2B, T, H]``, ``weight [V, H]`` (requires
-    grad), ``labels [2B, T]`` with the first third of each row -100 (prompt)."""
-    import torch
-
-    rows = 2 * n_pairs
-    hidden, weight, labels, _ = bl.make_inputs(rows * seq_len, hidden_size, vocab, "fp32", "cpu", ignore_frac=0.0,
-                                               seed=seed, logit_std=logit_std)
-    gen = torch.Generator().manual_seed(seed + 777)
-    ref_hidden = (hidden.detach() + 0.3 * torch.randn(hidden.shape, generator=gen)).view(rows, seq_len, hidden_size)
-    hidden = hidden.detach().view(rows, seq_len, hidden_size).requires_grad_(True)
-    labels = labels.view(rows, seq_len).clone()
-    labels[:, : int(round(PROMPT_FRAC * seq_len))] = IGNORE_INDEX
-    return hidden, ref_hidden, weight, labels
-
-
-def dpo_loss_from_seq_logps(pol, ref, beta=BETA):
-    import torch.nn.functional as F
-
-    b = pol.shape[0] // 2
-    margin = (pol[:b] - ref[:b]) - (pol[b:] - ref[b:])
-    return -F.logsigmoid(beta * margin).mean()
 
 
 def build_dpo_step(name: str):
@@ -107,14 +84,14 @@ def build_dpo_step(name: str):
 
         return step
 
-    per_token = bl.build_impl(name, "cpu")  # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
+    per_token = build_impl(name, "cpu")  # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
 
     def step(hidden, ref_hidden, weight, labels):
         rows, seq, width = hidden.shape
         logp = per_token(hidden.reshape(-1, width), weight, labels.reshape(-1)).view(rows, seq)
         with torch.no_grad():
             ref_logp = per_token(ref_hidden.reshape(-1, width), weight.detach(), labels.reshape(-1)).view(rows, seq)
-        loss = dpo_loss_from_seq_logps(logp.sum(-1), ref_logp.sum(-1))
+        loss = dpo_sigmoid(logp.sum(-1), ref_logp.sum(-1), BETA)
         loss.backward()
         return loss.detach()
 
@@ -127,7 +104,8 @@ def run_worker(spec: dict) -> dict:
         import torch
 
         hidden, ref_hidden, weight, labels = make_dpo_inputs(spec["pairs"], spec["seq_len"], spec["hidden"],
-                                                             spec["vocab"], spec["seed"], spec["logit_std"])
+                                                             spec["vocab"], "fp32", "cpu", seed=spec["seed"],
+                                                             logit_std=spec["logit_std"])
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
         step_fn = build_dpo_step(spec["impl"])  # all imports happen here
 
@@ -137,8 +115,8 @@ def run_worker(spec: dict) -> dict:
             return step_fn(hidden, ref_hidden, weight, labels)
 
         gc.collect()
-        result["baseline_rss_bytes"] = bl._current_rss_bytes()
-        result["peak_reset"] = bl._reset_peak_rss()
+        result["baseline_rss_bytes"] = hn.current_rss_bytes()
+        result["peak_reset"] = hn.reset_peak_rss()
         t0 = time.perf_counter()
         step()
         result["first_s"] = time.perf_counter() - t0
@@ -149,18 +127,17 @@ def run_worker(spec: dict) -> dict:
             t0 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t0)
-        result["peak_rss_bytes"] = bl._maxrss_bytes()
+        result["peak_rss_bytes"] = hn.maxrss_bytes()
         result["times_s"] = times
         result["median_s"] = statistics.median(times) if times else result["first_s"]
-        r = bl.grad_probe(spec["hidden"], "cpu")
+        r = grad_probe(spec["hidden"], "cpu")
         result["loss"] = float(loss)
         result["dw_r"] = (weight.grad.float() @ r).tolist()
         result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
         result["threads"] = torch.get_num_threads()
         result["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 — any failure becomes an error row
-        result["error"] = f"{type(exc).__name__}: {exc}".strip()
-        result["traceback"] = traceback.format_exc()
+        hn.error_fields(result, exc)
     return result
 
 
@@ -170,7 +147,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
-    return bl.spawn_worker("benchmarks.bench_dpo_cpu", spec, timeout, tmp)
+    return hn.spawn_worker("benchmarks.bench_dpo_cpu", spec, timeout, tmp)
 
 
 def _rel(a, b) -> float:
@@ -190,27 +167,16 @@ def _add_checks(rows: list) -> None:
 
 def format_table(rows: list) -> str:
     head = ["impl", "B×T×H×V", "fwd+bwd s", "first s", "peak RSS GiB", "base RSS GiB", "|Δloss|", "grad rel err"]
-    lines = [head]
+    lines = []
     for r in rows:
         shape = f"{r['pairs']}×2×{r['seq_len']}×{r['hidden']}×{r['vocab']}"
         if r["status"] != "ok":
-            lines.append([r["impl"], shape, "ERROR: " + (r.get("error") or "?").splitlines()[0][:100]])
+            lines.append([r["impl"], shape, hn.error_message(r, 100)])
             continue
-        lines.append([r["impl"], shape, bl._fmt_s(r["median_s"]), bl._fmt_s(r["first_s"]),
-                      bl._gb(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
-                      bl._gb(r.get("baseline_rss_bytes")), f"{r['abs_dloss']:.1e}", f"{r['grad_rel_err']:.1e}"])
-    widths = [max(len(ln[i]) for ln in lines if i < len(ln) and (len(ln) == len(head) or i < 2))
-              for i in range(len(head))]
-    out = []
-    for k, ln in enumerate(lines):
-        if len(ln) == len(head):
-            out.append(" | ".join(c.ljust(w) for c, w in zip(ln, widths)))
-        else:
-            out.append(" | ".join(c.ljust(w) for c, w in zip(ln[:2], widths[:2])) + " | " + ln[2])
-        if k == 0:
-            out.append("-+-".join("-" * w for w in widths))
-    return "\n".join(out)
-
+        lines.append([r["impl"], shape, hn.fmt_s(r["median_s"]), hn.fmt_s(r["first_s"]),
+                      hn.gib(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
+                      hn.gib(r.get("baseline_rss_bytes")), f"{r['abs_dloss']:.1e}", f"{r['grad_rel_err']:.1e}"])
+    return hn.render_table(head, lines)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dpo_cpu", description=__doc__.split("\n\n")[0],
@@ -227,17 +193,13 @@ def parse_args(argv=None):
     p.add_argument("--logit-std", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
     p.add_argument("--json", help="output path (default benchmarks/results/bench_dpo_cpu.json)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    p.add_argument("--_out", help=argparse.SUPPRESS)
+    hn.add_worker_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args._worker:
-        result = run_worker(json.loads(args._worker))
-        with open(args._out, "w") as f:
-            json.dump(result, f)
+    if hn.worker_main(args, run_worker):
         return 0
     tokens = args.tokens or (1024 if args.quick else 4096)
     pairs = args.pairs or (2 if args.quick else 4)
@@ -247,9 +209,9 @@ def main(argv=None):
         raise SystemExit(f"--tokens {tokens} must be a multiple of 2 * pairs = {2 * pairs}")
     seq_len = tokens // (2 * pairs)
 
-    info = bl.probe("cpu")
+    info = hn.probe("cpu")
     backends = info.get("expo_backends") or ["torch"]
-    expo = [f"expo-{b}" for b in backends if b in ("native", "torch")]
+    expo = hn.expo_impls(info)
     impls = []
     for name in args.impls or (expo + ["naive", "trl", "liger", "cce"]):
         if name == "expo":
@@ -278,7 +240,7 @@ def main(argv=None):
                 row["impl"] = impl
                 shape_rows.append(row)
                 status = "ok" if row["status"] == "ok" else "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
-                extra = (f" median {row['median_s']:.3f} s, peak RSS {bl._gb(row['peak_rss_bytes'])} GiB"
+                extra = (f" median {row['median_s']:.3f} s, peak RSS {hn.gib(row['peak_rss_bytes'])} GiB"
                          if row["status"] == "ok" else "")
                 print(f"[V={V}] {impl}: {status}{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
             _add_checks(shape_rows)
@@ -293,25 +255,16 @@ def main(argv=None):
         r.pop("dw_r", None)
         r.pop("dh_r", None)
     out_path = Path(args.json) if args.json else RESULTS_DIR / "bench_dpo_cpu.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "benchmark": "bench_dpo_cpu",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.bench_dpo_cpu"]
-                            + list(sys.argv[1:] if argv is None else argv)),
-        "git_commit": bl._git_commit(),
-        "host": platform.node(),
-        "device": {k: info.get(k) for k in ("device", "device_name", "cpu_count", "torch_threads")},
-        "versions": info["versions"],
+        **hn.result_header("bench_dpo_cpu", "benchmarks.bench_dpo_cpu", argv, info,
+                           ("device", "device_name", "cpu_count", "torch_threads")),
         "settings": {"tokens": tokens, "pairs": pairs, "seq_len": seq_len, "hidden": hidden, "vocab": vocabs,
                      "dtype": "fp32", "prompt_frac": PROMPT_FRAC, "beta": BETA, "warmup": args.warmup,
                      "repeats": args.repeats, "seed": args.seed, "impls": impls,
                      "reference": "forward-only, own hidden states, shares the policy head (detached)"},
         "results": rows,
     }
-    with open(out_path, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {out_path}")
+    hn.write_json(out_path, payload)
     return 0
 
 

@@ -23,31 +23,38 @@ random projections of the exact gradients, against which every implementation is
     python -m benchmarks.bench_logprobs --tokens 2048 --hidden 512 --vocab 32000 --impls naive expo-torch
 
 The parent process never imports torch: on Linux a child's ``ru_maxrss`` starts at the RSS of
-the process that spawned it, so a heavy parent would inflate every child's number.
+the process that spawned it, so a heavy parent would inflate every child's number. The inputs and
+the implementations are ``benchmarks._workloads``'; process spawning, memory readings, the
+environment record, the JSON file and the table are ``benchmarks._harness``'.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import itertools
-import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+if __package__ in (None, ""):  # `python benchmarks/bench_logprobs.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IGNORE_INDEX = -100
-ALL_IMPLS = ("expo-triton", "expo-native", "expo-torch", "naive", "trl", "cce")
+from benchmarks import _harness as hn  # noqa: E402  (neither imports torch at module level)
+from benchmarks._workloads import (  # noqa: E402
+    IGNORE_INDEX,
+    PER_TOKEN_IMPLS,
+    build_impl,
+    grad_probe,
+    make_inputs,
+    trl_chunk_size,
+)
+
+REPO_ROOT = hn.REPO_ROOT
+RESULTS_DIR = hn.RESULTS_DIR
+
+ALL_IMPLS = PER_TOKEN_IMPLS
 PRESETS = {
     # name: (tokens, hidden, vocab, dtype) — each a list; shapes are their product
     "quick": ([512], [256], [8192], "fp32"),
@@ -59,123 +66,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------------------------
-# Pieces that run inside a worker (torch imported lazily, so the parent stays light)
+# Pieces that run inside a worker (torch imported lazily, so the parent stays light); the inputs
+# and the implementations are benchmarks._workloads'
 # ----------------------------------------------------------------------------------------------
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore_frac=0.33, seed=0,
-                logit_std=2.0):
-    """Deterministic inputs: ``hidden [N, H]`` and ``weight [V, H]`` (leaf tensors with
-    ``requires_grad``), ``labels [N]`` with ``round(ignore_frac * N)`` positions set to -100, and
-    per-token loss weights ``g [N]`` (fp32). Logits have a standard deviation of about ``logit_std``.
-
-    Generated in fp32 in row blocks on ``device`` and cast block by block, so no full-size fp32
-    temporary inflates the peak RSS of a bf16 run. Same arguments give the same tensors in every
-    process on the same kind of device.
-    """
-    import torch
-
-    device = torch.device(device)
-    dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-
-    def rows(n, scale, block=8192):
-        out = torch.empty(n, hidden_size, dtype=dt, device=device)
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            chunk = torch.randn(stop - start, hidden_size, generator=gen, device=device)
-            out[start:stop] = (chunk * scale).to(dt)
-        return out
-
-    hidden = rows(n_tokens, 1.0).requires_grad_(True)
-    weight = rows(vocab, logit_std / hidden_size ** 0.5).requires_grad_(True)
-    labels = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
-    n_ignored = int(round(ignore_frac * n_tokens))
-    if n_ignored:
-        ignored = torch.randperm(n_tokens, generator=gen, device=device)[:n_ignored]
-        labels[ignored] = IGNORE_INDEX
-    g = torch.randn(n_tokens, generator=gen, device=device)
-    return hidden, weight, labels, g
-
-
-def trl_chunk_size() -> int:
-    """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``)."""
-    import trl.trainer.utils as tu
-
-    size = getattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
-    if size is None:  # renamed in some release: find it in the source of add_fused_lm_head
-        import inspect
-        import re
-
-        match = re.search(r"_CHUNK\w*\s*=\s*(\d+)", inspect.getsource(tu))
-        size = int(match.group(1)) if match else 32768
-    return int(size)
-
-
-def build_impl(name: str, device):
-    """``fn(hidden, weight, labels) -> logp`` (fp32, shaped like labels, 0 at ignored positions).
-
-    All imports happen here, so a worker can measure its baseline memory after calling this.
-    """
-    import torch
-
-    device = torch.device(device)
-    if name.startswith("expo-"):
-        import expo_kernels
-
-        backend = name[len("expo-"):]
-
-        def fn(hidden, weight, labels):
-            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
-                                                backend=backend)
-
-        return fn
-
-    if name == "naive":
-
-        def fn(hidden, weight, labels):
-            logits = torch.nn.functional.linear(hidden, weight).float()  # [N, V]
-            logp = logits.log_softmax(-1)
-            valid = labels != IGNORE_INDEX
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return torch.where(valid, picked, torch.zeros_like(picked))
-
-        return fn
-
-    if name == "trl":
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-        chunk = trl_chunk_size()
-
-        def fn(hidden, weight, labels):
-            mask = labels != IGNORE_INDEX
-            out = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None,
-                                               1.0, ("log_probs",))
-            logp = out[0]
-            return logp.new_zeros(labels.shape, dtype=torch.float32).masked_scatter(mask, logp.float())
-
-        return fn
-
-    if name == "cce":
-        from cut_cross_entropy import linear_cross_entropy
-
-        impl = "cce" if device.type == "cuda" else "torch_compile"
-
-        def fn(hidden, weight, labels):
-            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
-                                       impl=impl)
-            return -nll.float()
-
-        return fn
-
-    raise ValueError(f"unknown implementation {name!r}; choose from {ALL_IMPLS}")
 
 
 def impl_detail(name: str, device_type: str) -> str:
@@ -204,15 +97,6 @@ def make_step(fn, hidden, weight, labels, g):
         return logp.detach()
 
     return step
-
-
-def grad_probe(hidden_size, device, seed=0):
-    """A fixed random vector ``r [H]``: gradients are compared through ``dW @ r`` and ``dH @ r``."""
-    import torch
-
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed + 12345)
-    return torch.randn(hidden_size, generator=gen).to(device)
 
 
 def reference(hidden, weight, labels, g, block_tokens=None):
@@ -260,31 +144,6 @@ def reference(hidden, weight, labels, g, block_tokens=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def _maxrss_bytes() -> int:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb) * (1 if sys.platform == "darwin" else 1024)
-
-
-def _current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets the RSS high-water mark (also what ru_maxrss reads)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _save(arr_dir: Path, tag: str, **tensors):
     import numpy as np
 
@@ -294,7 +153,7 @@ def _save(arr_dir: Path, tag: str, **tensors):
 
 def run_worker(spec: dict) -> dict:
     """Runs in a fresh process: builds one implementation, times it, measures peak memory."""
-    rss_start = _maxrss_bytes()
+    rss_start = hn.maxrss_bytes()
     result = {"impl": spec["impl"], "status": "error"}
     try:
         import torch
@@ -329,10 +188,10 @@ def run_worker(spec: dict) -> dict:
             result["inputs_bytes"] = inputs_bytes
         else:
             gc.collect()
-            result["import_peak_rss_bytes"] = _maxrss_bytes()  # high-water mark of imports + inputs
-            result["baseline_rss_bytes"] = _current_rss_bytes() or result["import_peak_rss_bytes"]
+            result["import_peak_rss_bytes"] = hn.maxrss_bytes()  # high-water mark of imports + inputs
+            result["baseline_rss_bytes"] = hn.current_rss_bytes() or result["import_peak_rss_bytes"]
             # Reset the high-water mark so the peak below is that of the calls, not of the imports.
-            result["peak_reset"] = _reset_peak_rss()
+            result["peak_reset"] = hn.reset_peak_rss()
         result["rss_at_start_bytes"] = rss_start
 
         t0 = time.perf_counter()
@@ -346,7 +205,7 @@ def run_worker(spec: dict) -> dict:
         if is_cuda:
             result["first_peak_bytes"] = torch.cuda.max_memory_allocated(device) - inputs_bytes
         else:
-            result["first_peak_rss_bytes"] = _maxrss_bytes()
+            result["first_peak_rss_bytes"] = hn.maxrss_bytes()
         # ... and, separately, over the timed calls: the working memory of a training step.
         hidden.grad = None
         weight.grad = None
@@ -355,8 +214,8 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             before_timed = torch.cuda.memory_allocated(device)
         else:
-            before_timed = _current_rss_bytes()
-            steady_reset = _reset_peak_rss()
+            before_timed = hn.current_rss_bytes()
+            steady_reset = hn.reset_peak_rss()
         times = []
         for _ in range(spec["repeats"]):
             if is_cuda:
@@ -377,7 +236,7 @@ def run_worker(spec: dict) -> dict:
             result["peak_bytes"] = max(result["first_peak_bytes"], result["steady_peak_bytes"])
             result["step_work_bytes"] = steady - before_timed
         else:
-            steady = _maxrss_bytes()
+            steady = hn.maxrss_bytes()
             result["steady_peak_rss_bytes"] = steady if steady_reset else None
             result["peak_rss_bytes"] = max(result["first_peak_rss_bytes"], steady)
             if steady_reset and before_timed is not None:
@@ -391,8 +250,7 @@ def run_worker(spec: dict) -> dict:
         _save(arr_dir, tag, logp=logp.reshape(-1), dh_r=hidden.grad.float() @ r, dw_r=weight.grad.float() @ r)
         result["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 — any failure becomes an error row
-        result["error"] = f"{type(exc).__name__}: {exc}".strip()
-        result["traceback"] = traceback.format_exc()
+        hn.error_fields(result, exc)
     return result
 
 
@@ -401,98 +259,12 @@ def run_worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def spawn_worker(module: str, spec: dict, timeout: float, tmp: str) -> dict:
-    """Run ``python -m <module> --_worker <spec>`` in a fresh process; its JSON result, or an error
-    row (timeout, crash, out of memory) so the other rows still run. Shared by the benchmark scripts."""
-    fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
-    os.close(fd)
-    cmd = [sys.executable, "-m", module, "--_worker", json.dumps(spec), "--_out", out_path]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    try:
-        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s (--timeout)"}
-    try:
-        with open(out_path) as f:
-            return json.load(f)
-    except Exception:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        if proc.returncode == -9:
-            why += " (out of memory?)"
-        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
-
-
 def _spawn(spec: dict, timeout: float) -> dict:
-    return spawn_worker("benchmarks.bench_logprobs", spec, timeout, spec["arr_dir"])
-
-
-def probe(device_arg: str | None, timeout: float = 300) -> dict:
-    """Device, versions and expo backends, found in a subprocess so the parent needs no torch."""
-    code = r"""
-import json, os, platform, sys
-info = {}
-import torch
-dev = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else ("cuda" if torch.cuda.is_available() else "cpu")
-d = torch.device(dev)
-info["device"] = str(d)
-info["device_type"] = d.type
-if d.type == "cuda":
-    info["device_name"] = torch.cuda.get_device_name(d)
-    info["cuda"] = torch.version.cuda
-else:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip(); break
-    except OSError:
-        pass
-    info["device_name"] = name
-info["cpu_count"] = os.cpu_count()
-info["torch_threads"] = torch.get_num_threads()
-v = {"python": platform.python_version(), "torch": torch.__version__}
-from importlib import metadata
-for dist in ("triton", "trl", "cut-cross-entropy", "transformers", "liger-kernel", "expo-kernels", "numpy"):
-    try:
-        v[dist] = metadata.version(dist)
-    except Exception:
-        v[dist] = None
-try:
-    import expo_kernels
-    v["expo_kernels"] = getattr(expo_kernels, "__version__", None)
-    info["expo_backends"] = list(expo_kernels.available_backends(d))
-except Exception as exc:
-    info["expo_error"] = f"{type(exc).__name__}: {exc}"
-info["versions"] = v
-print(json.dumps(info))
-"""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", code, device_arg or ""], cwd=str(REPO_ROOT), env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"probing the device failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return hn.spawn_worker("benchmarks.bench_logprobs", spec, timeout, spec["arr_dir"])
 
 
 def default_impls(info: dict) -> list:
-    backends = info.get("expo_backends")
-    if backends is None:  # expo_kernels does not import: show its rows as errors
-        backends = ["triton", "torch"] if info["device_type"] == "cuda" else ["torch"]
-    # On CPU triton only runs under TRITON_INTERPRET=1, far too slow to benchmark.
-    expo = [f"expo-{b}" for b in backends if not (b == "triton" and info["device_type"] != "cuda")]
-    return expo + ["naive", "trl", "cce"]
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT), capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
+    return hn.expo_impls(info) + ["naive", "trl", "cce"]
 
 
 def _compare(arr_dir: Path, tag: str, ref_tag: str) -> dict:
@@ -518,20 +290,6 @@ def _compare(arr_dir: Path, tag: str, ref_tag: str) -> dict:
     return out
 
 
-def _gb(x):
-    return f"{x / 2**30:.3f}" if isinstance(x, (int, float)) else "-"
-
-
-def _fmt_s(x):
-    if not isinstance(x, (int, float)):
-        return "-"
-    return f"{x:.4f}" if x < 10 else f"{x:.2f}"
-
-
-def _fmt_e(x):
-    return f"{x:.1e}" if isinstance(x, (int, float)) else "-"
-
-
 def format_table(rows: list, device_type: str) -> str:
     mem_cols = (["peak GiB", "steady GiB", "inputs GiB"] if device_type == "cuda"
                 else ["peak RSS GiB", "base RSS GiB", "steady RSS GiB", "step GiB"])
@@ -541,30 +299,21 @@ def format_table(rows: list, device_type: str) -> str:
     for r in rows:
         shape = f"{r['tokens']}×{r['hidden']}×{r['vocab']}"
         if r["status"] != "ok":
-            err = r.get("error", "?").splitlines()[0] if r.get("error") else "?"
-            lines.append([r["impl"], shape, r["dtype"], "ERROR: " + err[:110]])
+            lines.append([r["impl"], shape, r["dtype"], hn.error_message(r, 110)])
             continue
         if device_type == "cuda":
-            mem = [_gb(r.get("peak_bytes")), _gb(r.get("steady_peak_bytes")), _gb(r.get("inputs_bytes"))]
+            mem = [hn.gib(r.get("peak_bytes")), hn.gib(r.get("steady_peak_bytes")), hn.gib(r.get("inputs_bytes"))]
         else:
             star = "*" if r.get("peak_reset") is False else ""
-            mem = [_gb(r.get("peak_rss_bytes")) + star, _gb(r.get("baseline_rss_bytes")),
-                   _gb(r.get("steady_peak_rss_bytes")), _gb(r.get("step_work_bytes"))]
+            mem = [hn.gib(r.get("peak_rss_bytes")) + star, hn.gib(r.get("baseline_rss_bytes")),
+                   hn.gib(r.get("steady_peak_rss_bytes")), hn.gib(r.get("step_work_bytes"))]
         tf = r.get("tflops")
-        dlogp = _fmt_e(r.get("max_abs_dlogp"))
+        dlogp = hn.fmt_e(r.get("max_abs_dlogp"))
         if r.get("ignored_nonzero"):
             dlogp += f" ({r['ignored_nonzero']} ignored≠0)"
-        lines.append([r["impl"], shape, r["dtype"], _fmt_s(r.get("median_s")), _fmt_s(r.get("first_s")),
-                      f"{tf:.3g}" if isinstance(tf, float) else "-"] + mem + [dlogp, _fmt_e(r.get("grad_rel_err"))])
-    widths = [max([len(head[i])] + [len(ln[i]) for ln in lines if i < 3 or len(ln) == len(head)])
-              for i in range(len(head))]
-    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
-    for ln in lines:
-        if len(ln) == len(head):
-            out.append(" | ".join(c.ljust(w) for c, w in zip(ln, widths)))
-        else:
-            out.append(" | ".join(c.ljust(w) for c, w in zip(ln[:3], widths[:3])) + " | " + ln[3])
-    return "\n".join(out)
+        lines.append([r["impl"], shape, r["dtype"], hn.fmt_s(r.get("median_s")), hn.fmt_s(r.get("first_s")),
+                      f"{tf:.3g}" if isinstance(tf, float) else "-"] + mem + [dlogp, hn.fmt_e(r.get("grad_rel_err"))])
+    return hn.render_table(head, lines)
 
 
 MEMORY_NOTE = {
@@ -598,8 +347,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 reference and the accuracy columns")
     p.add_argument("--json", help="where to write the results (default benchmarks/results/bench_logprobs_<device>.json)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    p.add_argument("--_out", help=argparse.SUPPRESS)
+    hn.add_worker_args(p)
     args = p.parse_args(argv)
     if args.quick and args.preset:
         p.error("--quick and --preset are exclusive")
@@ -610,10 +358,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args._worker:
-        result = run_worker(json.loads(args._worker))
-        with open(args._out, "w") as f:
-            json.dump(result, f)
+    if hn.worker_main(args, run_worker):
         return 0
 
     preset = args.preset or ("quick" if args.quick or not (args.tokens or args.hidden or args.vocab) else None)
@@ -624,7 +369,7 @@ def main(argv=None):
     dtype = args.dtype or (base[3] if preset else "fp32")
     repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS.get(preset, 5)
 
-    info = probe(args.device)
+    info = hn.probe(args.device)
     device_type = info["device_type"]
     if args.impls:
         impls = []
@@ -688,17 +433,9 @@ def main(argv=None):
           "to max |ref|, r a random vector) are against an exact fp32 reference on the same inputs")
 
     out_path = Path(args.json) if args.json else RESULTS_DIR / f"bench_logprobs_{device_type}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "benchmark": "bench_logprobs",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.bench_logprobs"]
-                            + list(sys.argv[1:] if argv is None else argv)),
-        "git_commit": _git_commit(),
-        "host": platform.node(),
-        "device": {k: info.get(k) for k in ("device", "device_type", "device_name", "cuda", "cpu_count",
-                                             "torch_threads")},
-        "versions": info["versions"],
+        **hn.result_header("bench_logprobs", "benchmarks.bench_logprobs", argv, info,
+                           ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads")),
         "settings": {"preset": preset, "tokens": tokens, "hidden": hiddens, "vocab": vocabs, "dtype": dtype,
                      "ignore_frac": args.ignore_frac, "warmup": args.warmup, "repeats": repeats, "seed": args.seed,
                      "logit_std": args.logit_std, "impls": impls, "ignore_index": IGNORE_INDEX,
@@ -706,9 +443,7 @@ def main(argv=None):
                      "memory": MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]},
         "results": rows,
     }
-    with open(out_path, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {out_path}")
+    hn.write_json(out_path, payload)
     return 0
 
 

@@ -16,8 +16,9 @@ backward — for
   the vocab chunk its trainers pass (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``), on the
   completion tokens only.
 
-The per-token log-probs of ``naive`` and ``trl`` come from :func:`benchmarks.bench_logprobs.build_impl`,
-the same code the per-op benchmark measures. Every (implementation, T) runs in a fresh
+The inputs (``make_dpo_inputs``: the policy's hidden states, the reference's = the policy's plus
+noise, the head, labels) and the per-token log-probs of ``naive`` and ``trl`` (``build_impl``, the
+same code the per-op benchmark measures) come from ``benchmarks._workloads``. Every (implementation, T) runs in a fresh
 subprocess; on CPU its memory is the RSS high-water mark (``ru_maxrss``), reset after the imports
 and inputs, reported over the baseline RSS (imports + inputs + weight) and absolute; on CUDA it is
 ``torch.cuda.max_memory_allocated`` minus the inputs.
@@ -33,74 +34,34 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
-import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-from benchmarks.bench_logprobs import (
+if __package__ in (None, ""):  # `python benchmarks/bench_long_context.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _harness as hn  # noqa: E402  (neither imports torch at module level)
+from benchmarks._workloads import (  # noqa: E402
     IGNORE_INDEX,
-    _current_rss_bytes,
-    _git_commit,
-    _maxrss_bytes,
-    _reset_peak_rss,
+    PROMPT_FRAC,
     build_impl,
-    probe,
-    spawn_worker,
-    torch_dtype,
+    dpo_sigmoid,
+    make_dpo_inputs,
     trl_chunk_size,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = hn.RESULTS_DIR
 
 DEFAULTS = dict(seq_lens=[512, 1024, 2048, 4096, 8192], pairs=1, hidden=1024, vocab=32000)
 QUICK = dict(seq_lens=[256, 1024], pairs=1, hidden=256, vocab=8192)
 BASE_IMPLS = ("naive", "trl")
-PROMPT_FRAC = 1.0 / 3.0  # first third of every row is prompt (-100)
-GIB = float(2**30)
 
 
 # ----------------------------------------------------------------------------------------------
 # Worker (torch imported lazily)
 # ----------------------------------------------------------------------------------------------
-
-
-def make_dpo_inputs(pairs, seq_len, hidden_size, vocab, dtype="fp32", device="cpu", seed=0, logit_std=2.0,
-                    ref_noise=0.1):
-    """``hidden [2B, T, H]`` (leaf, requires grad; the policy's), ``ref_hidden [2B, T, H]`` (no grad:
-    the policy's plus ``ref_noise`` Gaussian noise, a reference close to the policy), ``weight [V, H]``
-    (leaf, requires grad; logits' std about ``logit_std``) and ``labels [2B, T]`` with the first
-    third of each row -100 (prompt) and uniform random tokens after it."""
-    import torch
-
-    device = torch.device(device)
-    dt = torch_dtype(dtype)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    rows = 2 * pairs
-    hidden = torch.randn(rows, seq_len, hidden_size, generator=gen, device=device).to(dt)
-    noise = torch.randn(rows, seq_len, hidden_size, generator=gen, device=device)
-    ref_hidden = (hidden.float() + ref_noise * noise).to(dt)
-    del noise
-    weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) * (logit_std / hidden_size ** 0.5)).to(dt)
-    labels = torch.randint(0, vocab, (rows, seq_len), generator=gen, device=device)
-    labels[:, : int(seq_len * PROMPT_FRAC)] = IGNORE_INDEX
-    return hidden.requires_grad_(True), ref_hidden, weight.requires_grad_(True), labels
-
-
-def dpo_sigmoid(policy_seq, ref_seq, beta):
-    """DPO's sigmoid loss on per-sequence log-prob sums ``[2B]`` (chosen rows first)."""
-    import torch.nn.functional as F
-
-    b = policy_seq.shape[0] // 2
-    margin = (policy_seq[:b] - ref_seq[:b]) - (policy_seq[b:] - ref_seq[b:])
-    return -F.logsigmoid(beta * margin).mean()
 
 
 def build_dpo(name, device, beta):
@@ -121,7 +82,7 @@ def build_dpo(name, device, beta):
         default = resolve_backend(None, torch.device(device))
         return fn, f"expo_kernels.FusedLinearDPOLoss(beta={beta}, backend={resolved!r}); package default: {default!r}"
 
-    logp_fn = build_impl(name, device)  # benchmarks.bench_logprobs: naive / trl per-token log-probs
+    logp_fn = build_impl(name, device)  # benchmarks._workloads: naive / trl per-token log-probs
 
     def fn(weight, hidden, ref_hidden, labels):
         policy = logp_fn(hidden, weight, labels).sum(-1)  # [2B], 0 at ignored positions
@@ -145,14 +106,14 @@ def run_worker(spec: dict) -> dict:
         device = torch.device(spec["device"])
         is_cuda = device.type == "cuda"
         hidden, ref_hidden, weight, labels = make_dpo_inputs(
-            spec["pairs"], spec["seq_len"], spec["hidden"], spec["vocab"], spec["dtype"], device, spec["seed"],
-            spec["logit_std"])
+            spec["pairs"], spec["seq_len"], spec["hidden"], spec["vocab"], spec["dtype"], device, seed=spec["seed"],
+            logit_std=spec["logit_std"])
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
         fn, result["detail"] = build_dpo(spec["impl"], device, spec["beta"])  # all imports happen here
         result["torch_threads"] = torch.get_num_threads()
         # One tiny step first, so lazy imports of the first call (expo's custom op pulls in torch._dynamo,
         # ~0.1 GiB RSS) land in the baseline, not in the step's memory.
-        tiny = make_dpo_inputs(1, 6, 8, 16, spec["dtype"], device, spec["seed"])
+        tiny = make_dpo_inputs(1, 6, 8, 16, spec["dtype"], device, seed=spec["seed"])
         fn(tiny[2], tiny[0], tiny[1], tiny[3]).backward()
         del tiny
 
@@ -174,9 +135,9 @@ def run_worker(spec: dict) -> dict:
             result["inputs_bytes"] = inputs_bytes
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            result["import_peak_rss_bytes"] = _maxrss_bytes()  # high-water mark of imports + inputs
-            result["baseline_rss_bytes"] = _current_rss_bytes() or result["import_peak_rss_bytes"]
-            result["peak_reset"] = _reset_peak_rss()
+            result["import_peak_rss_bytes"] = hn.maxrss_bytes()  # high-water mark of imports + inputs
+            result["baseline_rss_bytes"] = hn.current_rss_bytes() or result["import_peak_rss_bytes"]
+            result["peak_reset"] = hn.reset_peak_rss()
 
         # warm-up step (first call: lazy imports, allocator growth)
         t0 = time.perf_counter()
@@ -186,7 +147,7 @@ def run_worker(spec: dict) -> dict:
         if is_cuda:
             result["warmup_peak_bytes"] = torch.cuda.max_memory_allocated(device) - inputs_bytes
         else:
-            result["warmup_peak_rss_bytes"] = _maxrss_bytes()
+            result["warmup_peak_rss_bytes"] = hn.maxrss_bytes()
 
         # measured step
         hidden.grad = None
@@ -197,8 +158,8 @@ def run_worker(spec: dict) -> dict:
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            before = _current_rss_bytes()
-            reset = _reset_peak_rss()
+            before = hn.current_rss_bytes()
+            reset = hn.reset_peak_rss()
         t0 = time.perf_counter()
         loss = step()
         sync()
@@ -209,7 +170,7 @@ def run_worker(spec: dict) -> dict:
             result["peak_bytes"] = max(result["warmup_peak_bytes"], result["step_peak_bytes"])
             result["step_work_bytes"] = peak - before
         else:
-            peak = _maxrss_bytes()
+            peak = hn.maxrss_bytes()
             result["step_peak_rss_bytes"] = peak if reset else None
             result["peak_rss_bytes"] = max(result["warmup_peak_rss_bytes"], peak)
             base = result["baseline_rss_bytes"]
@@ -225,8 +186,7 @@ def run_worker(spec: dict) -> dict:
         result["grad_hidden_norm"] = float(hidden.grad.double().norm())
         result["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 — any failure becomes an ERROR row
-        result["error"] = f"{type(exc).__name__}: {exc}".strip()
-        result["traceback"] = traceback.format_exc()
+        hn.error_fields(result, exc)
     return result
 
 
@@ -236,26 +196,12 @@ def run_worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
-    return spawn_worker("benchmarks.bench_long_context", spec, timeout, tmp)
-
-
-def _git_dirty():
-    """True when the working tree differs from the commit (uncommitted code was measured)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(REPO_ROOT),
-                             capture_output=True, text=True, timeout=10)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except Exception:
-        return None
+    return hn.spawn_worker("benchmarks.bench_long_context", spec, timeout, tmp)
 
 
 def logits_bytes(rows, seq_len, vocab):
     """Size of the full fp32 logits ``[2B, T, V]`` — computed, not measured."""
     return rows * seq_len * vocab * 4
-
-
-def _gib(x, nd=3):
-    return f"{x / GIB:.{nd}f}" if isinstance(x, (int, float)) else "-"
 
 
 def _plot_value(r, device_type):
@@ -271,30 +217,19 @@ def format_table(rows, device_type):
                 "peak RSS GiB", "base RSS GiB", "step s", "warm-up s", "loss"]
     lines = []
     for r in rows:
-        lg = _gib(r["logits_bytes_computed"])
+        lg = hn.gib(r["logits_bytes_computed"])
         if r["status"] != "ok":
-            err = (r.get("error") or "?").splitlines()[0][:100]
-            lines.append([r["impl"], str(r["seq_len"]), lg, "ERROR: " + err])
+            lines.append([r["impl"], str(r["seq_len"]), lg, hn.error_message(r, 100)])
             continue
         if device_type == "cuda":
-            mem = [_gib(r.get("step_peak_bytes")), _gib(r.get("peak_bytes")), _gib(r.get("inputs_bytes"))]
+            mem = [hn.gib(r.get("step_peak_bytes")), hn.gib(r.get("peak_bytes")), hn.gib(r.get("inputs_bytes"))]
         else:
             star = "" if r.get("peak_reset", True) else "*"
-            mem = [_gib(r.get("step_peak_over_baseline_bytes")), _gib(r.get("peak_over_baseline_bytes")),
-                   _gib(r.get("peak_rss_bytes")) + star, _gib(r.get("baseline_rss_bytes"))]
+            mem = [hn.gib(r.get("step_peak_over_baseline_bytes")), hn.gib(r.get("peak_over_baseline_bytes")),
+                   hn.gib(r.get("peak_rss_bytes")) + star, hn.gib(r.get("baseline_rss_bytes"))]
         lines.append([r["impl"], str(r["seq_len"]), lg] + mem
                      + [f"{r['step_s']:.2f}", f"{r['warmup_s']:.2f}", f"{r['loss']:.6f}"])
-    widths = [max([len(head[i])] + [len(ln[i]) for ln in lines if i < 3 or len(ln) == len(head)])
-              for i in range(len(head))]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for ln in lines:
-        if len(ln) == len(head):
-            out.append("| " + " | ".join(c.ljust(w) for c, w in zip(ln, widths)) + " |")
-        else:
-            out.append("| " + " | ".join(c.ljust(w) for c, w in zip(ln[:3], widths[:3])) + " | " + ln[3] + " |")
-    return "\n".join(out)
-
+    return hn.render_table(head, lines, markdown=True)
 
 def make_plot(rows, impls, seq_lens, info, settings, path):
     import matplotlib
@@ -308,13 +243,13 @@ def make_plot(rows, impls, seq_lens, info, settings, path):
     errors = []
     for impl in impls:
         pts = [(r["seq_len"], _plot_value(r, dev)) for r in rows if r["impl"] == impl]
-        ok = [(t, v / GIB) for t, v in pts if isinstance(v, (int, float))]
+        ok = [(t, v / hn.GIB) for t, v in pts if isinstance(v, (int, float))]
         label = next((r.get("label") for r in rows if r["impl"] == impl and r.get("label")), impl)
         line = ax.plot([t for t, _ in ok], [v for _, v in ok], marker="o", label=label)[0]
         ymax = max([ymax] + [v for _, v in ok])
         errors += [(t, line.get_color(), impl, len(errors)) for t, v in pts if not isinstance(v, (int, float))]
     rows_n = 2 * settings["pairs"]
-    lg = [logits_bytes(rows_n, t, settings["vocab"]) / GIB for t in seq_lens]
+    lg = [logits_bytes(rows_n, t, settings["vocab"]) / hn.GIB for t in seq_lens]
     ax.plot(seq_lens, lg, ls="--", color="gray", label="full fp32 logits 2B·T·V·4 B (computed)")
     ymax = max([ymax] + lg)
     # failed runs: an x per implementation above the data, stacked so that labels do not overlap
@@ -375,17 +310,13 @@ def parse_args(argv=None):
                    "numbers are per process and stay valid; timings get noisier")
     p.add_argument("--json", help="results file (default benchmarks/results/bench_long_context_<device>.json)")
     p.add_argument("--plot", help="figure (default benchmarks/results/long_context_<device>.png, or beside --json)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
-    p.add_argument("--_out", help=argparse.SUPPRESS)
+    hn.add_worker_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args._worker:
-        result = run_worker(json.loads(args._worker))
-        with open(args._out, "w") as f:
-            json.dump(result, f)
+    if hn.worker_main(args, run_worker):
         return 0
 
     base = QUICK if args.quick else DEFAULTS
@@ -393,10 +324,9 @@ def main(argv=None):
     settings = dict(pairs=args.pairs or base["pairs"], hidden=args.hidden or base["hidden"],
                     vocab=args.vocab or base["vocab"], dtype=args.dtype)
 
-    info = probe(args.device)
+    info = hn.probe(args.device)
     dev = info["device_type"]
-    backends = info.get("expo_backends") or (["triton", "torch"] if dev == "cuda" else ["torch"])
-    expo_impls = [f"expo-{b}" for b in backends if not (b == "triton" and dev != "cuda")]
+    expo_impls = hn.expo_impls(info)
     impls = []
     for name in args.impls or ["expo", *BASE_IMPLS]:
         if name == "expo":  # every expo backend of the device; without --impls, the default one only
@@ -433,7 +363,7 @@ def main(argv=None):
         row["wall_s"] = time.perf_counter() - t0
         if row["status"] == "ok":
             v = _plot_value(row, dev)
-            msg = f"ok: {_gib(v)} GiB over baseline, step {row['step_s']:.1f} s, loss {row['loss']:.6f}"
+            msg = f"ok: {hn.gib(v)} GiB over baseline, step {row['step_s']:.1f} s, loss {row['loss']:.6f}"
         else:
             msg = "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
         print(f"[T={T}] {impl}: {msg} ({row['wall_s']:.1f} s wall, "
@@ -462,18 +392,9 @@ def main(argv=None):
         plot_path = out_path.with_suffix(".png")
     else:
         plot_path = RESULTS_DIR / f"long_context_{suffix}.png"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "benchmark": "bench_long_context",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "benchmarks.bench_long_context"]
-                            + list(sys.argv[1:] if argv is None else argv)),
-        "git_commit": _git_commit(),
-        "git_dirty": _git_dirty(),
-        "host": platform.node(),
-        "device": {k: info.get(k) for k in ("device", "device_type", "device_name", "cuda", "cpu_count",
-                                             "torch_threads")},
-        "versions": info["versions"],
+        **hn.result_header("bench_long_context", "benchmarks.bench_long_context", argv, info,
+                           ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads"), dirty=True),
         "expo_backends": info.get("expo_backends"),
         "settings": {**settings, "seq_lens": seq_lens, "rows": 2 * settings["pairs"], "beta": args.beta,
                      "seed": args.seed, "logit_std": args.logit_std, "prompt_frac": PROMPT_FRAC,
@@ -484,9 +405,7 @@ def main(argv=None):
                      "memory": MEMORY_NOTE[dev]},
         "results": rows,
     }
-    with open(out_path, "w") as f:
-        json.dump(payload, f, indent=2)
-    print(f"wrote {out_path}")
+    hn.write_json(out_path, payload)
     try:
         make_plot(rows, impls, seq_lens, info, settings, plot_path)
         print(f"wrote {plot_path}")

@@ -201,7 +201,8 @@ Tensor to_acc(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous
 template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in, const c10::optional<Tensor>& bias_in,
                                  const Tensor& labels_in, double scale, c10::optional<double> softcap,
-                                 double inv_temp, bool with_stats, int64_t token_block, int64_t vocab_tile) {
+                                 double inv_temp, bool with_stats, int64_t vocab_start, int64_t token_block,
+                                 int64_t vocab_tile) {
   const at::ScalarType acc = acc_type<T>();
   const int64_t N = hidden_in.size(0), V = weight_in.size(0), H = weight_in.size(1);
   auto opts = hidden_in.options().dtype(acc);
@@ -250,7 +251,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
             const int64_t i = t0 + r;
             T* z = base + r * vt;
             apply_transform_row<T>(z, bptr + v0, vt, tf, has_bias);
-            const int64_t yl = y[i] - v0;
+            const int64_t yl = y[i] - vocab_start - v0;  // labels are global ids
             // tile max, split at the label so that the maximum before the label comes for free
             const int64_t cut = std::min<int64_t>(std::max<int64_t>(yl, 0), vt);
             T mx_before = ninf, mx_after = ninf;
@@ -294,27 +295,23 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
       }
     }
   }
-  Tensor lse = m_t + at::log(s_t);
-  Tensor logp = zl_t - lse;
-  if (!with_stats) return {logp, lse};
-  Tensor entropy = at::log(s_t) - sz_t / s_t;
-  Tensor mean_logit = zs_t / static_cast<double>(std::max<int64_t>(V, 1));
-  Tensor is_top1 = at::logical_and(at::ge(zl_t, m_t), at::lt(mb_t, zl_t));
-  Tensor log_sum_p2 = at::log(s2_t) - 2.0 * at::log(s_t);
-  return {logp, lse, entropy, mean_logit, is_top1, log_sum_p2};
+  // the raw partial state, in the field order of expo_kernels.ops.state.LogprobState; Python finalizes
+  if (!with_stats) return {m_t, s_t, zl_t};
+  return {m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t};
 }
 
 std::vector<Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
                                      const Tensor& labels, double scale, c10::optional<double> softcap,
-                                     double inv_temp, bool with_stats, int64_t token_block, int64_t vocab_tile) {
+                                     double inv_temp, bool with_stats, int64_t vocab_start, int64_t token_block,
+                                     int64_t vocab_tile) {
   check_inputs(hidden, weight, bias);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "expo_native: labels [N] expected");
   if (hidden.scalar_type() == at::kDouble) {
-    return forward_impl<double>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, token_block,
-                                vocab_tile);
+    return forward_impl<double>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, vocab_start,
+                                token_block, vocab_tile);
   }
-  return forward_impl<float>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, token_block,
-                             vocab_tile);
+  return forward_impl<float>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, vocab_start,
+                             token_block, vocab_tile);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -396,7 +393,8 @@ template <typename T>
 std::vector<Tensor> backward_impl(const Tensor& grad_in, const Tensor& hidden_in, const Tensor& weight_in,
                                   const c10::optional<Tensor>& bias_in, const Tensor& labels_in, const Tensor& lse_in,
                                   double scale, c10::optional<double> softcap, double inv_temp, bool need_h,
-                                  bool need_w, bool need_b, int64_t token_block, int64_t vocab_tile) {
+                                  bool need_w, bool need_b, int64_t vocab_start, int64_t token_block,
+                                  int64_t vocab_tile) {
   const at::ScalarType acc = acc_type<T>();
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   need_b = need_b && has_bias;
@@ -414,7 +412,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_in, const Tensor& hidden_in
   auto row_fn = [&](T* z, const std::vector<T*>&, int64_t, int64_t i, int64_t v0, int64_t vt) {
     const T gi = g[i], li = lse[i];
     const T* b = bptr + v0;
-    const int64_t yl = y[i] - v0;
+    const int64_t yl = y[i] - vocab_start - v0;
     const bool label_here = yl >= 0 && yl < vt;
     T d_label = 0;
     if (label_here) d_label = tf.deriv(z[yl] + b[yl]);
@@ -445,14 +443,15 @@ std::vector<Tensor> backward_impl(const Tensor& grad_in, const Tensor& hidden_in
 std::vector<Tensor> logprobs_backward(const Tensor& grad, const Tensor& hidden, const Tensor& weight,
                                       const c10::optional<Tensor>& bias, const Tensor& labels, const Tensor& lse,
                                       double scale, c10::optional<double> softcap, double inv_temp, bool need_h,
-                                      bool need_w, bool need_b, int64_t token_block, int64_t vocab_tile) {
+                                      bool need_w, bool need_b, int64_t vocab_start, int64_t token_block,
+                                      int64_t vocab_tile) {
   check_inputs(hidden, weight, bias);
   if (hidden.scalar_type() == at::kDouble) {
     return backward_impl<double>(grad, hidden, weight, bias, labels, lse, scale, softcap, inv_temp, need_h, need_w,
-                                 need_b, token_block, vocab_tile);
+                                 need_b, vocab_start, token_block, vocab_tile);
   }
   return backward_impl<float>(grad, hidden, weight, bias, labels, lse, scale, softcap, inv_temp, need_h, need_w,
-                              need_b, token_block, vocab_tile);
+                              need_b, vocab_start, token_block, vocab_tile);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -526,11 +525,14 @@ std::vector<Tensor> kl_forward_impl(const Tensor& hidden_in, const Tensor& weigh
               sep += exp_acc(zp[j] - shift_p);
               const T er = exp_acc(zr[j] - shift_r);
               ser += er;
-              sc += er > T(0) ? er * (zr[j] - zp[j]) : T(0);  // masked in the reference: adds 0
+              // both logits shifted by their max (no cancellation); masked in the reference: adds 0
+              sc += er > T(0) ? er * ((zr[j] - shift_r) - (zp[j] - shift_p)) : T(0);
             }
+            // the old sum moved to the new maxima: cross + ((m_r - M_r) - (m_p - M_p)) s_r (expo_kernels.ops.state)
+            const T moved = ((sr[i] > T(0) ? mr[i] - shift_r : T(0)) - (sp[i] > T(0) ? mp[i] - shift_p : T(0))) * sr[i];
+            cross[i] = resc_r * (cross[i] + moved) + sc;
             sp[i] = sp[i] * resc_p + sep;
             sr[i] = sr[i] * resc_r + ser;
-            cross[i] = cross[i] * resc_r + sc;
             mp[i] = mp_new;
             mr[i] = mr_new;
           }
@@ -538,9 +540,8 @@ std::vector<Tensor> kl_forward_impl(const Tensor& hidden_in, const Tensor& weigh
       }
     }
   }
-  Tensor lse_p = mp_t + at::log(sp_t), lse_r = mr_t + at::log(sr_t);
-  Tensor kl = cross_t / sr_t - lse_r + lse_p;
-  return {kl, lse_p, lse_r};
+  // the raw partial state, in the field order of expo_kernels.ops.state.TokenKLState
+  return {mp_t, sp_t, mr_t, sr_t, cross_t};
 }
 
 std::vector<Tensor> kl_forward(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -643,11 +644,11 @@ std::vector<Tensor> kl_backward(const Tensor& grad, const Tensor& hidden, const 
 
 TORCH_LIBRARY(expo_native, m) {
   m.def("logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float scale, float? softcap, "
-        "float inv_temp, bool with_stats, int token_block, int vocab_tile) -> Tensor[]",
+        "float inv_temp, bool with_stats, int vocab_start, int token_block, int vocab_tile) -> Tensor[]",
         &expo_native::logprobs_forward);
   m.def("logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
         "float scale, float? softcap, float inv_temp, bool need_hidden, bool need_weight, bool need_bias, "
-        "int token_block, int vocab_tile) -> Tensor[]",
+        "int vocab_start, int token_block, int vocab_tile) -> Tensor[]",
         &expo_native::logprobs_backward);
   m.def("token_kl_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
         "Tensor? ref_bias, float scale, float? softcap, float inv_temp, int token_block, int vocab_tile) -> Tensor[]",

@@ -1,17 +1,32 @@
 """expo_kernels: fused LM-head kernels for DPO-style preference optimization and EXPO.
 
-Layers (each imports only the ones above it):
+Layers, each importing only the ones before it (docs/design.md, "Backends and dispatch"):
 
-* ``expo_kernels.ops``      — the kernels on plain tensors (Triton, chunked PyTorch).
-* ``expo_kernels.autograd`` — registered torch ops + autograd, backend chosen from the device.
-* ``expo_kernels.losses``   — per-sequence preference losses and their registry.
-* ``expo_kernels.modules``  — ``FusedLinearPreferenceLoss``: hidden states + LM head -> loss.
+* ``expo_kernels.ops``          — the kernels on plain tensors (torch spec, native C++, Triton) and the
+  shared partial state of the online softmax (``ops.state``).
+* ``expo_kernels._dispatch``    — backend choice, argument checks, token compaction.
+* ``expo_kernels.autograd``     — the registered torch ops and their autograd formulas.
+* ``expo_kernels.functional``   — the public ops ``linear_logprobs`` and ``linear_token_kl``.
+* ``expo_kernels.distributed``  — vocabulary-parallel ops and FSDP2 heads.
+* ``expo_kernels.losses``       — per-sequence preference losses and their registry.
+* ``expo_kernels.modules``      — ``FusedLinearPreferenceLoss`` & co.: hidden states + LM head -> loss.
+* ``expo_kernels.integrations`` — Hugging Face models and TRL trainers.
 """
 from ._dispatch import available_backends
+from ._version import __version__
 from .functional import TokenStats, linear_logprobs, linear_token_kl
+from .losses import LOSSES, preference_loss, preference_loss_and_metrics
+from .modules import (
+    FusedLinearDPOLoss,
+    FusedLinearEXPOLoss,
+    FusedLinearKTOLoss,
+    FusedLinearORPOLoss,
+    FusedLinearPreferenceLoss,
+    FusedLinearSimPOLoss,
+    FusedLinearUnpairedLoss,
+    PreferenceLossOutput,
+)
 from .ops.options import kernel_options
-
-__version__ = "0.1.0"
 
 __all__ = [
     "linear_logprobs",
@@ -24,6 +39,7 @@ __all__ = [
     "preference_loss_and_metrics",
     "LOSSES",
     "FusedLinearPreferenceLoss",
+    "FusedLinearUnpairedLoss",
     "PreferenceLossOutput",
     "FusedLinearDPOLoss",
     "FusedLinearEXPOLoss",
@@ -31,14 +47,3 @@ __all__ = [
     "FusedLinearORPOLoss",
     "FusedLinearKTOLoss",
 ]
-
-from .losses import LOSSES, preference_loss, preference_loss_and_metrics  # noqa: E402
-from .modules import (  # noqa: E402
-    FusedLinearDPOLoss,
-    FusedLinearEXPOLoss,
-    FusedLinearKTOLoss,
-    FusedLinearORPOLoss,
-    FusedLinearPreferenceLoss,
-    FusedLinearSimPOLoss,
-    PreferenceLossOutput,
-)

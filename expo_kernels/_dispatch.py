@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -39,7 +40,7 @@ def native_available(device: torch.device) -> bool:
     A failed build warns once and leaves CPU tensors on the torch backend."""
     if device.type != "cpu":
         return False
-    from . import _native_build
+    from .ops import _native_build
 
     return _native_build.ensure_loaded()
 
@@ -77,7 +78,7 @@ def resolve_backend(requested: Optional[str], device: torch.device, dtype: Optio
                          "GPUs); use backend='torch' (any device) or 'native' (CPU) for float64")
     if name not in available_backends(device):
         if name == "native":
-            from . import _native_build
+            from .ops import _native_build
 
             why = _native_build.status()["reason"] if device.type == "cpu" else "it runs on CPU tensors only"
             raise ValueError(f"{source}='native' cannot run on {device.type} tensors: {why}")
@@ -99,6 +100,23 @@ def backend_module(name: str):
 
         return native_backend
     return torch_backend
+
+
+_WARNED_FILTER: set = set()
+
+
+def backward_module(name: str):
+    """``backend_module`` for a backward pass; warns once per backend that ignores gradient filtering.
+
+    ``kernel_options(grad_filter_eps=...)`` is a Triton option: the torch and native backends compute
+    every tile exactly (they run GEMMs over whole vocabulary tiles, where skipping rarely pays)."""
+    from .ops.options import get_kernel_options
+
+    if name != "triton" and get_kernel_options().grad_filter_eps is not None and name not in _WARNED_FILTER:
+        _WARNED_FILTER.add(name)
+        warnings.warn(f"kernel_options(grad_filter_eps=...) applies to the triton backend only; the {name} backend "
+                      "computes exact gradients", RuntimeWarning, stacklevel=3)
+    return backend_module(name)
 
 
 def result_dtype(input_dtype: torch.dtype) -> torch.dtype:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch as D
+from . import ops
 from .ops import LogitTransform, TokenOutputs
 
 
@@ -49,7 +50,7 @@ def _linear_logprobs_op(
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
-    out: TokenOutputs = D.backend_module(backend).forward(h, weight, bias, y, transform, with_stats)
+    out: TokenOutputs = ops.forward(D.backend_module(backend), h, weight, bias, y, transform, with_stats)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
     finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
     D.check_finite({"hidden": h, "weight": weight}, {"bias": bias}, finite_results,
@@ -92,7 +93,7 @@ def _linear_logprobs_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_hidden [N, H], d_weight [V, H], d_bias [V]); an empty tensor for each gradient not needed."""
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
-    d_h, d_w, d_b = D.backend_module(backend).backward(
+    d_h, d_w, d_b = D.backward_module(backend).backward(
         pick(grad_logp).to(D.result_dtype(hidden.dtype)).contiguous(),
         pick(hidden).contiguous(),
         weight,
@@ -179,8 +180,9 @@ def _linear_token_kl_op(
     n = labels.shape[0]
     rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
-    kl, lse_p, lse_r = D.backend_module(backend).token_kl_forward(
-        h, weight, bias, hr, ref_weight, ref_bias, LogitTransform(logit_scale, softcap, temperature),
+    kl, lse_p, lse_r = ops.token_kl_forward(
+        D.backend_module(backend), h, weight, bias, hr, ref_weight, ref_bias,
+        LogitTransform(logit_scale, softcap, temperature),
     )
     # the KL itself may be +inf (the policy masks an entry the reference does not); both lse are finite
     D.check_finite({"hidden": h, "weight": weight, "ref_hidden": hr, "ref_weight": ref_weight},
@@ -220,7 +222,7 @@ def _linear_token_kl_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Policy-head gradients (d_hidden, d_weight, d_bias); empty tensors where not needed."""
     rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
-    d_h, d_w, d_b = D.backend_module(backend).token_kl_backward(
+    d_h, d_w, d_b = D.backward_module(backend).token_kl_backward(
         pick(grad_kl).to(D.result_dtype(hidden.dtype)).contiguous(), pick(hidden).contiguous(), weight, bias,
         pick(ref_hidden).contiguous(), ref_weight, ref_bias, pick(lse_p).contiguous(), pick(lse_r).contiguous(),
         LogitTransform(logit_scale, softcap, temperature), need_hidden, need_weight,

@@ -24,7 +24,7 @@ def collect() -> dict:
     import torch
 
     import expo_kernels as ek
-    from expo_kernels import _native_build
+    from expo_kernels.ops import _native_build
     from expo_kernels import _dispatch as ag
 
     info = {

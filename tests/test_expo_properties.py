@@ -1,4 +1,4 @@
-"""Population-level properties of DPO and EXPO on the three-outcome toy (DESIGN.md section 3).
+"""Population-level properties of DPO and EXPO on the three-outcome toy (docs/design.md, "Losses").
 
 A softmax policy over three outcomes (float64). Preferences: Bradley-Terry with reward log pi*,
 pi* = [.6, .3, .1]; reference pi_ref = [.4, .4, .2]. Pairs: y, y' drawn independently from a pair
@@ -54,7 +54,7 @@ def registry_per_pair(method, c, r, c_ref, r_ref, beta):
 
 
 def hand_per_pair(method, c, r, c_ref, r_ref, beta):
-    """The formulas of DESIGN.md section 3, written out: -log sigma(x) = log(1 + exp(-x))."""
+    """The formulas of docs/design.md, "Losses", written out: -log sigma(x) = log(1 + exp(-x))."""
     if method == "dpo":
         x = beta * ((c - c_ref) - (r - r_ref))
     else:  # EXPO's Bradley-Terry term softplus(-(c - r)): no reference, no beta

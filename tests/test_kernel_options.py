@@ -1,10 +1,13 @@
 """Triton backward switches (``expo_kernels.kernel_options``, deterministic mode), in the interpreter
 without a GPU: exact mode is exact, filtering drops exactly the tiles it should, deterministic mode
 is the chunked-GEMM schedule."""
+import warnings
+
 import pytest
 import torch
 
 import expo_kernels as ek
+from expo_kernels import ops
 from expo_kernels.ops import LogitTransform, torch_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -31,7 +34,7 @@ def _backward(hidden, weight, labels, grad, lse):
 
 def test_exact_mode_is_the_default_and_equals_the_reference():
     hidden, weight, labels, grad = _inputs()
-    lse = torch_backend.forward(hidden, weight, None, labels, PLAIN, False).lse
+    lse = ops.forward(torch_backend, hidden, weight, None, labels, PLAIN, False).lse
     ref = torch_backend.backward(grad, hidden, weight, None, labels, lse, PLAIN, True, True, False)
     with ek.kernel_options(grad_filter_eps=None):
         got = _backward(hidden, weight, labels, grad, lse)
@@ -42,7 +45,7 @@ def test_exact_mode_is_the_default_and_equals_the_reference():
 def test_filter_drops_exactly_the_negligible_label_free_tiles():
     eps = 1e-2
     hidden, weight, labels, grad = _inputs(spread=20.0)
-    lse = torch_backend.forward(hidden, weight, None, labels, PLAIN, False).lse
+    lse = ops.forward(torch_backend, hidden, weight, None, labels, PLAIN, False).lse
     with ek.kernel_options(grad_filter_eps=eps):
         d_h, d_w, _ = _backward(hidden, weight, labels, grad, lse)
     # float64 reference with the kernel's tiling: zero dz on (token block, vocab tile) pairs whose
@@ -70,7 +73,7 @@ def test_filter_drops_exactly_the_negligible_label_free_tiles():
 def test_filter_on_token_kl():
     hidden, weight, labels, grad = _inputs(seed=1, spread=20.0)
     ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
-    kl, lse_p, lse_r = torch_backend.token_kl_forward(hidden, weight, None, ref_hidden, weight, None, PLAIN)
+    kl, lse_p, lse_r = ops.token_kl_forward(torch_backend, hidden, weight, None, ref_hidden, weight, None, PLAIN)
     exact = torch_backend.token_kl_backward(grad, hidden, weight, None, ref_hidden, weight, None, lse_p, lse_r,
                                             PLAIN, True, False, False)[0]
     with ek.kernel_options(grad_filter_eps=1e-2):
@@ -83,7 +86,7 @@ def test_filter_on_token_kl():
 
 def test_deterministic_mode_runs_the_chunked_schedule():
     hidden, weight, labels, grad = _inputs(seed=2)
-    lse = torch_backend.forward(hidden, weight, None, labels, PLAIN, False).lse
+    lse = ops.forward(torch_backend, hidden, weight, None, labels, PLAIN, False).lse
     ref = torch_backend.backward(grad, hidden, weight, None, labels, lse, PLAIN, True, True, False)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -107,3 +110,20 @@ def test_options_restore_after_the_block():
     with ek.kernel_options(grad_filter_eps=1e-4):
         assert ek.ops.options.get_kernel_options().grad_filter_eps == 1e-4
     assert ek.ops.options.get_kernel_options().grad_filter_eps is None
+
+
+def test_cpu_backends_warn_once_that_filtering_is_triton_only(monkeypatch):
+    from expo_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_WARNED_FILTER", set())
+    hidden, weight, labels, grad = _inputs()
+    h = hidden.float().requires_grad_()
+    with ek.kernel_options(grad_filter_eps=1e-3):
+        with pytest.warns(RuntimeWarning, match="applies to the triton backend only; the torch backend"):
+            ek.linear_logprobs(h, weight.float(), labels, backend="torch").sum().backward()
+        exact = h.grad.clone()
+        h.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per backend
+            ek.linear_logprobs(h, weight.float(), labels, backend="torch").sum().backward()
+    assert torch.equal(h.grad, exact)

@@ -5,7 +5,7 @@ Tolerances: float32/float64 inputs are accumulated in float32 by the kernels (fl
 inputs), so values and gradients must match the float64 reference to ~1e-5 relative; bf16/fp16
 inputs round the outputs (gradients are returned in the input dtype) so we allow 2e-2 relative
 to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32/fp64 only
-(bf16 arithmetic is wrong in the interpreter, DESIGN.md section 6); a GPU runs it in bf16 too.
+(bf16 arithmetic is wrong in the interpreter, docs/design.md, "Testing Triton without a GPU"); a GPU runs it in bf16 too.
 """
 import pytest
 import torch
@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 import expo_kernels as ek
 from expo_kernels._dispatch import backend_module as _backend_module, resolve_backend
+from expo_kernels import ops
 from expo_kernels.ops import LogitTransform
 from expo_kernels.ops import torch_backend
 
@@ -259,7 +260,7 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     module = _backend_module(backend)
     transform = LogitTransform(2.0, 4.0, 0.9)
     with LargestTensor() as rec:
-        out = module.forward(hidden.detach(), weight.detach(), b.detach(), labels, transform, True)
+        out = ops.forward(module, hidden.detach(), weight.detach(), b.detach(), labels, transform, True)
         module.backward(torch.ones(n, device=DEVICE), hidden.detach(), weight.detach(), b.detach(), labels,
                         out.lse, transform, True, True, True)
         # ... and the public op end to end (the registered op is opaque to the mode, so its

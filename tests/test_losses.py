@@ -1,4 +1,4 @@
-"""expo_kernels.losses against hand-written float64 formulas (DESIGN.md section 3), independent of TRL,
+"""expo_kernels.losses against hand-written float64 formulas (docs/design.md, "Losses"), independent of TRL,
 plus reductions, dtypes, gradients (gradcheck), metrics, aggregation and EXPO's population properties."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _inputs(seed=0, b=B, dtype=DT):
 
 
 # ------------------------------------------------------------------------------------------------
-# Hand formulas, straight from DESIGN.md's table (per pair).
+# Hand formulas, straight from the table in docs/design.md, "Losses" (per pair).
 # c, r, cr, rr: policy / reference summed log-probs; lc, lr lengths; hp the hyperparameters.
 # ------------------------------------------------------------------------------------------------
 def _nll(c, lc):
@@ -156,7 +156,7 @@ def test_odpo_hand_formula_and_offset_forms():
 @pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
 @pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "robust", "discopop", "sigmoid_norm"])
 def test_f_divergence_matches_design_maps(kind, name):
-    # DESIGN.md's maps differ from TRL's by constants, which cancel in chosen - rejected
+    # docs/design.md's maps differ from TRL's by constants, which cancel in chosen - rejected
     (c, r, cr, rr), lc, lr = _inputs(seed=5)
     lcf, lrf = lc.to(DT), lr.to(DT)
     a, beta = 0.3, 0.5

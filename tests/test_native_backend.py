@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import expo_kernels as ek
+from expo_kernels import ops
 from expo_kernels.ops import LogitTransform, torch_backend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,20 +106,20 @@ def _inputs(n, h, v, dtype, seed=0):
 def _native_pass(hidden, weight, bias, labels, grad, transform):
     from expo_kernels.ops import native_backend as nb
 
-    out = nb.forward(hidden, weight, bias, labels, transform, True)
+    out = ops.forward(nb, hidden, weight, bias, labels, transform, True)
     grads = nb.backward(grad, hidden, weight, bias, labels, out.lse, transform, True, True, True)
     ref_h = hidden.flip(0)
-    kl = nb.token_kl_forward(hidden, weight, bias, ref_h, weight.flip(0), None, transform)
+    kl = ops.token_kl_forward(nb, hidden, weight, bias, ref_h, weight.flip(0), None, transform)
     kl_grads = nb.token_kl_backward(grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2],
                                     transform, True, True, True)
     return list(out) + list(grads) + list(kl) + list(kl_grads)
 
 
 def _torch_pass(hidden, weight, bias, labels, grad, transform):
-    out = torch_backend.forward(hidden, weight, bias, labels, transform, True)
+    out = ops.forward(torch_backend, hidden, weight, bias, labels, transform, True)
     grads = torch_backend.backward(grad, hidden, weight, bias, labels, out.lse, transform, True, True, True)
     ref_h = hidden.flip(0)
-    kl = torch_backend.token_kl_forward(hidden, weight, bias, ref_h, weight.flip(0), None, transform)
+    kl = ops.token_kl_forward(torch_backend, hidden, weight, bias, ref_h, weight.flip(0), None, transform)
     kl_grads = torch_backend.token_kl_backward(grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2],
                                                transform, True, True, True)
     return list(out) + list(grads) + list(kl) + list(kl_grads)
@@ -184,12 +185,12 @@ def test_no_tokens_and_frozen_parts():
     from expo_kernels.ops import native_backend as nb
 
     hidden, weight, bias, labels, grad = _inputs(0, 8, 50, torch.float32)
-    out = nb.forward(hidden, weight, bias, labels, LogitTransform(), True)
+    out = ops.forward(nb, hidden, weight, bias, labels, LogitTransform(), True)
     assert out.logp.shape == (0,) and out.is_top1.dtype == torch.bool
     d_h, d_w, d_b = nb.backward(grad, hidden, weight, bias, labels, out.lse, LogitTransform(), True, True, True)
     assert d_h.shape == (0, 8) and torch.equal(d_w, torch.zeros_like(weight)) and torch.equal(d_b, torch.zeros(50))
     hidden, weight, bias, labels, grad = _inputs(9, 8, 50, torch.float32)
-    out = nb.forward(hidden, weight, None, labels, LogitTransform(), False)
+    out = ops.forward(nb, hidden, weight, None, labels, LogitTransform(), False)
     assert out.entropy is None
     d_h, d_w, d_b = nb.backward(grad, hidden, weight, None, labels, out.lse, LogitTransform(), False, True, True)
     assert d_h is None and d_b is None and d_w.shape == weight.shape
@@ -198,6 +199,7 @@ def test_no_tokens_and_frozen_parts():
 PEAK_RSS_CODE = """
     import json, gc
     import torch
+    from expo_kernels import ops
     from expo_kernels.ops import native_backend as nb
     from expo_kernels.ops import LogitTransform
     assert nb.available()
@@ -209,7 +211,7 @@ PEAK_RSS_CODE = """
     labels = torch.randint(0, v, (n,), generator=g)
     grad = torch.randn(n, generator=g)
     t = LogitTransform()
-    small = nb.forward(hidden[:300], weight[:5000], None, labels[:300] % 5000, t, True)   # libraries' first use
+    small = ops.forward(nb, hidden[:300], weight[:5000], None, labels[:300] % 5000, t, True)   # libraries' first use
     nb.backward(grad[:300], hidden[:300], weight[:5000], None, labels[:300] % 5000, small.lse, t, True, True, False)
 
     def grown(fn):
@@ -222,9 +224,9 @@ PEAK_RSS_CODE = """
         hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
         return result, int(hwm.split()[1]) * 1024 - before
 
-    out, fwd = grown(lambda: nb.forward(hidden, weight, None, labels, t, True))
+    out, fwd = grown(lambda: ops.forward(nb, hidden, weight, None, labels, t, True))
     _, bwd = grown(lambda: nb.backward(grad, hidden, weight, None, labels, out.lse, t, True, True, False))
-    _, kl = grown(lambda: nb.token_kl_forward(hidden, weight, None, hidden.flip(0), weight, None, t))
+    _, kl = grown(lambda: ops.token_kl_forward(nb, hidden, weight, None, hidden.flip(0), weight, None, t))
     print(json.dumps(dict(forward=fwd, backward=bwd, token_kl=kl)))
 """
 

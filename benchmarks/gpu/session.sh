@@ -16,7 +16,8 @@ fi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     python3 -m expo_kernels.info 2>&1 || true
 } 2>&1 | tee "$OUT/info.txt"
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_linear_logprobs.py tests/test_token_kl.py \
+# -o addopts="": pyproject's addopts name pytest-benchmark's --benchmark-disable, which the image may lack
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_linear_logprobs.py tests/test_token_kl.py \
     tests/test_triton_internals.py tests/test_kernel_options.py tests/test_fused_module.py tests/test_input_validation.py \
     2>&1 | tee "$OUT/gpu_tests.log"
 timeout 300 python3 -m benchmarks.bench_logprobs --preset gpu --json "$OUT/bench_logprobs_cuda.json" 2>&1 \

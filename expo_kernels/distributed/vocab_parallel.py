@@ -10,42 +10,28 @@ labels are replicated (every rank sees the same tokens); labels are global ids. 
 ordinary single-process backend (``expo_kernels.ops``) on its shard and the per-token results are
 combined with all-reduces of ``O(N)`` numbers: no ``[N, V]`` logits and no weight ever cross the wire.
 
-Combine formulas (shard ``s`` covers the vocab rows ``V_s``; ``lse_s``, ``H_s``, ``mean_s``,
-``lsp2_s`` are the backend's per-shard ``lse``, entropy, mean logit, ``log sum p^2`` of the
-shard-local softmax; ``M = max_s lse_s``, ``w_s = exp(lse_s - M)``):
+Combining the ranks (docs/design.md, "Partial states"): each rank's backend folds its shard (global
+label ids, ``vocab_start`` = the shard's first id) into the raw partial state of ``ops.state``: max
+``m``, ``s = sum e^(z - m)``, the label logit where the label is on the shard (0 elsewhere), and with
+statistics the shifted entropy sum, ``sum e^(2(z - m))``, the sum of finite logits and the max logit
+before the label. The ranks merge exactly as Triton's vocab splits do, with the same functions:
 
-* ``lse  = M + log S``, ``S = sum_s w_s``                               (MAX, then SUM all-reduce)
-* ``logp = z_y - lse``; ``z_y = logp_s + lse_s`` on the rank owning the label (others add 0).
-  Tokens whose label is outside the shard are run with the dummy local label 0 and discarded.
-* ``entropy = sum_s pi_s (H_s - log pi_s)`` with ``pi_s = w_s / S`` (the chain rule of entropy over
-  the shards) ``= (sum_s w_s (H_s - (lse_s - M))) / S + log S``: no ``lse - sum p z`` cancellation
-* ``mean_logit = (sum_s |V_s| mean_s) / V``
-* ``sum_{v in s} exp(2 (z_v - M)) = w_s^2 exp(lsp2_s)``   ->  ``log_sum_p2 = log(sum_s w_s^2 e^{lsp2_s}) - 2 log S``
-* ``is_top1`` needs the global maximum logit, which no backend returns. When statistics are asked
-  for, every rank runs one extra chunked max pass over its shard (``2 N H V_s`` FLOPs, i.e. the
-  forward's cost again) giving ``max_{v in s} z_v``, ``max_{v in s, v < y} z_v`` and ``z_y``; then
-  ``is_top1 = z_y >= max_all & max_before < z_y`` (first maximum on ties, as the single-process op).
-  Without ``return_stats`` the pass does not run.
+* a MAX all-reduce of ``m`` (and ``max_before``): ``N`` floats (``2N`` with statistics);
+* each rank moves its sums to the common max (``ops.state.sum_fields``) and a SUM all-reduce adds
+  them: ``2N`` floats (``5N`` with statistics);
+* ``finalize`` gives ``lse``, ``logp``, entropy, mean logit, ``is_top1`` (first maximum on ties) and
+  ``log sum p^2``, identical on every rank.
 
-Forward traffic: one MAX all-reduce of ``N`` floats (``3N`` with statistics) and one SUM all-reduce of
-``2N`` floats (``6N`` with statistics), plus a ``world_size``-int all-gather of the shard sizes.
+Plus a ``world_size``-int all-gather of the shard sizes. Backward (``dL/dlogp = g``): each rank runs
+the backend's ``backward`` on its shard with the GLOBAL ``lse`` and ``vocab_start``; a token whose
+label lies on another shard gets no one-hot term here, exactly the single-process gradient
+restricted to the shard's rows. ``d_weight`` / ``d_bias`` stay local; ``d_hidden`` of the valid
+tokens is SUM all-reduced (``N H`` numbers, in float32 for 16-bit inputs) — the all-reduce every
+tensor-parallel head needs anyway.
 
-Backward (``dL/dlogp = g``), each rank on its shard with the GLOBAL ``lse``:
-
-* tokens whose label is in the shard: the backend's ``backward`` with the local label, exactly the
-  single-process computation restricted to the shard's vocab rows;
-* the other tokens need ``dz_v = -g p_v s'(raw_v)`` without the one-hot term. Rather than subtract a
-  dummy label's one-hot afterwards (cancellation, and the cast of the accumulators to the input
-  dtype happens inside the backend), they go through the backend's ``token_kl_backward``, whose
-  ``dz = g (p - q) s'`` gives exactly that with ``g -> -g`` and a reference head ``q == 0``: an
-  all-zero ``[V_s, 16]`` reference weight (logits 0) with ``lse_ref = 1e4`` (``exp(-1e4) == 0`` in
-  float32 and float64). The zero head costs ``16 V_s`` numbers and ``2 * 16 N V_s`` FLOPs.
-* ``d_weight`` / ``d_bias`` stay local; ``d_hidden`` of the valid tokens is SUM all-reduced (``N H``
-  numbers, in float32 for 16-bit inputs) — the all-reduce every tensor-parallel head needs anyway.
-
-The two-head token KL combines ``KL = sum_v q_v (zr_v - zp_v) - lse_r + lse_p`` the same way:
-``A_s = kl_s + lse_r_s - lse_p_s = sum_{v in s} exp(zr_v - lse_r_s)(zr_v - zp_v)`` and
-``KL = (sum_s exp(lse_r_s - M_r) A_s) / S_r - lse_r + lse_p``; its backward needs no correction.
+The two-head token KL merges its partial states (``m_p, s_p, m_r, s_r`` and the doubly shifted
+``cross``) the same way: a MAX all-reduce of ``2N`` and a SUM all-reduce of ``3N`` floats; its
+backward needs no correction (``dz = g (p - q)`` with the global ``lse_p``, ``lse_r``).
 
 These functions are ``torch.autograd.Function`` s with collectives inside, not registered custom ops;
 ``torch.compile`` runs them eagerly (graph break). Every rank must call them with the same tokens
@@ -59,18 +45,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _validation as V
 from .. import _dispatch as D
-from ..ops.common import TokenStats
+from .. import _validation as V
 from ..ops import LogitTransform
-from ..ops import torch_backend
+from ..ops import state as S
+from ..ops.common import TokenStats
 
 __all__ = [
     "vocab_parallel_linear_logprobs",
@@ -78,12 +63,6 @@ __all__ = [
     "vocab_shard_bounds",
     "count_communication",
 ]
-
-#: width of the all-zero reference head used to drop the one-hot term in backward (>= 16 so the
-#: Triton kernels' tile constraints hold on a GPU).
-_ZERO_REF_WIDTH = 16
-#: lse of the all-zero reference head: q = exp(0 - 1e4) == 0 exactly in float32 and float64.
-_ZERO_REF_LSE = 1.0e4
 
 _disable_compile = getattr(getattr(torch, "compiler", None), "disable", lambda f: f)
 
@@ -176,138 +155,17 @@ def _check_head(hidden, weight, labels, bias, prefix=""):
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_max_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, offset: int, transform: LogitTransform,
-                    acc: torch.dtype):
-    """Per token over this shard: (max_v z_v, max_{v < y} z_v, z_y if y in the shard else 0), chunked
-    like the torch backend (largest temporary one TOKEN_CHUNK x VOCAB_CHUNK tile)."""
-    n, vs = h.shape[0], w.shape[0]
-    m = torch.full((n,), -math.inf, dtype=acc, device=h.device)
-    before = torch.full_like(m, -math.inf)
-    zy = torch.zeros_like(m)
-    tc, vc = torch_backend.TOKEN_CHUNK, torch_backend.VOCAB_CHUNK
-    for t0 in range(0, n, tc):
-        ts = slice(t0, t0 + tc)
-        hh, yy = h[ts].to(acc), y[ts]
-        for v0 in range(0, vs, vc):
-            ww = w[v0 : v0 + vc]
-            raw = hh @ ww.to(acc).T
-            if b is not None:
-                raw += b[v0 : v0 + vc].to(acc)
-            z = transform.apply(raw)
-            cols = torch.arange(offset + v0, offset + v0 + ww.shape[0], device=h.device)
-            m[ts] = torch.maximum(m[ts], z.amax(dim=1))
-            before[ts] = torch.maximum(before[ts], z.masked_fill(cols[None, :] >= yy[:, None], -math.inf).amax(dim=1))
-            local = yy - (offset + v0)
-            hit = (local >= 0) & (local < ww.shape[0])
-            zy[ts] = torch.where(hit, z.gather(1, local.clamp(0, ww.shape[0] - 1)[:, None])[:, 0], zy[ts])
-    return m, before, zy
-
-
 def _vp_forward(h, w, b, y, transform, with_stats, offset, vocab, group, mod):
-    """Compacted tokens h [n, H], global labels y [n] -> TokenOutputs-like tuple of [n] tensors."""
-    n, vs = h.shape[0], w.shape[0]
+    """Compacted tokens h [n, H], global labels y [n] -> TokenOutputs over the whole vocabulary: this
+    shard's partial state, merged with the other ranks' by a MAX and a SUM all-reduce (``ops.state``)."""
     acc = D.result_dtype(h.dtype)
-    if n == 0:  # every token ignored (the same on every rank): nothing to combine
-        empty = h.new_zeros(0, dtype=acc)
-        return (empty, empty) + ((empty, empty, empty.bool(), empty) if with_stats else (None,) * 4)
-    owned = (y >= offset) & (y < offset + vs)
-    neg_inf = torch.full((n,), -math.inf, dtype=acc, device=h.device)
-    zeros = torch.zeros(n, dtype=acc, device=h.device)
-    if vs > 0 and n > 0:
-        out = mod.forward(h, w, b, torch.where(owned, y - offset, torch.zeros_like(y)), transform, with_stats)
-        lse_s = out.lse.to(acc)
-        zy = torch.where(owned, out.logp.to(acc) + lse_s, zeros)
-    else:
-        out, lse_s, zy = None, neg_inf, zeros
-    maxes = [lse_s]
-    if with_stats:
-        if vs > 0 and n > 0:
-            m_s, before_s, zy_exact = _shard_max_pass(h, w, b, y, offset, transform, acc)
-        else:
-            m_s, before_s, zy_exact = neg_inf, neg_inf, zeros
-        maxes += [m_s, before_s]
-    maxes = _all_reduce(torch.stack(maxes), dist.ReduceOp.MAX, group)
-    big_m = maxes[0]
-    has = torch.isfinite(lse_s)  # False on an empty shard
-    big_m_safe = torch.where(torch.isfinite(big_m), big_m, zeros)
-    w_s = torch.where(has, torch.exp(lse_s - big_m_safe), zeros)
-    sums = [w_s, zy]
-    if with_stats:
-        ent = out.entropy.to(acc) if out is not None else zeros
-        mean = out.mean_logit.to(acc) if out is not None else zeros
-        lsp2 = out.log_sum_p2.to(acc) if out is not None else zeros
-        sums += [
-            # entropy by the chain rule over shards (pi_s = w_s / S): sum_s pi_s (H_s - log pi_s), which
-            # has no lse - sum p z cancellation at large |z|
-            torch.where(has, w_s * (ent - (lse_s - big_m_safe)), zeros),
-            mean * vs,
-            torch.where(has, torch.exp(lsp2 + 2.0 * (lse_s - big_m_safe)), zeros),
-            torch.where(owned, zy_exact, zeros),
-        ]
-    sums = _all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)
-    s = sums[0]
-    lse = big_m + torch.log(s)
-    logp = sums[1] - lse
-    if not with_stats:
-        return logp, lse, None, None, None, None
-    entropy = sums[2] / s + torch.log(s)
-    mean_logit = sums[3] / vocab
-    log_sum_p2 = torch.log(sums[4]) - 2.0 * torch.log(s)
-    z_label = sums[5]
-    is_top1 = (z_label >= maxes[1]) & (maxes[2] < z_label)
-    return logp, lse, entropy, mean_logit, is_top1, log_sum_p2
-
-
-def _zero_ref_head(w: Tensor, n: int, h: Tensor):
-    ref_w = w.new_zeros(w.shape[0], _ZERO_REF_WIDTH)
-    ref_h = h.new_zeros(n, _ZERO_REF_WIDTH)
-    return ref_h, ref_w
-
-
-def _add(total: Optional[Tensor], part: Tensor) -> Tensor:
-    """Sum of the two calls' shard gradients without a third full-size buffer (16-bit: summed in float32)."""
-    if total is None:
-        return part
-    if total.dtype in (torch.float32, torch.float64):
-        return total.add_(part)
-    return total.float().add_(part.float()).to(total.dtype)
-
-
-def _vp_backward(g, h, w, b, y, lse, transform, offset, mod, need_h, need_w, need_b):
-    """Shard gradients of sum_n g_n logp_n given the GLOBAL lse (compacted tokens): d_hidden [n, H] in
-    float32/float64, local (not yet all-reduced); d_weight / d_bias in the shard's dtype."""
-    vs = w.shape[0]
-    acc = D.result_dtype(h.dtype)
-    d_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-    d_w = d_b = None
-    owned = (y >= offset) & (y < offset + vs)
-    mine = owned.nonzero().squeeze(1)
-    other = (~owned).nonzero().squeeze(1)
-    g = g.to(acc)
-    lse = lse.to(acc)
-    parts = []
-    if vs > 0 and mine.numel():
-        parts.append((mine, mod.backward(
-            g[mine].contiguous(), h[mine].contiguous(), w, b, (y[mine] - offset).long(), lse[mine].contiguous(),
-            transform, need_h, need_w, need_b)))
-    if vs > 0 and other.numel():
-        ref_h, ref_w = _zero_ref_head(w, other.numel(), h)
-        lse_r = torch.full((other.numel(),), _ZERO_REF_LSE, dtype=acc, device=h.device)
-        parts.append((other, mod.token_kl_backward(
-            (-g[other]).contiguous(), h[other].contiguous(), w, b, ref_h, ref_w, None, lse[other].contiguous(), lse_r,
-            transform, need_h, need_w, need_b)))
-    for rows, (dh, dw, db) in parts:
-        if need_h:
-            d_h.index_copy_(0, rows, dh.to(acc))
-        if need_w:
-            d_w = _add(d_w, dw)
-        if need_b:
-            d_b = _add(d_b, db)
-    if need_w and d_w is None:  # empty shard or no tokens
-        d_w = torch.zeros_like(w)
-    if need_b and d_b is None:
-        d_b = torch.zeros_like(b)
-    return d_h, d_w, d_b
+    if h.shape[0] == 0:  # every token ignored (the same on every rank): nothing to combine
+        return S.finalize_logprobs(S.empty_logprob_state(0, with_stats, acc, h.device), vocab)
+    state = mod.forward_partial(h, w, b, y, transform, with_stats, vocab_start=offset)
+    state = S.LogprobState(*(None if t is None else t.to(acc) for t in state))
+    maxes = _all_reduce(S.reduce_max_fields(state), dist.ReduceOp.MAX, group)
+    sums = _all_reduce(S.sum_fields(state, maxes[0]), dist.ReduceOp.SUM, group)
+    return S.finalize_logprobs(S.from_reduced(maxes, sums), vocab)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -317,8 +175,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
         mod = D.backend_module(backend)
-        outs = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
-        finite_results = (outs[1],) + ((outs[2], outs[3], outs[5]) if with_stats else ())
+        out = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
+        finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
         D.check_finite({"hidden": h, "weight_shard": weight}, {"bias_shard": bias}, finite_results,
                        dataclasses.asdict(transform))
         dtype = D.result_dtype(hidden.dtype)
@@ -326,8 +184,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         def scatter(t, fill_dtype=dtype):
             return hidden.new_empty(0, dtype=fill_dtype) if t is None else D.scatter(t, rows, n)
 
-        logp, lse = scatter(outs[0]), scatter(outs[1])
-        stats = [scatter(outs[2]), scatter(outs[3]), scatter(outs[4], torch.bool), scatter(outs[5])]
+        logp, lse = scatter(out.logp), scatter(out.lse)
+        stats = [scatter(out.entropy), scatter(out.mean_logit), scatter(out.is_top1, torch.bool),
+                 scatter(out.log_sum_p2)]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.params = (ignore_index, transform, backend, group, offset, vocab)
         ctx.mark_non_differentiable(lse, *stats)
@@ -342,9 +201,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
-        d_h, d_w, d_b = _vp_backward(pick(grad_logp), pick(hidden).contiguous(), weight, bias, y,
-                                     pick(lse), transform, offset, D.backend_module(backend), need_h, need_w, need_b)
+        acc = D.result_dtype(hidden.dtype)
+        # the single-process backward restricted to this shard's rows: labels elsewhere add no one-hot term
+        d_h, d_w, d_b = D.backend_module(backend).backward(
+            pick(grad_logp).to(acc).contiguous(), pick(hidden).contiguous(), weight, bias, y,
+            pick(lse).to(acc).contiguous(), transform, need_h, need_w, need_b, vocab_start=offset)
         if need_h:
+            d_h = d_h.to(acc)  # summed over the ranks in float32 for 16-bit inputs
             if d_h.shape[0] > 0:  # only the valid tokens' rows travel; all ignored (on every rank): none
                 d_h = _all_reduce(d_h, dist.ReduceOp.SUM, group)
             if rows is not None:
@@ -422,31 +285,16 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
         h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
         acc = D.result_dtype(hidden.dtype)
-        k = h.shape[0]
-        zeros = torch.zeros(k, dtype=acc, device=h.device)
-        if k == 0:  # every token ignored, on every rank
-            out = torch.zeros(n, dtype=acc, device=h.device)
-            ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, out, out)
-            ctx.params = (ignore_index, transform, backend, group, vocab)
-            lse_p, lse_r = out.clone(), out.clone()
-            ctx.mark_non_differentiable(lse_p, lse_r)
-            return out.clone(), lse_p, lse_r
-        if weight.shape[0] > 0 and k > 0:
-            kl_s, lse_p_s, lse_r_s = (t.to(acc) for t in D.backend_module(backend).token_kl_forward(
-                h, weight, bias, hr, ref_weight, ref_bias, transform))
-            a_s = kl_s + lse_r_s - lse_p_s
+        if h.shape[0] == 0:  # every token ignored, on every rank
+            state = S.empty_token_kl_state(0, acc, h.device)
         else:
-            lse_p_s = lse_r_s = torch.full((k,), -math.inf, dtype=acc, device=h.device)
-            a_s = zeros
-        has = torch.isfinite(lse_p_s)
-        maxes = _all_reduce(torch.stack([lse_p_s, lse_r_s]), dist.ReduceOp.MAX, group)
-        safe = torch.where(torch.isfinite(maxes), maxes, torch.zeros_like(maxes))
-        w_p = torch.where(has, torch.exp(lse_p_s - safe[0]), zeros)
-        w_r = torch.where(has, torch.exp(lse_r_s - safe[1]), zeros)
-        sums = _all_reduce(torch.stack([w_p, w_r, w_r * a_s]), dist.ReduceOp.SUM, group)
-        lse_p = maxes[0] + torch.log(sums[0])
-        lse_r = maxes[1] + torch.log(sums[1])
-        kl = sums[2] / sums[1] - lse_r + lse_p
+            state = D.backend_module(backend).token_kl_forward_partial(h, weight, bias, hr, ref_weight, ref_bias,
+                                                                      transform)
+            state = S.TokenKLState(*(t.to(acc) for t in state))
+            maxes = _all_reduce(torch.stack([state.m_p, state.m_r]), dist.ReduceOp.MAX, group)
+            sums = _all_reduce(S.token_kl_sum_fields(state, maxes[0], maxes[1]), dist.ReduceOp.SUM, group)
+            state = S.TokenKLState(maxes[0], sums[0], maxes[1], sums[1], sums[2])
+        kl, lse_p, lse_r = S.finalize_token_kl(state)
         D.check_finite({"hidden": h, "weight_shard": weight, "ref_hidden": hr, "ref_weight_shard": ref_weight},
                        {"bias_shard": bias, "ref_bias_shard": ref_bias}, (lse_p, lse_r),
                        dataclasses.asdict(transform))

@@ -167,6 +167,10 @@ def _check_hparams(specs: Sequence[LossSpec], hparams: Dict[str, Any]) -> None:
             )
 
 
+#: public name of the hyperparameter check, for the ``nn.Module`` front end (:mod:`expo_kernels.modules`)
+check_hparams = _check_hparams
+
+
 def _build_batch(
     specs: Sequence[LossSpec],
     chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -324,3 +324,7 @@ def _names(name: Any) -> Tuple[str, ...]:
     raise HParamTypeError(
         f"`name` must be a loss name or a non-empty list of loss names (MPO-style mix); got {describe(name)}."
     )
+
+
+#: public name of the loss-name normalization (a name or a list of names -> tuple), for :mod:`expo_kernels.modules`
+loss_names = _names

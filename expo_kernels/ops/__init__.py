@@ -1,15 +1,64 @@
-"""Kernels on plain tensors: compacted tokens in, per-token results out.
+"""Kernels on plain tensors: compacted tokens in, per-token partial states and gradients out.
 
-Every backend module exposes the same two functions (see ``torch_backend`` for the
-readable specification):
-
-* ``forward(hidden [N, H], weight [V, H], bias [V] | None, labels [N], transform, with_stats)``
-  -> ``TokenOutputs`` of ``[N]`` tensors (float32; float64 for float64 inputs);
-* ``backward(grad_logp [N], hidden, weight, bias, labels, lse [N], transform, need_hidden,
-  need_weight, need_bias)`` -> ``(d_hidden | None, d_weight | None, d_bias | None)``.
-
-The tokens are already compacted (no ``ignore_index`` rows) and labels are in ``[0, V)``.
+Every backend module (``torch_backend``, the readable specification; ``native_backend``;
+``triton_backend``) implements :class:`Backend`. Tokens arrive compacted (no ``ignore_index`` rows),
+contiguous, with int64 labels that are global vocabulary ids; the weight may be any strided
+``[V_s, H]`` slice of the vocabulary starting at id ``vocab_start``. The forward returns the raw
+partial state of the online softmax (``ops.state``); ``forward`` and ``token_kl_forward`` below
+finalize it, and the vocab-parallel path merges the ranks' states first.
 """
-from .common import LogitTransform, TokenOutputs
+from __future__ import annotations
 
-__all__ = ["LogitTransform", "TokenOutputs"]
+from typing import Optional, Protocol, Tuple
+
+from torch import Tensor
+
+from .common import LogitTransform, TokenOutputs, TokenStats
+from .state import LogprobState, TokenKLState, finalize_logprobs, finalize_token_kl
+
+__all__ = ["Backend", "LogitTransform", "TokenOutputs", "TokenStats", "forward", "token_kl_forward"]
+
+Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+class Backend(Protocol):
+    """The contract every backend module implements (shapes per call; N = counted tokens).
+
+    Inputs: ``hidden [N, H]`` and ``ref_hidden [N, Hr]`` contiguous; ``weight [V_s, H]``,
+    ``ref_weight [V_s, Hr]`` any strides, the same dtype (float32, bfloat16, float16; float64 on
+    the torch and native backends); ``bias``/``ref_bias [V_s]`` or None; ``labels [N]`` int64
+    global ids; ``lse``/``lse_p``/``lse_r``/``grad [N]`` float32 (float64 for float64 inputs).
+    Partial states and accumulators are float32 (float64 for float64 inputs); gradients come back in
+    the dtype of the tensor they belong to, None where not asked for.
+    """
+
+    def forward_partial(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                        transform: LogitTransform, with_stats: bool, vocab_start: int = 0) -> LogprobState: ...
+
+    def backward(self, grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                 lse: Tensor, transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool,
+                 vocab_start: int = 0) -> Grads: ...
+
+    def token_kl_forward_partial(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                                 ref_weight: Tensor, ref_bias: Optional[Tensor],
+                                 transform: LogitTransform) -> TokenKLState: ...
+
+    def token_kl_backward(self, grad_kl: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], lse_p: Tensor,
+                          lse_r: Tensor, transform: LogitTransform, need_hidden: bool, need_weight: bool,
+                          need_bias: bool) -> Grads: ...
+
+
+def forward(backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+            transform: LogitTransform, with_stats: bool) -> TokenOutputs:
+    """Per-token results of the whole head on one backend: ``finalize(backend.forward_partial(...))``."""
+    return finalize_logprobs(backend.forward_partial(hidden, weight, bias, labels, transform, with_stats),
+                             weight.shape[0])
+
+
+def token_kl_forward(backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                     ref_weight: Tensor, ref_bias: Optional[Tensor],
+                     transform: LogitTransform) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(kl, lse_p, lse_r)`` of the whole heads on one backend."""
+    return finalize_token_kl(backend.token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                              transform))

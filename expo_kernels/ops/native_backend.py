@@ -1,14 +1,15 @@
 """Native CPU backend: thin wrappers over the C++17 (ATen + OpenMP) kernels of ``csrc/expo_native.cpp``.
 
-Same functions and semantics as ``torch_backend`` (the specification): ``forward``, ``backward``,
-``token_kl_forward``, ``token_kl_backward``, for CPU tensors in float32 / bfloat16 / float16
+Same functions and semantics as ``torch_backend`` (the specification; the contract is
+``expo_kernels.ops.Backend``): ``forward_partial``, ``backward``, ``token_kl_forward_partial``,
+``token_kl_backward``, for CPU tensors in float32 / bfloat16 / float16
 (float32 accumulation; gradients returned in the input dtypes) and float64 (float64 throughout).
 
 Work is tiled as ``TOKEN_BLOCK`` tokens x ``VOCAB_TILE`` vocabulary entries: the largest temporary
 is one float32 ``[TOKEN_BLOCK, VOCAB_TILE]`` logit tile (two for the token KL), plus, for bf16/fp16
 weights, one float32 weight tile and one float32 ``d_weight`` tile. Never ``[N, V]``.
 
-Build and control (see ``expo_kernels._native_build``):
+Build and control (see ``expo_kernels.ops._native_build``):
 
 * compiled on first use into ``$EXPO_KERNELS_BUILD_DIR`` (default ``~/.cache/expo_kernels/native``)
   with ``torch.utils.cpp_extension.load``; needs a C++17 compiler and ninja;
@@ -24,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from .. import _native_build
-from .common import LogitTransform, TokenOutputs
+from . import _native_build
+from . import state as S
+from .common import LogitTransform
 
 # 1024 x 8192 float32 = 32 MiB: GEMMs of this size run near the CPU's peak.
 TOKEN_BLOCK = 1024
@@ -57,12 +59,10 @@ def _t(transform: LogitTransform):
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def forward(hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool) -> TokenOutputs:
-    outs = _ops().logprobs_forward(hidden, weight, bias, labels, *_t(transform), bool(with_stats), TOKEN_BLOCK,
-                                   _vocab_tile(weight))
-    if with_stats:
-        return TokenOutputs(*outs)
-    return TokenOutputs(outs[0], outs[1])
+def forward_partial(hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool,
+                    vocab_start: int = 0) -> S.LogprobState:
+    return S.LogprobState(*_ops().logprobs_forward(hidden, weight, bias, labels, *_t(transform), bool(with_stats),
+                                                   int(vocab_start), TOKEN_BLOCK, _vocab_tile(weight)))
 
 
 def _none_if_empty(t: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
@@ -71,20 +71,20 @@ def _none_if_empty(t: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def backward(grad_logp, hidden, weight, bias, labels, lse, transform: LogitTransform, need_hidden: bool,
-             need_weight: bool, need_bias: bool):
+             need_weight: bool, need_bias: bool, vocab_start: int = 0):
     need_bias = bool(need_bias and bias is not None)
     d_h, d_w, d_b = _ops().logprobs_backward(grad_logp, hidden, weight, bias, labels, lse, *_t(transform),
-                                             bool(need_hidden), bool(need_weight), need_bias, TOKEN_BLOCK,
-                                             _vocab_tile(weight))
+                                             bool(need_hidden), bool(need_weight), need_bias, int(vocab_start),
+                                             TOKEN_BLOCK, _vocab_tile(weight))
     return _none_if_empty(d_h, need_hidden), _none_if_empty(d_w, need_weight), _none_if_empty(d_b, need_bias)
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform):
-    kl, lse_p, lse_r = _ops().token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                               *_t(transform), TOKEN_BLOCK, min(_vocab_tile(weight),
-                                                                                _vocab_tile(ref_weight)))
-    return kl, lse_p, lse_r
+def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                             transform: LogitTransform) -> S.TokenKLState:
+    return S.TokenKLState(*_ops().token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                                                   *_t(transform), TOKEN_BLOCK,
+                                                   min(_vocab_tile(weight), _vocab_tile(ref_weight))))
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd

@@ -24,7 +24,8 @@ class KernelOptions:
     probabilities (both heads' for the token KL) are all below ``eps`` and that holds none of the
     block's labels: its gradient contribution is at most ``eps * |g|`` per logit, under the rounding of
     bf16 (2^-8 relative) for ``eps`` around 2^-12 (Cut Cross-Entropy's gradient filtering). ``None``
-    (default) = exact: every tile is accumulated."""
+    (default) = exact: every tile is accumulated. The torch and native backends are always exact and
+    warn once when the option is set."""
 
     grad_filter_eps: Optional[float] = None
 

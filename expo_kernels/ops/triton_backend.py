@@ -3,8 +3,8 @@
 Forward: one program per (token block, vocab split). It streams the weight of its vocab split in
 ``BLOCK_V`` tiles, computes each ``[BLOCK_N, BLOCK_V]`` logit tile with ``tl.dot`` over ``BLOCK_H``
 slices of the hidden size (float32 accumulator), and folds the tile into an online log-sum-exp per
-token — the logits never leave registers. Each split writes O(1) partial statistics per token; a
-tiny O(splits x N) merge in PyTorch combines them (splitting the vocabulary keeps the GPU busy
+token — the logits never leave registers. Each split writes its partial state (``ops.state``) per
+token; the shared O(splits x N) merge combines them (splitting the vocabulary keeps the GPU busy
 when there are few token blocks).
 
 Backward: one program per (token block, vocab tile). It recomputes the logit tile, forms
@@ -18,7 +18,8 @@ recomputing logits per slice of H would multiply the backward's FLOPs. With
 holds no label skips its accumulation (see ``ops.options``).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision tiles are upcast to float32 before any
-arithmetic, because the interpreter's bf16/fp16 arithmetic is wrong (DESIGN.md section 6).
+arithmetic, because the interpreter's bf16/fp16 arithmetic is wrong (docs/design.md, "Testing Triton
+without a GPU").
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import state as S
 from . import torch_backend
-from .common import LogitTransform, TokenOutputs
+from .common import LogitTransform
 from .options import get_kernel_options
-from .torch_backend import _cast_grads, _grad_buffers, empty_outputs, safe_shift
+from .torch_backend import _cast_grads, _grad_buffers
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,9 +54,14 @@ GPU_CONFIG = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8)
 # Small but still compilable on a GPU, so interpreter tests exercise a real configuration.
 SMALL_CONFIG = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=4)
 
-# Slots of the forward's partial-statistics buffer [N_PARTIALS, splits, N].
-_M, _S, _SZ, _S2, _ZSUM, _ZLABEL, _MAX_BEFORE = range(7)
-N_PARTIALS = 7
+# Slots of the partial-state buffers [slots, splits, N]: the field order of ops.state.LogprobState
+# and TokenKLState, so a split's slots are its state.
+SLOT_M, SLOT_S, SLOT_ZLABEL, SLOT_SZ, SLOT_S2, SLOT_ZSUM, SLOT_MAX_BEFORE = (
+    tl.constexpr(S.LogprobState._fields.index(f)) for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before"))
+N_SLOTS = len(S.LogprobState._fields)
+SLOT_MP, SLOT_SP, SLOT_MR, SLOT_SR, SLOT_CROSS = (
+    tl.constexpr(S.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross"))
+N_KL_SLOTS = len(S.TokenKLState._fields)
 
 
 def default_config(device: torch.device) -> TileConfig:
@@ -172,7 +179,7 @@ def _accumulate_grads(
 @triton.jit
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_per_split, n_splits,
+    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_per_split, n_splits, vocab_start,
     logit_scale, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
@@ -182,7 +189,8 @@ def _forward_kernel(
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+    # labels are global ids; the weight's row v is id vocab_start + v
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1) - vocab_start
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)  # running max
     s = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(z - m)
@@ -206,7 +214,9 @@ def _forward_kernel(
         shift = _safe_shift(m_new)
         rescale = tl.exp(m - shift)
         e = tl.exp(z - shift[:, None])
-        z_label += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        # a label on a later shard may fall on this tile's padding columns (past v_hi): mask them
+        hit = (offs_v[None, :] == y[:, None]) & mask_v[None, :]
+        z_label += tl.sum(tl.where(hit, z, 0.0), axis=1)
         if WITH_STATS:
             # sum e^(z - m_new)(z - m_new) = rescale * (sz + (m - m_new) s) + this tile's terms
             sz = rescale * (sz + tl.where(s > 0.0, m - shift, 0.0) * s) + _masked_row_products(
@@ -218,22 +228,21 @@ def _forward_kernel(
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
-    base = part_ptr + pid_s * N + offs_n
-    slot = n_splits * N
-    tl.store(base + 0 * slot, m, mask=mask_n)
-    tl.store(base + 1 * slot, s, mask=mask_n)
-    tl.store(base + 5 * slot, z_label, mask=mask_n)
+    # this split's partial state (ops.state.LogprobState) into parts[slot, pid_s, offs_n]
+    tl.store(part_ptr + (SLOT_M * n_splits + pid_s) * N + offs_n, m, mask=mask_n)
+    tl.store(part_ptr + (SLOT_S * n_splits + pid_s) * N + offs_n, s, mask=mask_n)
+    tl.store(part_ptr + (SLOT_ZLABEL * n_splits + pid_s) * N + offs_n, z_label, mask=mask_n)
     if WITH_STATS:
-        tl.store(base + 2 * slot, sz, mask=mask_n)
-        tl.store(base + 3 * slot, s2, mask=mask_n)
-        tl.store(base + 4 * slot, z_sum, mask=mask_n)
-        tl.store(base + 6 * slot, max_before, mask=mask_n)
+        tl.store(part_ptr + (SLOT_SZ * n_splits + pid_s) * N + offs_n, sz, mask=mask_n)
+        tl.store(part_ptr + (SLOT_S2 * n_splits + pid_s) * N + offs_n, s2, mask=mask_n)
+        tl.store(part_ptr + (SLOT_ZSUM * n_splits + pid_s) * N + offs_n, z_sum, mask=mask_n)
+        tl.store(part_ptr + (SLOT_MAX_BEFORE * n_splits + pid_s) * N + offs_n, max_before, mask=mask_n)
 
 
 @triton.jit
 def _backward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh,
+    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_start,
     logit_scale, softcap, inv_temp, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -246,7 +255,7 @@ def _backward_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1) - vocab_start  # row index of the label, if here
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
 
@@ -255,7 +264,7 @@ def _backward_kernel(
                       HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
     z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
     p = tl.exp(tl.minimum(z - lse[:, None], 0.0))  # <= 1 even if the recomputed z rounds above lse
-    hit = offs_v[None, :] == y[:, None]
+    hit = (offs_v[None, :] == y[:, None]) & mask_v[None, :]
     valid = mask_n[:, None] & mask_v[None, :]
     dz = g[:, None] * (tl.where(hit, 1.0, 0.0) - p) * deriv
     dz = tl.where(valid, dz, 0.0)
@@ -311,62 +320,38 @@ def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
     return n_blocks, triton.cdiv(vocab, per_split), per_split
 
 
-def forward(
+def forward_partial(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     labels: torch.Tensor,
     transform: LogitTransform,
     with_stats: bool,
+    vocab_start: int = 0,
     config: Optional[TileConfig] = None,
     vocab_splits: Optional[int] = None,
-) -> TokenOutputs:
-    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] in [0, V) -> TokenOutputs ([N] each)."""
+) -> S.LogprobState:
+    """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), bias [V_s] | None, labels [N]
+    global ids -> the range's partial state: the vocab splits' states merged (``ops.state``)."""
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if n_tokens == 0:
-        return empty_outputs(hidden, with_stats)
+    if n_tokens == 0 or vocab == 0:
+        return S.empty_logprob_state(n_tokens, with_stats, acc, hidden.device)
     labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
     cfg = config or default_config(hidden.device)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
-    parts = torch.empty((N_PARTIALS, splits, n_tokens), dtype=acc, device=hidden.device)
+    parts = torch.empty((N_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden, labels, parts,
         n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        per_split, splits,
+        per_split, splits, int(vocab_start),
         HAS_BIAS=bias is not None, WITH_STATS=with_stats,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         **_transform_args(transform), **_kernel_flags(hidden),
     )
-    return merge_partials(parts, vocab, with_stats)
-
-
-def merge_partials(parts: torch.Tensor, vocab: int, with_stats: bool) -> TokenOutputs:
-    """Combine per-split online-softmax states [N_PARTIALS, splits, N] into final per-token values.
-
-    Split k holds (m_k, s_k = sum e^(z - m_k), ...); rescaling by e^(m_k - M) with the global max
-    M puts every split on the same reference before summing.
-    """
-    m = parts[_M]
-    m_max = m.max(dim=0).values
-    shift = safe_shift(m_max)
-    w = torch.exp(m - shift)
-    s = (parts[_S] * w).sum(dim=0)
-    lse = m_max + torch.log(s)
-    z_label = parts[_ZLABEL].sum(dim=0)  # only the split holding the label adds a non-zero
-    if not with_stats:
-        return TokenOutputs(z_label - lse, lse)
-    # each split's sum e^(z - m_k)(z - m_k) moved to the common shift: w_k (sz_k + (m_k - M) s_k)
-    sz = (w * (parts[_SZ] + torch.where(parts[_S] > 0, m - shift, 0.0) * parts[_S])).sum(dim=0)
-    return TokenOutputs(
-        logp=z_label - lse,
-        lse=lse,
-        entropy=torch.log(s) - sz / s,
-        mean_logit=parts[_ZSUM].sum(dim=0) / vocab,
-        is_top1=(z_label >= m_max) & (parts[_MAX_BEFORE].max(dim=0).values < z_label),
-        log_sum_p2=torch.log((parts[_S2] * w * w).sum(dim=0)) - 2.0 * torch.log(s),
-    )
+    fields = N_SLOTS if with_stats else 3  # m, s, z_label come first
+    return S.merge_logprob_states([S.LogprobState(*parts[:fields, k]) for k in range(splits)])
 
 
 def backward(
@@ -380,16 +365,18 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    vocab_start: int = 0,
     config: Optional[TileConfig] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of ``sum_n grad_logp[n] * logp[n]``, accumulated in float32 buffers."""
+    """Gradients of ``sum_n grad_logp[n] * logp[n]`` w.r.t. this vocabulary range's head (labels
+    global ids, ``lse`` the global one), accumulated in float32 buffers."""
     if torch.are_deterministic_algorithms_enabled():
         return torch_backend.backward(grad_logp, hidden, weight, bias, labels, lse, transform,
-                                      need_hidden, need_weight, need_bias)
+                                      need_hidden, need_weight, need_bias, vocab_start)
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
-    if n_tokens > 0 and (need_hidden or need_weight or need_bias):
+    if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or default_config(hidden.device)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse  # stands in for pointers the constexpr flags switch off
@@ -399,6 +386,7 @@ def backward(
             d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
             d_bias if need_bias else dummy,
             n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            int(vocab_start),
             HAS_BIAS=bias is not None, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
             **_transform_args(transform), **_kernel_flags(hidden), **_filter_args(),
@@ -410,9 +398,6 @@ def backward(
 # Two heads over the same tokens: per-token KL(ref || policy) (see torch_backend for the math).
 # Same schedule as the log-prob kernels; each program computes both heads' logit tiles.
 # --------------------------------------------------------------------------------------------
-
-_KL_MP, _KL_SP, _KL_MR, _KL_SR, _KL_CROSS = range(5)
-
 
 @triton.jit
 def _two_head_logits(
@@ -456,7 +441,7 @@ def _token_kl_forward_kernel(
     m_r = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
     s_p = tl.zeros((BLOCK_N,), dtype=ACC)
     s_r = tl.zeros((BLOCK_N,), dtype=ACC)
-    cross = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(zr - m_r) (zr - zp)
+    cross = tl.zeros((BLOCK_N,), dtype=ACC)  # sum e^(zr - m_r) ((zr - m_r) - (zp - m_p))
     v_lo = pid_s * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -467,27 +452,28 @@ def _token_kl_forward_kernel(
             stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
             logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
             UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
-        diff = zr - zp
         zp = tl.where(mask_v[None, :], zp, float("-inf"))
         zr = tl.where(mask_v[None, :], zr, float("-inf"))
         mp_new = tl.maximum(m_p, tl.max(zp, axis=1))
         mr_new = tl.maximum(m_r, tl.max(zr, axis=1))
         shift_p = _safe_shift(mp_new)
         shift_r = _safe_shift(mr_new)
-        s_p = s_p * tl.exp(m_p - shift_p) + tl.sum(tl.exp(zp - shift_p[:, None]), axis=1)
         er = tl.exp(zr - shift_r[:, None])
         rescale_r = tl.exp(m_r - shift_r)
+        # sum e^(zr - m_r)((zr - m_r) - (zp - m_p)) moved to the new maxima (see ops.state), with the
+        # old sums: cross + ((m_r - M_r) - (m_p - M_p)) s_r, each term 0 where its sum is still 0
+        moved = (tl.where(s_r > 0.0, m_r - shift_r, 0.0) - tl.where(s_p > 0.0, m_p - shift_p, 0.0)) * s_r
+        cross = rescale_r * (cross + moved) + _masked_row_products(
+            er, (zr - shift_r[:, None]) - (zp - shift_p[:, None]))
+        s_p = s_p * tl.exp(m_p - shift_p) + tl.sum(tl.exp(zp - shift_p[:, None]), axis=1)
         s_r = s_r * rescale_r + tl.sum(er, axis=1)
-        cross = cross * rescale_r + _masked_row_products(er, diff)
         m_p = mp_new
         m_r = mr_new
-    base = part_ptr + pid_s * N + offs_n
-    slot = n_splits * N
-    tl.store(base + 0 * slot, m_p, mask=mask_n)
-    tl.store(base + 1 * slot, s_p, mask=mask_n)
-    tl.store(base + 2 * slot, m_r, mask=mask_n)
-    tl.store(base + 3 * slot, s_r, mask=mask_n)
-    tl.store(base + 4 * slot, cross, mask=mask_n)
+    tl.store(part_ptr + (SLOT_MP * n_splits + pid_s) * N + offs_n, m_p, mask=mask_n)
+    tl.store(part_ptr + (SLOT_SP * n_splits + pid_s) * N + offs_n, s_p, mask=mask_n)
+    tl.store(part_ptr + (SLOT_MR * n_splits + pid_s) * N + offs_n, m_r, mask=mask_n)
+    tl.store(part_ptr + (SLOT_SR * n_splits + pid_s) * N + offs_n, s_r, mask=mask_n)
+    tl.store(part_ptr + (SLOT_CROSS * n_splits + pid_s) * N + offs_n, cross, mask=mask_n)
 
 
 @triton.jit
@@ -528,18 +514,19 @@ def _token_kl_backward_kernel(
                           UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
 
 
-def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform,
-                     config: Optional[TileConfig] = None, vocab_splits: Optional[int] = None):
-    """Policy hidden [N, H] / weight [V, H], reference [N, Hr] / [V, Hr] -> (kl, lse_p, lse_r), each [N]."""
+def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform,
+                             config: Optional[TileConfig] = None, vocab_splits: Optional[int] = None) -> S.TokenKLState:
+    """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the range's token-KL
+    partial state (the vocab splits' states merged)."""
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if n_tokens == 0:
-        return tuple(hidden.new_zeros(0, dtype=acc) for _ in range(3))
+    if n_tokens == 0 or vocab == 0:
+        return S.empty_token_kl_state(n_tokens, acc, hidden.device)
     bias, ref_bias = (None if b is None else b.contiguous() for b in (bias, ref_bias))
     cfg = config or default_config(hidden.device)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
-    parts = torch.empty((5, splits, n_tokens), dtype=acc, device=hidden.device)
+    parts = torch.empty((N_KL_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _token_kl_forward_kernel[(n_blocks, splits)](
         hidden, weight, bias if bias is not None else hidden,
         ref_hidden, ref_weight, ref_bias if ref_bias is not None else hidden, parts,
@@ -549,13 +536,7 @@ def token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tra
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         **_transform_args(transform), **_kernel_flags(hidden),
     )
-    m_p, m_r = parts[_KL_MP].max(dim=0).values, parts[_KL_MR].max(dim=0).values
-    lse_p = m_p + torch.log((parts[_KL_SP] * torch.exp(parts[_KL_MP] - safe_shift(m_p))).sum(dim=0))
-    w_r = torch.exp(parts[_KL_MR] - safe_shift(m_r))
-    s_r = (parts[_KL_SR] * w_r).sum(dim=0)
-    lse_r = m_r + torch.log(s_r)
-    kl = (parts[_KL_CROSS] * w_r).sum(dim=0) / s_r - lse_r + lse_p
-    return kl, lse_p, lse_r
+    return S.merge_token_kl_states([S.TokenKLState(*parts[:, k]) for k in range(splits)])
 
 
 def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
@@ -568,7 +549,7 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
-    if n_tokens > 0 and (need_hidden or need_weight or need_bias):
+    if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or default_config(hidden.device)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse_p

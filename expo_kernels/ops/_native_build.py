@@ -39,7 +39,7 @@ def disabled_by_env() -> bool:
 
 def source_path() -> Optional[Path]:
     """``csrc/expo_native.cpp``: next to the package (editable install / checkout) or shipped inside it."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent  # expo_kernels/
     for cand in (pkg / "_csrc" / SOURCE_NAME, pkg.parent / "csrc" / SOURCE_NAME):
         if cand.is_file():
             return cand

@@ -1,0 +1,197 @@
+"""The workloads the benchmark scripts share: inputs, the per-token implementations, the DPO loss.
+
+* :func:`make_inputs` — per-token op inputs ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``
+  (a fraction ignored), loss weights ``g [N]`` (``bench_logprobs``);
+* :func:`make_dpo_inputs` — one DPO step's inputs, ``B`` pairs x ``T`` tokens with the first third of
+  every row prompt, plus the reference's hidden states (``bench_dpo_cpu``, ``bench_long_context``);
+* :func:`build_impl` — ``fn(hidden, weight, labels) -> logp`` for ``expo-<backend>``, ``naive``,
+  ``trl``, ``cce``; :func:`trl_chunk_size`; :func:`dpo_sigmoid`; :func:`grad_probe`.
+
+torch is imported inside the functions only, so benchmark parents can import this module.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+IGNORE_INDEX = -100
+PROMPT_FRAC = 1.0 / 3.0  # first third of every DPO row is prompt (-100)
+PER_TOKEN_IMPLS = ("expo-triton", "expo-native", "expo-torch", "naive", "trl", "cce")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _random_rows(gen, n, width, scale, dt, device, block=8192, add=None):
+    """``[n, width]`` of ``dt``: ``N(0, 1) * scale`` (``+ add``, row-aligned), drawn in fp32 in row
+    blocks from ``gen`` and cast block by block, so no full-size fp32 temporary inflates the peak RSS
+    of a bf16 run. The blocks consume ``gen`` exactly as one ``randn(n, width)`` would."""
+    import torch
+
+    out = torch.empty(n, width, dtype=dt, device=device)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        chunk = torch.randn(stop - start, width, generator=gen, device=device) * scale
+        if add is not None:
+            chunk = add[start:stop].float() + chunk
+        out[start:stop] = chunk.to(dt)
+    return out
+
+
+def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore_frac=0.33, seed=0,
+                logit_std=2.0):
+    """Deterministic inputs: ``hidden [N, H]`` and ``weight [V, H]`` (leaf tensors with
+    ``requires_grad``), ``labels [N]`` with ``round(ignore_frac * N)`` positions set to -100, and
+    per-token loss weights ``g [N]`` (fp32). Logits have a standard deviation of about ``logit_std``.
+
+    Generated in fp32 in row blocks on ``device`` and cast block by block, so no full-size fp32
+    temporary inflates the peak RSS of a bf16 run. Same arguments give the same tensors in every
+    process on the same kind of device.
+    """
+    import torch
+
+    device = torch.device(device)
+    dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    hidden = _random_rows(gen, n_tokens, hidden_size, 1.0, dt, device).requires_grad_(True)
+    weight = _random_rows(gen, vocab, hidden_size, logit_std / hidden_size ** 0.5, dt, device).requires_grad_(True)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
+    n_ignored = int(round(ignore_frac * n_tokens))
+    if n_ignored:
+        ignored = torch.randperm(n_tokens, generator=gen, device=device)[:n_ignored]
+        labels[ignored] = IGNORE_INDEX
+    g = torch.randn(n_tokens, generator=gen, device=device)
+    return hidden, weight, labels, g
+
+
+class DPOInputs(NamedTuple):
+    hidden: object  # [2B, T, H], leaf with requires_grad: the policy's hidden states
+    ref_hidden: object  # [2B, T, H], no grad: the reference's
+    weight: object  # [V, H], leaf with requires_grad: the LM head (the reference shares it, detached)
+    labels: object  # [2B, T] int64, -100 on the prompt
+
+
+def make_dpo_inputs(pairs, seq_len, hidden_size, vocab, dtype="fp32", device="cpu", seed=0, logit_std=2.0,
+                    prompt_frac=PROMPT_FRAC, ref_noise=0.3):
+    """The inputs of one DPO step at the LM head: ``B = pairs`` preference pairs, ``2B`` rows of
+    ``T = seq_len`` tokens (chosen rows first, then rejected: TRL's layout), ``N = 2B * T`` tokens.
+
+    ``hidden``, ``weight`` and the labels are :func:`make_inputs` ``(N, H, V, ignore_frac=0)`` (same
+    seed, same numbers), reshaped to rows; then the first ``round(prompt_frac * T)`` labels of every
+    row are set to -100 (prompt). ``ref_hidden`` is ``hidden + ref_noise * N(0, 1)`` (its own generator,
+    ``seed + 777``): a reference model close to the policy. Returns :class:`DPOInputs`
+    ``(hidden, ref_hidden, weight, labels)``.
+    """
+    import torch
+
+    device = torch.device(device)
+    dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    rows = 2 * pairs
+    n = rows * seq_len
+    hidden, weight, labels, _ = make_inputs(n, hidden_size, vocab, dt, device, ignore_frac=0.0, seed=seed,
+                                            logit_std=logit_std)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 777)
+    with torch.no_grad():
+        ref_hidden = _random_rows(gen, n, hidden_size, ref_noise, dt, device, add=hidden.detach())
+    hidden = hidden.detach().view(rows, seq_len, hidden_size).requires_grad_(True)
+    labels = labels.view(rows, seq_len)
+    labels[:, : int(round(prompt_frac * seq_len))] = IGNORE_INDEX
+    return DPOInputs(hidden, ref_hidden.view(rows, seq_len, hidden_size), weight, labels)
+
+
+def dpo_sigmoid(policy_seq, ref_seq, beta):
+    """DPO's sigmoid loss on per-sequence log-prob sums ``[2B]`` (chosen rows first), mean over pairs."""
+    import torch.nn.functional as F
+
+    b = policy_seq.shape[0] // 2
+    margin = (policy_seq[:b] - ref_seq[:b]) - (policy_seq[b:] - ref_seq[b:])
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def grad_probe(hidden_size, device, seed=0):
+    """A fixed random vector ``r [H]``: gradients are compared through ``dW @ r`` and ``dH @ r``."""
+    import torch
+
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed + 12345)
+    return torch.randn(hidden_size, generator=gen).to(device)
+
+
+def trl_chunk_size() -> int:
+    """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``)."""
+    import trl.trainer.utils as tu
+
+    size = getattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if size is None:  # renamed in some release: find it in the source of add_fused_lm_head
+        import inspect
+        import re
+
+        match = re.search(r"_CHUNK\w*\s*=\s*(\d+)", inspect.getsource(tu))
+        size = int(match.group(1)) if match else 32768
+    return int(size)
+
+
+def build_impl(name: str, device):
+    """``fn(hidden, weight, labels) -> logp`` (fp32, shaped like labels, 0 at ignored positions).
+
+    ``expo-<backend>``: ``expo_kernels.linear_logprobs``; ``naive``: ``F.linear(h, W).float()`` ->
+    ``log_softmax`` -> ``gather``; ``trl``: TRL's ``ChunkedLogProbFunction`` on the valid tokens;
+    ``cce``: Cut Cross-Entropy, ``logp = -nll``. All imports happen here, so a worker can measure its
+    baseline memory after calling this.
+    """
+    import torch
+
+    device = torch.device(device)
+    if name.startswith("expo-"):
+        import expo_kernels
+
+        backend = name[len("expo-"):]
+
+        def fn(hidden, weight, labels):
+            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                                backend=backend)
+
+        return fn
+
+    if name == "naive":
+
+        def fn(hidden, weight, labels):
+            logits = torch.nn.functional.linear(hidden, weight).float()  # [N, V]
+            logp = logits.log_softmax(-1)
+            valid = labels != IGNORE_INDEX
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return torch.where(valid, picked, torch.zeros_like(picked))
+
+        return fn
+
+    if name == "trl":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        chunk = trl_chunk_size()
+
+        def fn(hidden, weight, labels):
+            mask = labels != IGNORE_INDEX
+            out = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None,
+                                               1.0, ("log_probs",))
+            logp = out[0]
+            return logp.new_zeros(labels.shape, dtype=torch.float32).masked_scatter(mask, logp.float())
+
+        return fn
+
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if device.type == "cuda" else "torch_compile"
+
+        def fn(hidden, weight, labels):
+            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
+                                       impl=impl)
+            return -nll.float()
+
+        return fn
+
+    raise ValueError(f"unknown implementation {name!r}; choose from {PER_TOKEN_IMPLS}")
