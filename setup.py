@@ -8,6 +8,7 @@ backend). What this file does is ship the C++ source inside the package, as
 ``expo_kernels/_csrc/``, so that non-editable installs (wheels) can build it too; editable installs
 read it from ``csrc/`` directly.
 """
+
 import shutil
 from pathlib import Path
 

@@ -14,6 +14,7 @@
 Importing this module never imports torch: a parent that spawns workers must stay light, because
 on Linux a child's ``ru_maxrss`` starts at the RSS of the process that spawned it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,9 @@ def spawn_worker(module: str, spec: dict, timeout: float, tmp: str) -> dict:
     os.close(fd)
     cmd = [sys.executable, "-m", module, "--_worker", json.dumps(spec), "--_out", out_path]
     try:
-        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=_child_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=str(REPO_ROOT), env=_child_env(), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s (--timeout)"}
     try:
@@ -177,10 +179,18 @@ def environment(device_arg: str | None = None) -> dict:
 
 def probe(device_arg: str | None, timeout: float = 300) -> dict:
     """:func:`environment`, found in a subprocess so the parent needs no torch."""
-    code = ("import json, sys; from benchmarks._harness import environment; "
-            "print(json.dumps(environment(sys.argv[1] or None)))")
-    proc = subprocess.run([sys.executable, "-c", code, device_arg or ""], cwd=str(REPO_ROOT), env=_child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    code = (
+        "import json, sys; from benchmarks._harness import environment; "
+        "print(json.dumps(environment(sys.argv[1] or None)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, device_arg or ""],
+        cwd=str(REPO_ROOT),
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"probing the device failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -198,8 +208,9 @@ def expo_impls(info: dict) -> list:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT), capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except Exception:
         return None
@@ -208,8 +219,13 @@ def git_commit() -> str | None:
 def git_dirty() -> bool | None:
     """True when the working tree differs from the commit (uncommitted code was measured)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(REPO_ROOT),
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=str(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return bool(out.stdout.strip()) if out.returncode == 0 else None
     except Exception:
         return None
@@ -292,7 +308,7 @@ def render_table(head: list, lines: list, markdown: bool = False) -> str:
 
     def join(ln):
         k = n if len(ln) == n else len(ln) - 1
-        cells = " | ".join(c.ljust(w) for c, w in zip(ln[:k], widths[:k]))
+        cells = " | ".join(c.ljust(w) for c, w in zip(ln[:k], widths[:k], strict=False))
         if len(ln) != n:
             cells += " | " + ln[-1]
         return f"| {cells} |" if markdown else cells

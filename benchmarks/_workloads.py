@@ -9,6 +9,7 @@
 
 torch is imported inside the functions only, so benchmark parents can import this module.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -40,8 +41,7 @@ def _random_rows(gen, n, width, scale, dt, device, block=8192, add=None):
     return out
 
 
-def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore_frac=0.33, seed=0,
-                logit_std=2.0):
+def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore_frac=0.33, seed=0, logit_std=2.0):
     """Deterministic inputs: ``hidden [N, H]`` and ``weight [V, H]`` (leaf tensors with
     ``requires_grad``), ``labels [N]`` with ``round(ignore_frac * N)`` positions set to -100, and
     per-token loss weights ``g [N]`` (fp32). Logits have a standard deviation of about ``logit_std``.
@@ -57,7 +57,7 @@ def make_inputs(n_tokens, hidden_size, vocab, dtype="fp32", device="cpu", ignore
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     hidden = _random_rows(gen, n_tokens, hidden_size, 1.0, dt, device).requires_grad_(True)
-    weight = _random_rows(gen, vocab, hidden_size, logit_std / hidden_size ** 0.5, dt, device).requires_grad_(True)
+    weight = _random_rows(gen, vocab, hidden_size, logit_std / hidden_size**0.5, dt, device).requires_grad_(True)
     labels = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
     n_ignored = int(round(ignore_frac * n_tokens))
     if n_ignored:
@@ -74,8 +74,18 @@ class DPOInputs(NamedTuple):
     labels: object  # [2B, T] int64, -100 on the prompt
 
 
-def make_dpo_inputs(pairs, seq_len, hidden_size, vocab, dtype="fp32", device="cpu", seed=0, logit_std=2.0,
-                    prompt_frac=PROMPT_FRAC, ref_noise=0.3):
+def make_dpo_inputs(
+    pairs,
+    seq_len,
+    hidden_size,
+    vocab,
+    dtype="fp32",
+    device="cpu",
+    seed=0,
+    logit_std=2.0,
+    prompt_frac=PROMPT_FRAC,
+    ref_noise=0.3,
+):
     """The inputs of one DPO step at the LM head: ``B = pairs`` preference pairs, ``2B`` rows of
     ``T = seq_len`` tokens (chosen rows first, then rejected: TRL's layout), ``N = 2B * T`` tokens.
 
@@ -91,8 +101,9 @@ def make_dpo_inputs(pairs, seq_len, hidden_size, vocab, dtype="fp32", device="cp
     dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     rows = 2 * pairs
     n = rows * seq_len
-    hidden, weight, labels, _ = make_inputs(n, hidden_size, vocab, dt, device, ignore_frac=0.0, seed=seed,
-                                            logit_std=logit_std)
+    hidden, weight, labels, _ = make_inputs(
+        n, hidden_size, vocab, dt, device, ignore_frac=0.0, seed=seed, logit_std=logit_std
+    )
     gen = torch.Generator(device=device)
     gen.manual_seed(seed + 777)
     with torch.no_grad():
@@ -149,11 +160,10 @@ def build_impl(name: str, device):
     if name.startswith("expo-"):
         import expo_kernels
 
-        backend = name[len("expo-"):]
+        backend = name[len("expo-") :]
 
         def fn(hidden, weight, labels):
-            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
-                                                backend=backend)
+            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, backend=backend)
 
         return fn
 
@@ -175,8 +185,9 @@ def build_impl(name: str, device):
 
         def fn(hidden, weight, labels):
             mask = labels != IGNORE_INDEX
-            out = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk, None,
-                                               1.0, ("log_probs",))
+            out = ChunkedLogProbFunction.apply(
+                hidden[mask], weight, None, labels[mask], 1.0, chunk, None, 1.0, ("log_probs",)
+            )
             logp = out[0]
             return logp.new_zeros(labels.shape, dtype=torch.float32).masked_scatter(mask, logp.float())
 
@@ -188,8 +199,7 @@ def build_impl(name: str, device):
         impl = "cce" if device.type == "cuda" else "torch_compile"
 
         def fn(hidden, weight, labels):
-            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none",
-                                       impl=impl)
+            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
             return -nll.float()
 
         return fn

@@ -34,6 +34,7 @@ Writes ``benchmarks/results/bench_dpo_cpu.json`` (``--json`` to change): device,
 every time and memory number, the loss and gradient checks against the ``naive`` row (or the first
 row that ran).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,9 +104,16 @@ def run_worker(spec: dict) -> dict:
     try:
         import torch
 
-        hidden, ref_hidden, weight, labels = make_dpo_inputs(spec["pairs"], spec["seq_len"], spec["hidden"],
-                                                             spec["vocab"], "fp32", "cpu", seed=spec["seed"],
-                                                             logit_std=spec["logit_std"])
+        hidden, ref_hidden, weight, labels = make_dpo_inputs(
+            spec["pairs"],
+            spec["seq_len"],
+            spec["hidden"],
+            spec["vocab"],
+            "fp32",
+            "cpu",
+            seed=spec["seed"],
+            logit_std=spec["logit_std"],
+        )
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
         step_fn = build_dpo_step(spec["impl"])  # all imports happen here
 
@@ -151,7 +159,7 @@ def _spawn(spec: dict, timeout: float, tmp: str) -> dict:
 
 
 def _rel(a, b) -> float:
-    num = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+    num = max((abs(x - y) for x, y in zip(a, b, strict=False)), default=0.0)
     return num / max(max((abs(y) for y in b), default=0.0), 1e-30)
 
 
@@ -173,14 +181,27 @@ def format_table(rows: list) -> str:
         if r["status"] != "ok":
             lines.append([r["impl"], shape, hn.error_message(r, 100)])
             continue
-        lines.append([r["impl"], shape, hn.fmt_s(r["median_s"]), hn.fmt_s(r["first_s"]),
-                      hn.gib(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
-                      hn.gib(r.get("baseline_rss_bytes")), f"{r['abs_dloss']:.1e}", f"{r['grad_rel_err']:.1e}"])
+        lines.append(
+            [
+                r["impl"],
+                shape,
+                hn.fmt_s(r["median_s"]),
+                hn.fmt_s(r["first_s"]),
+                hn.gib(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
+                hn.gib(r.get("baseline_rss_bytes")),
+                f"{r['abs_dloss']:.1e}",
+                f"{r['grad_rel_err']:.1e}",
+            ]
+        )
     return hn.render_table(head, lines)
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dpo_cpu", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_dpo_cpu",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="small shape: 2 pairs x 256 tokens, H=256, V=8192")
     p.add_argument("--tokens", "-N", type=int, help="tokens per step incl. prompt (default 4096; quick 1024)")
     p.add_argument("--pairs", "-B", type=int, help="preference pairs per step (2B rows; default 4; quick 2)")
@@ -221,18 +242,33 @@ def main(argv=None):
         else:
             raise SystemExit(f"unknown implementation {name!r}; choose from {ALL_IMPLS} or 'expo'")
     impls = list(dict.fromkeys(impls))
-    print(f"device: cpu ({info['device_name']}), torch {info['versions']['torch']}, {info['torch_threads']} threads; "
-          f"expo backends: {backends}", flush=True)
-    print(f"impls: {', '.join(impls)}; {pairs} pairs x 2 rows x {seq_len} tokens (N={tokens}, a third prompt), "
-          f"H={hidden}, V={vocabs}, fp32, warmup={args.warmup}, repeats={args.repeats}", flush=True)
+    print(
+        f"device: cpu ({info['device_name']}), torch {info['versions']['torch']}, {info['torch_threads']} threads; "
+        f"expo backends: {backends}",
+        flush=True,
+    )
+    print(
+        f"impls: {', '.join(impls)}; {pairs} pairs x 2 rows x {seq_len} tokens (N={tokens}, a third prompt), "
+        f"H={hidden}, V={vocabs}, fp32, warmup={args.warmup}, repeats={args.repeats}",
+        flush=True,
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         for V in vocabs:
             shape_rows = []
             for impl in impls:
-                spec = dict(impl=impl, pairs=pairs, seq_len=seq_len, hidden=hidden, vocab=V, seed=args.seed,
-                            logit_std=args.logit_std, warmup=args.warmup, repeats=args.repeats)
+                spec = dict(
+                    impl=impl,
+                    pairs=pairs,
+                    seq_len=seq_len,
+                    hidden=hidden,
+                    vocab=V,
+                    seed=args.seed,
+                    logit_std=args.logit_std,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                )
                 t0 = time.perf_counter()
                 res = _spawn(spec, args.timeout, tmp)
                 row = dict(spec)
@@ -240,28 +276,49 @@ def main(argv=None):
                 row["impl"] = impl
                 shape_rows.append(row)
                 status = "ok" if row["status"] == "ok" else "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
-                extra = (f" median {row['median_s']:.3f} s, peak RSS {hn.gib(row['peak_rss_bytes'])} GiB"
-                         if row["status"] == "ok" else "")
+                extra = (
+                    f" median {row['median_s']:.3f} s, peak RSS {hn.gib(row['peak_rss_bytes'])} GiB"
+                    if row["status"] == "ok"
+                    else ""
+                )
                 print(f"[V={V}] {impl}: {status}{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
             _add_checks(shape_rows)
             rows += shape_rows
 
     print()
     print(format_table(rows))
-    print("\npeak RSS = ru_maxrss over all steps (reset after imports + inputs; * = reset impossible); base RSS = "
-          "resident after imports + inputs; |Δloss| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| over max |ref|) "
-          "against the naive row")
+    print(
+        "\npeak RSS = ru_maxrss over all steps (reset after imports + inputs; * = reset impossible); base RSS = "
+        "resident after imports + inputs; |Δloss| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| over max |ref|) "
+        "against the naive row"
+    )
     for r in rows:  # the projections are long; keep them out of the JSON summary
         r.pop("dw_r", None)
         r.pop("dh_r", None)
     out_path = Path(args.json) if args.json else RESULTS_DIR / "bench_dpo_cpu.json"
     payload = {
-        **hn.result_header("bench_dpo_cpu", "benchmarks.bench_dpo_cpu", argv, info,
-                           ("device", "device_name", "cpu_count", "torch_threads")),
-        "settings": {"tokens": tokens, "pairs": pairs, "seq_len": seq_len, "hidden": hidden, "vocab": vocabs,
-                     "dtype": "fp32", "prompt_frac": PROMPT_FRAC, "beta": BETA, "warmup": args.warmup,
-                     "repeats": args.repeats, "seed": args.seed, "impls": impls,
-                     "reference": "forward-only, own hidden states, shares the policy head (detached)"},
+        **hn.result_header(
+            "bench_dpo_cpu",
+            "benchmarks.bench_dpo_cpu",
+            argv,
+            info,
+            ("device", "device_name", "cpu_count", "torch_threads"),
+        ),
+        "settings": {
+            "tokens": tokens,
+            "pairs": pairs,
+            "seq_len": seq_len,
+            "hidden": hidden,
+            "vocab": vocabs,
+            "dtype": "fp32",
+            "prompt_frac": PROMPT_FRAC,
+            "beta": BETA,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "impls": impls,
+            "reference": "forward-only, own hidden states, shares the policy head (detached)",
+        },
         "results": rows,
     }
     hn.write_json(out_path, payload)

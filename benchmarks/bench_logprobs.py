@@ -27,6 +27,7 @@ the process that spawned it, so a heavy parent would inflate every child's numbe
 the implementations are ``benchmarks._workloads``'; process spawning, memory readings, the
 environment record, the JSON file and the table are ``benchmarks._harness``'.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,8 +163,9 @@ def run_worker(spec: dict) -> dict:
         arr_dir = Path(spec["arr_dir"])
         tag = spec["tag"]
         N, H, V, dtype = spec["tokens"], spec["hidden"], spec["vocab"], spec["dtype"]
-        hidden, weight, labels, g = make_inputs(N, H, V, dtype, device, spec["ignore_frac"], spec["seed"],
-                                                spec["logit_std"])
+        hidden, weight, labels, g = make_inputs(
+            N, H, V, dtype, device, spec["ignore_frac"], spec["seed"], spec["logit_std"]
+        )
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
         is_cuda = device.type == "cuda"
 
@@ -291,10 +293,14 @@ def _compare(arr_dir: Path, tag: str, ref_tag: str) -> dict:
 
 
 def format_table(rows: list, device_type: str) -> str:
-    mem_cols = (["peak GiB", "steady GiB", "inputs GiB"] if device_type == "cuda"
-                else ["peak RSS GiB", "base RSS GiB", "steady RSS GiB", "step GiB"])
-    head = ["impl", "shape N×H×V", "dtype", "fwd+bwd s", "first s", "TFLOP/s"] + mem_cols + [
-        "max|Δlogp|", "grad rel err"]
+    mem_cols = (
+        ["peak GiB", "steady GiB", "inputs GiB"]
+        if device_type == "cuda"
+        else ["peak RSS GiB", "base RSS GiB", "steady RSS GiB", "step GiB"]
+    )
+    head = (
+        ["impl", "shape N×H×V", "dtype", "fwd+bwd s", "first s", "TFLOP/s"] + mem_cols + ["max|Δlogp|", "grad rel err"]
+    )
     lines = []
     for r in rows:
         shape = f"{r['tokens']}×{r['hidden']}×{r['vocab']}"
@@ -305,48 +311,79 @@ def format_table(rows: list, device_type: str) -> str:
             mem = [hn.gib(r.get("peak_bytes")), hn.gib(r.get("steady_peak_bytes")), hn.gib(r.get("inputs_bytes"))]
         else:
             star = "*" if r.get("peak_reset") is False else ""
-            mem = [hn.gib(r.get("peak_rss_bytes")) + star, hn.gib(r.get("baseline_rss_bytes")),
-                   hn.gib(r.get("steady_peak_rss_bytes")), hn.gib(r.get("step_work_bytes"))]
+            mem = [
+                hn.gib(r.get("peak_rss_bytes")) + star,
+                hn.gib(r.get("baseline_rss_bytes")),
+                hn.gib(r.get("steady_peak_rss_bytes")),
+                hn.gib(r.get("step_work_bytes")),
+            ]
         tf = r.get("tflops")
         dlogp = hn.fmt_e(r.get("max_abs_dlogp"))
         if r.get("ignored_nonzero"):
             dlogp += f" ({r['ignored_nonzero']} ignored≠0)"
-        lines.append([r["impl"], shape, r["dtype"], hn.fmt_s(r.get("median_s")), hn.fmt_s(r.get("first_s")),
-                      f"{tf:.3g}" if isinstance(tf, float) else "-"] + mem + [dlogp, hn.fmt_e(r.get("grad_rel_err"))])
+        lines.append(
+            [
+                r["impl"],
+                shape,
+                r["dtype"],
+                hn.fmt_s(r.get("median_s")),
+                hn.fmt_s(r.get("first_s")),
+                f"{tf:.3g}" if isinstance(tf, float) else "-",
+            ]
+            + mem
+            + [dlogp, hn.fmt_e(r.get("grad_rel_err"))]
+        )
     return hn.render_table(head, lines)
 
 
 MEMORY_NOTE = {
     "cuda": "peak = torch.cuda.max_memory_allocated over all calls minus the inputs (first call included; "
-            "hidden.grad and weight.grad count); steady = the same over the timed calls only",
+    "hidden.grad and weight.grad count); steady = the same over the timed calls only",
     "cpu": "one fresh process per implementation. base RSS = resident after imports + inputs; peak RSS = ru_maxrss "
-           "over all calls (high-water mark reset after the inputs via /proc/self/clear_refs; * = reset not "
-           "possible, imports included); steady RSS = ru_maxrss over the timed calls only; step = steady RSS minus "
-           "the RSS just before them (one step's working memory, gradients included)",
+    "over all calls (high-water mark reset after the inputs via /proc/self/clear_refs; * = reset not "
+    "possible, imports included); steady RSS = ru_maxrss over the timed calls only; step = steady RSS minus "
+    "the RSS just before them (one step's working memory, gradients included)",
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_logprobs", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shape N=512 H=256 V=8192 fp32 (default without shape flags)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="cpu: N=4096 H=1024 V=32000,128256 fp32; "
-                   "gpu: N=8192,32768 H=4096 V=128256 bf16. Shape flags override the preset's dimension.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_logprobs",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small shape N=512 H=256 V=8192 fp32 (default without shape flags)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="cpu: N=4096 H=1024 V=32000,128256 fp32; "
+        "gpu: N=8192,32768 H=4096 V=128256 bf16. Shape flags override the preset's dimension.",
+    )
     p.add_argument("--tokens", "-N", type=int, nargs="+", help="tokens per call (incl. ignored), one or more")
     p.add_argument("--hidden", "-H", type=int, nargs="+", help="hidden size, one or more")
     p.add_argument("--vocab", "-V", type=int, nargs="+", help="vocab size, one or more")
     p.add_argument("--dtype", choices=DTYPES, help="input dtype (default fp32; bf16 for --preset gpu)")
     p.add_argument("--ignore-frac", type=float, default=0.33, help="fraction of tokens labelled -100 (default 0.33)")
-    p.add_argument("--repeats", type=int, help="timed calls after warm-up; the median is reported (default 5; cpu 3; gpu 10)")
+    p.add_argument(
+        "--repeats", type=int, help="timed calls after warm-up; the median is reported (default 5; cpu 3; gpu 10)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the (separately timed) first call")
-    p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(ALL_IMPLS)} ('expo' = every expo backend "
-                   "of the device); default: all, triton only on CUDA")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        help=f"subset of {', '.join(ALL_IMPLS)} ('expo' = every expo backend "
+        "of the device); default: all, triton only on CUDA",
+    )
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logit-std", type=float, default=2.0, help="std of the random logits (default 2.0)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
     p.add_argument("--no-check", action="store_true", help="skip the fp32 reference and the accuracy columns")
-    p.add_argument("--json", help="where to write the results (default benchmarks/results/bench_logprobs_<device>.json)")
+    p.add_argument(
+        "--json", help="where to write the results (default benchmarks/results/bench_logprobs_<device>.json)"
+    )
     hn.add_worker_args(p)
     args = p.parse_args(argv)
     if args.quick and args.preset:
@@ -384,20 +421,36 @@ def main(argv=None):
         impls = default_impls(info)
     impls = list(dict.fromkeys(impls))
 
-    print(f"device: {info['device']} ({info['device_name']}), torch {info['versions']['torch']}, "
-          f"{info['torch_threads']} threads", flush=True)
+    print(
+        f"device: {info['device']} ({info['device_name']}), torch {info['versions']['torch']}, "
+        f"{info['torch_threads']} threads",
+        flush=True,
+    )
     if "expo_error" in info:
         print(f"expo_kernels does not import: {info['expo_error']}", flush=True)
-    print(f"impls: {', '.join(impls)}; preset={preset}, dtype={dtype}, ignore_frac={args.ignore_frac}, "
-          f"warmup={args.warmup}, repeats={repeats}", flush=True)
+    print(
+        f"impls: {', '.join(impls)}; preset={preset}, dtype={dtype}, ignore_frac={args.ignore_frac}, "
+        f"warmup={args.warmup}, repeats={repeats}",
+        flush=True,
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_logprobs_") as tmp:
         arr_dir = Path(tmp)
         for si, (N, H, V) in enumerate(itertools.product(tokens, hiddens, vocabs)):
-            common = dict(device=info["device"], tokens=N, hidden=H, vocab=V, dtype=dtype,
-                          ignore_frac=args.ignore_frac, seed=args.seed, logit_std=args.logit_std,
-                          warmup=args.warmup, repeats=repeats, arr_dir=str(arr_dir))
+            common = dict(
+                device=info["device"],
+                tokens=N,
+                hidden=H,
+                vocab=V,
+                dtype=dtype,
+                ignore_frac=args.ignore_frac,
+                seed=args.seed,
+                logit_std=args.logit_std,
+                warmup=args.warmup,
+                repeats=repeats,
+                arr_dir=str(arr_dir),
+            )
             ref_tag = f"s{si}_reference"
             ref_ok = False
             if not args.no_check:
@@ -405,14 +458,23 @@ def main(argv=None):
                 ref = _spawn(dict(common, impl="reference", tag=ref_tag), args.timeout)
                 ref_ok = ref["status"] == "ok"
                 msg = "ok" if ref_ok else ref.get("error")
-                print(f"[{N}x{H}x{V} {dtype}] reference (fp32, chunked): {msg} ({time.perf_counter() - t0:.1f} s)",
-                      flush=True)
+                print(
+                    f"[{N}x{H}x{V} {dtype}] reference (fp32, chunked): {msg} ({time.perf_counter() - t0:.1f} s)",
+                    flush=True,
+                )
             for impl in impls:
                 tag = f"s{si}_{impl}"
                 t0 = time.perf_counter()
                 res = _spawn(dict(common, impl=impl, tag=tag), args.timeout)
-                row = {"impl": impl, "detail": impl_detail(impl, device_type), "tokens": N, "hidden": H,
-                       "vocab": V, "dtype": dtype, "ignore_frac": args.ignore_frac}
+                row = {
+                    "impl": impl,
+                    "detail": impl_detail(impl, device_type),
+                    "tokens": N,
+                    "hidden": H,
+                    "vocab": V,
+                    "dtype": dtype,
+                    "ignore_frac": args.ignore_frac,
+                }
                 row.update(res)
                 row["impl"] = impl
                 if row["status"] == "ok":
@@ -422,25 +484,43 @@ def main(argv=None):
                     if ref_ok:
                         row.update(_compare(arr_dir, tag, ref_tag))
                 rows.append(row)
-                status = ("ok" if row["status"] == "ok" else "ERROR " + row.get("error", "?").splitlines()[0][:200])
+                status = "ok" if row["status"] == "ok" else "ERROR " + row.get("error", "?").splitlines()[0][:200]
                 print(f"[{N}x{H}x{V} {dtype}] {impl}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     print()
     print(format_table(rows, device_type))
     print()
     print(MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"])
-    print("TFLOP/s counts 8·N_valid·H·V useful FLOPs; max|Δlogp| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| relative "
-          "to max |ref|, r a random vector) are against an exact fp32 reference on the same inputs")
+    print(
+        "TFLOP/s counts 8·N_valid·H·V useful FLOPs; max|Δlogp| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| relative "
+        "to max |ref|, r a random vector) are against an exact fp32 reference on the same inputs"
+    )
 
     out_path = Path(args.json) if args.json else RESULTS_DIR / f"bench_logprobs_{device_type}.json"
     payload = {
-        **hn.result_header("bench_logprobs", "benchmarks.bench_logprobs", argv, info,
-                           ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads")),
-        "settings": {"preset": preset, "tokens": tokens, "hidden": hiddens, "vocab": vocabs, "dtype": dtype,
-                     "ignore_frac": args.ignore_frac, "warmup": args.warmup, "repeats": repeats, "seed": args.seed,
-                     "logit_std": args.logit_std, "impls": impls, "ignore_index": IGNORE_INDEX,
-                     "loss": "(logp * g).sum(), g ~ N(0, 1) per token",
-                     "memory": MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"]},
+        **hn.result_header(
+            "bench_logprobs",
+            "benchmarks.bench_logprobs",
+            argv,
+            info,
+            ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads"),
+        ),
+        "settings": {
+            "preset": preset,
+            "tokens": tokens,
+            "hidden": hiddens,
+            "vocab": vocabs,
+            "dtype": dtype,
+            "ignore_frac": args.ignore_frac,
+            "warmup": args.warmup,
+            "repeats": repeats,
+            "seed": args.seed,
+            "logit_std": args.logit_std,
+            "impls": impls,
+            "ignore_index": IGNORE_INDEX,
+            "loss": "(logp * g).sum(), g ~ N(0, 1) per token",
+            "memory": MEMORY_NOTE["cuda" if device_type == "cuda" else "cpu"],
+        },
         "results": rows,
     }
     hn.write_json(out_path, payload)

@@ -29,6 +29,7 @@ and inputs, reported over the baseline RSS (imports + inputs + weight) and absol
 
 The parent process never imports torch (a child's ``ru_maxrss`` starts at its parent's RSS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,7 @@ def build_dpo(name, device, beta):
         import expo_kernels
         from expo_kernels._dispatch import resolve_backend
 
-        backend = name[len("expo-"):]
+        backend = name[len("expo-") :]
         resolved = resolve_backend(backend, torch.device(device))  # loads/builds a native backend now
         module = expo_kernels.FusedLinearDPOLoss(beta=beta, backend=backend)
 
@@ -91,8 +92,10 @@ def build_dpo(name, device, beta):
         return dpo_sigmoid(policy, ref, beta)
 
     if name == "trl":
-        detail = (f"trl ChunkedLogProbFunction (chunk_size={trl_chunk_size()}), completion tokens only; "
-                  "policy with grad + reference under no_grad; DPO sigmoid")
+        detail = (
+            f"trl ChunkedLogProbFunction (chunk_size={trl_chunk_size()}), completion tokens only; "
+            "policy with grad + reference under no_grad; DPO sigmoid"
+        )
     else:
         detail = "F.linear -> [2B,T,V] fp32 -> log_softmax -> gather, policy with grad + reference under no_grad; DPO sigmoid"
     return fn, detail
@@ -106,8 +109,15 @@ def run_worker(spec: dict) -> dict:
         device = torch.device(spec["device"])
         is_cuda = device.type == "cuda"
         hidden, ref_hidden, weight, labels = make_dpo_inputs(
-            spec["pairs"], spec["seq_len"], spec["hidden"], spec["vocab"], spec["dtype"], device, seed=spec["seed"],
-            logit_std=spec["logit_std"])
+            spec["pairs"],
+            spec["seq_len"],
+            spec["hidden"],
+            spec["vocab"],
+            spec["dtype"],
+            device,
+            seed=spec["seed"],
+            logit_std=spec["logit_std"],
+        )
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
         fn, result["detail"] = build_dpo(spec["impl"], device, spec["beta"])  # all imports happen here
         result["torch_threads"] = torch.get_num_threads()
@@ -210,11 +220,30 @@ def _plot_value(r, device_type):
 
 def format_table(rows, device_type):
     if device_type == "cuda":
-        head = ["impl", "T", "fp32 logits GiB (computed)", "step peak - inputs GiB", "peak - inputs GiB",
-                "inputs GiB", "step s", "warm-up s", "loss"]
+        head = [
+            "impl",
+            "T",
+            "fp32 logits GiB (computed)",
+            "step peak - inputs GiB",
+            "peak - inputs GiB",
+            "inputs GiB",
+            "step s",
+            "warm-up s",
+            "loss",
+        ]
     else:
-        head = ["impl", "T", "fp32 logits GiB (computed)", "step peak - base GiB", "peak - base GiB",
-                "peak RSS GiB", "base RSS GiB", "step s", "warm-up s", "loss"]
+        head = [
+            "impl",
+            "T",
+            "fp32 logits GiB (computed)",
+            "step peak - base GiB",
+            "peak - base GiB",
+            "peak RSS GiB",
+            "base RSS GiB",
+            "step s",
+            "warm-up s",
+            "loss",
+        ]
     lines = []
     for r in rows:
         lg = hn.gib(r["logits_bytes_computed"])
@@ -225,11 +254,19 @@ def format_table(rows, device_type):
             mem = [hn.gib(r.get("step_peak_bytes")), hn.gib(r.get("peak_bytes")), hn.gib(r.get("inputs_bytes"))]
         else:
             star = "" if r.get("peak_reset", True) else "*"
-            mem = [hn.gib(r.get("step_peak_over_baseline_bytes")), hn.gib(r.get("peak_over_baseline_bytes")),
-                   hn.gib(r.get("peak_rss_bytes")) + star, hn.gib(r.get("baseline_rss_bytes"))]
-        lines.append([r["impl"], str(r["seq_len"]), lg] + mem
-                     + [f"{r['step_s']:.2f}", f"{r['warmup_s']:.2f}", f"{r['loss']:.6f}"])
+            mem = [
+                hn.gib(r.get("step_peak_over_baseline_bytes")),
+                hn.gib(r.get("peak_over_baseline_bytes")),
+                hn.gib(r.get("peak_rss_bytes")) + star,
+                hn.gib(r.get("baseline_rss_bytes")),
+            ]
+        lines.append(
+            [r["impl"], str(r["seq_len"]), lg]
+            + mem
+            + [f"{r['step_s']:.2f}", f"{r['warmup_s']:.2f}", f"{r['loss']:.6f}"]
+        )
     return hn.render_table(head, lines, markdown=True)
+
 
 def make_plot(rows, impls, seq_lens, info, settings, path):
     import matplotlib
@@ -262,12 +299,18 @@ def make_plot(rows, impls, seq_lens, info, settings, path):
     ax.set_xticks(seq_lens)
     ax.set_xticklabels([str(t) for t in seq_lens])
     ax.set_xlabel(f"sequence length T ({rows_n} rows; first third prompt)")
-    ylab = ("peak CUDA memory allocated minus inputs (GiB)" if dev == "cuda"
-            else "peak RSS over baseline, measured step (GiB)")
+    ylab = (
+        "peak CUDA memory allocated minus inputs (GiB)"
+        if dev == "cuda"
+        else "peak RSS over baseline, measured step (GiB)"
+    )
     ax.set_ylabel(ylab)
     name = info.get("device_name") or dev
-    ax.set_title(f"One DPO step at the LM head (policy + reference), {settings['dtype']}\n"
-                 f"{dev}: {name}, V={settings['vocab']}, H={settings['hidden']}", fontsize=10)
+    ax.set_title(
+        f"One DPO step at the LM head (policy + reference), {settings['dtype']}\n"
+        f"{dev}: {name}, V={settings['vocab']}, H={settings['hidden']}",
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
@@ -278,36 +321,48 @@ def make_plot(rows, impls, seq_lens, info, settings, path):
 
 MEMORY_NOTE = {
     "cpu": "one fresh process per (implementation, T). base RSS = resident after imports + inputs (hidden, ref_hidden, "
-           "weight, labels) + one tiny DPO step (T=6, H=8, V=16: the lazy imports of a first call); the RSS high-water "
-           "mark (ru_maxrss) is then reset via /proc/self/clear_refs (* = reset not "
-           "possible). step peak - base = high-water mark over the measured step (reset again just before it, "
-           "gradients included) minus base RSS: what the plot shows; peak - base and peak RSS cover the warm-up step "
-           "too. fp32 logits = 2B*T*V*4 bytes, computed, not measured.",
+    "weight, labels) + one tiny DPO step (T=6, H=8, V=16: the lazy imports of a first call); the RSS high-water "
+    "mark (ru_maxrss) is then reset via /proc/self/clear_refs (* = reset not "
+    "possible). step peak - base = high-water mark over the measured step (reset again just before it, "
+    "gradients included) minus base RSS: what the plot shows; peak - base and peak RSS cover the warm-up step "
+    "too. fp32 logits = 2B*T*V*4 bytes, computed, not measured.",
     "cuda": "one fresh process per (implementation, T), one tiny step before the readings. step peak - inputs = torch.cuda.max_memory_allocated over the "
-            "measured step minus the inputs (gradients included): what the plot shows; peak - inputs covers the "
-            "warm-up step too. fp32 logits = 2B*T*V*4 bytes, computed, not measured.",
+    "measured step minus the inputs (gradients included): what the plot shows; peak - inputs covers the "
+    "warm-up step too. fp32 logits = 2B*T*V*4 bytes, computed, not measured.",
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_long_context", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"small sweep: T={QUICK['seq_lens']} H={QUICK['hidden']} V={QUICK['vocab']} (< 1 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small sweep: T={QUICK['seq_lens']} H={QUICK['hidden']} V={QUICK['vocab']} (< 1 min)",
+    )
     p.add_argument("--seq-lens", "-T", type=int, nargs="+", help=f"sequence lengths (default {DEFAULTS['seq_lens']})")
     p.add_argument("--pairs", "-B", type=int, help=f"preference pairs per batch, 2B rows (default {DEFAULTS['pairs']})")
     p.add_argument("--hidden", "-H", type=int, help=f"hidden size (default {DEFAULTS['hidden']})")
     p.add_argument("--vocab", "-V", type=int, help=f"vocab size (default {DEFAULTS['vocab']})")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--impls", nargs="+", help="any of expo (every expo backend of the device; triton only on "
-                   "CUDA), expo-<backend> (e.g. expo-torch), naive, trl; default: expo_kernels' default backend, "
-                   "naive, trl")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        help="any of expo (every expo backend of the device; triton only on "
+        "CUDA), expo-<backend> (e.g. expo-torch), naive, trl; default: expo_kernels' default backend, "
+        "naive, trl",
+    )
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logit-std", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per (implementation, T) run (default 1800)")
-    p.add_argument("--jobs", "-j", type=int, help="worker processes at a time (default 1; 4 with --quick). Memory "
-                   "numbers are per process and stay valid; timings get noisier")
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        help="worker processes at a time (default 1; 4 with --quick). Memory "
+        "numbers are per process and stay valid; timings get noisier",
+    )
     p.add_argument("--json", help="results file (default benchmarks/results/bench_long_context_<device>.json)")
     p.add_argument("--plot", help="figure (default benchmarks/results/long_context_<device>.png, or beside --json)")
     hn.add_worker_args(p)
@@ -321,8 +376,12 @@ def main(argv=None):
 
     base = QUICK if args.quick else DEFAULTS
     seq_lens = args.seq_lens or base["seq_lens"]
-    settings = dict(pairs=args.pairs or base["pairs"], hidden=args.hidden or base["hidden"],
-                    vocab=args.vocab or base["vocab"], dtype=args.dtype)
+    settings = dict(
+        pairs=args.pairs or base["pairs"],
+        hidden=args.hidden or base["hidden"],
+        vocab=args.vocab or base["vocab"],
+        dtype=args.dtype,
+    )
 
     info = hn.probe(args.device)
     dev = info["device_type"]
@@ -334,7 +393,9 @@ def main(argv=None):
         elif name.startswith("expo-") or name in BASE_IMPLS:
             impls.append(name)
         else:
-            raise SystemExit(f"unknown implementation {name!r}; choose from expo, expo-<backend>, {', '.join(BASE_IMPLS)}")
+            raise SystemExit(
+                f"unknown implementation {name!r}; choose from expo, expo-<backend>, {', '.join(BASE_IMPLS)}"
+            )
     impls = list(dict.fromkeys(impls))
     labels = {i: i for i in impls}
     if expo_impls and expo_impls[0] in labels:
@@ -342,22 +403,40 @@ def main(argv=None):
     labels["naive"] = "naive full logits (old TRL)"
     labels["trl"] = "TRL 1.16 chunked head"
 
-    print(f"device: {info['device']} ({info['device_name']}), torch {info['versions']['torch']}, "
-          f"{info['torch_threads']} threads; impls: {', '.join(impls)}", flush=True)
-    print(f"B={settings['pairs']} pair(s) ({2 * settings['pairs']} rows), H={settings['hidden']}, "
-          f"V={settings['vocab']}, {settings['dtype']}, T={seq_lens}", flush=True)
+    print(
+        f"device: {info['device']} ({info['device_name']}), torch {info['versions']['torch']}, "
+        f"{info['torch_threads']} threads; impls: {', '.join(impls)}",
+        flush=True,
+    )
+    print(
+        f"B={settings['pairs']} pair(s) ({2 * settings['pairs']} rows), H={settings['hidden']}, "
+        f"V={settings['vocab']}, {settings['dtype']}, T={seq_lens}",
+        flush=True,
+    )
 
     jobs = args.jobs if args.jobs is not None else (4 if args.quick else 1)
     runs = [(T, impl) for T in seq_lens for impl in impls]
 
     def one(run):
         T, impl = run
-        spec = dict(impl=impl, device=info["device"], seq_len=T, beta=args.beta, seed=args.seed,
-                    logit_std=args.logit_std, **settings)
+        spec = dict(
+            impl=impl,
+            device=info["device"],
+            seq_len=T,
+            beta=args.beta,
+            seed=args.seed,
+            logit_std=args.logit_std,
+            **settings,
+        )
         t0 = time.perf_counter()
         res = _spawn(spec, args.timeout, tmp)
-        row = {"impl": impl, "label": labels.get(impl, impl), "seq_len": T, **settings,
-               "logits_bytes_computed": logits_bytes(2 * settings["pairs"], T, settings["vocab"])}
+        row = {
+            "impl": impl,
+            "label": labels.get(impl, impl),
+            "seq_len": T,
+            **settings,
+            "logits_bytes_computed": logits_bytes(2 * settings["pairs"], T, settings["vocab"]),
+        }
         row.update(res)
         row["impl"] = impl
         row["wall_s"] = time.perf_counter() - t0
@@ -366,8 +445,10 @@ def main(argv=None):
             msg = f"ok: {hn.gib(v)} GiB over baseline, step {row['step_s']:.1f} s, loss {row['loss']:.6f}"
         else:
             msg = "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
-        print(f"[T={T}] {impl}: {msg} ({row['wall_s']:.1f} s wall, "
-              f"{_dt.datetime.now(_dt.timezone.utc):%H:%M:%S} UTC)", flush=True)
+        print(
+            f"[T={T}] {impl}: {msg} ({row['wall_s']:.1f} s wall, {_dt.datetime.now(_dt.timezone.utc):%H:%M:%S} UTC)",
+            flush=True,
+        )
         return row
 
     with tempfile.TemporaryDirectory(prefix="bench_long_context_") as tmp:
@@ -393,16 +474,32 @@ def main(argv=None):
     else:
         plot_path = RESULTS_DIR / f"long_context_{suffix}.png"
     payload = {
-        **hn.result_header("bench_long_context", "benchmarks.bench_long_context", argv, info,
-                           ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads"), dirty=True),
+        **hn.result_header(
+            "bench_long_context",
+            "benchmarks.bench_long_context",
+            argv,
+            info,
+            ("device", "device_type", "device_name", "cuda", "cpu_count", "torch_threads"),
+            dirty=True,
+        ),
         "expo_backends": info.get("expo_backends"),
-        "settings": {**settings, "seq_lens": seq_lens, "rows": 2 * settings["pairs"], "beta": args.beta,
-                     "seed": args.seed, "logit_std": args.logit_std, "prompt_frac": PROMPT_FRAC,
-                     "ignore_index": IGNORE_INDEX, "impls": impls, "labels": labels, "timeout_s": args.timeout,
-                     "jobs": jobs,
-                     "step": "policy logps (grad) -> reference logps (no_grad, shared head detached) -> DPO sigmoid "
-                             "loss on per-sequence sums -> backward; one warm-up step, one measured step",
-                     "memory": MEMORY_NOTE[dev]},
+        "settings": {
+            **settings,
+            "seq_lens": seq_lens,
+            "rows": 2 * settings["pairs"],
+            "beta": args.beta,
+            "seed": args.seed,
+            "logit_std": args.logit_std,
+            "prompt_frac": PROMPT_FRAC,
+            "ignore_index": IGNORE_INDEX,
+            "impls": impls,
+            "labels": labels,
+            "timeout_s": args.timeout,
+            "jobs": jobs,
+            "step": "policy logps (grad) -> reference logps (no_grad, shared head detached) -> DPO sigmoid "
+            "loss on per-sequence sums -> backward; one warm-up step, one measured step",
+            "memory": MEMORY_NOTE[dev],
+        },
         "results": rows,
     }
     hn.write_json(out_path, payload)

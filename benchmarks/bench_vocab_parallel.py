@@ -15,6 +15,7 @@ combine step, not a speed-up (on a real tensor-parallel group each rank has its 
     python -m benchmarks.bench_vocab_parallel                      # N=1024, H=256, V=8192, worlds 1 2 4
     python -m benchmarks.bench_vocab_parallel --tokens 4096 --hidden 1024 --vocab 32000 --worlds 1 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,16 +152,24 @@ def main(argv=None):
         if world > 1:
             # forward traffic: gathered logits vs our O(N) combine (the d_hidden all-reduce of the
             # backward, N_valid x H floats, is the same for both: every tensor-parallel head needs it)
-            r["ratio_gather_logits_over_ours_forward"] = (r["gather_logits_bytes"]
-                                                          / r["logp_only"]["forward_all_reduce_bytes"])
+            r["ratio_gather_logits_over_ours_forward"] = (
+                r["gather_logits_bytes"] / r["logp_only"]["forward_all_reduce_bytes"]
+            )
         rows.append(r)
         lo, ws = r["logp_only"], r["with_stats"]
-        comm = (f"all-reduce fwd {lo['forward_all_reduce_bytes'] / 2**10:.1f} KiB (with stats "
-                f"{ws['forward_all_reduce_bytes'] / 2**10:.1f} KiB), bwd {lo['backward_all_reduce_bytes'] / 2**10:.1f} KiB "
-                f"(d_hidden), {lo['all_reduce_calls']} calls; gathering the logits instead: "
-                f"{r['gather_logits_bytes'] / 2**20:.1f} MiB" if world > 1 else "no communication")
-        print(f"world {world}: step {lo['step_s_median'] * 1e3:.1f} ms (with stats {ws['step_s_median'] * 1e3:.1f} ms); "
-              f"{comm}", flush=True)
+        comm = (
+            f"all-reduce fwd {lo['forward_all_reduce_bytes'] / 2**10:.1f} KiB (with stats "
+            f"{ws['forward_all_reduce_bytes'] / 2**10:.1f} KiB), bwd {lo['backward_all_reduce_bytes'] / 2**10:.1f} KiB "
+            f"(d_hidden), {lo['all_reduce_calls']} calls; gathering the logits instead: "
+            f"{r['gather_logits_bytes'] / 2**20:.1f} MiB"
+            if world > 1
+            else "no communication"
+        )
+        print(
+            f"world {world}: step {lo['step_s_median'] * 1e3:.1f} ms (with stats {ws['step_s_median'] * 1e3:.1f} ms); "
+            f"{comm}",
+            flush=True,
+        )
     report = {
         "benchmark": "bench_vocab_parallel",
         "timestamp": hn.utc_timestamp(),
@@ -170,9 +179,16 @@ def main(argv=None):
         "backend": args.backend,
         # other jobs share this machine's cores at times: the load average tells how quiet it was
         "load_average_1_5_15min": list(os.getloadavg()),
-        "settings": {"tokens": args.tokens, "valid_tokens": n_valid, "hidden": args.hidden, "vocab": args.vocab,
-                     "dtype": "fp32", "repeats": args.repeats, "process_group": "gloo, one machine",
-                     "bytes": "each rank's input bytes to every collective of one forward+backward step"},
+        "settings": {
+            "tokens": args.tokens,
+            "valid_tokens": n_valid,
+            "hidden": args.hidden,
+            "vocab": args.vocab,
+            "dtype": "fp32",
+            "repeats": args.repeats,
+            "process_group": "gloo, one machine",
+            "bytes": "each rank's input bytes to every collective of one forward+backward step",
+        },
         "results": rows,
     }
     hn.write_json(args.out, report)

@@ -10,6 +10,7 @@ Each case times one forward+backward of ``(logp * g).sum()`` after a warm-up rou
 ``torch.compile`` time is excluded) and checks the log-probs against an exact fp32 reference.
 Memory is not measured here; use ``python -m benchmarks.bench_logprobs`` for that.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -41,10 +42,12 @@ def test_fwd_bwd(benchmark, impl):
         pytest.skip(f"{impl} not importable: {exc}")
     hidden, weight, labels, g = B.make_inputs(device=DEVICE, dtype="fp32", ignore_frac=0.33, seed=0, **SHAPE)
     step = B.make_step(fn, hidden, weight, labels, g)
-    benchmark.extra_info.update(impl=impl, device=DEVICE, detail=B.impl_detail(impl, torch.device(DEVICE).type),
-                                **SHAPE)
+    benchmark.extra_info.update(
+        impl=impl, device=DEVICE, detail=B.impl_detail(impl, torch.device(DEVICE).type), **SHAPE
+    )
 
     if DEVICE == "cuda":
+
         def timed():
             out = step()
             torch.cuda.synchronize()

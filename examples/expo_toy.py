@@ -31,6 +31,7 @@ gradient norm is below 1e-10.
 
 Run:  python examples/expo_toy.py [--out examples/expo_toy.png] [--no-plot]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def kl(p, q) -> float:
 
 
 # --------------------------------------------------------------------------- the data
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ordered_pairs(pi_star: tuple, pair_source: tuple = PI_REF):
     """The six ordered (winner, loser) pairs and their probabilities under the data distribution.
 
@@ -82,13 +83,13 @@ def ordered_pairs(pi_star: tuple, pair_source: tuple = PI_REF):
     draw = torch.outer(src, src).fill_diagonal_(0.0)
     draw = draw / draw.sum()  # P(ordered draw (a, b)), a != b
     winners, losers, weights = [], [], []
-    for w in range(3):
-        for l in range(3):
-            if w != l:
-                p_pair = draw[w, l] + draw[l, w]  # the unordered pair {w, l}
-                p_win = pi_star[w] / (pi_star[w] + pi_star[l])  # Bradley-Terry, reward log pi*
-                winners.append(w)
-                losers.append(l)
+    for win in range(3):
+        for lose in range(3):
+            if win != lose:
+                p_pair = draw[win, lose] + draw[lose, win]  # the unordered pair {win, lose}
+                p_win = pi_star[win] / (pi_star[win] + pi_star[lose])  # Bradley-Terry, reward log pi*
+                winners.append(win)
+                losers.append(lose)
                 weights.append(p_pair * p_win)
     return torch.tensor(winners), torch.tensor(losers), torch.stack(weights)
 
@@ -143,7 +144,7 @@ def newton(f, t0, *, tol=GRAD_TOL, max_iter=100):
         step = step * min(1.0, MAX_STEP / float(step.norm()))  # saturated pairs: nearly singular Hessian
         slope = float(step @ g)
         if not slope < 0:  # not a descent direction (cannot happen for a strictly convex f)
-            step, slope = -g, -gnorm**2
+            step, slope = -g, -(gnorm**2)
         a = 1.0
         if -slope > 1e-13 * max(1.0, abs(f0)):
             with torch.no_grad():
@@ -156,15 +157,18 @@ def newton(f, t0, *, tol=GRAD_TOL, max_iter=100):
 
 def starting_points(n_random=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    starts = [torch.zeros(2, dtype=DTYPE),
-              (as_probs(PI_REF).log() - math.log(PI_REF[0]))[1:],
-              torch.tensor([4.0, -4.0], dtype=DTYPE)]
+    starts = [
+        torch.zeros(2, dtype=DTYPE),
+        (as_probs(PI_REF).log() - math.log(PI_REF[0]))[1:],
+        torch.tensor([4.0, -4.0], dtype=DTYPE),
+    ]
     starts += [3.0 * torch.randn(2, generator=gen, dtype=DTYPE) for _ in range(n_random)]
     return starts
 
 
 def optimum(method, *, tol=GRAD_TOL, starts=None, **kw) -> torch.Tensor:
     """Population optimum (probabilities) of `method`, agreed on by every starting point."""
+
     def f(t):
         return population_loss(torch.cat([t.new_zeros(1), t]), method, **kw)
 
@@ -194,15 +198,35 @@ def run_table():
     rows = []
     for ref_name, ref in (("pi_ref=[.4,.4,.2]", PI_REF), ("pi_ref=pi*", PI_STAR)):
         for beta in BETAS:
-            rows.append(dict(objective=f"DPO  {ref_name}", method="dpo", ref=ref, param=f"beta={beta:g}", value=beta,
-                             opt=optimum("dpo", beta=beta, pi_ref=ref), closed=dpo_closed_form(ref, PI_STAR, beta)))
-        for lam in (LAMS if ref == PI_REF else (0.0, 0.1, 1.0, 10.0)):
+            rows.append(
+                dict(
+                    objective=f"DPO  {ref_name}",
+                    method="dpo",
+                    ref=ref,
+                    param=f"beta={beta:g}",
+                    value=beta,
+                    opt=optimum("dpo", beta=beta, pi_ref=ref),
+                    closed=dpo_closed_form(ref, PI_STAR, beta),
+                )
+            )
+        for lam in LAMS if ref == PI_REF else (0.0, 0.1, 1.0, 10.0):
             closed = as_probs(PI_STAR) if (lam == 0 or ref == PI_STAR) else None
-            rows.append(dict(objective=f"EXPO {ref_name}", method="expo", ref=ref, param=f"lam={lam:g}", value=lam,
-                             opt=optimum("expo", lam=lam, pi_ref=ref), closed=closed))
+            rows.append(
+                dict(
+                    objective=f"EXPO {ref_name}",
+                    method="expo",
+                    ref=ref,
+                    param=f"lam={lam:g}",
+                    value=lam,
+                    opt=optimum("expo", lam=lam, pi_ref=ref),
+                    closed=closed,
+                )
+            )
 
-    head = (f"{'objective':<23} {'param':<11} {'optimum':<26} {'|opt-closed|':>12} "
-            f"{'KL(opt||pi*)':>13} {'KL(opt||pi_ref)':>16}")
+    head = (
+        f"{'objective':<23} {'param':<11} {'optimum':<26} {'|opt-closed|':>12} "
+        f"{'KL(opt||pi*)':>13} {'KL(opt||pi_ref)':>16}"
+    )
     print(f"pi* = {fmt(PI_STAR)}; Bradley-Terry labels; pairs y != y' drawn from [.4,.4,.2] x [.4,.4,.2]")
     print(head)
     print("-" * len(head))
@@ -212,9 +236,13 @@ def run_table():
         p, closed = row["opt"], row["closed"]
         err = f"{float((p - closed).abs().max()):.1e}" if closed is not None else "-"
         # max(., 0): a KL of ~1e-16 can come out as -1e-16 in float64
-        print(f"{row['objective']:<23} {row['param']:<11} {fmt(p):<26} {err:>12} "
-              f"{max(kl(p, PI_STAR), 0.0):>13.3e} {max(kl(p, row['ref']), 0.0):>16.3e}")
-    print("closed forms: DPO normalize(pi_ref * pi*^(1/beta)); EXPO pi* (at lam = 0, and for every lam when pi_ref = pi*)")
+        print(
+            f"{row['objective']:<23} {row['param']:<11} {fmt(p):<26} {err:>12} "
+            f"{max(kl(p, PI_STAR), 0.0):>13.3e} {max(kl(p, row['ref']), 0.0):>16.3e}"
+        )
+    print(
+        "closed forms: DPO normalize(pi_ref * pi*^(1/beta)); EXPO pi* (at lam = 0, and for every lam when pi_ref = pi*)"
+    )
     return rows
 
 
@@ -230,8 +258,10 @@ def plot(out: str, dpo_optima: dict):
     x_ref = lam_grid[-1] * 1.7  # where the pi_ref markers sit (lam -> infinity)
     colors = ("tab:blue", "tab:orange", "tab:green")
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.0), sharey=True)
-    panels = ((axes[0], PI_REF, r"$\pi_{ref}$ = [.4, .4, .2]"),
-              (axes[1], PI_STAR, r"$\pi_{ref} = \pi^*$ = [.6, .3, .1]: EXPO stays at $\pi^*$, DPO drifts"))
+    panels = (
+        (axes[0], PI_REF, r"$\pi_{ref}$ = [.4, .4, .2]"),
+        (axes[1], PI_STAR, r"$\pi_{ref} = \pi^*$ = [.6, .3, .1]: EXPO stays at $\pi^*$, DPO drifts"),
+    )
     for ax, ref, title in panels:
         # EXPO along the lam grid, each solve warm-started at the previous optimum (a continuation path)
         expo, start = [], [torch.zeros(2, dtype=DTYPE)]
@@ -256,19 +286,33 @@ def plot(out: str, dpo_optima: dict):
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("probability at the population optimum")
 
-    handles = [Line2D([], [], color=c, lw=2.4, label=f"outcome {k}  ($\\pi^*$ = {PI_STAR[k]:g})")
-               for k, c in enumerate(colors)]
+    handles = [
+        Line2D([], [], color=c, lw=2.4, label=f"outcome {k}  ($\\pi^*$ = {PI_STAR[k]:g})") for k, c in enumerate(colors)
+    ]
     handles += [
         Line2D([], [], color="gray", lw=2.4, label=r"EXPO optimum vs $\lambda$"),
-        Line2D([], [], color="gray", lw=1.3, ls=":", label=r"DPO closed form $\propto\pi_{ref}\,\pi^{*1/\beta}$ vs $\beta$"),
-        Line2D([], [], color="gray", marker="D", mec="black", ls="none", label=r"DPO numerical optimum, $\beta$ = 0.5, 1, 2"),
+        Line2D(
+            [], [], color="gray", lw=1.3, ls=":", label=r"DPO closed form $\propto\pi_{ref}\,\pi^{*1/\beta}$ vs $\beta$"
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker="D",
+            mec="black",
+            ls="none",
+            label=r"DPO numerical optimum, $\beta$ = 0.5, 1, 2",
+        ),
         Line2D([], [], color="gray", lw=0.9, ls="--", alpha=0.6, label=r"$\pi^*$"),
         Line2D([], [], color="gray", marker="<", mec="black", ls="none", label=r"$\pi_{ref}$ ($\lambda \to \infty$)"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False, fontsize=9.5)
-    fig.suptitle("Three-outcome toy, exact population optima: "
-                 r"EXPO moves from $\pi^*$ ($\lambda$ = 0) to $\pi_{ref}$ ($\lambda \to \infty$); "
-                 r"DPO lands on $\propto\pi_{ref}\,\pi^{*1/\beta}$", fontsize=12)
+    fig.suptitle(
+        "Three-outcome toy, exact population optima: "
+        r"EXPO moves from $\pi^*$ ($\lambda$ = 0) to $\pi_{ref}$ ($\lambda \to \infty$); "
+        r"DPO lands on $\propto\pi_{ref}\,\pi^{*1/\beta}$",
+        fontsize=12,
+    )
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -278,8 +322,11 @@ def plot(out: str, dpo_optima: dict):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "expo_toy.png"),
-                    help="where to save the plot (PNG)")
+    ap.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "expo_toy.png"),
+        help="where to save the plot (PNG)",
+    )
     ap.add_argument("--no-plot", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
     rows = run_table()

@@ -12,6 +12,7 @@ Layers, each importing only the ones before it (docs/design.md, "Backends and di
 * ``expo_kernels.modules``      — ``FusedLinearPreferenceLoss`` & co.: hidden states + LM head -> loss.
 * ``expo_kernels.integrations`` — Hugging Face models and TRL trainers.
 """
+
 from ._dispatch import available_backends
 from ._version import __version__
 from .functional import TokenStats, linear_logprobs, linear_token_kl

@@ -5,12 +5,13 @@ Everything between the public functions (``expo_kernels.functional``) and the ke
 the counted tokens, and the guards on what a backend returns (finite, not aliased). The registered
 ops (``expo_kernels.autograd``) and the vocab-parallel path (``expo_kernels.distributed``) both use it.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,7 +58,7 @@ def available_backends(device="cpu") -> list:
     return names
 
 
-def resolve_backend(requested: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """``backend=`` argument, else ``$EXPO_KERNELS_BACKEND``, else the fastest for the device and dtype.
 
     float64 never goes to Triton (Triton 3.6, on our GPU machines, does not compile these kernels in
@@ -74,8 +75,10 @@ def resolve_backend(requested: Optional[str], device: torch.device, dtype: Optio
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and fp64:
-        raise ValueError(f"{source}='triton' does not support float64 inputs (the kernels accumulate in float32 on "
-                         "GPUs); use backend='torch' (any device) or 'native' (CPU) for float64")
+        raise ValueError(
+            f"{source}='triton' does not support float64 inputs (the kernels accumulate in float32 on "
+            "GPUs); use backend='torch' (any device) or 'native' (CPU) for float64"
+        )
     if name not in available_backends(device):
         if name == "native":
             from .ops import _native_build
@@ -114,8 +117,12 @@ def backward_module(name: str):
 
     if name != "triton" and get_kernel_options().grad_filter_eps is not None and name not in _WARNED_FILTER:
         _WARNED_FILTER.add(name)
-        warnings.warn(f"kernel_options(grad_filter_eps=...) applies to the triton backend only; the {name} backend "
-                      "computes exact gradients", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"kernel_options(grad_filter_eps=...) applies to the triton backend only; the {name} backend "
+            "computes exact gradients",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return backend_module(name)
 
 
@@ -151,8 +158,10 @@ def group_size(process_group) -> int:
     import torch.distributed as dist
 
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be None or a torch.distributed.ProcessGroup, "
-                        f"got {type(process_group).__name__} {process_group!r}")
+        raise TypeError(
+            f"process_group must be None or a torch.distributed.ProcessGroup, "
+            f"got {type(process_group).__name__} {process_group!r}"
+        )
     return dist.get_world_size(process_group)
 
 
@@ -161,7 +170,7 @@ def group_size(process_group) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def counted_rows(labels: Tensor, ignore_index: int, vocab: int) -> Tuple[Optional[Tensor], Tensor, Callable]:
+def counted_rows(labels: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor | None, Tensor, Callable]:
     """``(rows, labels64, pick)`` for labels ``[N]`` of any integer dtype.
 
     The comparisons run in int64: in the label dtype, ``-100`` wraps to 156 in uint8 and ``V = 300``
@@ -180,7 +189,7 @@ def counted_rows(labels: Tensor, ignore_index: int, vocab: int) -> Tuple[Optiona
     return rows, labels.index_select(0, rows), lambda t: t.index_select(0, rows)
 
 
-def scatter(values: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
+def scatter(values: Tensor, rows: Tensor | None, n: int) -> Tensor:
     """Per-counted-token values back to all ``n`` tokens (0 at ignored ones)."""
     if rows is None:
         return values
@@ -213,7 +222,7 @@ def _bad_bias(b: Tensor) -> Tensor:
     return torch.isnan(b) | torch.isposinf(b)
 
 
-def check_finite(inputs: dict, biases: dict, results: Tuple[Tensor, ...], transform_args: dict) -> None:
+def check_finite(inputs: dict, biases: dict, results: tuple[Tensor, ...], transform_args: dict) -> None:
     """One host sync: raise ``ValueError`` naming the culprit if an input is non-finite (``hidden`` and
     ``weight`` NaN/inf, a bias NaN/+inf) or a result that should be finite is not.
 
@@ -234,8 +243,11 @@ def check_finite(inputs: dict, biases: dict, results: Tuple[Tensor, ...], transf
             raise ValueError(f"{name} contains NaN or +inf values (-inf is allowed: it masks a vocabulary entry)")
     lse_like = results[0]
     if bool((lse_like == -math.inf).any()):
-        raise ValueError("every vocabulary entry is masked (-inf bias) for at least one counted token: its "
-                         "log-softmax is undefined")
+        raise ValueError(
+            "every vocabulary entry is masked (-inf bias) for at least one counted token: its log-softmax is undefined"
+        )
     shown = ", ".join(f"{k}={v}" for k, v in transform_args.items())
-    raise ValueError(f"the transformed logits overflow the accumulation precision ({shown}): a temperature this "
-                     "small or a scale this large leaves no finite log-sum-exp; rescale the head or the transform")
+    raise ValueError(
+        f"the transformed logits overflow the accumulation precision ({shown}): a temperature this "
+        "small or a scale this large leaves no finite log-sum-exp; rescale the head or the transform"
+    )

@@ -1,8 +1,8 @@
 """Argument checks shared by the public ops. Errors name the argument and what was expected."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -45,7 +45,7 @@ def check_tensor(name: str, value, *, floating: bool = False, integer: bool = Fa
         raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {value.dtype}")
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     named = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
@@ -74,7 +74,9 @@ def check_linear_head(hidden, weight, labels, bias, prefix: str = "") -> None:
     if hidden.dim() < 1:
         raise ValueError(f"{h_name} must have shape [..., H] (at least 1 dimension), got a scalar")
     if hidden.shape[-1] == 0:
-        raise ValueError(f"{h_name} must have a hidden size H = {h_name}.shape[-1] >= 1, got shape {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{h_name} must have a hidden size H = {h_name}.shape[-1] >= 1, got shape {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must have shape [V, H] (2 dimensions), got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
@@ -98,7 +100,7 @@ def check_linear_head(hidden, weight, labels, bias, prefix: str = "") -> None:
     check_same_device(**{h_name: hidden, w_name: weight, "labels": labels, b_name: bias})
 
 
-def raise_for_non_finite(**tensors: Optional[torch.Tensor]) -> None:
+def raise_for_non_finite(**tensors: torch.Tensor | None) -> None:
     """Called once a result came out non-finite: name the input that caused it."""
     for name, t in tensors.items():
         if t is not None and not bool(torch.isfinite(t).all()):

@@ -5,8 +5,11 @@ opaque node (with shape-only fake implementations); its backward is another regi
 recomputes logits tile by tile from the saved ``lse``. Backend choice and the checks around a backend
 call are in ``expo_kernels._dispatch``; the public functions in ``expo_kernels.functional``.
 """
+
 from __future__ import annotations
 
+# typing.Optional / Tuple on purpose: torch.library infers the op schemas from these annotations, and
+# every torch >= 2.4 understands the typing forms (ruff UP rules are off for this file).
 from typing import Optional, Tuple
 
 import torch
@@ -21,8 +24,10 @@ def _no_double_backward(op_name: str):
     """Autograd formula of a backward op: its inputs' gradients (grad of grad) are not implemented."""
 
     def backward(ctx, *grads):
-        raise NotImplementedError(f"expo_kernels::{op_name} has no double backward (gradient of a gradient, "
-                                  "e.g. create_graph=True followed by another backward); it is not supported")
+        raise NotImplementedError(
+            f"expo_kernels::{op_name} has no double backward (gradient of a gradient, "
+            "e.g. create_graph=True followed by another backward); it is not supported"
+        )
 
     return backward
 
@@ -53,15 +58,20 @@ def _linear_logprobs_op(
     out: TokenOutputs = ops.forward(D.backend_module(backend), h, weight, bias, y, transform, with_stats)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
     finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
-    D.check_finite({"hidden": h, "weight": weight}, {"bias": bias}, finite_results,
-                   _transform_args(logit_scale, softcap, temperature))
+    D.check_finite(
+        {"hidden": h, "weight": weight},
+        {"bias": bias},
+        finite_results,
+        _transform_args(logit_scale, softcap, temperature),
+    )
     if with_stats:
         stats = [D.scatter(t, rows, n) for t in out[2:]]
     else:
         empty = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
         stats = [empty, empty.clone(), empty.bool(), empty.clone()]
-    return D.unaliased((D.scatter(out.logp, rows, n), D.scatter(out.lse, rows, n), *stats),
-                       (hidden, weight, bias, labels))
+    return D.unaliased(
+        (D.scatter(out.logp, rows, n), D.scatter(out.lse, rows, n), *stats), (hidden, weight, bias, labels)
+    )
 
 
 @_linear_logprobs_op.register_fake
@@ -130,8 +140,22 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, logit_scale, softcap, temperature, backend,
-      need_hidden, need_weight, need_bias):
+def _(
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ignore_index,
+    logit_scale,
+    softcap,
+    temperature,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -152,13 +176,8 @@ def _backward(ctx, grad_logp, *_stat_grads):
     return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 7
 
 
-torch.library.register_autograd(
-    "expo_kernels::linear_logprobs", _backward, setup_context=_setup_context
-)
-torch.library.register_autograd(
-    "expo_kernels::linear_logprobs_backward", _no_double_backward("linear_logprobs")
-)
-
+torch.library.register_autograd("expo_kernels::linear_logprobs", _backward, setup_context=_setup_context)
+torch.library.register_autograd("expo_kernels::linear_logprobs_backward", _no_double_backward("linear_logprobs"))
 
 
 @torch.library.custom_op("expo_kernels::linear_token_kl", mutates_args=())
@@ -181,20 +200,43 @@ def _linear_token_kl_op(
     rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
     kl, lse_p, lse_r = ops.token_kl_forward(
-        D.backend_module(backend), h, weight, bias, hr, ref_weight, ref_bias,
+        D.backend_module(backend),
+        h,
+        weight,
+        bias,
+        hr,
+        ref_weight,
+        ref_bias,
         LogitTransform(logit_scale, softcap, temperature),
     )
     # the KL itself may be +inf (the policy masks an entry the reference does not); both lse are finite
-    D.check_finite({"hidden": h, "weight": weight, "ref_hidden": hr, "ref_weight": ref_weight},
-                   {"bias": bias, "ref_bias": ref_bias}, (lse_p, lse_r),
-                   _transform_args(logit_scale, softcap, temperature))
-    return D.unaliased(tuple(D.scatter(t, rows, n) for t in (kl, lse_p, lse_r)),
-                       (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels))
+    D.check_finite(
+        {"hidden": h, "weight": weight, "ref_hidden": hr, "ref_weight": ref_weight},
+        {"bias": bias, "ref_bias": ref_bias},
+        (lse_p, lse_r),
+        _transform_args(logit_scale, softcap, temperature),
+    )
+    return D.unaliased(
+        tuple(D.scatter(t, rows, n) for t in (kl, lse_p, lse_r)),
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels),
+    )
 
 
 @_linear_token_kl_op.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, logit_scale, softcap,
-      temperature, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    labels,
+    ignore_index,
+    logit_scale,
+    softcap,
+    temperature,
+    backend,
+):
     out = hidden.new_empty(labels.shape[0], dtype=D.result_dtype(hidden.dtype))
     return out, out.clone(), out.clone()
 
@@ -223,18 +265,47 @@ def _linear_token_kl_backward_op(
     """Policy-head gradients (d_hidden, d_weight, d_bias); empty tensors where not needed."""
     rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     d_h, d_w, d_b = D.backward_module(backend).token_kl_backward(
-        pick(grad_kl).to(D.result_dtype(hidden.dtype)).contiguous(), pick(hidden).contiguous(), weight, bias,
-        pick(ref_hidden).contiguous(), ref_weight, ref_bias, pick(lse_p).contiguous(), pick(lse_r).contiguous(),
-        LogitTransform(logit_scale, softcap, temperature), need_hidden, need_weight,
+        pick(grad_kl).to(D.result_dtype(hidden.dtype)).contiguous(),
+        pick(hidden).contiguous(),
+        weight,
+        bias,
+        pick(ref_hidden).contiguous(),
+        ref_weight,
+        ref_bias,
+        pick(lse_p).contiguous(),
+        pick(lse_r).contiguous(),
+        LogitTransform(logit_scale, softcap, temperature),
+        need_hidden,
+        need_weight,
         need_bias and bias is not None,
     )
-    return D.unaliased(_pack_grads(d_h, d_w, d_b, hidden, rows),
-                       (grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r))
+    return D.unaliased(
+        _pack_grads(d_h, d_w, d_b, hidden, rows),
+        (grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r),
+    )
 
 
 @_linear_token_kl_backward_op.register_fake
-def _(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r, ignore_index,
-      logit_scale, softcap, temperature, backend, need_hidden, need_weight, need_bias):
+def _(
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    labels,
+    lse_p,
+    lse_r,
+    ignore_index,
+    logit_scale,
+    softcap,
+    temperature,
+    backend,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     return _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -252,8 +323,20 @@ def _token_kl_backward(ctx, grad_kl, *_lse_grads):
     if grad_kl is None or not (need_h or need_w or need_b):
         return (None,) * 12
     d_h, d_w, d_b = _linear_token_kl_backward_op(
-        grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r, *ctx.params,
-        need_h, need_w, need_b,
+        grad_kl,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        labels,
+        lse_p,
+        lse_r,
+        *ctx.params,
+        need_h,
+        need_w,
+        need_b,
     )
     return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 9
 
@@ -261,6 +344,4 @@ def _token_kl_backward(ctx, grad_kl, *_lse_grads):
 torch.library.register_autograd(
     "expo_kernels::linear_token_kl", _token_kl_backward, setup_context=_setup_token_kl_context
 )
-torch.library.register_autograd(
-    "expo_kernels::linear_token_kl_backward", _no_double_backward("linear_token_kl")
-)
+torch.library.register_autograd("expo_kernels::linear_token_kl_backward", _no_double_backward("linear_token_kl"))

@@ -16,6 +16,7 @@ Each (loss, path) runs in a fresh process so its peak memory is its own: peak RS
 baseline after building model and data on CPU, peak allocated bytes over the baseline on CUDA.
 Step time is the median of the steps after the first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
 
 PATHS = ("plain", "trl", "expo_kernels")
 LOSSES = ("dpo", "expo")
@@ -52,7 +52,7 @@ def _rss_bytes(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _worker(opts) -> Dict:
+def _worker(opts) -> dict:
     import torch
     import transformers
 
@@ -62,16 +62,22 @@ def _worker(opts) -> Dict:
     device = torch.device(opts.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.dtype]
     torch.manual_seed(opts.seed)
-    cfg = transformers.LlamaConfig(vocab_size=opts.vocab, hidden_size=opts.hidden, intermediate_size=2 * opts.hidden,
-                                   num_hidden_layers=opts.layers, num_attention_heads=4, num_key_value_heads=4,
-                                   max_position_embeddings=opts.seq_len + 1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=opts.vocab,
+        hidden_size=opts.hidden,
+        intermediate_size=2 * opts.hidden,
+        num_hidden_layers=opts.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=opts.seq_len + 1,
+    )
     policy = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     ref = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     ref.load_state_dict(policy.state_dict())
     ref.requires_grad_(False)
     rows = 2 * opts.pairs
     ids = torch.randint(0, opts.vocab, (rows, opts.seq_len), device=device)
-    ids[opts.pairs:, : opts.seq_len // 3] = ids[: opts.pairs, : opts.seq_len // 3]  # shared prompts
+    ids[opts.pairs :, : opts.seq_len // 3] = ids[: opts.pairs, : opts.seq_len // 3]  # shared prompts
     labels = ids.clone()
     labels[:, : opts.seq_len // 3] = -100  # the prompt does not count
     shifted = labels[:, 1:]
@@ -109,8 +115,9 @@ def _worker(opts) -> Dict:
             ref_hidden = hf.backbone(ref)(input_ids=ids).last_hidden_state[:, :-1]
         weight, bias = hf.lm_head_parameters(policy)
         ref_weight, ref_bias = hf.lm_head_parameters(ref)
-        return loss_fn(weight, hidden, shifted, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                       ref_bias=ref_bias).loss
+        return loss_fn(
+            weight, hidden, shifted, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias
+        ).loss
 
     if opts.path == "trl":
         from trl.trainer.utils import add_fused_lm_head
@@ -144,14 +151,22 @@ def _worker(opts) -> Dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _rss_bytes("VmHWM") - base if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"losses": losses, "step_s": statistics.median(times[1:] or times), "first_step_s": times[0],
-            "peak_bytes": peak, "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+    return {
+        "losses": losses,
+        "step_s": statistics.median(times[1:] or times),
+        "first_step_s": times[0],
+        "peak_bytes": peak,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ driver
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m expo_kernels.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m expo_kernels.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (default 3)")
@@ -175,7 +190,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv: list[str] = None) -> int:
     opts = _parser().parse_args(argv)
     if opts.device is None:
         import torch
@@ -204,25 +219,40 @@ def main(argv: List[str] = None) -> int:
     bar.close()
 
     logits_bytes = 2 * opts.pairs * (opts.seq_len - 1) * opts.vocab * 4
-    print(f"\ntiny Llama: hidden {opts.hidden}, {opts.layers} layers, vocab {opts.vocab:,}; {opts.pairs} pairs x "
-          f"{opts.seq_len} tokens ({opts.dtype}, {opts.device}); {opts.steps} AdamW steps; one fp32 logits tensor "
-          f"[rows, T, V] = {_fmt_bytes(logits_bytes)} (computed)")
+    print(
+        f"\ntiny Llama: hidden {opts.hidden}, {opts.layers} layers, vocab {opts.vocab:,}; {opts.pairs} pairs x "
+        f"{opts.seq_len} tokens ({opts.dtype}, {opts.device}); {opts.steps} AdamW steps; one fp32 logits tensor "
+        f"[rows, T, V] = {_fmt_bytes(logits_bytes)} (computed)"
+    )
     print(f"{'loss':<5} {'path':<13} {'first loss':>11} {'last loss':>11} {'step s':>8} {'peak memory':>13}")
     for r in rows:
         if "error" in r:
             print(f"{r['loss']:<5} {r['path']:<13} ERROR: {r['error']}")
             continue
-        print(f"{r['loss']:<5} {r['path']:<13} {r['losses'][0]:>11.5f} {r['losses'][-1]:>11.5f} {r['step_s']:>8.3f} "
-              f"{_fmt_bytes(r['peak_bytes']):>13}")
+        print(
+            f"{r['loss']:<5} {r['path']:<13} {r['losses'][0]:>11.5f} {r['losses'][-1]:>11.5f} {r['step_s']:>8.3f} "
+            f"{_fmt_bytes(r['peak_bytes']):>13}"
+        )
     if "expo" in opts.losses and "trl" in opts.paths:
         print("(expo / trl: TRL's fused head returns log-probs only, no token-level KL)")
-    print("peak memory: " + ("peak allocated over the baseline" if opts.device.startswith("cuda") else
-                             "peak RSS over the baseline after building model and data") + ", fresh process per row")
+    print(
+        "peak memory: "
+        + (
+            "peak allocated over the baseline"
+            if opts.device.startswith("cuda")
+            else "peak RSS over the baseline after building model and data"
+        )
+        + ", fresh process per row"
+    )
     if opts.json:
         import torch
 
-        meta = {"command": "python -m expo_kernels.demo " + " ".join(passthrough), "torch": torch.__version__,
-                "settings": {k: v for k, v in vars(opts).items() if k != "worker"}, "rows": rows}
+        meta = {
+            "command": "python -m expo_kernels.demo " + " ".join(passthrough),
+            "torch": torch.__version__,
+            "settings": {k: v for k, v in vars(opts).items() if k != "worker"},
+            "rows": rows,
+        }
         with open(opts.json, "w") as f:
             json.dump(meta, f, indent=1)
         print(f"wrote {opts.json}")

@@ -4,9 +4,8 @@ Each checks its arguments (errors name the argument), picks the backend (``expo_
 and calls the registered op (``expo_kernels.autograd``), or the vocab-parallel path when the head is
 sharded over a process group (``expo_kernels.distributed``).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from torch import Tensor
 
@@ -26,14 +25,14 @@ def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
-    logit_scale: Optional[float] = None,
-    softcap: Optional[float] = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
     return_stats: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     process_group=None,
 ):
     """Per-token ``log softmax(z)[label]`` of ``z = softcap(hidden @ weight.T + bias) ...`` without
@@ -66,8 +65,16 @@ def linear_logprobs(
         from .distributed import vocab_parallel_linear_logprobs
 
         return vocab_parallel_linear_logprobs(
-            hidden, weight, labels, bias, process_group=process_group, ignore_index=ignore_index,
-            temperature=temperature, logit_scale=logit_scale, softcap=softcap, return_stats=return_stats,
+            hidden,
+            weight,
+            labels,
+            bias,
+            process_group=process_group,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            return_stats=return_stats,
             backend=backend,
         )
     V.check_linear_head(hidden, weight, labels, bias)
@@ -93,14 +100,14 @@ def linear_token_kl(
     ref_hidden: Tensor,
     ref_weight: Tensor,
     labels: Tensor,
-    bias: Optional[Tensor] = None,
-    ref_bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
-    logit_scale: Optional[float] = None,
-    softcap: Optional[float] = None,
-    backend: Optional[str] = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
     process_group=None,
 ) -> Tensor:
     """Per-token ``KL(pi_ref || pi_theta)`` over the full vocabulary, without ``[tokens, vocab]`` logits.
@@ -125,22 +132,38 @@ def linear_token_kl(
         from .distributed import vocab_parallel_linear_token_kl
 
         return vocab_parallel_linear_token_kl(
-            hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, process_group=process_group,
-            ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            hidden,
+            weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            bias,
+            ref_bias,
+            process_group=process_group,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
             backend=backend,
         )
     V.check_linear_head(hidden, weight, labels, bias)
     V.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
     if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"ref_weight must have the policy's vocabulary size V = {weight.shape[0]}, "
-                         f"got {ref_weight.shape[0]}")
+        raise ValueError(
+            f"ref_weight must have the policy's vocabulary size V = {weight.shape[0]}, got {ref_weight.shape[0]}"
+        )
     if ref_hidden.dtype != hidden.dtype:
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
     V.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     kl, _, _ = _linear_token_kl_op(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, labels.reshape(-1),
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        ref_weight,
+        ref_bias,
+        labels.reshape(-1),
         *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
         D.resolve_backend(backend, hidden.device, hidden.dtype),
     )

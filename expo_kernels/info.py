@@ -3,6 +3,7 @@
 Builds the native CPU backend if it is not built yet (first run: about half a minute), so the
 answer is the one the next training run will get. ``--json`` prints the same as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ def collect() -> dict:
     import torch
 
     import expo_kernels as ek
-    from expo_kernels.ops import _native_build
     from expo_kernels import _dispatch as ag
+    from expo_kernels.ops import _native_build
 
     info = {
         "versions": {
@@ -37,8 +38,11 @@ def collect() -> dict:
         },
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
-        "env": {k: os.environ.get(k) for k in (ag.BACKEND_ENV, _native_build.NATIVE_ENV, _native_build.BUILD_DIR_ENV,
-                                               "TRITON_INTERPRET") if os.environ.get(k) is not None},
+        "env": {
+            k: os.environ.get(k)
+            for k in (ag.BACKEND_ENV, _native_build.NATIVE_ENV, _native_build.BUILD_DIR_ENV, "TRITON_INTERPRET")
+            if os.environ.get(k) is not None
+        },
         "devices": {},
     }
     native = _native_build.status()
@@ -61,11 +65,13 @@ def collect() -> dict:
             if name in entry["available"]:
                 continue
             if name == "native":
-                entry["missing"][name] = ("runs on CPU tensors only" if dev != "cpu" else
-                                          f"not built/loaded: {native['reason']}")
+                entry["missing"][name] = (
+                    "runs on CPU tensors only" if dev != "cpu" else f"not built/loaded: {native['reason']}"
+                )
             elif name == "triton":
-                entry["missing"][name] = triton_why or ("on CPU only under TRITON_INTERPRET=1 (set before importing "
-                                                        "expo_kernels; for testing)")
+                entry["missing"][name] = triton_why or (
+                    "on CPU only under TRITON_INTERPRET=1 (set before importing expo_kernels; for testing)"
+                )
             else:
                 entry["missing"][name] = "?"
         info["devices"][dev] = entry
@@ -106,8 +112,10 @@ def main(argv=None) -> int:
             print(f"  {name}: missing: {first[0] if first else why}")
     nat = info["native"]
     state = "built and loaded" if nat["available"] else "NOT available"
-    print(f"native CPU backend: {state}; source {nat['source']}; build dir {nat['build_dir']}; "
-          f"ISA flags {' '.join(nat['isa_flags']) or '(generic)'}; compile time in this process {nat['build_s']} s")
+    print(
+        f"native CPU backend: {state}; source {nat['source']}; build dir {nat['build_dir']}; "
+        f"ISA flags {' '.join(nat['isa_flags']) or '(generic)'}; compile time in this process {nat['build_s']} s"
+    )
     if not nat["available"] and nat.get("error"):
         print("native build/load error:\n" + str(nat["error"]))
     return 0

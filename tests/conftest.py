@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before ``triton.jit`` decorates our kernels, i.e. before
 ``expo_kernels.ops.triton_backend`` is first imported (expo_kernels imports it lazily).
 """
+
 import os
 
 import pytest

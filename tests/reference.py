@@ -2,6 +2,7 @@
 
 Deliberately naive: this is what the fused op must equal, written without any of its tricks.
 """
+
 import torch
 
 

@@ -5,6 +5,7 @@ One parametrized test per public entry point: ``preference_loss`` / ``preference
 the ``FusedLinear*Loss`` modules (construction and forward) and the TRL trainers' constructors (which
 check their own options before TRL's ``__init__`` does any work).
 """
+
 from __future__ import annotations
 
 import math
@@ -138,17 +139,26 @@ def _call(entry, name, kw):
     return entry(name, **args)
 
 
-@pytest.mark.parametrize("entry", [preference_loss, preference_loss_and_metrics],
-                         ids=["preference_loss", "preference_loss_and_metrics"])
-@pytest.mark.parametrize("name,kw,match", [c[1:] for c in _HPARAM_CASES + _INPUT_CASES],
-                         ids=[c[0] for c in _HPARAM_CASES + _INPUT_CASES])
+@pytest.mark.parametrize(
+    "entry", [preference_loss, preference_loss_and_metrics], ids=["preference_loss", "preference_loss_and_metrics"]
+)
+@pytest.mark.parametrize(
+    "name,kw,match", [c[1:] for c in _HPARAM_CASES + _INPUT_CASES], ids=[c[0] for c in _HPARAM_CASES + _INPUT_CASES]
+)
 def test_preference_loss_bad_input(entry, name, kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
         _call(entry, name, kw)
 
 
-@pytest.mark.parametrize("kw,exc", [(dict(beta="0.1"), TypeError), (dict(beta=True), TypeError),
-                                    (dict(beta=0.0), ValueError), (dict(reduction=1), TypeError)])
+@pytest.mark.parametrize(
+    "kw,exc",
+    [
+        (dict(beta="0.1"), TypeError),
+        (dict(beta=True), TypeError),
+        (dict(beta=0.0), ValueError),
+        (dict(reduction=1), TypeError),
+    ],
+)
 def test_type_errors_are_type_errors(kw, exc):
     """Wrong type: TypeError (also a ValueError, as the loss layer raised before); wrong value: ValueError."""
     with pytest.raises(exc, match=r"`(beta|reduction)` must be"):
@@ -225,26 +235,41 @@ def _head_batch():
 
 
 _FORWARD_CASES = [
-    ("hidden_2d", dict(hidden=lambda h, w, l: h[:, :, 0]), "hidden"),
-    ("hidden_list", dict(hidden=lambda h, w, l: h.tolist()), "hidden"),
-    ("hidden_int", dict(hidden=lambda h, w, l: h.long()), "hidden"),
-    ("hidden_odd_rows", dict(hidden=lambda h, w, l: h[:-1], labels=lambda h, w, l: l[:-1]), "rows"),
-    ("hidden_width", dict(hidden=lambda h, w, l: h[..., :-1]), "weight|hidden"),
-    ("weight_1d", dict(weight=lambda h, w, l: w[0]), "weight"),
-    ("weight_dtype", dict(weight=lambda h, w, l: w.float()), "weight"),
-    ("labels_float", dict(labels=lambda h, w, l: l.double()), "labels"),
-    ("labels_1d", dict(labels=lambda h, w, l: l[:, 0]), "labels"),
-    ("labels_list", dict(labels=lambda h, w, l: l.tolist()), "labels"),
-    ("labels_short", dict(labels=lambda h, w, l: l[:, :-1]), "labels"),
-    ("ref_chosen_logps_shape", dict(ref_chosen_logps=lambda h, w, l: torch.zeros(B + 1, dtype=DT),
-                                    ref_rejected_logps=lambda h, w, l: torch.zeros(B, dtype=DT)), "ref_chosen_logps"),
-    ("ref_chosen_logps_nan", dict(ref_chosen_logps=lambda h, w, l: torch.full((B,), NAN, dtype=DT),
-                                  ref_rejected_logps=lambda h, w, l: torch.zeros(B, dtype=DT)), "ref_chosen_logps"),
-    ("ref_hidden_tokens", dict(ref_hidden=lambda h, w, l: h[:, :-1]), "ref_hidden"),
-    ("ref_weight_without_hidden", dict(ref_weight=lambda h, w, l: w), "ref_hidden"),
-    ("offset_for_dpo", dict(ref_hidden=lambda h, w, l: h, offset=lambda h, w, l: 1.0), "offset"),
-    ("is_desirable_for_dpo", dict(ref_hidden=lambda h, w, l: h,
-                                  is_desirable=lambda h, w, l: torch.ones(R, dtype=torch.bool)), "is_desirable"),
+    ("hidden_2d", dict(hidden=lambda h, w, y: h[:, :, 0]), "hidden"),
+    ("hidden_list", dict(hidden=lambda h, w, y: h.tolist()), "hidden"),
+    ("hidden_int", dict(hidden=lambda h, w, y: h.long()), "hidden"),
+    ("hidden_odd_rows", dict(hidden=lambda h, w, y: h[:-1], labels=lambda h, w, y: y[:-1]), "rows"),
+    ("hidden_width", dict(hidden=lambda h, w, y: h[..., :-1]), "weight|hidden"),
+    ("weight_1d", dict(weight=lambda h, w, y: w[0]), "weight"),
+    ("weight_dtype", dict(weight=lambda h, w, y: w.float()), "weight"),
+    ("labels_float", dict(labels=lambda h, w, y: y.double()), "labels"),
+    ("labels_1d", dict(labels=lambda h, w, y: y[:, 0]), "labels"),
+    ("labels_list", dict(labels=lambda h, w, y: y.tolist()), "labels"),
+    ("labels_short", dict(labels=lambda h, w, y: y[:, :-1]), "labels"),
+    (
+        "ref_chosen_logps_shape",
+        dict(
+            ref_chosen_logps=lambda h, w, y: torch.zeros(B + 1, dtype=DT),
+            ref_rejected_logps=lambda h, w, y: torch.zeros(B, dtype=DT),
+        ),
+        "ref_chosen_logps",
+    ),
+    (
+        "ref_chosen_logps_nan",
+        dict(
+            ref_chosen_logps=lambda h, w, y: torch.full((B,), NAN, dtype=DT),
+            ref_rejected_logps=lambda h, w, y: torch.zeros(B, dtype=DT),
+        ),
+        "ref_chosen_logps",
+    ),
+    ("ref_hidden_tokens", dict(ref_hidden=lambda h, w, y: h[:, :-1]), "ref_hidden"),
+    ("ref_weight_without_hidden", dict(ref_weight=lambda h, w, y: w), "ref_hidden"),
+    ("offset_for_dpo", dict(ref_hidden=lambda h, w, y: h, offset=lambda h, w, y: 1.0), "offset"),
+    (
+        "is_desirable_for_dpo",
+        dict(ref_hidden=lambda h, w, y: h, is_desirable=lambda h, w, y: torch.ones(R, dtype=torch.bool)),
+        "is_desirable",
+    ),
 ]
 
 
@@ -315,8 +340,9 @@ def test_dpo_trainer_construction_bad_option(kw, match):
         mod.FusedDPOTrainer(model=_Boom(), **kw)
 
 
-@pytest.mark.parametrize("kw,match", [c[1:] for c in _TRAINER_CASES + _DPO_ONLY_CASES],
-                         ids=[c[0] for c in _TRAINER_CASES + _DPO_ONLY_CASES])
+@pytest.mark.parametrize(
+    "kw,match", [c[1:] for c in _TRAINER_CASES + _DPO_ONLY_CASES], ids=[c[0] for c in _TRAINER_CASES + _DPO_ONLY_CASES]
+)
 def test_enable_fused_lm_head_bad_option(kw, match):
     mod = _trainer_classes()
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -330,6 +356,12 @@ def test_enable_fused_lm_head_bad_option(kw, match):
 
 def test_matrix_size():
     """The matrix stays a matrix: 60+ bad-input cases."""
-    n = 2 * len(_HPARAM_CASES + _INPUT_CASES) + len(_MODULE_CTOR_CASES) + len(_FORWARD_CASES) \
-        + 4 * len(_TRAINER_CASES) + 2 * len(_DPO_ONLY_CASES) + len(_TRAINER_CASES)
+    n = (
+        2 * len(_HPARAM_CASES + _INPUT_CASES)
+        + len(_MODULE_CTOR_CASES)
+        + len(_FORWARD_CASES)
+        + 4 * len(_TRAINER_CASES)
+        + 2 * len(_DPO_ONLY_CASES)
+        + len(_TRAINER_CASES)
+    )
     assert n >= 60 and math.isfinite(n)

@@ -12,6 +12,7 @@ Tolerances: float64 1e-10, float32 3e-5, bfloat16 2e-2 (relative to the referenc
 magnitude; bf16 gradients are rounded to bf16, and a shard's d_weight is the sum of two rounded
 partial results); is_top1 exact. The torch backend's tiles are shrunk (16 x 64) in the workers so vocab tiles cross shards.
 """
+
 import copy
 import datetime
 import os
@@ -49,8 +50,15 @@ def logprob_cases():
         for ti, tname in enumerate(TRANSFORMS):
             for dname in ("fp32", "fp64") + (("bf16",) if si == 0 and tname in ("plain", "all") else ()):
                 bias = (si + ti) % 2 == 0
-                cases.append(dict(name=f"logp-{'x'.join(map(str, shape))}-{tname}-{dname}{'-bias' if bias else ''}",
-                                  shape=shape, transform=tname, dtype=dname, bias=bias))
+                cases.append(
+                    dict(
+                        name=f"logp-{'x'.join(map(str, shape))}-{tname}-{dname}{'-bias' if bias else ''}",
+                        shape=shape,
+                        transform=tname,
+                        dtype=dname,
+                        bias=bias,
+                    )
+                )
     return cases
 
 
@@ -60,8 +68,15 @@ def kl_cases():
         for ti, tname in enumerate(TRANSFORMS):
             for dname in ("fp32", "fp64"):
                 bias = ti % 2 == 1
-                cases.append(dict(name=f"kl-{'x'.join(map(str, shape))}-{tname}-{dname}{'-bias' if bias else ''}",
-                                  shape=shape, transform=tname, dtype=dname, bias=bias))
+                cases.append(
+                    dict(
+                        name=f"kl-{'x'.join(map(str, shape))}-{tname}-{dname}{'-bias' if bias else ''}",
+                        shape=shape,
+                        transform=tname,
+                        dtype=dname,
+                        bias=bias,
+                    )
+                )
     return cases
 
 
@@ -80,10 +95,26 @@ def backend_cases():
         tag = "x".join(map(str, shape))
         for tname in names:
             for dname in dtypes:
-                cases.append(dict(name=f"{b}-logp-{tag}-{tname}-{dname}-bias", shape=shape, transform=tname,
-                                  dtype=dname, bias=True, backend=b))
-                cases.append(dict(name=f"{b}-kl-{tag}-{tname}-{dname}", shape=shape, transform=tname,
-                                  dtype=dname, bias=False, backend=b))
+                cases.append(
+                    dict(
+                        name=f"{b}-logp-{tag}-{tname}-{dname}-bias",
+                        shape=shape,
+                        transform=tname,
+                        dtype=dname,
+                        bias=True,
+                        backend=b,
+                    )
+                )
+                cases.append(
+                    dict(
+                        name=f"{b}-kl-{tag}-{tname}-{dname}",
+                        shape=shape,
+                        transform=tname,
+                        dtype=dname,
+                        bias=False,
+                        backend=b,
+                    )
+                )
     return cases
 
 
@@ -92,8 +123,13 @@ def _backend_cases(world):
 
 
 EXTRA_CASES = ["all-ignored", "label-out-of-range", "ties-is-top1", "public-api", "comm-volume"]
-FSDP_CASES = ["fsdp2-dpo-training", "fsdp2-dpo-head-in-root-group", "fsdp2-helper-refuses-shard",
-              "fsdp2-hf-fused-head-own-group", "fsdp2-hf-fused-head-root-group"]
+FSDP_CASES = [
+    "fsdp2-dpo-training",
+    "fsdp2-dpo-head-in-root-group",
+    "fsdp2-helper-refuses-shard",
+    "fsdp2-hf-fused-head-own-group",
+    "fsdp2-hf-fused-head-root-group",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +141,7 @@ def _shard(full, rank, world):
     chunks = torch.chunk(full, world, dim=0)
     if rank < len(chunks):
         return chunks[rank]
-    return full[full.shape[0]:]  # empty [0, ...]
+    return full[full.shape[0] :]  # empty [0, ...]
 
 
 def _err(a, b):
@@ -145,18 +181,33 @@ def _run_logp_case(case, rank, world, group):
         h2 = hidden.clone().requires_grad_()
         w2 = _shard(weight, rank, world).clone().requires_grad_()
         b2 = _shard(bias, rank, world).clone().requires_grad_() if bias is not None else None
-        out = ekd.vocab_parallel_linear_logprobs(h2, w2, labels, b2, process_group=group, vocab_size=weight.shape[0],
-                                                 return_stats=with_stats, backend=backend, **tf)
+        out = ekd.vocab_parallel_linear_logprobs(
+            h2,
+            w2,
+            labels,
+            b2,
+            process_group=group,
+            vocab_size=weight.shape[0],
+            return_stats=with_stats,
+            backend=backend,
+            **tf,
+        )
         logp, stats = out if with_stats else (out, None)
         (logp * gl.to(logp.dtype)).sum().backward()
         sfx = "" if with_stats else "/nostats"
         res["logp" + sfx] = (_err(logp, ref), tol)
         res["d_hidden" + sfx] = (_err(h2.grad, h1.grad), tol)
-        res["d_weight_shard" + sfx] = (_err(w2.grad, _shard(w1.grad, rank, world)), tol) if w2.grad is not None \
+        res["d_weight_shard" + sfx] = (
+            (_err(w2.grad, _shard(w1.grad, rank, world)), tol)
+            if w2.grad is not None
             else (0.0 if w2.numel() == 0 else 1.0, tol)
+        )
         if bias is not None:
-            res["d_bias_shard" + sfx] = (_err(b2.grad, _shard(b1.grad, rank, world)), tol) if b2.grad is not None \
+            res["d_bias_shard" + sfx] = (
+                (_err(b2.grad, _shard(b1.grad, rank, world)), tol)
+                if b2.grad is not None
                 else (0.0 if b2.numel() == 0 else 1.0, tol)
+            )
         if with_stats:
             for k in ("lse", "entropy", "mean_logit", "log_sum_p2"):
                 res[k] = (_err(getattr(stats, k), getattr(ref_stats, k)), tol)
@@ -185,11 +236,23 @@ def _run_kl_case(case, rank, world, group):
     w2 = _shard(weight, rank, world).clone().requires_grad_()
     b2 = _shard(bias, rank, world).clone().requires_grad_() if bias is not None else None
     kl = ekd.vocab_parallel_linear_token_kl(
-        h2, w2, ref_hidden, _shard(ref_weight, rank, world), labels, b2,
-        _shard(ref_bias, rank, world) if ref_bias is not None else None, process_group=group, backend=backend, **tf)
+        h2,
+        w2,
+        ref_hidden,
+        _shard(ref_weight, rank, world),
+        labels,
+        b2,
+        _shard(ref_bias, rank, world) if ref_bias is not None else None,
+        process_group=group,
+        backend=backend,
+        **tf,
+    )
     (kl * gl.to(kl.dtype)).sum().backward()
-    res = {"kl": (_err(kl, ref), tol), "d_hidden": (_err(h2.grad, h1.grad), tol),
-           "d_weight_shard": (_err(w2.grad, _shard(w1.grad, rank, world)), tol)}
+    res = {
+        "kl": (_err(kl, ref), tol),
+        "d_hidden": (_err(h2.grad, h1.grad), tol),
+        "d_weight_shard": (_err(w2.grad, _shard(w1.grad, rank, world)), tol),
+    }
     if bias is not None:
         res["d_bias_shard"] = (_err(b2.grad, _shard(b1.grad, rank, world)), tol)
     return res
@@ -201,11 +264,15 @@ def _run_extra(name, rank, world, group):
         labels[:] = -100
         h = hidden.clone().requires_grad_()
         w = _shard(weight, rank, world).clone().requires_grad_()
-        logp, stats = ekd.vocab_parallel_linear_logprobs(h, w, labels, _shard(bias, rank, world), process_group=group,
-                                                         return_stats=True)
+        logp, stats = ekd.vocab_parallel_linear_logprobs(
+            h, w, labels, _shard(bias, rank, world), process_group=group, return_stats=True
+        )
         logp.sum().backward()
-        return {"logp_zero": (float(logp.detach().abs().max()), 0.0), "d_hidden_zero": (float(h.grad.abs().max()), 0.0),
-                "d_weight_zero": (float(w.grad.abs().max()) if w.grad is not None and w.numel() else 0.0, 0.0)}
+        return {
+            "logp_zero": (float(logp.detach().abs().max()), 0.0),
+            "d_hidden_zero": (float(h.grad.abs().max()), 0.0),
+            "d_weight_zero": (float(w.grad.abs().max()) if w.grad is not None and w.numel() else 0.0, 0.0),
+        }
     if name == "label-out-of-range":
         hidden, weight, _, labels, _ = _make((6, 8, 11), torch.float32, False, 4, ignore_frac=0.0)
         labels[2] = 11  # global V = 11: out of range although it is past every shard
@@ -226,32 +293,47 @@ def _run_extra(name, rank, world, group):
         hidden[:, :] = hidden.abs() + 1  # positive: the `big` rows are the maxima
         labels = torch.tensor([1, v - 2, 0, 3, v - 2, 1, 5, -100])
         _, ref_stats = ek.linear_logprobs(hidden, weight, labels, return_stats=True, backend="torch")
-        _, stats = ekd.vocab_parallel_linear_logprobs(hidden, _shard(weight, rank, world), labels,
-                                                      process_group=group, return_stats=True, backend="torch")
+        _, stats = ekd.vocab_parallel_linear_logprobs(
+            hidden, _shard(weight, rank, world), labels, process_group=group, return_stats=True, backend="torch"
+        )
         expect = torch.tensor([True, False, False, False, False, True, False, False])
-        return {"vs_single_process": (int((stats.is_top1 != ref_stats.is_top1).sum()), 0),
-                "vs_expected": (int((stats.is_top1 != expect).sum()), 0)}
+        return {
+            "vs_single_process": (int((stats.is_top1 != ref_stats.is_top1).sum()), 0),
+            "vs_expected": (int((stats.is_top1 != expect).sum()), 0),
+        }
     if name == "public-api":
         hidden, weight, bias, labels, gl = _make((37, 24, 101), torch.float64, True, 5)
         ref_hidden, ref_weight = hidden * 0.5, weight.flip(1)
         ref = ek.linear_logprobs(hidden, weight, labels, bias, softcap=4.0)
-        out = ek.linear_logprobs(hidden, _shard(weight, rank, world), labels, _shard(bias, rank, world), softcap=4.0,
-                                 process_group=group)
+        out = ek.linear_logprobs(
+            hidden, _shard(weight, rank, world), labels, _shard(bias, rank, world), softcap=4.0, process_group=group
+        )
         ref_kl = ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight, labels, temperature=0.8)
-        kl = ek.linear_token_kl(hidden, _shard(weight, rank, world), ref_hidden, _shard(ref_weight, rank, world),
-                                labels, temperature=0.8, process_group=group)
+        kl = ek.linear_token_kl(
+            hidden,
+            _shard(weight, rank, world),
+            ref_hidden,
+            _shard(ref_weight, rank, world),
+            labels,
+            temperature=0.8,
+            process_group=group,
+        )
         return {"linear_logprobs": (_err(out, ref), 1e-10), "linear_token_kl": (_err(kl, ref_kl), 1e-10)}
     if name == "comm-volume":
         n, hd, v = 40, 16, 103
         hidden, weight, _, labels, _ = _make((n, hd, v), torch.float32, False, 6, ignore_frac=0.0)
         h = hidden.clone().requires_grad_()
         with ekd.count_communication() as c:
-            logp = ekd.vocab_parallel_linear_logprobs(h, _shard(weight, rank, world).clone().requires_grad_(), labels,
-                                                      process_group=group)
+            logp = ekd.vocab_parallel_linear_logprobs(
+                h, _shard(weight, rank, world).clone().requires_grad_(), labels, process_group=group
+            )
             logp.sum().backward()
         # forward: MAX of N + SUM of 2N floats; backward: N*H floats of d_hidden; + world sizes gather
         want = 4 * (n + 2 * n + n * hd)
-        return {"all_reduce_bytes": (abs(c["all_reduce_bytes"] - want), 0), "all_reduce_calls": (abs(c["all_reduce_calls"] - 3), 0)}
+        return {
+            "all_reduce_bytes": (abs(c["all_reduce_bytes"] - want), 0),
+            "all_reduce_calls": (abs(c["all_reduce_calls"] - 3), 0),
+        }
     raise KeyError(name)
 
 
@@ -311,8 +393,9 @@ def _run_fsdp(name, rank, world, group):
         with torch.no_grad():
             ref_hidden = ref_model(ids)
         hidden = model(ids)
-        out = ekd.fsdp_lm_head_call(model.lm_head, loss_fn, hidden, labels, ref_hidden=ref_hidden,
-                                    ref_weight=ref_model.lm_head.weight)
+        out = ekd.fsdp_lm_head_call(
+            model.lm_head, loss_fn, hidden, labels, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -325,14 +408,17 @@ def _run_fsdp(name, rank, world, group):
         g_labels = torch.cat([b[1][:p] for b in batches] + [b[1][p:] for b in batches])
         with torch.no_grad():
             g_ref = ref_model(g_ids)
-        out_plain = loss_fn(plain.lm_head.weight, plain(g_ids), g_labels, ref_hidden=g_ref,
-                            ref_weight=ref_model.lm_head.weight)
+        out_plain = loss_fn(
+            plain.lm_head.weight, plain(g_ids), g_labels, ref_hidden=g_ref, ref_weight=ref_model.lm_head.weight
+        )
         out_plain.loss.backward()
         opt_plain.step()
         opt_plain.zero_grad()
         res[f"loss_step{step}"] = (_err(loss, out_plain.loss), 1e-5)
     moved = 0.0
-    for (n1, p1), (n2, p2), p0 in zip(model.named_parameters(), plain.named_parameters(), ref_model.parameters()):
+    for (n1, p1), (_, p2), p0 in zip(
+        model.named_parameters(), plain.named_parameters(), ref_model.parameters(), strict=False
+    ):
         full = p1.full_tensor() if hasattr(p1, "full_tensor") else p1
         res[f"param:{n1}"] = (_err(full, p2), 1e-5)
         moved = max(moved, float((p2.detach() - p0).abs().max()))
@@ -348,8 +434,15 @@ def _run_fsdp_hf(name, rank, world, group):
 
     from expo_kernels.integrations.trl import add_fused_lm_head
 
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     plain = copy.deepcopy(model)
@@ -377,7 +470,7 @@ def _run_fsdp_hf(name, rank, world, group):
         opt_plain.zero_grad()
         res[f"loss_step{step}"] = (_err(out.loss, ref.loss), 1e-5)
         res[f"entropy_step{step}"] = (_err(out.entropy, ref.entropy), 1e-5)
-    for (n1, p1), (_, p2) in zip(model.named_parameters(), plain.named_parameters()):
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), plain.named_parameters(), strict=False):
         full = p1.full_tensor() if hasattr(p1, "full_tensor") else p1
         res[f"param:{n1}"] = (_err(full, p2), 1e-5)
     return res
@@ -388,8 +481,9 @@ def _worker(rank, world, init_file, out_dir):
     from expo_kernels.ops import torch_backend
 
     torch_backend.TOKEN_CHUNK, torch_backend.VOCAB_CHUNK = 16, 64  # tiles cross shard boundaries
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     group = dist.group.WORLD
     results = {}
     jobs = [(c["name"], _run_logp_case, c) for c in logprob_cases()]

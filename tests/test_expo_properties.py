@@ -9,8 +9,8 @@ P(pair) * P(winner beats loser) * per-pair loss. The per-pair losses come from t
 and the closed forms. Optima by damped Newton in float64 to gradient norm < 1e-10, several starts.
 See examples/expo_toy.py for the same experiments as a table and a plot.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -40,10 +40,10 @@ def kl(p, q) -> float:
 def pairs(pair_source=PI_REF):
     """Ordered (winner, loser) index tensors and their probabilities (summing to 1)."""
     star, src = probs(PI_STAR), probs(pair_source)
-    w, l = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 2, 0, 2, 0, 1])
-    p_pair = 2 * src[w] * src[l] / (1 - (src**2).sum())  # unordered pair {w, l}, distinct draws
-    p_win = star[w] / (star[w] + star[l])  # Bradley-Terry with reward log pi*
-    return w, l, p_pair * p_win
+    win, lose = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 2, 0, 2, 0, 1])
+    p_pair = 2 * src[win] * src[lose] / (1 - (src**2).sum())  # unordered pair {win, lose}, distinct draws
+    p_win = star[win] / (star[win] + star[lose])  # Bradley-Terry with reward log pi*
+    return win, lose, p_pair * p_win
 
 
 # ------------------------------------------------------------------ the two per-pair paths
@@ -63,10 +63,10 @@ def hand_per_pair(method, c, r, c_ref, r_ref, beta):
 
 
 def population_loss(theta, method, *, pi_ref=PI_REF, beta=1.0, lam=0.0, pair_source=PI_REF, per_pair=registry_per_pair):
-    w, l, weight = pairs(pair_source)
+    win, lose, weight = pairs(pair_source)
     logp = torch.log_softmax(theta, -1)
     logq = probs(pi_ref).log()
-    loss = (weight * per_pair(method, logp[w], logp[l], logq[w], logq[l], beta)).sum()
+    loss = (weight * per_pair(method, logp[win], logp[lose], logq[win], logq[lose], beta)).sum()
     if method == "expo":
         loss = loss + lam * (logq.exp() * (logq - logp)).sum()  # exact KL(pi_ref || pi_theta)
     return loss
@@ -102,6 +102,7 @@ STARTS = [torch.zeros(2, dtype=DT), torch.tensor([4.0, -4.0], dtype=DT), torch.t
 
 def optimum(method, *, starts=STARTS, **kw) -> torch.Tensor:
     """Population optimum; the logits are fixed to theta = [0, t1, t2] (the losses are shift-invariant)."""
+
     def f(t):
         return population_loss(torch.cat([t.new_zeros(1), t]), method, **kw)
 
@@ -128,8 +129,9 @@ def test_registry_per_pair_matches_hand_formulas(method, beta):
         torch.testing.assert_close(registry_per_pair(method, c, r, c_ref + 5.0, r_ref - 3.0, beta), got)
 
 
-@pytest.mark.parametrize("method,kw", [("dpo", dict(beta=0.5)), ("dpo", dict(beta=2.0)),
-                                        ("expo", dict(lam=0.0)), ("expo", dict(lam=3.0))])
+@pytest.mark.parametrize(
+    "method,kw", [("dpo", dict(beta=0.5)), ("dpo", dict(beta=2.0)), ("expo", dict(lam=0.0)), ("expo", dict(lam=3.0))]
+)
 def test_population_loss_and_gradient_match_hand_path(method, kw):
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -188,10 +190,12 @@ def test_expo_moves_monotonically_from_pi_star_to_pi_ref():
     to_star = [kl(p, PI_STAR) for p in opts]
     to_ref = [kl(p, PI_REF) for p in opts]
     noise = 1e-12
-    assert all(b >= a - noise for a, b in zip(to_star, to_star[1:])), to_star
-    assert all(b <= a + noise for a, b in zip(to_ref, to_ref[1:])), to_ref
+    assert all(b >= a - noise for a, b in zip(to_star, to_star[1:], strict=False)), to_star
+    assert all(b <= a + noise for a, b in zip(to_ref, to_ref[1:], strict=False)), to_ref
     # the path really moves (strictly, between consecutive grid points), and its ends are pi* and pi_ref
-    assert all(b > a for a, b in zip(to_star[1:], to_star[2:])) and all(b < a for a, b in zip(to_ref, to_ref[1:]))
+    assert all(b > a for a, b in zip(to_star[1:], to_star[2:], strict=False)) and all(
+        b < a for a, b in zip(to_ref, to_ref[1:], strict=False)
+    )
     torch.testing.assert_close(opts[0], probs(PI_STAR), atol=1e-6, rtol=0)
     assert abs(to_star[0]) < 1e-12
     torch.testing.assert_close(opts[-1], probs(PI_REF), atol=5e-4, rtol=0)

@@ -6,6 +6,7 @@ the transform, ``log_softmax``, gather the labels, sum over completion tokens pe
 are checked against TRL and hand formulas in test_losses*.py). Loss, metrics and the gradients of
 hidden, weight and bias must agree.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -93,7 +94,7 @@ def make_batch(rows, seed=0, hr=H, dtype=DT):
         p = int(torch.randint(1, 3, (1,), generator=g))
         n = int(torch.randint(1, T - p + 1, (1,), generator=g))
         labels[i, :p] = IGNORE
-        labels[i, p + n:] = IGNORE
+        labels[i, p + n :] = IGNORE
     return hidden, weight, bias, ref_hidden, ref_weight, labels
 
 
@@ -101,8 +102,23 @@ def leaves(*ts):
     return [t.detach().clone().requires_grad_(True) for t in ts]
 
 
-def unfused(name, hp, hidden, weight, bias, ref_hidden, ref_weight, labels, *, ref_bias=None, is_desirable=None,
-            kl=None, offset=None, tf=None, ld_alpha=None):
+def unfused(
+    name,
+    hp,
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    labels,
+    *,
+    ref_bias=None,
+    is_desirable=None,
+    kl=None,
+    offset=None,
+    tf=None,
+    ld_alpha=None,
+):
     tf = tf or {}
     spec = LOSSES[name]
     lp, full = naive_token_logps(hidden, weight, bias, labels, **tf)
@@ -111,16 +127,26 @@ def unfused(name, hp, hidden, weight, bias, ref_hidden, ref_weight, labels, *, r
     ref_lp = ref_lp.detach()
     if not spec.paired:
         return preference_loss_and_metrics(
-            name, policy_logps=lp.sum(1), ref_logps=ref_lp.sum(1), is_desirable=is_desirable, kl=kl, **hp)
+            name, policy_logps=lp.sum(1), ref_logps=ref_lp.sum(1), is_desirable=is_desirable, kl=kl, **hp
+        )
     if ld_alpha is None:
         sums, ref_sums, lengths = lp.sum(1), ref_lp.sum(1), mask.sum(1)
         c, r = sums.chunk(2)
         rc, rr = ref_sums.chunk(2)
         lc, lr = lengths.chunk(2)
     else:
-        agg, ragg = aggregate_pair_logps(lp, mask, ld_alpha=ld_alpha), aggregate_pair_logps(ref_lp, mask, ld_alpha=ld_alpha)
-        c, r, rc, rr, lc, lr = agg.chosen_logps, agg.rejected_logps, ragg.chosen_logps, ragg.rejected_logps, \
-            agg.chosen_lengths, agg.rejected_lengths
+        agg, ragg = (
+            aggregate_pair_logps(lp, mask, ld_alpha=ld_alpha),
+            aggregate_pair_logps(ref_lp, mask, ld_alpha=ld_alpha),
+        )
+        c, r, rc, rr, lc, lr = (
+            agg.chosen_logps,
+            agg.rejected_logps,
+            ragg.chosen_logps,
+            ragg.rejected_logps,
+            agg.chosen_lengths,
+            agg.rejected_lengths,
+        )
     nll = -lp[:B].sum() / mask[:B].sum()
     kw = dict(chosen_lengths=lc, rejected_lengths=lr, offset=offset)
     if spec.needs_nll:
@@ -132,8 +158,7 @@ def unfused(name, hp, hidden, weight, bias, ref_hidden, ref_weight, labels, *, r
     return preference_loss_and_metrics(name, c, r, rc, rr, **kw, **hp)
 
 
-def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, shared_head=False, hr=H, seed=0,
-            dtype=DT):
+def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, shared_head=False, hr=H, seed=0, dtype=DT):
     spec = LOSSES[name]
     rows = 2 * B
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(rows, seed=seed, hr=hr, dtype=dtype)
@@ -146,8 +171,9 @@ def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, share
 
     h1, w1, b1 = leaves(hidden, weight, bias)
     module = ek.FusedLinearPreferenceLoss(name, backend=backend, ld_alpha=ld_alpha, **(tf or {}), **hp)
-    ref_kw = {} if spec.reference == "none" else dict(ref_hidden=ref_hidden,
-                                                      ref_weight=None if shared_head else ref_weight)
+    ref_kw = (
+        {} if spec.reference == "none" else dict(ref_hidden=ref_hidden, ref_weight=None if shared_head else ref_weight)
+    )
     out = module(w1, h1, labels, bias=b1, **ref_kw, **extra)
     out.loss.backward()
 
@@ -155,8 +181,9 @@ def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, share
     # a shared head runs the reference through the policy's weight and bias (the unfused path detaches
     # the reference log-probs, so no gradient flows through that pass on either side)
     ref_w, ref_b = (w2, b2) if shared_head else (ref_weight, None)
-    loss2, metrics2 = unfused(name, hp, h2, w2, b2, ref_hidden, ref_w, labels, ref_bias=ref_b, tf=tf,
-                              ld_alpha=ld_alpha, **extra)
+    loss2, metrics2 = unfused(
+        name, hp, h2, w2, b2, ref_hidden, ref_w, labels, ref_bias=ref_b, tf=tf, ld_alpha=ld_alpha, **extra
+    )
     loss2.backward()
 
     torch.testing.assert_close(out.loss, loss2.to(out.loss.dtype), **tol)
@@ -199,8 +226,9 @@ def test_shared_head_reference_is_detached():
     compare("sigmoid", HP["sigmoid"], shared_head=True)
 
 
-@pytest.mark.parametrize("name,hp", [("sigmoid", HP["sigmoid"]), ("expo", dict(lam=0.4, kl_estimator="token")),
-                                     ("kto", HP["kto"])])
+@pytest.mark.parametrize(
+    "name,hp", [("sigmoid", HP["sigmoid"]), ("expo", dict(lam=0.4, kl_estimator="token")), ("kto", HP["kto"])]
+)
 def test_triton_backend_matches_unfused(name, hp):
     if "triton" not in ek.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
         pytest.skip("triton backend unavailable")
@@ -218,9 +246,11 @@ def test_precomputed_reference_equals_reference_pass():
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loss", [ek.FusedLinearDPOLoss(backend="torch"),
-                                  ek.FusedLinearEXPOLoss(lam=0.5, kl_estimator="token", backend="torch")],
-                         ids=["dpo", "expo_token"])
+@pytest.mark.parametrize(
+    "loss",
+    [ek.FusedLinearDPOLoss(backend="torch"), ek.FusedLinearEXPOLoss(lam=0.5, kl_estimator="token", backend="torch")],
+    ids=["dpo", "expo_token"],
+)
 def test_reference_pass_keeps_no_graph(loss):
     """Reference tensors that require grad (a trainer's reference model) get no gradient."""
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=4)
@@ -258,8 +288,9 @@ def test_frozen_head_gets_no_gradient():
 
 def test_token_metrics_match_materialized_logits():
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=6)
-    out = ek.FusedLinearDPOLoss(backend="torch")(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden,
-                                                 ref_weight=ref_weight)
+    out = ek.FusedLinearDPOLoss(backend="torch")(
+        weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight
+    )
     z = hidden @ weight.T + bias
     logp = z.log_softmax(-1)
     mask = labels != IGNORE
@@ -278,13 +309,22 @@ def test_kto_kl_baseline_from_mismatched_rows():
     kh, _, _, rkh, _, kl_labels = make_batch(2 * B, seed=8)
     des = torch.tensor([True, True, False, True, False, False])
     m = ek.FusedLinearKTOLoss(beta=0.3, backend="torch")
-    out = m(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, is_desirable=des,
-            kl_hidden=kh, kl_labels=kl_labels, ref_kl_hidden=rkh)
+    out = m(
+        weight,
+        hidden,
+        labels,
+        bias=bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        is_desirable=des,
+        kl_hidden=kh,
+        kl_labels=kl_labels,
+        ref_kl_hidden=rkh,
+    )
     kl_pol, _ = naive_token_logps(kh, weight, bias, kl_labels)
     kl_ref, _ = naive_token_logps(rkh, ref_weight, None, kl_labels)
     z0 = (kl_pol.sum(1) - kl_ref.sum(1)).mean().clamp(min=0)
-    expect = m(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, is_desirable=des,
-               kl=z0)
+    expect = m(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, is_desirable=des, kl=z0)
     torch.testing.assert_close(out.loss, expect.loss, **TOL)
     torch.testing.assert_close(out.metrics["kl"], z0, **TOL)
 
@@ -293,7 +333,8 @@ def test_use_weighting_matches_unfused_wpo():
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=9)
     h1, w1 = leaves(hidden, weight)
     out = ek.FusedLinearDPOLoss(beta=0.3, use_weighting=True, backend="torch")(
-        w1, h1, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        w1, h1, labels, ref_hidden=ref_hidden, ref_weight=ref_weight
+    )
     out.loss.backward()
     h2, w2 = leaves(hidden, weight)
     lp, full = naive_token_logps(h2, w2, None, labels)
@@ -315,19 +356,26 @@ def test_use_weighting_matches_unfused_wpo():
 def test_mpo_mix_fused():
     hp = dict(beta=0.3)
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=10)
-    m = ek.FusedLinearPreferenceLoss(["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], backend="torch", **hp)
+    m = ek.FusedLinearPreferenceLoss(
+        ["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], backend="torch", **hp
+    )
     out = m(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight)
-    parts = [ek.FusedLinearPreferenceLoss(n, backend="torch", **hp)(
-        weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight).loss
-        for n in ("sigmoid", "bco_pair", "sft")]
+    parts = [
+        ek.FusedLinearPreferenceLoss(n, backend="torch", **hp)(
+            weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight
+        ).loss
+        for n in ("sigmoid", "bco_pair", "sft")
+    ]
     torch.testing.assert_close(out.loss, 0.8 * parts[0] + 0.2 * parts[1] + parts[2], **TOL)
 
 
 def test_presets_are_the_general_module():
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=11)
-    for preset, name, hp in [(ek.FusedLinearDPOLoss, "sigmoid", dict(beta=0.2)),
-                             (ek.FusedLinearSimPOLoss, "simpo", dict(beta=2.0, gamma=0.5)),
-                             (ek.FusedLinearORPOLoss, "orpo", dict(beta=0.1))]:
+    for preset, name, hp in [
+        (ek.FusedLinearDPOLoss, "sigmoid", dict(beta=0.2)),
+        (ek.FusedLinearSimPOLoss, "simpo", dict(beta=2.0, gamma=0.5)),
+        (ek.FusedLinearORPOLoss, "orpo", dict(beta=0.1)),
+    ]:
         assert issubclass(preset, ek.FusedLinearPreferenceLoss)
         ref = {} if LOSSES[name].reference == "none" else dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
         a = preset(backend="torch", **hp)(weight, hidden, labels, **ref)
@@ -374,8 +422,14 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="`ref_hidden` must cover the same tokens"):
         dpo(weight, hidden, labels, ref_hidden=ref_hidden[:, :3])
     with pytest.raises(ValueError, match="not both"):
-        dpo(weight, hidden, labels, ref_hidden=ref_hidden, ref_chosen_logps=torch.zeros(B, dtype=DT),
-            ref_rejected_logps=torch.zeros(B, dtype=DT))
+        dpo(
+            weight,
+            hidden,
+            labels,
+            ref_hidden=ref_hidden,
+            ref_chosen_logps=torch.zeros(B, dtype=DT),
+            ref_rejected_logps=torch.zeros(B, dtype=DT),
+        )
     with pytest.raises(ValueError, match="reference-free"):
         ek.FusedLinearSimPOLoss()(weight, hidden, labels, ref_hidden=ref_hidden)
     with pytest.raises(ValueError, match="kl_estimator='token' needs the reference model's hidden states"):
@@ -383,9 +437,16 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="is_desirable"):
         ek.FusedLinearKTOLoss()(weight, hidden, labels, ref_hidden=ref_hidden, kl=0.0)
     with pytest.raises(ValueError, match="batch of more than 1"):
-        ek.FusedLinearKTOLoss()(weight, hidden[:1], labels[:1], ref_hidden=ref_hidden[:1],
-                                is_desirable=torch.tensor([True]), kl_hidden=hidden[:1], kl_labels=labels[:1],
-                                ref_kl_hidden=ref_hidden[:1])
+        ek.FusedLinearKTOLoss()(
+            weight,
+            hidden[:1],
+            labels[:1],
+            ref_hidden=ref_hidden[:1],
+            is_desirable=torch.tensor([True]),
+            kl_hidden=hidden[:1],
+            kl_labels=labels[:1],
+            ref_kl_hidden=ref_hidden[:1],
+        )
     bad = labels.clone()
     bad[0, -1] = V
     with pytest.raises(ValueError, match="label"):

@@ -20,6 +20,7 @@ float32 5e-5, float16 5e-3, bfloat16 3e-2 (bf16/fp16 gradients are returned in t
 rounded to 2^-8 / 2^-11). ``is_top1`` must agree wherever the reference's label logit is not within
 the tolerance of another maximal logit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import logits64
 
 import expo_kernels as ek
-from reference import logits64
 
 # Set: that many examples for every backend and both ops (the long run). Unset: the CI defaults below.
 EXAMPLES_ENV = os.environ.get("EXPO_FUZZ_EXAMPLES")
@@ -49,8 +50,13 @@ def _settings(backend: str, op: str):
         count = int(EXAMPLES_ENV)
     else:
         count = {"logprobs": 200, "token_kl": 100}[op] // (4 if backend == "triton" else 1)
-    return settings(max_examples=count, deadline=None, derandomize=True, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=count,
+        deadline=None,
+        derandomize=True,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,9 +67,17 @@ def _settings(backend: str, op: str):
 @st.composite
 def cases(draw, backend: str):
     vocab = draw(st.sampled_from(VOCABS))
-    label_dtype = draw(st.sampled_from([d for d in LABEL_DTYPES
-                                        if d in (torch.int64, torch.int32, torch.int16)
-                                        or (d == torch.int8 and vocab <= 128) or (d == torch.uint8 and vocab <= 256)]))
+    label_dtype = draw(
+        st.sampled_from(
+            [
+                d
+                for d in LABEL_DTYPES
+                if d in (torch.int64, torch.int32, torch.int16)
+                or (d == torch.int8 and vocab <= 128)
+                or (d == torch.uint8 and vocab <= 256)
+            ]
+        )
+    )
     dtypes = [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if backend != "triton" else [])
     lead = draw(st.one_of(st.tuples(st.integers(0, 40)), st.tuples(st.integers(1, 3), st.integers(0, 12))))
     ignore_index = draw(st.sampled_from([-100, "inside"]))  # uint8 cannot hold -100: nothing is ignored then
@@ -79,13 +93,17 @@ def cases(draw, backend: str):
         ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
         bias=with_bias,
         masked=with_bias and vocab > 2 and draw(st.booleans()),  # a few -inf bias entries
-        layout=dict(hidden=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
-                    weight=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
-                    bias=draw(st.sampled_from(["contiguous", "strided"])),
-                    labels=draw(st.sampled_from(["contiguous", "strided"]))),
-        transform=dict(temperature=draw(st.sampled_from([1.0, 0.5, 2.3])),
-                       logit_scale=draw(st.sampled_from([None, 0.3, 1.7])),
-                       softcap=draw(st.sampled_from([None, 1.0, 5.0, 30.0]))),
+        layout=dict(
+            hidden=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+            weight=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+            bias=draw(st.sampled_from(["contiguous", "strided"])),
+            labels=draw(st.sampled_from(["contiguous", "strided"])),
+        ),
+        transform=dict(
+            temperature=draw(st.sampled_from([1.0, 0.5, 2.3])),
+            logit_scale=draw(st.sampled_from([None, 0.3, 1.7])),
+            softcap=draw(st.sampled_from([None, 1.0, 5.0, 30.0])),
+        ),
         scale=draw(st.sampled_from([0.5, 2.0, 6.0])),  # logit spread: flat to peaked softmax
         stats=draw(st.booleans()),
         grads=draw(st.sampled_from([("hidden", "weight", "bias"), ("hidden",), ("weight", "bias"), ()])),
@@ -155,8 +173,7 @@ def tiles(backend: str, spec):
         if backend == "triton":
             from expo_kernels.ops import triton_backend
 
-            stack.enter_context(mock.patch.object(triton_backend, "_choose_splits",
-                                                  lambda *a: spec["triton_splits"]))
+            stack.enter_context(mock.patch.object(triton_backend, "_choose_splits", lambda *a: spec["triton_splits"]))
         yield
 
 
@@ -181,8 +198,11 @@ def reference(hidden, weight, bias, labels, ignore_index, transform):
     logp = logq.gather(1, y0[:, None])[:, 0]
     z_label = z.gather(1, y0[:, None])[:, 0]
     others = z.scatter(1, y0[:, None], -math.inf)
-    first_max = torch.where(torch.arange(z.shape[1])[None, :] < y0[:, None], z, -math.inf).amax(1, keepdim=True) \
-        if z.shape[1] else z
+    first_max = (
+        torch.where(torch.arange(z.shape[1])[None, :] < y0[:, None], z, -math.inf).amax(1, keepdim=True)
+        if z.shape[1]
+        else z
+    )
     out = dict(
         logp=torch.where(valid, logp, 0.0),
         lse=torch.logsumexp(z, dim=-1),
@@ -213,9 +233,18 @@ def check_logprobs(backend, spec):
     transform = spec["transform"]
     tol = TOL[spec["dtype"]]
     with tiles(backend, spec):
-        res = ek.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, temperature=transform[
-            "temperature"], logit_scale=transform["logit_scale"], softcap=transform["softcap"],
-            return_stats=spec["stats"], backend=backend)
+        res = ek.linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias,
+            ignore_index=ignore_index,
+            temperature=transform["temperature"],
+            logit_scale=transform["logit_scale"],
+            softcap=transform["softcap"],
+            return_stats=spec["stats"],
+            backend=backend,
+        )
         logp, stats = res if spec["stats"] else (res, None)
         ref, leaves = reference(hidden, weight, bias, labels, ignore_index, transform)
         assert logp.shape == labels.shape
@@ -229,14 +258,17 @@ def check_logprobs(backend, spec):
             top1 = stats.is_top1.reshape(-1)
             decided = ref["top1_margin"] > 10 * tol * (1 + ref["lse"].abs())
             assert torch.equal(top1[decided], ref["is_top1"][decided]), "is_top1 differs from the reference"
-        inputs = [(n, t, r) for n, t, r in zip(("hidden", "weight", "bias"), (hidden, weight, bias), leaves)
-                  if t is not None and t.requires_grad]
+        inputs = [
+            (n, t, r)
+            for n, t, r in zip(("hidden", "weight", "bias"), (hidden, weight, bias), leaves, strict=False)
+            if t is not None and t.requires_grad
+        ]
         if not inputs:
             return
         g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(spec["seed"] + 1), dtype=torch.float64)
         got = torch.autograd.grad((logp.double() * g).sum(), [t for _, t, _ in inputs], allow_unused=True)
     want = torch.autograd.grad((ref["logp"] * g.reshape(-1)).sum(), [r for _, _, r in inputs], allow_unused=True)
-    for (name, t, _), a, b in zip(inputs, got, want):
+    for (name, t, _), a, b in zip(inputs, got, want, strict=False):
         assert a is not None, f"d_{name} is missing"
         assert a.dtype == t.dtype and a.shape == t.shape, f"d_{name}: {a.dtype} {tuple(a.shape)}"
         assert_close(f"d_{name}", a, torch.zeros_like(t, dtype=torch.float64) if b is None else b, tol)
@@ -262,13 +294,23 @@ def check_token_kl(backend, spec):
     gen = torch.Generator().manual_seed(spec["seed"] + 2)
     hr_size = spec["ref_hidden_size"]
     ref_hidden = (torch.randn(hidden.shape[:-1] + (hr_size,), generator=gen, dtype=torch.float64)).to(spec["dtype"])
-    ref_weight = (torch.randn(spec["vocab"], hr_size, generator=gen, dtype=torch.float64) * spec["scale"]
-                  / hr_size**0.5).to(spec["dtype"])
+    ref_weight = (
+        torch.randn(spec["vocab"], hr_size, generator=gen, dtype=torch.float64) * spec["scale"] / hr_size**0.5
+    ).to(spec["dtype"])
     transform = spec["transform"]
     tol = TOL[spec["dtype"]]
     with tiles(backend, spec):
-        kl = ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias, ignore_index=ignore_index,
-                                backend=backend, **transform)
+        kl = ek.linear_token_kl(
+            hidden,
+            weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            bias,
+            ignore_index=ignore_index,
+            backend=backend,
+            **transform,
+        )
         h64, w64, b64 = _leaf64(hidden), _leaf64(weight), _leaf64(bias)
         y = labels.reshape(-1).long()
         valid = y != ignore_index
@@ -278,14 +320,17 @@ def check_token_kl(backend, spec):
         assert kl.shape == labels.shape
         assert torch.all(kl.reshape(-1)[~valid] == 0)
         assert_close("kl", kl.reshape(-1), want, tol)
-        inputs = [(n, t, r) for n, t, r in zip(("hidden", "weight", "bias"), (hidden, weight, bias), (h64, w64, b64))
-                  if t is not None and t.requires_grad]
+        inputs = [
+            (n, t, r)
+            for n, t, r in zip(("hidden", "weight", "bias"), (hidden, weight, bias), (h64, w64, b64), strict=False)
+            if t is not None and t.requires_grad
+        ]
         if not inputs:
             return
         g = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
         got = torch.autograd.grad((kl.double() * g).sum(), [t for _, t, _ in inputs], allow_unused=True)
     ref_grads = torch.autograd.grad((want * g.reshape(-1)).sum(), [r for _, _, r in inputs], allow_unused=True)
-    for (name, t, _), a, b in zip(inputs, got, ref_grads):
+    for (name, t, _), a, b in zip(inputs, got, ref_grads, strict=False):
         assert a is not None and a.dtype == t.dtype, f"d_{name}"
         assert_close(f"d_{name}", a, torch.zeros_like(t, dtype=torch.float64) if b is None else b, tol)
 

@@ -1,12 +1,12 @@
 """Bad input gets a ValueError/TypeError that names the argument and what was expected."""
+
 import math
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import expo_kernels as ek
-
-from conftest import DEVICE
 
 BACKENDS = ek.available_backends(DEVICE)
 
@@ -124,8 +124,12 @@ KL_CASES = [
     ("ref vocab differs", dict(ref_weight=torch.randn(21, 6)), ValueError, "ref_weight must have the policy's vocab"),
     ("ref hidden size", dict(ref_weight=torch.randn(20, 5)), ValueError, r"H = ref_hidden.shape\[-1\] = 6"),
     ("ref tokens differ", dict(ref_hidden=torch.randn(2, 4, 6)), ValueError, "labels must have shape ref_hidden"),
-    ("ref dtype", dict(ref_hidden=torch.randn(2, 3, 6, dtype=torch.float64),
-                       ref_weight=torch.randn(20, 6, dtype=torch.float64)), TypeError, "ref_hidden.dtype"),
+    (
+        "ref dtype",
+        dict(ref_hidden=torch.randn(2, 3, 6, dtype=torch.float64), ref_weight=torch.randn(20, 6, dtype=torch.float64)),
+        TypeError,
+        "ref_hidden.dtype",
+    ),
     ("ref_bias shape", dict(ref_bias=torch.randn(19)), ValueError, r"ref_bias must have shape \[V\]"),
     ("bias dtype", dict(bias=torch.randn(20, dtype=torch.float64)), TypeError, "bias.dtype"),
     ("labels float", dict(labels=torch.zeros(2, 3)), TypeError, "labels must be an integer tensor"),

@@ -6,6 +6,7 @@ compare two different bf16 roundings). Logged losses and metrics, and the update
 agree with TRL's native path (which runs TRL's chunked LM head) within ``RTOL`` / ``PARAM_TOL``.
 EXPO, which TRL lacks, is compared with a trainer that materializes the logits.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,15 @@ from expo_kernels.losses import preference_loss  # noqa: E402
 
 RTOL = 2e-5  # logged values (fp32 model; the two heads tile the vocabulary differently)
 PARAM_TOL = 1e-5  # max |difference| of any parameter after the steps
-_SKIP_LOG = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "epoch", "step",
-             "learning_rate"}
+_SKIP_LOG = {
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "total_flos",
+    "epoch",
+    "step",
+    "learning_rate",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -54,37 +62,73 @@ def tokenizer():
 
 
 TOK = tokenizer()
-PAIRS = Dataset.from_dict({
-    "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
-    "chosen": [" all good", " hi there", " one two", " blue", " up", " yes", " going", " because"],
-    "rejected": [" no", " go away", " zero", " the sky is a color", " down", " no way", " stop", " dunno"],
-})
-UNPAIRED = Dataset.from_dict({
-    "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
-    "completion": [" all good", " go away", " one two", " the sky", " up", " no way", " going", " dunno"],
-    "label": [True, False, True, False, True, False, True, False],
-})
+PAIRS = Dataset.from_dict(
+    {
+        "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
+        "chosen": [" all good", " hi there", " one two", " blue", " up", " yes", " going", " because"],
+        "rejected": [" no", " go away", " zero", " the sky is a color", " down", " no way", " stop", " dunno"],
+    }
+)
+UNPAIRED = Dataset.from_dict(
+    {
+        "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
+        "completion": [" all good", " go away", " one two", " the sky", " up", " no way", " going", " dunno"],
+        "label": [True, False, True, False, True, False, True, False],
+    }
+)
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def gemma2():
-    cfg = transformers.Gemma2Config(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                    max_position_embeddings=64, final_logit_softcapping=2.0,
-                                    pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return transformers.Gemma2ForCausalLM(cfg)
 
 
 def dpo_args(**kw):
-    base = dict(output_dir="/tmp/expo_kernels_test_dpo", per_device_train_batch_size=4, max_steps=3,
-                learning_rate=0.1, optim="sgd", logging_steps=1, report_to=[], seed=0, save_strategy="no",
-                use_cpu=True, bf16=False, beta=0.1, disable_tqdm=True, gradient_checkpointing=False)
+    base = dict(
+        output_dir="/tmp/expo_kernels_test_dpo",
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=0.1,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        beta=0.1,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
     base.update(kw)
     return DPOConfig(**base)
 
@@ -94,8 +138,15 @@ def run(trainer_cls, make_model=llama, *, ref=True, peft_config=None, switch=Fal
     model = make_model()
     torch.manual_seed(1)  # a reference unlike the policy: rewards are not ties at the first step
     ref_model = make_model() if ref else None
-    tr = trainer_cls(model=model, ref_model=ref_model, args=dpo_args(**cfg), train_dataset=PAIRS,
-                     processing_class=TOK, peft_config=peft_config, **(trainer_kw or {}))
+    tr = trainer_cls(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_args(**cfg),
+        train_dataset=PAIRS,
+        processing_class=TOK,
+        peft_config=peft_config,
+        **(trainer_kw or {}),
+    )
     if switch:
         enable_fused_lm_head(tr)
     tr.train()
@@ -107,7 +158,7 @@ def run(trainer_cls, make_model=llama, *, ref=True, peft_config=None, switch=Fal
 def assert_runs_match(a, b, rtol=RTOL, param_tol=PARAM_TOL):
     (logs_a, params_a), (logs_b, params_b) = a, b
     assert len(logs_a) == len(logs_b) == 3
-    for la, lb in zip(logs_a, logs_b):
+    for la, lb in zip(logs_a, logs_b, strict=False):
         missing = set(la) - set(lb)
         assert not missing, f"metrics missing from ours: {missing}"
         for k in la:
@@ -118,13 +169,17 @@ def assert_runs_match(a, b, rtol=RTOL, param_tol=PARAM_TOL):
 
 
 # ---------------------------------------------------------------------------------------------- DPO
-@pytest.mark.parametrize("cfg", [
-    dict(loss_type=["sigmoid"]),
-    dict(loss_type=["ipo"], beta=0.5),
-    dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 0.5]),
-    dict(loss_type=["sigmoid"], ld_alpha=0.5, use_weighting=True),
-    dict(loss_type=["robust"], label_smoothing=0.1, f_divergence_type="js_divergence"),
-], ids=["sigmoid", "ipo", "mix_sft", "ld_alpha_wpo", "robust_js"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(loss_type=["sigmoid"]),
+        dict(loss_type=["ipo"], beta=0.5),
+        dict(loss_type=["sigmoid", "sft"], loss_weights=[0.8, 0.5]),
+        dict(loss_type=["sigmoid"], ld_alpha=0.5, use_weighting=True),
+        dict(loss_type=["robust"], label_smoothing=0.1, f_divergence_type="js_divergence"),
+    ],
+    ids=["sigmoid", "ipo", "mix_sft", "ld_alpha_wpo", "robust_js"],
+)
 def test_dpo_matches_trl(cfg):
     assert_runs_match(run(DPOTrainer, **cfg), run(FusedDPOTrainer, **cfg))
 
@@ -186,10 +241,14 @@ class PlainLogitsEXPOTrainer(DPOTrainer):
 @pytest.mark.parametrize("make_model", [llama, gemma2], ids=["llama", "gemma2"])
 def test_expo_token_kl_matches_materialized_logits(make_model):
     a = run(PlainLogitsEXPOTrainer, make_model, loss_type=["sigmoid"])
-    b = run(FusedDPOTrainer, make_model, loss_type=["expo"],
-            trainer_kw=dict(loss_kwargs={"lam": PlainLogitsEXPOTrainer.lam, "kl_estimator": "token"}))
+    b = run(
+        FusedDPOTrainer,
+        make_model,
+        loss_type=["expo"],
+        trainer_kw=dict(loss_kwargs={"lam": PlainLogitsEXPOTrainer.lam, "kl_estimator": "token"}),
+    )
     la, lb = a[0], b[0]
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=False):
         assert y["loss"] == pytest.approx(x["loss"], rel=RTOL)
         assert "kl" in y and "bt_loss" in y and "rewards/margins" in y
     worst = max((a[1][k] - b[1][k]).abs().max().item() for k in a[1])
@@ -199,8 +258,13 @@ def test_expo_token_kl_matches_materialized_logits(make_model):
 def test_expo_with_lora_reference_is_the_base_model():
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    logs, _ = run(FusedDPOTrainer, ref=False, peft_config=lora, loss_type=["expo"],
-                  trainer_kw=dict(loss_kwargs={"lam": 1.0, "kl_estimator": "token"}))
+    logs, _ = run(
+        FusedDPOTrainer,
+        ref=False,
+        peft_config=lora,
+        loss_type=["expo"],
+        trainer_kw=dict(loss_kwargs={"lam": 1.0, "kl_estimator": "token"}),
+    )
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA adapter (B = 0) equals the base model
     assert logs[-1]["kl"] > 0
 
@@ -212,9 +276,21 @@ def test_kto_matches_trl():
         model = llama()
         torch.manual_seed(1)
         ref = llama()
-        args = KTOConfig(output_dir="/tmp/expo_kernels_test_kto", per_device_train_batch_size=4, max_steps=3,
-                         learning_rate=0.1, optim="sgd", logging_steps=1, report_to=[], seed=0, save_strategy="no",
-                         use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False)
+        args = KTOConfig(
+            output_dir="/tmp/expo_kernels_test_kto",
+            per_device_train_batch_size=4,
+            max_steps=3,
+            learning_rate=0.1,
+            optim="sgd",
+            logging_steps=1,
+            report_to=[],
+            seed=0,
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            gradient_checkpointing=False,
+        )
         tr = cls(model=model, ref_model=ref, args=args, train_dataset=UNPAIRED, processing_class=TOK)
         tr.train()
         logs = [{k: v for k, v in e.items() if k not in _SKIP_LOG} for e in tr.state.log_history if "loss" in e]
@@ -228,8 +304,12 @@ def test_unsupported_configurations_fail_at_construction():
     with pytest.raises(ValueError, match="neither a TRL DPO loss type"):
         run(FusedDPOTrainer, loss_type=["sigmoidd"])
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
-        run(FusedDPOTrainer, loss_type=["expo"], precompute_ref_log_probs=True,
-            trainer_kw=dict(loss_kwargs={"lam": 0.1, "kl_estimator": "token"}))
+        run(
+            FusedDPOTrainer,
+            loss_type=["expo"],
+            precompute_ref_log_probs=True,
+            trainer_kw=dict(loss_kwargs={"lam": 0.1, "kl_estimator": "token"}),
+        )
     with pytest.raises(ValueError, match="lam"):
         run(FusedDPOTrainer, loss_type=["expo"])
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -274,13 +354,16 @@ def test_fused_forward_matches_model_logits(make_model):
     lab = labels[:, 1:]
     mask = lab != -100
     logp = logits.log_softmax(-1)
-    want = torch.where(mask, logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1), torch.zeros_like(mask, dtype=torch.float64))
+    want = torch.where(
+        mask, logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1), torch.zeros_like(mask, dtype=torch.float64)
+    )
     torch.testing.assert_close(out.log_probs.double(), want, rtol=1e-5, atol=1e-5)
     ent = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(out.entropy.double()[mask], ent[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.mean_logits.double()[mask], logits.mean(-1)[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.log_sum_sq_probs.double()[mask], torch.logsumexp(2 * logp, -1)[mask], rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        out.log_sum_sq_probs.double()[mask], torch.logsumexp(2 * logp, -1)[mask], rtol=1e-5, atol=1e-5
+    )
     assert torch.equal(out.is_top1[mask], (logits.argmax(-1) == lab)[mask])
     assert out.loss.item() == pytest.approx(-want[mask].mean().item(), rel=1e-5)
 
@@ -289,9 +372,22 @@ def test_fused_forward_matches_model_logits(make_model):
 def _run_logits_trainer(cls, config_cls, make_model=llama, **cfg):
     torch.manual_seed(0)
     model = make_model()
-    base = dict(output_dir="/tmp/expo_kernels_test_cpo", per_device_train_batch_size=4, max_steps=3,
-                learning_rate=0.1, optim="sgd", logging_steps=1, report_to=[], seed=0, save_strategy="no",
-                use_cpu=True, bf16=False, disable_tqdm=True, gradient_checkpointing=False, max_length=64)
+    base = dict(
+        output_dir="/tmp/expo_kernels_test_cpo",
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=0.1,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        max_length=64,
+    )
     base.update(cfg)
     tr = cls(model=model, args=config_cls(**base), train_dataset=PAIRS, processing_class=TOK)
     tr.train()
@@ -299,15 +395,19 @@ def _run_logits_trainer(cls, config_cls, make_model=llama, **cfg):
     return logs, {k: p.detach().clone() for k, p in tr.model.named_parameters()}
 
 
-@pytest.mark.parametrize("cfg", [dict(loss_type="sigmoid", cpo_alpha=1.0), dict(loss_type="simpo", cpo_alpha=0.0),
-                                 dict(loss_type="ipo")], ids=["cpo", "simpo", "ipo"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(loss_type="sigmoid", cpo_alpha=1.0), dict(loss_type="simpo", cpo_alpha=0.0), dict(loss_type="ipo")],
+    ids=["cpo", "simpo", "ipo"],
+)
 def test_cpo_family_matches_trl(cfg):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     from expo_kernels.integrations.trl import FusedCPOTrainer
 
-    assert_runs_match(_run_logits_trainer(CPOTrainer, CPOConfig, **cfg),
-                      _run_logits_trainer(FusedCPOTrainer, CPOConfig, **cfg))
+    assert_runs_match(
+        _run_logits_trainer(CPOTrainer, CPOConfig, **cfg), _run_logits_trainer(FusedCPOTrainer, CPOConfig, **cfg)
+    )
 
 
 @pytest.mark.parametrize("make_model", [llama, gemma2], ids=["llama", "gemma2"])
@@ -316,5 +416,7 @@ def test_orpo_matches_trl(make_model):
 
     from expo_kernels.integrations.trl import FusedORPOTrainer
 
-    assert_runs_match(_run_logits_trainer(ORPOTrainer, ORPOConfig, make_model),
-                      _run_logits_trainer(FusedORPOTrainer, ORPOConfig, make_model))
+    assert_runs_match(
+        _run_logits_trainer(ORPOTrainer, ORPOConfig, make_model),
+        _run_logits_trainer(FusedORPOTrainer, ORPOConfig, make_model),
+    )

@@ -1,6 +1,7 @@
 """Triton backward switches (``expo_kernels.kernel_options``, deterministic mode), in the interpreter
 without a GPU: exact mode is exact, filtering drops exactly the tiles it should, deterministic mode
 is the chunked-GEMM schedule."""
+
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ PLAIN = LogitTransform(1.0, None, 1.0)
 def _inputs(seed=0, spread=6.0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * spread / H ** 0.5  # peaked softmax
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * spread / H**0.5  # peaked softmax
     labels = torch.randint(0, V, (N,), generator=g)
     grad = torch.randn(N, generator=g, dtype=torch.float64)
     return [t.to(DEVICE) for t in (hidden, weight, labels, grad)]
@@ -38,7 +39,7 @@ def test_exact_mode_is_the_default_and_equals_the_reference():
     ref = torch_backend.backward(grad, hidden, weight, None, labels, lse, PLAIN, True, True, False)
     with ek.kernel_options(grad_filter_eps=None):
         got = _backward(hidden, weight, labels, grad, lse)
-    for a, b in zip(got[:2], ref[:2]):
+    for a, b in zip(got[:2], ref[:2], strict=False):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
@@ -74,11 +75,13 @@ def test_filter_on_token_kl():
     hidden, weight, labels, grad = _inputs(seed=1, spread=20.0)
     ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
     kl, lse_p, lse_r = ops.token_kl_forward(torch_backend, hidden, weight, None, ref_hidden, weight, None, PLAIN)
-    exact = torch_backend.token_kl_backward(grad, hidden, weight, None, ref_hidden, weight, None, lse_p, lse_r,
-                                            PLAIN, True, False, False)[0]
+    exact = torch_backend.token_kl_backward(
+        grad, hidden, weight, None, ref_hidden, weight, None, lse_p, lse_r, PLAIN, True, False, False
+    )[0]
     with ek.kernel_options(grad_filter_eps=1e-2):
-        got = triton_backend.token_kl_backward(grad, hidden, weight, None, ref_hidden, weight, None, lse_p, lse_r,
-                                               PLAIN, True, False, False)[0]
+        got = triton_backend.token_kl_backward(
+            grad, hidden, weight, None, ref_hidden, weight, None, lse_p, lse_r, PLAIN, True, False, False
+        )[0]
     bound = 1e-2 * grad.abs()[:, None] * weight.abs().sum(0)[None, :]
     assert ((got - exact).abs() <= bound + 1e-12).all()
     assert not torch.equal(got, exact)  # some tiles were skipped
@@ -95,7 +98,7 @@ def test_deterministic_mode_runs_the_chunked_schedule():
         again = _backward(hidden, weight, labels, grad, lse)
     finally:
         torch.use_deterministic_algorithms(was)
-    for a, b, c in zip(got[:2], ref[:2], again[:2]):
+    for a, b, c in zip(got[:2], ref[:2], again[:2], strict=False):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 

@@ -7,19 +7,19 @@ inputs round the outputs (gradients are returned in the input dtype) so we allow
 to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32/fp64 only
 (bf16 arithmetic is wrong in the interpreter, docs/design.md, "Testing Triton without a GPU"); a GPU runs it in bf16 too.
 """
+
 import pytest
 import torch
+from conftest import DEVICE
+from reference import reference_logprobs, reference_stats
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import expo_kernels as ek
-from expo_kernels._dispatch import backend_module as _backend_module, resolve_backend
 from expo_kernels import ops
-from expo_kernels.ops import LogitTransform
-from expo_kernels.ops import torch_backend
-
-from conftest import DEVICE
-from reference import reference_logprobs, reference_stats
+from expo_kernels._dispatch import backend_module as _backend_module
+from expo_kernels._dispatch import resolve_backend
+from expo_kernels.ops import LogitTransform, torch_backend
 
 BACKENDS = ek.available_backends(DEVICE)
 ON_GPU = DEVICE.type == "cuda"
@@ -65,7 +65,7 @@ def check_against_reference(backend, n, h, v, dtype, transform, *, bias, tol):
     torch.testing.assert_close(logp.double(), ref, rtol=tol, atol=tol)
     got = grads_of(logp, (hidden, weight, b), g)
     want = grads_of(ref, (hidden, weight, b), g)
-    for name, x, y in zip(("hidden", "weight", "bias"), got, want):
+    for name, x, y in zip(("hidden", "weight", "bias"), got, want, strict=False):
         assert x.dtype == dtype
         assert rel_err(x, y) < tol, f"d_{name}: relative error {rel_err(x, y):.2e} > {tol}"
 
@@ -261,8 +261,18 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     transform = LogitTransform(2.0, 4.0, 0.9)
     with LargestTensor() as rec:
         out = ops.forward(module, hidden.detach(), weight.detach(), b.detach(), labels, transform, True)
-        module.backward(torch.ones(n, device=DEVICE), hidden.detach(), weight.detach(), b.detach(), labels,
-                        out.lse, transform, True, True, True)
+        module.backward(
+            torch.ones(n, device=DEVICE),
+            hidden.detach(),
+            weight.detach(),
+            b.detach(),
+            labels,
+            out.lse,
+            transform,
+            True,
+            True,
+            True,
+        )
         # ... and the public op end to end (the registered op is opaque to the mode, so its
         # internals are covered by the two calls above).
         ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)[0].sum().backward()
@@ -285,15 +295,16 @@ def test_torch_compile(backend):
     out = compiled(hidden, weight)
     grads = torch.autograd.grad(out, (hidden, weight))
     torch.testing.assert_close(out, eager)
-    for a, b in zip(grads, eager_grads):
+    for a, b in zip(grads, eager_grads, strict=False):
         torch.testing.assert_close(a, b)
 
 
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("EXPO_KERNELS_BACKEND", raising=False)
     # CPU default: the native C++ backend when it is built, else the chunked torch backend.
-    assert resolve_backend(None, torch.device("cpu")) == ("native" if "native" in
-                                                          ek.available_backends("cpu") else "torch")
+    assert resolve_backend(None, torch.device("cpu")) == (
+        "native" if "native" in ek.available_backends("cpu") else "torch"
+    )
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "torch")
     assert resolve_backend(None, DEVICE) == "torch"
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "cuda-magic")

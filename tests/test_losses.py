@@ -1,5 +1,6 @@
 """expo_kernels.losses against hand-written float64 formulas (docs/design.md, "Losses"), independent of TRL,
 plus reductions, dtypes, gradients (gradcheck), metrics, aggregation and EXPO's population properties."""
+
 from __future__ import annotations
 
 import math
@@ -49,15 +50,20 @@ def _nll(c, lc):
 
 
 def _fmap(u, kind, a=0.5):  # DESIGN's f-divergence maps (constants dropped)
-    return {"reverse_kl": u, "forward_kl": -torch.exp(-u), "js_divergence": ls(u),
-            "alpha_divergence": torch.exp((a - 1) * u) / (a - 1)}[kind]
+    return {
+        "reverse_kl": u,
+        "forward_kl": -torch.exp(-u),
+        "js_divergence": ls(u),
+        "alpha_divergence": torch.exp((a - 1) * u) / (a - 1),
+    }[kind]
 
 
 def _fmap_const(kind, a=0.5):
     """The constant TRL's maps f'(exp(u)) add to DESIGN's: it cancels in chosen - rejected, but not once
     the two scores are divided by different lengths (ipo, sigmoid_norm)."""
-    return {"reverse_kl": 0.0, "forward_kl": 1.0, "js_divergence": math.log(2.0),
-            "alpha_divergence": -1.0 / (a - 1)}[kind]
+    return {"reverse_kl": 0.0, "forward_kl": 1.0, "js_divergence": math.log(2.0), "alpha_divergence": -1.0 / (a - 1)}[
+        kind
+    ]
 
 
 def _logodds(a):
@@ -65,48 +71,86 @@ def _logodds(a):
 
 
 HAND = {
-    "sigmoid": (dict(beta=0.4, label_smoothing=0.15),
-                lambda c, r, cr, rr, lc, lr, beta, label_smoothing: -(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
-                - label_smoothing * ls(-beta * ((c - cr) - (r - rr)))),
-    "robust": (dict(beta=0.4, label_smoothing=0.2),
-               lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (-(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
-                                                                    + label_smoothing * ls(-beta * ((c - cr) - (r - rr))))
-               / (1 - 2 * label_smoothing)),
+    "sigmoid": (
+        dict(beta=0.4, label_smoothing=0.15),
+        lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (
+            -(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
+            - label_smoothing * ls(-beta * ((c - cr) - (r - rr)))
+        ),
+    ),
+    "robust": (
+        dict(beta=0.4, label_smoothing=0.2),
+        lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (
+            (
+                -(1 - label_smoothing) * ls(beta * ((c - cr) - (r - rr)))
+                + label_smoothing * ls(-beta * ((c - cr) - (r - rr)))
+            )
+            / (1 - 2 * label_smoothing)
+        ),
+    ),
     "hinge": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: torch.clamp(1 - beta * ((c - cr) - (r - rr)), min=0)),
     "ipo": (dict(beta=0.2), lambda c, r, cr, rr, lc, lr, beta: ((c - cr) / lc - (r - rr) / lr - 1 / (2 * beta)) ** 2),
-    "exo_pair": (dict(beta=0.5, label_smoothing=0.01),
-                 lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (
-                     lambda q: q * (torch.log(q) - math.log(1 - label_smoothing))
-                     + (1 - q) * (torch.log(1 - q) - math.log(label_smoothing)))(sig(beta * ((c - cr) - (r - rr))))),
-    "nca_pair": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: -ls(beta * (c - cr)) - 0.5 * ls(-beta * (c - cr))
-                 - 0.5 * ls(-beta * (r - rr))),
-    "bco_pair": (dict(beta=0.3, delta=0.2), lambda c, r, cr, rr, lc, lr, beta, delta: -ls(beta * (c - cr) - delta)
-                 - ls(-(beta * (r - rr) - delta))),
-    "sppo_hard": (dict(beta=0.7), lambda c, r, cr, rr, lc, lr, beta: ((c - cr) - 1 / (2 * beta)) ** 2
-                  + ((r - rr) + 1 / (2 * beta)) ** 2),
+    "exo_pair": (
+        dict(beta=0.5, label_smoothing=0.01),
+        lambda c, r, cr, rr, lc, lr, beta, label_smoothing: (
+            lambda q: (
+                q * (torch.log(q) - math.log(1 - label_smoothing))
+                + (1 - q) * (torch.log(1 - q) - math.log(label_smoothing))
+            )
+        )(sig(beta * ((c - cr) - (r - rr)))),
+    ),
+    "nca_pair": (
+        dict(beta=0.3),
+        lambda c, r, cr, rr, lc, lr, beta: (
+            -ls(beta * (c - cr)) - 0.5 * ls(-beta * (c - cr)) - 0.5 * ls(-beta * (r - rr))
+        ),
+    ),
+    "bco_pair": (
+        dict(beta=0.3, delta=0.2),
+        lambda c, r, cr, rr, lc, lr, beta, delta: -ls(beta * (c - cr) - delta) - ls(-(beta * (r - rr) - delta)),
+    ),
+    "sppo_hard": (
+        dict(beta=0.7),
+        lambda c, r, cr, rr, lc, lr, beta: ((c - cr) - 1 / (2 * beta)) ** 2 + ((r - rr) + 1 / (2 * beta)) ** 2,
+    ),
     "apo_zero": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: (1 - sig(beta * (c - cr))) + sig(beta * (r - rr))),
-    "apo_down": (dict(beta=0.3), lambda c, r, cr, rr, lc, lr, beta: sig(beta * (c - cr))
-                 + (1 - sig(beta * ((c - cr) - (r - rr))))),
-    "discopop": (dict(beta=0.2, discopop_tau=0.3),
-                 lambda c, r, cr, rr, lc, lr, beta, discopop_tau: (
-                     lambda z: (1 - sig(z / discopop_tau)) * (-ls(z)) + sig(z / discopop_tau) * torch.exp(-z))(
-                     beta * ((c - cr) - (r - rr)))),
+    "apo_down": (
+        dict(beta=0.3),
+        lambda c, r, cr, rr, lc, lr, beta: sig(beta * (c - cr)) + (1 - sig(beta * ((c - cr) - (r - rr)))),
+    ),
+    "discopop": (
+        dict(beta=0.2, discopop_tau=0.3),
+        lambda c, r, cr, rr, lc, lr, beta, discopop_tau: (
+            lambda z: (1 - sig(z / discopop_tau)) * (-ls(z)) + sig(z / discopop_tau) * torch.exp(-z)
+        )(beta * ((c - cr) - (r - rr))),
+    ),
     "sigmoid_norm": (dict(beta=0.9), lambda c, r, cr, rr, lc, lr, beta: -ls(beta * ((c - cr) / lc - (r - rr) / lr))),
     "sft": (dict(), lambda c, r, cr, rr, lc, lr: _nll(c, lc).expand(c.shape[0])),
-    "rpo": (dict(beta=0.3, rpo_alpha=0.7), lambda c, r, cr, rr, lc, lr, beta, rpo_alpha:
-            -ls(beta * ((c - cr) - (r - rr))) + rpo_alpha * _nll(c, lc)),
-    "simpo": (dict(beta=2.0, gamma=0.8), lambda c, r, cr, rr, lc, lr, beta, gamma: -ls(beta * (c / lc - r / lr) - gamma)),
-    "cpo": (dict(beta=0.2, cpo_alpha=0.6), lambda c, r, cr, rr, lc, lr, beta, cpo_alpha: -ls(beta * (c - r))
-            + cpo_alpha * _nll(c, lc)),
+    "rpo": (
+        dict(beta=0.3, rpo_alpha=0.7),
+        lambda c, r, cr, rr, lc, lr, beta, rpo_alpha: -ls(beta * ((c - cr) - (r - rr))) + rpo_alpha * _nll(c, lc),
+    ),
+    "simpo": (
+        dict(beta=2.0, gamma=0.8),
+        lambda c, r, cr, rr, lc, lr, beta, gamma: -ls(beta * (c / lc - r / lr) - gamma),
+    ),
+    "cpo": (
+        dict(beta=0.2, cpo_alpha=0.6),
+        lambda c, r, cr, rr, lc, lr, beta, cpo_alpha: -ls(beta * (c - r)) + cpo_alpha * _nll(c, lc),
+    ),
     # AlphaPO paper (arXiv 2501.03884): reward -(1/alpha) (exp(-alpha * avg_logp) - 1), SimPO margin gamma
-    "alphapo": (dict(beta=2.5, gamma=0.3, alpha=0.4), lambda c, r, cr, rr, lc, lr, beta, gamma, alpha:
-                -ls(beta * (-(torch.exp(-alpha * c / lc) - 1) / alpha + (torch.exp(-alpha * r / lr) - 1) / alpha)
-                    - gamma)),
-    "orpo": (dict(beta=0.25), lambda c, r, cr, rr, lc, lr, beta: _nll(c, lc)
-             - beta * ls(_logodds(c / lc) - _logodds(r / lr))),
+    "alphapo": (
+        dict(beta=2.5, gamma=0.3, alpha=0.4),
+        lambda c, r, cr, rr, lc, lr, beta, gamma, alpha: (
+            -ls(beta * (-(torch.exp(-alpha * c / lc) - 1) / alpha + (torch.exp(-alpha * r / lr) - 1) / alpha) - gamma)
+        ),
+    ),
+    "orpo": (
+        dict(beta=0.25),
+        lambda c, r, cr, rr, lc, lr, beta: _nll(c, lc) - beta * ls(_logodds(c / lc) - _logodds(r / lr)),
+    ),
     "odpo": (dict(beta=0.3, alpha=0.5), None),  # needs `offset`: own test below
-    "expo": (dict(lam=0.3), lambda c, r, cr, rr, lc, lr, lam: F.softplus(-(c - r))
-             + lam * 0.5 * ((cr - c) + (rr - r))),
+    "expo": (dict(lam=0.3), lambda c, r, cr, rr, lc, lr, lam: F.softplus(-(c - r)) + lam * 0.5 * ((cr - c) + (rr - r))),
 }
 
 
@@ -121,7 +165,7 @@ def test_loss_matches_hand_formula(name):
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-13)
     g_ours = torch.autograd.grad(ours, (c, r, cr, rr), allow_unused=True)
     g_ref = torch.autograd.grad(expected, (c, r, cr, rr), allow_unused=True)
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=False):
         if a is None or b is None:
             assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
         else:
@@ -137,8 +181,9 @@ def test_aot_hand_formula(name):
     else:
         d = torch.sort(c - cr).values - torch.sort(r - rr).values
     expected = (-(1 - eps) * ls(beta * d) - eps * ls(-beta * d)).mean()
-    torch.testing.assert_close(preference_loss(name, c, r, cr, rr, beta=beta, label_smoothing=eps), expected,
-                               rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(
+        preference_loss(name, c, r, cr, rr, beta=beta, label_smoothing=eps), expected, rtol=1e-12, atol=1e-13
+    )
 
 
 def test_odpo_hand_formula_and_offset_forms():
@@ -149,8 +194,10 @@ def test_odpo_hand_formula_and_offset_forms():
     got = preference_loss("odpo", c, r, cr, rr, offset=offset, beta=beta, alpha=alpha, reduction="none")
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
     # a scalar offset is broadcast; offset 0 is DPO
-    torch.testing.assert_close(preference_loss("odpo", c, r, cr, rr, offset=0.0, beta=beta),
-                               preference_loss("sigmoid", c, r, cr, rr, beta=beta))
+    torch.testing.assert_close(
+        preference_loss("odpo", c, r, cr, rr, offset=0.0, beta=beta),
+        preference_loss("sigmoid", c, r, cr, rr, beta=beta),
+    )
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
@@ -183,12 +230,15 @@ def test_f_divergence_matches_design_maps(kind, name):
 
 def test_reverse_kl_is_default_and_identity():
     (c, r, cr, rr), _, _ = _inputs(seed=6)
-    torch.testing.assert_close(preference_loss("sigmoid", c, r, cr, rr, f_divergence_type="reverse_kl"),
-                               preference_loss("sigmoid", c, r, cr, rr))
+    torch.testing.assert_close(
+        preference_loss("sigmoid", c, r, cr, rr, f_divergence_type="reverse_kl"),
+        preference_loss("sigmoid", c, r, cr, rr),
+    )
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"aot", "aot_unpaired", "kto", "apo_zero_unpaired", "sft", "rpo",
-                                                          "cpo", "orpo"}))
+@pytest.mark.parametrize(
+    "name", sorted(set(LOSSES) - {"aot", "aot_unpaired", "kto", "apo_zero_unpaired", "sft", "rpo", "cpo", "orpo"})
+)
 def test_reductions_consistent(name):
     (c, r, cr, rr), lc, lr = _inputs(seed=7)
     kw = dict(chosen_lengths=lc, rejected_lengths=lr, **{k: v for k, v in HAND.get(name, ({}, None))[0].items()})
@@ -211,13 +261,21 @@ def test_reductions_consistent(name):
 def test_nll_losses_per_pair_with_explicit_chosen_nll(name):
     (c, r, cr, rr), lc, lr = _inputs(seed=8)
     nll = -c / lc.to(DT)
-    per = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, chosen_nll=nll,
-                          reduction="none")
+    per = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, chosen_nll=nll, reduction="none")
     assert per.shape == (B,)
     # the NLL part of pair i is nll_i (times its weight)
     w = {"sft": 1.0, "cpo": 1.0, "orpo": 1.0, "rpo": 1.0}[name]
-    base = preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr,
-                           chosen_nll=torch.zeros(B, dtype=DT), reduction="none")
+    base = preference_loss(
+        name,
+        c,
+        r,
+        cr,
+        rr,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        chosen_nll=torch.zeros(B, dtype=DT),
+        reduction="none",
+    )
     torch.testing.assert_close(per - base, w * nll)
 
 
@@ -233,17 +291,31 @@ def test_dtype_preserved(dtype, name):
     assert c.grad is not None and c.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("sigmoid", dict(label_smoothing=0.1)), ("ipo", {}), ("exo_pair", {}), ("simpo", {}), ("orpo", {}),
-    ("cpo", dict(cpo_loss_type="simpo", alpha=0.3)), ("kto", dict(kl=0.05)), ("expo", dict(lam=0.5)),
-    ("expo", dict(lam=0.5, kl_estimator="pair")), ("aot_unpaired", {}), ("apo_down", {}),
-])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("sigmoid", dict(label_smoothing=0.1)),
+        ("ipo", {}),
+        ("exo_pair", {}),
+        ("simpo", {}),
+        ("orpo", {}),
+        ("cpo", dict(cpo_loss_type="simpo", alpha=0.3)),
+        ("kto", dict(kl=0.05)),
+        ("expo", dict(lam=0.5)),
+        ("expo", dict(lam=0.5, kl_estimator="pair")),
+        ("aot_unpaired", {}),
+        ("apo_down", {}),
+    ],
+)
 def test_gradcheck(name, kw):
     (c, r, cr, rr), lc, lr = _inputs(seed=10, b=4)
 
     def f(c, r, cr, rr):
-        return preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, beta=0.8, **kw) \
-            if name not in ("expo",) else preference_loss(name, c, r, cr, rr, **kw)
+        return (
+            preference_loss(name, c, r, cr, rr, chosen_lengths=lc, rejected_lengths=lr, beta=0.8, **kw)
+            if name not in ("expo",)
+            else preference_loss(name, c, r, cr, rr, **kw)
+        )
 
     assert torch.autograd.gradcheck(f, (c, r, cr, rr))
 
@@ -255,12 +327,17 @@ def test_mpo_mix_is_weighted_sum():
     (c, r, cr, rr), lc, lr = _inputs(seed=11)
     kw = dict(chosen_lengths=lc, rejected_lengths=lr, beta=0.3)
     mix = preference_loss(["sigmoid", "bco_pair", "sft"], c, r, cr, rr, loss_weights=[0.8, 0.2, 1.0], **kw)
-    parts = (0.8 * preference_loss("sigmoid", c, r, cr, rr, **kw) + 0.2 * preference_loss("bco_pair", c, r, cr, rr, **kw)
-             + preference_loss("sft", c, r, cr, rr, **kw))
+    parts = (
+        0.8 * preference_loss("sigmoid", c, r, cr, rr, **kw)
+        + 0.2 * preference_loss("bco_pair", c, r, cr, rr, **kw)
+        + preference_loss("sft", c, r, cr, rr, **kw)
+    )
     torch.testing.assert_close(mix, parts)
     # default weights are 1
-    torch.testing.assert_close(preference_loss(["sigmoid", "hinge"], c, r, cr, rr, **kw),
-                               preference_loss("sigmoid", c, r, cr, rr, **kw) + preference_loss("hinge", c, r, cr, rr, **kw))
+    torch.testing.assert_close(
+        preference_loss(["sigmoid", "hinge"], c, r, cr, rr, **kw),
+        preference_loss("sigmoid", c, r, cr, rr, **kw) + preference_loss("hinge", c, r, cr, rr, **kw),
+    )
     _, m = preference_loss_and_metrics(["sigmoid", "sft"], c, r, cr, rr, loss_weights=[1, 0.5], **kw)
     assert {"loss/sigmoid", "loss/sft", "nll_loss", "rewards/margins"} <= set(m)
 
@@ -285,9 +362,14 @@ def test_dpo_metrics_are_trl_batch_means():
     beta = 0.25
     _, m = preference_loss_and_metrics("sigmoid", c, r, cr, rr, beta=beta)
     rc, rrw = beta * (c - cr), beta * (r - rr)
-    expected = {"rewards/chosen": rc.mean(), "rewards/rejected": rrw.mean(),
-                "rewards/accuracies": (rc > rrw).to(DT).mean(), "rewards/margins": (rc - rrw).mean(),
-                "logps/chosen": c.mean(), "logps/rejected": r.mean()}
+    expected = {
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rrw.mean(),
+        "rewards/accuracies": (rc > rrw).to(DT).mean(),
+        "rewards/margins": (rc - rrw).mean(),
+        "logps/chosen": c.mean(),
+        "logps/rejected": r.mean(),
+    }
     assert set(m) == set(expected)
     for k, v in expected.items():
         torch.testing.assert_close(m[k], v.detach())
@@ -317,7 +399,9 @@ def test_kto_hand_formula_and_forms():
     h = pol - ref
     expected = torch.where(lab, wd * (1 - sig(beta * (h - z0))), wu * (1 - sig(beta * (z0 - h)))).mean()
     hp = dict(beta=beta, desirable_weight=wd, undesirable_weight=wu)
-    got = preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl_logps=klp, ref_kl_logps=klr, **hp)
+    got = preference_loss(
+        "kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl_logps=klp, ref_kl_logps=klr, **hp
+    )
     torch.testing.assert_close(got, expected)
     got2 = preference_loss("kto", pol[lab], pol[~lab], ref[lab], ref[~lab], kl_logps=klp, ref_kl_logps=klr, **hp)
     torch.testing.assert_close(got2, expected)
@@ -334,8 +418,9 @@ def test_kto_hand_formula_and_forms():
     assert gp.abs().max() > 0
     # apo_zero_unpaired
     exp_apo = torch.where(lab, wd * (1 - sig(beta * h)), wu * sig(beta * h)).mean()
-    torch.testing.assert_close(preference_loss("apo_zero_unpaired", policy_logps=pol, ref_logps=ref,
-                                               is_desirable=lab, **hp), exp_apo)
+    torch.testing.assert_close(
+        preference_loss("apo_zero_unpaired", policy_logps=pol, ref_logps=ref, is_desirable=lab, **hp), exp_apo
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,8 +434,9 @@ def test_expo_estimators_hand_formulas():
     torch.testing.assert_close(seq, bt.mean() + lam * torch.cat([cr - c, rr - r]).mean())
     q_ref, q = sig(cr - rr), sig(c - r)
     kl_pair = q_ref * torch.log(q_ref / q) + (1 - q_ref) * torch.log((1 - q_ref) / (1 - q))
-    torch.testing.assert_close(preference_loss("expo", c, r, cr, rr, lam=lam, kl_estimator="pair"),
-                               bt.mean() + lam * kl_pair.mean())
+    torch.testing.assert_close(
+        preference_loss("expo", c, r, cr, rr, lam=lam, kl_estimator="pair"), bt.mean() + lam * kl_pair.mean()
+    )
     tk = torch.rand(2 * B, dtype=DT, generator=torch.Generator().manual_seed(1))
     for token_kl, mean_kl in ((tk, tk.mean()), (tk[:B], tk[:B].mean()), (torch.tensor(0.3, dtype=DT), 0.3)):
         got = preference_loss("expo", c, r, lam=lam, kl_estimator="token", token_kl=token_kl)
@@ -368,8 +454,9 @@ def _population_optimum(loss, ref_probs, target, steps=60, **kw):
     lref = torch.log(torch.tensor(ref_probs, dtype=DT))
     w = sig(lt[ci] - lt[ri])
     theta = torch.zeros(3, dtype=DT, requires_grad=True)
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=steps, tolerance_grad=1e-13, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta], lr=1, max_iter=steps, tolerance_grad=1e-13, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -405,7 +492,7 @@ def test_population_optima_dpo_vs_expo():
         dists.append(float((e - ref).abs().sum()))
         if lam == 0.0:
             torch.testing.assert_close(e, torch.tensor(pi_star, dtype=DT), rtol=1e-6, atol=1e-7)
-    assert all(a > b for a, b in zip(dists, dists[1:])), dists
+    assert all(a > b for a, b in zip(dists, dists[1:], strict=False)), dists
     assert dists[-1] < 0.05
 
 
@@ -413,8 +500,10 @@ def test_population_optima_dpo_vs_expo():
 # aggregation (per-token -> per-sequence)
 # ------------------------------------------------------------------------------------------------
 def test_aggregate_plain_sums_lengths_nll():
-    lp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0],
-                       [-1.0, -1.0, -1.0, -1.0], [-2.0, float("-inf"), 0.0, 0.0]], dtype=DT)
+    lp = torch.tensor(
+        [[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0], [-2.0, float("-inf"), 0.0, 0.0]],
+        dtype=DT,
+    )
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     out = aggregate_pair_logps(lp, mask)
     torch.testing.assert_close(out.chosen_logps, torch.tensor([-6.0, -0.5], dtype=DT))
@@ -461,8 +550,23 @@ def test_wpo_weights_by_hand():
 # ------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------
-TRL_DPO_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+TRL_DPO_TYPES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 
 
 def test_registry_covers_trl_and_extras():
@@ -528,8 +632,12 @@ def test_discopop_float32_extreme_margin_is_finite():
     got = preference_loss("discopop", one(-1000.0), one(-100.0), one(-100.0), one(-100.0), beta=0.1)
     assert torch.isfinite(got)
     assert got.item() == pytest.approx(90.0, rel=1e-6)  # float64 of the plain formula
-    (v32, g32), (v64, g64) = _grad_pair(lambda c: preference_loss("discopop", c.reshape(1), *(
-        torch.full((1,), -100.0, dtype=c.dtype) for _ in range(3)), beta=0.1), -1000.0)
+    (v32, g32), (v64, g64) = _grad_pair(
+        lambda c: preference_loss(
+            "discopop", c.reshape(1), *(torch.full((1,), -100.0, dtype=c.dtype) for _ in range(3)), beta=0.1
+        ),
+        -1000.0,
+    )
     assert torch.isfinite(g32[0]) and g32[0].item() == pytest.approx(g64[0].item(), rel=1e-5)
 
 
@@ -554,10 +662,17 @@ def test_discopop_matches_float64_plain_formula(m, tau):
 @pytest.mark.parametrize("pc", [-1e-9, -1e-6, -0.3, -0.69, -0.7, -5.0, -120.0])
 def test_orpo_log_odds_float32_matches_float64(pc):
     """log(1 - exp(a)) near a = 0 and very negative: finite value and gradient, as float64 gives."""
+
     def ours(c):
         n = torch.ones(1, dtype=torch.long)
-        return preference_loss("orpo", c.reshape(1), torch.full((1,), -2.0, dtype=c.dtype),
-                               chosen_lengths=n, rejected_lengths=n, chosen_nll=torch.zeros((), dtype=c.dtype))
+        return preference_loss(
+            "orpo",
+            c.reshape(1),
+            torch.full((1,), -2.0, dtype=c.dtype),
+            chosen_lengths=n,
+            rejected_lengths=n,
+            chosen_nll=torch.zeros((), dtype=c.dtype),
+        )
 
     (v32, g32), (v64, g64) = _grad_pair(ours, pc)
     assert torch.isfinite(v32) and torch.isfinite(g32[0])
@@ -578,8 +693,14 @@ def test_orpo_probability_one_is_finite():
 def test_forward_kl_saturated_scores_do_not_cancel_to_nan():
     one = lambda v, dt: torch.tensor([v], dtype=dt)  # noqa: E731
     for dt in (torch.float32, torch.float64):  # float64: log 2 exactly (equal log-ratios)
-        got = preference_loss("sigmoid", one(-200.0, dt), one(-200.0, dt), one(-100.0, dt), one(-100.0, dt),
-                              f_divergence_type="forward_kl")
+        got = preference_loss(
+            "sigmoid",
+            one(-200.0, dt),
+            one(-200.0, dt),
+            one(-100.0, dt),
+            one(-100.0, dt),
+            f_divergence_type="forward_kl",
+        )
         assert got.item() == pytest.approx(math.log(2.0), rel=1e-6)
 
 
@@ -594,6 +715,7 @@ def test_alphapo_reward_saturates_instead_of_nan():
 @pytest.mark.parametrize("name,c,r", [("apo_zero", 300.0, -400.0), ("apo_down", -600.0, -1000.0)])
 def test_apo_small_terms_keep_relative_precision(name, c, r):
     """sigma(-x) instead of 1 - sigma(x): the tail term and its gradient survive in float32."""
+
     def ours(x):
         z = torch.zeros(1, dtype=x.dtype)
         return preference_loss(name, x.reshape(1), torch.full((1,), r, dtype=x.dtype), z, z, beta=0.1)
@@ -602,8 +724,11 @@ def test_apo_small_terms_keep_relative_precision(name, c, r):
     # exact in float64: 1 - sigma(x) = sigma(-x) (1 - sigma(40) rounds to 0 even in float64)
     x = torch.tensor(c, dtype=torch.float64, requires_grad=True)
     b = 0.1
-    want = (torch.sigmoid(-b * x) + torch.sigmoid(b * torch.tensor(r, dtype=torch.float64)) if name == "apo_zero"
-            else torch.sigmoid(b * x) + torch.sigmoid(-b * (x - r)))
+    want = (
+        torch.sigmoid(-b * x) + torch.sigmoid(b * torch.tensor(r, dtype=torch.float64))
+        if name == "apo_zero"
+        else torch.sigmoid(b * x) + torch.sigmoid(-b * (x - r))
+    )
     (gwant,) = torch.autograd.grad(want, x)
     torch.testing.assert_close(v32.double(), want.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(g32[0].double(), gwant, rtol=1e-4, atol=0)
@@ -611,8 +736,14 @@ def test_apo_small_terms_keep_relative_precision(name, c, r):
 
 def test_kto_small_terms_keep_relative_precision():
     def ours(p):
-        return preference_loss("kto", policy_logps=p.reshape(1), ref_logps=torch.zeros(1, dtype=p.dtype),
-                               is_desirable=torch.tensor([True]), kl=0.0, beta=1.0)
+        return preference_loss(
+            "kto",
+            policy_logps=p.reshape(1),
+            ref_logps=torch.zeros(1, dtype=p.dtype),
+            is_desirable=torch.tensor([True]),
+            kl=0.0,
+            beta=1.0,
+        )
 
     (v32, g32), (v64, g64) = _grad_pair(ours, 25.0)
     torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=0)

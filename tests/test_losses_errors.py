@@ -1,4 +1,5 @@
 """Clear errors of expo_kernels.losses: bad hyperparameters, missing / mismatched inputs, unknown names."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,12 +24,23 @@ LENS = dict(chosen_lengths=torch.full((B,), 5), rejected_lengths=torch.full((B,)
 def test_beta_must_be_positive(name, beta):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=r"`beta` must be a finite number > 0"):
-        preference_loss(name, c, r, cr, rr, beta=beta, kl=0.0 if name == "kto" else None, **LENS) \
-            if name == "kto" else preference_loss(name, c, r, cr, rr, beta=beta, **LENS)
+        preference_loss(
+            name, c, r, cr, rr, beta=beta, kl=0.0 if name == "kto" else None, **LENS
+        ) if name == "kto" else preference_loss(name, c, r, cr, rr, beta=beta, **LENS)
 
 
-@pytest.mark.parametrize("name,eps", [("sigmoid", 0.5), ("sigmoid", -0.01), ("robust", 0.5), ("robust", 0.7),
-                                      ("aot", 0.6), ("simpo", 0.5), ("rpo", 1.0)])
+@pytest.mark.parametrize(
+    "name,eps",
+    [
+        ("sigmoid", 0.5),
+        ("sigmoid", -0.01),
+        ("robust", 0.5),
+        ("robust", 0.7),
+        ("aot", 0.6),
+        ("simpo", 0.5),
+        ("rpo", 1.0),
+    ],
+)
 def test_label_smoothing_range(name, eps):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=r"`label_smoothing` must be a number in \[0, 0.5\)"):
@@ -54,8 +66,10 @@ def test_cpo_label_smoothing_with_hinge_variant():
         preference_loss("cpo", c, r, cpo_loss_type="hinge", label_smoothing=0.1, **LENS)
 
 
-@pytest.mark.parametrize("bad,suggest", [("sigmoidd", "sigmoid"), ("simPO", "simpo"), ("kto_pair", "kto"),
-                                         ("ipo_norm", "ipo"), ("exo", "expo")])
+@pytest.mark.parametrize(
+    "bad,suggest",
+    [("sigmoidd", "sigmoid"), ("simPO", "simpo"), ("kto_pair", "kto"), ("ipo_norm", "ipo"), ("exo", "expo")],
+)
 def test_unknown_name_suggests_closest(bad, suggest):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=rf"Unknown preference loss '{bad}'\. Did you mean .*'{suggest}'"):
@@ -114,28 +128,38 @@ def test_expo_token_estimator_needs_fused_module():
         preference_loss("sigmoid", c, r, cr, rr, token_kl=torch.zeros(B, dtype=DT))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(), r"`lam` is required"),
-    (dict(lam=-0.1), r"`lam` must be a finite number >= 0"),
-    (dict(lam=1.0, kl_estimator="regression"), r"`kl_estimator` must be one of \['sequence', 'pair', 'token'\]"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(), r"`lam` is required"),
+        (dict(lam=-0.1), r"`lam` must be a finite number >= 0"),
+        (dict(lam=1.0, kl_estimator="regression"), r"`kl_estimator` must be one of \['sequence', 'pair', 'token'\]"),
+    ],
+)
 def test_expo_hparams(kw, match):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=match):
         preference_loss("expo", c, r, cr, rr, **kw)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("rejected_logps", torch.zeros(B + 1, dtype=DT), r"`rejected_logps` has shape \(5,\) but the batch has 4 pairs"),
-    ("ref_chosen_logps", torch.zeros(B - 1, dtype=DT), r"`ref_chosen_logps` has shape \(3,\)"),
-    ("chosen_logps", torch.zeros(B, 2, dtype=DT), r"`chosen_logps` must be 1-D"),
-    ("chosen_logps", torch.zeros(B, dtype=torch.long), r"`chosen_logps` must be a floating-point tensor"),
-    ("chosen_logps", [0.0] * B, r"`chosen_logps` must be a torch.Tensor"),
-    ("chosen_lengths", torch.ones(B + 2), r"`chosen_lengths` must have shape \(4,\)"),
-    ("weights", torch.ones(B + 1, dtype=DT), r"`weights` has shape \(5,\)"),
-    ("offset", torch.ones(2, dtype=DT), r"`offset` must be a scalar or have shape \(4,\)"),
-    ("chosen_nll", torch.ones(3, dtype=DT), r"`chosen_nll` must be a scalar or have shape \(4,\)"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        (
+            "rejected_logps",
+            torch.zeros(B + 1, dtype=DT),
+            r"`rejected_logps` has shape \(5,\) but the batch has 4 pairs",
+        ),
+        ("ref_chosen_logps", torch.zeros(B - 1, dtype=DT), r"`ref_chosen_logps` has shape \(3,\)"),
+        ("chosen_logps", torch.zeros(B, 2, dtype=DT), r"`chosen_logps` must be 1-D"),
+        ("chosen_logps", torch.zeros(B, dtype=torch.long), r"`chosen_logps` must be a floating-point tensor"),
+        ("chosen_logps", [0.0] * B, r"`chosen_logps` must be a torch.Tensor"),
+        ("chosen_lengths", torch.ones(B + 2), r"`chosen_lengths` must have shape \(4,\)"),
+        ("weights", torch.ones(B + 1, dtype=DT), r"`weights` has shape \(5,\)"),
+        ("offset", torch.ones(2, dtype=DT), r"`offset` must be a scalar or have shape \(4,\)"),
+        ("chosen_nll", torch.ones(3, dtype=DT), r"`chosen_nll` must be a scalar or have shape \(4,\)"),
+    ],
+)
 def test_mismatched_shapes(field, value, match):
     c, r, cr, rr = _x()
     args = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=cr, ref_rejected_logps=rr, **LENS)
@@ -188,15 +212,18 @@ def test_f_divergence_unsupported_loss(name):
         preference_loss(name, c, r, cr, rr, f_divergence_type="forward_kl")
 
 
-@pytest.mark.parametrize("name,kw,why", [
-    ("aot", {}, "sorts the batch"),
-    ("aot_unpaired", {}, "sorts the batch"),
-    ("sft", LENS, "token mean over the whole batch"),
-    ("cpo", LENS, "token mean over the whole batch"),
-    ("orpo", LENS, "token mean over the whole batch"),
-    ("rpo", dict(chosen_nll=torch.tensor(1.0, dtype=DT)), "single batch-level number"),
-    (["sigmoid", "aot"], {}, "sorts the batch"),
-])
+@pytest.mark.parametrize(
+    "name,kw,why",
+    [
+        ("aot", {}, "sorts the batch"),
+        ("aot_unpaired", {}, "sorts the batch"),
+        ("sft", LENS, "token mean over the whole batch"),
+        ("cpo", LENS, "token mean over the whole batch"),
+        ("orpo", LENS, "token mean over the whole batch"),
+        ("rpo", dict(chosen_nll=torch.tensor(1.0, dtype=DT)), "single batch-level number"),
+        (["sigmoid", "aot"], {}, "sorts the batch"),
+    ],
+)
 def test_reduction_none_refused_for_batch_coupled(name, kw, why):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=rf"reduction='none' is not available for loss .*{why}"):
@@ -207,8 +234,9 @@ def test_reduction_none_kto_batch_kl_refused_but_precomputed_ok():
     pol, ref, klp, klr = _x()
     lab = torch.tensor([True, False, True, False])
     with pytest.raises(ValueError, match="reduction='none'.*KL baseline z0 is a statistic of the whole batch"):
-        preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl_logps=klp, ref_kl_logps=klr,
-                         reduction="none")
+        preference_loss(
+            "kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl_logps=klp, ref_kl_logps=klr, reduction="none"
+        )
     out = preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=0.2, reduction="none")
     assert out.shape == (B,)
 
@@ -223,8 +251,9 @@ def test_kto_errors():
     pol, ref, klp, klr = _x()
     lab = torch.tensor([True, False, True, False])
     with pytest.raises(ValueError, match=r"KL baseline needs a batch of more than 1 example"):
-        preference_loss("kto", policy_logps=pol[:1], ref_logps=ref[:1], is_desirable=lab[:1],
-                        kl_logps=klp[:1], ref_kl_logps=klr[:1])
+        preference_loss(
+            "kto", policy_logps=pol[:1], ref_logps=ref[:1], is_desirable=lab[:1], kl_logps=klp[:1], ref_kl_logps=klr[:1]
+        )
     with pytest.raises(ValueError, match=r"Loss 'kto' needs a KL baseline: pass `kl_logps` and `ref_kl_logps`"):
         preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab)
     with pytest.raises(ValueError, match="`is_desirable`"):
@@ -240,7 +269,9 @@ def test_kto_errors():
     with pytest.raises(ValueError, match="cannot be mixed"):
         preference_loss(["kto", "sigmoid"], pol, ref, klp, klr, kl=0.0)
     with pytest.raises(ValueError, match="per-pair \\(WPO\\) weights"):
-        preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=0.0, weights=torch.ones(B, dtype=DT))
+        preference_loss(
+            "kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=0.0, weights=torch.ones(B, dtype=DT)
+        )
     with pytest.raises(ValueError, match="inputs of the unpaired losses"):
         preference_loss("sigmoid", pol, ref, klp, klr, is_desirable=lab)
     with pytest.raises(ValueError, match="`desirable_weight` must be a finite number >= 0"):

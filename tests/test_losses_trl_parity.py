@@ -13,6 +13,7 @@ from a leaf tensor, so autograd reaches the same leaves on both sides:
 
 Our side goes per-token -> :func:`aggregate_pair_logps` -> :func:`preference_loss_and_metrics`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,10 +29,10 @@ from expo_kernels.losses import aggregate_pair_logps, preference_loss_and_metric
 trl = pytest.importorskip("trl")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from trl.trainer.dpo_trainer import DPOTrainer
-    from trl.trainer.kto_trainer import KTOTrainer
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
 
 DT = torch.float64
 RTOL, ATOL = 1e-10, 1e-12
@@ -71,8 +72,9 @@ class _TokenLM(torch.nn.Module):
         lp = torch.where(mask, lp, torch.zeros_like(lp))
         zeros = torch.zeros_like(lp).detach()
         lsp = None if self.log_sum_p2 is None else torch.where(mask, self.log_sum_p2[rows], zeros)
-        return SimpleNamespace(log_probs=lp, entropy=zeros, mean_logits=zeros, is_top1=mask & False,
-                               log_sum_sq_probs=lsp, aux_loss=None)
+        return SimpleNamespace(
+            log_probs=lp, entropy=zeros, mean_logits=zeros, is_top1=mask & False, log_sum_sq_probs=lsp, aux_loss=None
+        )
 
 
 class _LogitLM(torch.nn.Module):
@@ -109,8 +111,16 @@ def _paired_batch(b=5, t=9, seed=0, dtype=DT):
 # ------------------------------------------------------------------------------------------------
 # DPO
 # ------------------------------------------------------------------------------------------------
-DPO_DEFAULTS = dict(beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                    discopop_tau=0.05, ld_alpha=None, use_weighting=False, loss_weights=None)
+DPO_DEFAULTS = dict(
+    beta=0.1,
+    label_smoothing=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+    discopop_tau=0.05,
+    ld_alpha=None,
+    use_weighting=False,
+    loss_weights=None,
+)
 
 
 def _dpo_trainer(loss_type, cfg, ref_model=None):
@@ -165,23 +175,32 @@ def _dpo_case(loss_type, seed=0, b=5, ref_from_model=False, dtype=DT, ours_as=No
     trl_grads = torch.autograd.grad(trl_loss, leaves, allow_unused=True)
 
     # --- ours
-    agg = aggregate_pair_logps(table, shift_mask, ld_alpha=cfg["ld_alpha"],
-                               log_sum_p2=lsp2 if cfg["use_weighting"] else None)
+    agg = aggregate_pair_logps(
+        table, shift_mask, ld_alpha=cfg["ld_alpha"], log_sum_p2=lsp2 if cfg["use_weighting"] else None
+    )
     if ref_from_model:
         ref_agg = aggregate_pair_logps(ref_table, shift_mask, ld_alpha=cfg["ld_alpha"])
         ref_c, ref_r = ref_agg.chosen_logps, ref_agg.rejected_logps
-    hp = {k: cfg[k] for k in ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-                              "discopop_tau") if overrides.get(k) is not None}
-    kwargs = dict(chosen_lengths=agg.chosen_lengths, rejected_lengths=agg.rejected_lengths, weights=agg.weights,
-                  loss_weights=cfg["loss_weights"])
+    hp = {
+        k: cfg[k]
+        for k in ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")
+        if overrides.get(k) is not None
+    }
+    kwargs = dict(
+        chosen_lengths=agg.chosen_lengths,
+        rejected_lengths=agg.rejected_lengths,
+        weights=agg.weights,
+        loss_weights=cfg["loss_weights"],
+    )
     if cfg["ld_alpha"] is not None:
         kwargs["chosen_nll"] = agg.chosen_nll  # TRL's sft term uses the unweighted per-token log-probs
     our_name = loss_type if len(loss_type) > 1 else loss_type[0]
     if ours_as is not None:
         our_name, hp = ours_as
         kwargs.pop("loss_weights")
-    ours, metrics = preference_loss_and_metrics(our_name, agg.chosen_logps, agg.rejected_logps, ref_c, ref_r,
-                                                **kwargs, **hp)
+    ours, metrics = preference_loss_and_metrics(
+        our_name, agg.chosen_logps, agg.rejected_logps, ref_c, ref_r, **kwargs, **hp
+    )
     our_grads = torch.autograd.grad(ours, leaves, allow_unused=True)
     return trl_loss, ours, trl_grads, our_grads, trl_metrics, metrics
 
@@ -190,12 +209,23 @@ def _assert_close(a, b, rtol=RTOL, atol=ATOL):
     torch.testing.assert_close(torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT), rtol=rtol, atol=atol)
 
 
-def _check(case, rtol=RTOL, atol=ATOL, metric_names=("rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                                     "rewards/margins", "logps/chosen", "logps/rejected")):
+def _check(
+    case,
+    rtol=RTOL,
+    atol=ATOL,
+    metric_names=(
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ),
+):
     trl_loss, ours, trl_grads, our_grads, trl_metrics, metrics = case
     assert ours.dtype == trl_loss.dtype
     _assert_close(ours, trl_loss, rtol, atol)
-    for gt, go in zip(trl_grads, our_grads):
+    for gt, go in zip(trl_grads, our_grads, strict=False):
         if gt is None and go is None:
             continue
         gt = torch.zeros_like(go) if gt is None else gt
@@ -210,8 +240,23 @@ def _check(case, rtol=RTOL, atol=ATOL, metric_names=("rewards/chosen", "rewards/
             _assert_close(metrics[k], trl_metrics[k], *tol)
 
 
-DPO_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-             "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+DPO_TYPES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 
 
 @pytest.mark.parametrize("loss_type", DPO_TYPES)
@@ -247,9 +292,11 @@ def test_alpha_divergence_coef_one_is_reverse_kl():
 
 @pytest.mark.parametrize(
     "mix,weights",
-    [(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO as in TRL's docs
-     (["sigmoid", "sft"], [1.0, 0.7]),  # RPO
-     (["ipo", "hinge", "apo_down"], None)],
+    [
+        (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO as in TRL's docs
+        (["sigmoid", "sft"], [1.0, 0.7]),  # RPO
+        (["ipo", "hinge", "apo_down"], None),
+    ],
 )
 def test_mpo_mixes_match_trl(mix, weights):
     _check(_dpo_case(mix, loss_weights=weights, beta=0.4))
@@ -274,15 +321,22 @@ def test_wpo_weighting_matches_trl(loss_type):
 
 
 def test_wpo_with_ld_alpha_matches_trl():
-    _check(_dpo_case(["sigmoid", "ipo"], use_weighting=True, ld_alpha=0.25, beta=0.5, seed=6,
-                     loss_weights=[1.0, 0.5]))
+    _check(_dpo_case(["sigmoid", "ipo"], use_weighting=True, ld_alpha=0.25, beta=0.5, seed=6, loss_weights=[1.0, 0.5]))
 
 
 @pytest.mark.parametrize("ld_alpha", [None, 0.5])
 def test_rpo_equals_trl_sigmoid_plus_sft(ld_alpha):
     # TRL 1.16 has no rpo_alpha: RPO is loss_type=["sigmoid", "sft"] with loss_weights=[1, rpo_alpha]
-    _check(_dpo_case(["sigmoid", "sft"], loss_weights=[1.0, 0.6], beta=0.3, seed=7, ld_alpha=ld_alpha,
-                     ours_as=("rpo", dict(beta=0.3, rpo_alpha=0.6))))
+    _check(
+        _dpo_case(
+            ["sigmoid", "sft"],
+            loss_weights=[1.0, 0.6],
+            beta=0.3,
+            seed=7,
+            ld_alpha=ld_alpha,
+            ours_as=("rpo", dict(beta=0.3, rpo_alpha=0.6)),
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,11 +374,20 @@ def _kto_case(loss_type, labels, seed=0, beta=0.3, wd=1.0, wu=1.0, form="policy"
     tr.precompute_ref_logps = True
     tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     tr._total_train_tokens, tr._tp_size = 0, 1
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-              "completion_mask": completion_mask, "label": label, "ref_logps": ref_seq}
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "completion_mask": completion_mask,
+        "label": label,
+        "ref_logps": ref_seq,
+    }
     if tr.calculate_KL:
-        inputs.update(KL_input_ids=kl_input_ids, KL_attention_mask=torch.ones_like(kl_input_ids),
-                      KL_completion_mask=kl_completion_mask, ref_KL_logps=ref_kl_seq)
+        inputs.update(
+            KL_input_ids=kl_input_ids,
+            KL_attention_mask=torch.ones_like(kl_input_ids),
+            KL_completion_mask=kl_completion_mask,
+            ref_KL_logps=ref_kl_seq,
+        )
     trl_loss = tr._compute_loss(_TokenLM(table), inputs, return_outputs=False)
     trl_metrics = {k: v[-1] for k, v in tr._metrics["train"].items()}
     trl_grads = torch.autograd.grad(trl_loss, [table, ref_seq])
@@ -334,27 +397,34 @@ def _kto_case(loss_type, labels, seed=0, beta=0.3, wd=1.0, wu=1.0, form="policy"
     kl_args = dict(kl_logps=kl_pol, ref_kl_logps=ref_kl_seq) if tr.calculate_KL else {}
     hp = dict(beta=beta, desirable_weight=wd, undesirable_weight=wu)
     if form == "policy":
-        ours, metrics = preference_loss_and_metrics(loss_type, policy_logps=pol, ref_logps=ref_seq,
-                                                    is_desirable=label, **kl_args, **hp)
+        ours, metrics = preference_loss_and_metrics(
+            loss_type, policy_logps=pol, ref_logps=ref_seq, is_desirable=label, **kl_args, **hp
+        )
     else:
         lab = label.bool()
-        ours, metrics = preference_loss_and_metrics(loss_type, pol[lab], pol[~lab], ref_seq[lab], ref_seq[~lab],
-                                                    **kl_args, **hp)
+        ours, metrics = preference_loss_and_metrics(
+            loss_type, pol[lab], pol[~lab], ref_seq[lab], ref_seq[~lab], **kl_args, **hp
+        )
     our_grads = torch.autograd.grad(ours, [table, ref_seq])
     return trl_loss, ours, trl_grads, our_grads, trl_metrics, metrics
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
-@pytest.mark.parametrize("labels,wd,wu,form", [
-    ([True, False, True, True, False, False], 1.0, 1.0, "policy"),
-    ([True, True, False, True, True], 1.3, 0.6, "policy"),
-    ([False, True, False, True, True, False, True], 0.8, 1.5, "chosen_rejected"),
-    ([True, True, True], 1.0, 1.0, "policy"),  # all desirable: no rejected metrics
-])
+@pytest.mark.parametrize(
+    "labels,wd,wu,form",
+    [
+        ([True, False, True, True, False, False], 1.0, 1.0, "policy"),
+        ([True, True, False, True, True], 1.3, 0.6, "policy"),
+        ([False, True, False, True, True, False, True], 0.8, 1.5, "chosen_rejected"),
+        ([True, True, True], 1.0, 1.0, "policy"),  # all desirable: no rejected metrics
+    ],
+)
 def test_kto_matches_trl(loss_type, labels, wd, wu, form):
     case = _kto_case(loss_type, labels, seed=len(labels), wd=wd, wu=wu, form=form)
-    _check(case, metric_names=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                               "logps/rejected"))
+    _check(
+        case,
+        metric_names=("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"),
+    )
     trl_metrics, metrics = case[4], case[5]
     assert set(trl_metrics) - {"entropy", "num_tokens", "logits/chosen", "logits/rejected"} == set(metrics)
 
@@ -414,18 +484,34 @@ def _both_sides(ids, logits):
     return lp, mask, cat
 
 
-@pytest.mark.parametrize("variant,alpha,eps,cpo_alpha", [
-    ("sigmoid", 0.0, 0.0, 1.0), ("sigmoid", 0.0, 0.2, 0.5), ("hinge", 0.0, 0.0, 1.0), ("ipo", 0.0, 0.0, 1.0),
-    ("simpo", 0.0, 0.1, 1.0), ("simpo", 0.0, 0.0, 0.0), ("sigmoid", 0.3, 0.0, 1.0), ("simpo", 0.25, 0.0, 0.0),
-    ("ipo", -0.2, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "variant,alpha,eps,cpo_alpha",
+    [
+        ("sigmoid", 0.0, 0.0, 1.0),
+        ("sigmoid", 0.0, 0.2, 0.5),
+        ("hinge", 0.0, 0.0, 1.0),
+        ("ipo", 0.0, 0.0, 1.0),
+        ("simpo", 0.0, 0.1, 1.0),
+        ("simpo", 0.0, 0.0, 0.0),
+        ("sigmoid", 0.3, 0.0, 1.0),
+        ("simpo", 0.25, 0.0, 0.0),
+        ("ipo", -0.2, 0.0, 0.0),
+    ],
+)
 def test_cpo_family_matches_trl(variant, alpha, eps, cpo_alpha):
     ids, logits = _logit_batch(seed=zlib.crc32(repr((variant, alpha, eps, cpo_alpha)).encode()) % 1000)
     beta, gamma = 0.6, 0.4
-    tr = _cpo_like_trainer(CPOTrainer, beta=beta, label_smoothing=eps, loss_type=variant, cpo_alpha=cpo_alpha,
-                           simpo_gamma=gamma, alpha=alpha)
+    tr = _cpo_like_trainer(
+        CPOTrainer,
+        beta=beta,
+        label_smoothing=eps,
+        loss_type=variant,
+        cpo_alpha=cpo_alpha,
+        simpo_gamma=gamma,
+        alpha=alpha,
+    )
     trl_loss, trl_metrics = tr.get_batch_loss_metrics(_LogitLM(logits), ids)
-    trl_grad, = torch.autograd.grad(trl_loss, [logits])
+    (trl_grad,) = torch.autograd.grad(trl_loss, [logits])
 
     lp, mask, _ = _both_sides(ids, logits)
     agg = aggregate_pair_logps(lp, mask)
@@ -435,10 +521,12 @@ def test_cpo_family_matches_trl(variant, alpha, eps, cpo_alpha):
     elif variant == "simpo" and cpo_alpha == 0.0:
         name, hp = "alphapo", dict(simpo_gamma=gamma, alpha=alpha, label_smoothing=eps)  # alias of gamma
     else:
-        name, hp = "cpo", dict(cpo_loss_type=variant, cpo_alpha=cpo_alpha, alpha=alpha, label_smoothing=eps,
-                               gamma=gamma)
+        name, hp = (
+            "cpo",
+            dict(cpo_loss_type=variant, cpo_alpha=cpo_alpha, alpha=alpha, label_smoothing=eps, gamma=gamma),
+        )
     ours, metrics = preference_loss_and_metrics(name, agg.chosen_logps, agg.rejected_logps, **kw, **hp)
-    our_grad, = torch.autograd.grad(ours, [logits])
+    (our_grad,) = torch.autograd.grad(ours, [logits])
     _assert_close(ours, trl_loss)
     _assert_close(our_grad, trl_grad)
     assert our_grad.abs().sum() > 0
@@ -454,7 +542,7 @@ def test_orpo_matches_trl(beta):
     ids, logits = _logit_batch(seed=int(beta * 10))
     tr = _cpo_like_trainer(ORPOTrainer, beta=beta)
     trl_loss, trl_metrics = tr.get_batch_loss_metrics(_LogitLM(logits), ids)
-    trl_grad, = torch.autograd.grad(trl_loss, [logits])
+    (trl_grad,) = torch.autograd.grad(trl_loss, [logits])
 
     lp, mask, cat = _both_sides(ids, logits)
     agg = aggregate_pair_logps(lp, mask)
@@ -463,13 +551,27 @@ def test_orpo_matches_trl(beta):
     full_labels = torch.where(cat("attention_mask") == 1, cat("input_ids"), -100)[:b]
     full_lp, full_mask = _per_token(logits, cat("input_ids")[:b], full_labels)
     nll = -full_lp[full_mask].mean()
-    ours, metrics = preference_loss_and_metrics("orpo", agg.chosen_logps, agg.rejected_logps,
-                                                chosen_lengths=agg.chosen_lengths,
-                                                rejected_lengths=agg.rejected_lengths, chosen_nll=nll, beta=beta)
-    our_grad, = torch.autograd.grad(ours, [logits])
+    ours, metrics = preference_loss_and_metrics(
+        "orpo",
+        agg.chosen_logps,
+        agg.rejected_logps,
+        chosen_lengths=agg.chosen_lengths,
+        rejected_lengths=agg.rejected_lengths,
+        chosen_nll=nll,
+        beta=beta,
+    )
+    (our_grad,) = torch.autograd.grad(ours, [logits])
     # TRL's odds_ratio_loss casts the log-probs to float32 (`.float()`): compare at float32 precision
     _assert_close(ours, trl_loss, 1e-6, 1e-7)
     _assert_close(our_grad, trl_grad, 1e-5, 1e-7)
-    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-              "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+    for k in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+    ):
         _assert_close(metrics[k], trl_metrics[k], 1e-5, 1e-6)

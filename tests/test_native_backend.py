@@ -5,6 +5,7 @@ test_input_validation.py, which run on every backend ``available_backends`` list
 fallback when the extension cannot be built, ``EXPO_KERNELS_NATIVE=0``, tile boundaries, bit-for-bit
 determinism, and that no ``[N, V]`` buffer is allocated (peak RSS in a fresh process).
 """
+
 import json
 import os
 import subprocess
@@ -30,8 +31,14 @@ def _run(code: str, **env_overrides) -> dict:
     env.pop("EXPO_KERNELS_BACKEND", None)
     env.update(env_overrides)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(REPO), env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -82,8 +89,14 @@ def test_env_var_disables_native_without_warning(tmp_path):
 
 def test_info_runs():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "expo_kernels.info", "--json"], cwd=str(REPO), env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "expo_kernels.info", "--json"],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout)
     assert info["devices"]["cpu"]["available"][-1] == "torch"
@@ -110,8 +123,9 @@ def _native_pass(hidden, weight, bias, labels, grad, transform):
     grads = nb.backward(grad, hidden, weight, bias, labels, out.lse, transform, True, True, True)
     ref_h = hidden.flip(0)
     kl = ops.token_kl_forward(nb, hidden, weight, bias, ref_h, weight.flip(0), None, transform)
-    kl_grads = nb.token_kl_backward(grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2],
-                                    transform, True, True, True)
+    kl_grads = nb.token_kl_backward(
+        grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2], transform, True, True, True
+    )
     return list(out) + list(grads) + list(kl) + list(kl_grads)
 
 
@@ -120,8 +134,9 @@ def _torch_pass(hidden, weight, bias, labels, grad, transform):
     grads = torch_backend.backward(grad, hidden, weight, bias, labels, out.lse, transform, True, True, True)
     ref_h = hidden.flip(0)
     kl = ops.token_kl_forward(torch_backend, hidden, weight, bias, ref_h, weight.flip(0), None, transform)
-    kl_grads = torch_backend.token_kl_backward(grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2],
-                                               transform, True, True, True)
+    kl_grads = torch_backend.token_kl_backward(
+        grad, hidden, weight, bias, ref_h, weight.flip(0), None, kl[1], kl[2], transform, True, True, True
+    )
     return list(out) + list(grads) + list(kl) + list(kl_grads)
 
 
@@ -145,7 +160,7 @@ def test_ragged_tiles_match_torch_backend(dtype, transform, monkeypatch):
     got = _native_pass(*args, transform)
     want = _torch_pass(*args, transform)
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
         assert a.dtype == b.dtype and a.shape == b.shape, i
         if a.dtype == torch.bool:
             assert (a == b).float().mean() > 0.99, i  # argmax hits: ties at the rounding level may differ
@@ -163,7 +178,7 @@ def test_deterministic_bit_for_bit(monkeypatch):
     transform = LogitTransform(1.0, 8.0, 0.9)
     first = _native_pass(*args, transform)
     second = _native_pass(*args, transform)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         assert torch.equal(a, b)
     # Rows are split across threads, never reduced across them: one thread gives the same values
     # up to the GEMM library's own (thread-count dependent) blocking.
@@ -173,7 +188,7 @@ def test_deterministic_bit_for_bit(monkeypatch):
         single = _native_pass(*args, transform)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(single, first):
+    for a, b in zip(single, first, strict=False):
         if a.dtype == torch.bool:
             assert torch.equal(a, b)
         else:

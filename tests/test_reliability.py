@@ -4,13 +4,14 @@ failing on main 463f0d1), on every backend available here, against a float64 mat
 The loss-level defects (discopop overflow, hyper-parameter types, trainer ``backend=``) are tested in
 ``test_losses*.py`` and ``test_bad_input_losses.py``; the fuzzer itself is ``test_fuzz.py``.
 """
+
 import math
 
 import pytest
 import torch
+from reference import logits64, reference_logprobs, reference_stats
 
 import expo_kernels as ek
-from reference import logits64, reference_logprobs, reference_stats
 
 BACKENDS = ek.available_backends("cpu")
 FP64_BACKENDS = [b for b in BACKENDS if b != "triton"]
@@ -41,7 +42,7 @@ def _assert_matches_reference(backend, hidden, weight, labels, bias=None, tol=2e
     logp, grads = _grads(backend, hidden, weight, labels, bias, **kw)
     ref, ref_grads = _ref_grads(hidden, weight, labels, bias, **kw)
     torch.testing.assert_close(logp.double(), ref, rtol=tol, atol=tol)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=False):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
@@ -73,8 +74,11 @@ def test_non_contiguous_bias_in_token_kl(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,vocab,label", [(torch.uint8, 200, 156), (torch.int8, 300, 104),
-                                                (torch.int16, 40000, 5)], ids=["uint8", "int8", "int16"])
+@pytest.mark.parametrize(
+    "dtype,vocab,label",
+    [(torch.uint8, 200, 156), (torch.int8, 300, 104), (torch.int16, 40000, 5)],
+    ids=["uint8", "int8", "int16"],
+)
 def test_small_integer_labels(backend, dtype, vocab, label):
     # uint8 156 == -100 mod 256 must not be ignored; int8 104 with V = 300 (300 wraps to 44 in int8)
     # and int16 5 with V = 40000 are in range.
@@ -152,8 +156,9 @@ def test_non_finite_inputs_refused_under_softcap(backend, where, value):
     with pytest.raises(ValueError, match=f"^{where} contains NaN or inf"):
         ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), softcap=30.0, backend=backend)
     with pytest.raises(ValueError, match=f"^{where} contains NaN or inf"):
-        ek.linear_token_kl(h, w, h.abs().clamp(max=1), w.abs().clamp(max=1), torch.tensor([1, 2, 3]),
-                           softcap=30.0, backend=backend)
+        ek.linear_token_kl(
+            h, w, h.abs().clamp(max=1), w.abs().clamp(max=1), torch.tensor([1, 2, 3]), softcap=30.0, backend=backend
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,7 +182,7 @@ def test_tiny_temperature_gives_finite_gradients(backend):
     ref, ref_grads = _ref_grads(h, w, labels, temperature=1e-30)
     assert torch.isfinite(logp).all() and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(logp.double(), ref, rtol=1e-5, atol=0)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=False):
         assert ((a.double() - b).norm() / b.norm()) < 1e-4
 
 
@@ -214,13 +219,17 @@ def test_entropy_at_large_logits(backend):
 # 14-17: argument errors name the argument; unsupported uses say so ------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(process_group=1), TypeError, "process_group must be None or a torch.distributed.ProcessGroup"),
-    (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
-    (dict(return_stats="no"), TypeError, "return_stats must be a bool"),
-    (dict(return_stats=1), TypeError, "return_stats must be a bool"),
-    (dict(backend=3), TypeError, "backend must be None or one of"),
-], ids=["process_group", "ignore_index", "return_stats-str", "return_stats-int", "backend-type"])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(process_group=1), TypeError, "process_group must be None or a torch.distributed.ProcessGroup"),
+        (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
+        (dict(return_stats="no"), TypeError, "return_stats must be a bool"),
+        (dict(return_stats=1), TypeError, "return_stats must be a bool"),
+        (dict(backend=3), TypeError, "backend must be None or one of"),
+    ],
+    ids=["process_group", "ignore_index", "return_stats-str", "return_stats-int", "backend-type"],
+)
 def test_argument_errors_name_the_argument(kwargs, exc, match):
     h, w = _hw()
     with pytest.raises(exc, match=match):
@@ -236,12 +245,16 @@ def test_zero_hidden_size_is_named():
 def test_double_backward_is_a_clear_not_implemented(backend):
     h, w = _hw()
     h.requires_grad_()
-    (g,) = torch.autograd.grad(ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), backend=backend).sum(), h,
-                               create_graph=True)
+    (g,) = torch.autograd.grad(
+        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), backend=backend).sum(), h, create_graph=True
+    )
     with pytest.raises(NotImplementedError, match="expo_kernels::linear_logprobs has no double backward"):
         g.sum().backward()
-    (g,) = torch.autograd.grad(ek.linear_token_kl(h, w, h.detach(), w + 1, torch.tensor([1, 2, 3]),
-                                                  backend=backend).sum(), h, create_graph=True)
+    (g,) = torch.autograd.grad(
+        ek.linear_token_kl(h, w, h.detach(), w + 1, torch.tensor([1, 2, 3]), backend=backend).sum(),
+        h,
+        create_graph=True,
+    )
     with pytest.raises(NotImplementedError, match="expo_kernels::linear_token_kl has no double backward"):
         g.sum().backward()
 
@@ -250,5 +263,6 @@ def test_double_backward_is_a_clear_not_implemented(backend):
 def test_float64_is_float64_throughout(backend):
     # 60 of 446 fuzzed float64 cases were ~1e-8 off on Triton; float64 now never runs there
     h, w = _hw()
-    _assert_matches_reference(backend, h.double(), w.double(), torch.tensor([1, 2, 3]), tol=1e-12,
-                              temperature=0.7, softcap=3.0)
+    _assert_matches_reference(
+        backend, h.double(), w.double(), torch.tensor([1, 2, 3]), tol=1e-12, temperature=0.7, softcap=3.0
+    )

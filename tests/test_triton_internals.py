@@ -1,11 +1,11 @@
 """Triton-specific pieces: 64-bit index math and the vocab-split merge."""
+
 import pytest
 import torch
-
-import expo_kernels as ek
-
 from conftest import DEVICE
 from reference import reference_stats
+
+import expo_kernels as ek
 
 if "triton" not in ek.available_backends(DEVICE):
     pytest.skip("triton backend not available", allow_module_level=True)
@@ -44,8 +44,9 @@ def test_vocab_splits_merge_to_the_same_result(splits):
     weight = torch.randn(v, h, device=DEVICE) * 0.5
     labels = torch.randint(0, v, (n,), device=DEVICE)
     transform = LogitTransform(1.5, 6.0, 0.8)
-    out = finalize_logprobs(triton_backend.forward_partial(hidden, weight, None, labels, transform, True,
-                                                           vocab_splits=splits), v)
+    out = finalize_logprobs(
+        triton_backend.forward_partial(hidden, weight, None, labels, transform, True, vocab_splits=splits), v
+    )
     ref = reference_stats(hidden, weight, labels, logit_scale=1.5, softcap=6.0, temperature=0.8)
     for name in ("lse", "entropy", "mean_logit", "log_sum_p2"):
         torch.testing.assert_close(getattr(out, name).double(), ref[name], rtol=2e-5, atol=2e-5, msg=name)

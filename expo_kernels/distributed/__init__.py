@@ -1,4 +1,5 @@
 """Distributed heads: the vocabulary-parallel ops (``vocab_parallel``) and FSDP2 heads (``fsdp``)."""
+
 from .fsdp import fsdp_lm_head_call, is_fsdp2
 from .vocab_parallel import (
     count_communication,

@@ -3,10 +3,12 @@
 :func:`fsdp_lm_head_call` runs a fused loss as the forward of an ``fully_shard``-ed LM head, so FSDP2
 all-gathers the weight for the call, re-gathers it for backward and reduce-scatters its gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -41,11 +41,11 @@ that is malformed on one rank only raises there, and the other ranks wait in the
 until the group's timeout. Any contiguous split of the vocabulary in rank order works (offsets come
 from one all-gather of the shard sizes); ``torch.chunk`` is the convention.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,7 @@ _disable_compile = getattr(getattr(torch, "compiler", None), "disable", lambda f
 # collectives (all traffic goes through these two functions, so it can be counted)
 # ---------------------------------------------------------------------------------------------
 
-_COUNTERS: List[Dict[str, int]] = []
+_COUNTERS: list[dict[str, int]] = []
 
 
 @contextlib.contextmanager
@@ -98,7 +98,7 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
-def _all_gather_sizes(n: int, device, group) -> List[int]:
+def _all_gather_sizes(n: int, device, group) -> list[int]:
     world = dist.get_world_size(group)
     mine = torch.tensor([n], dtype=torch.int64, device=device)
     out = [torch.empty_like(mine) for _ in range(world)]
@@ -118,7 +118,7 @@ def _comm_device(t: Tensor, group) -> torch.device:
     return t.device
 
 
-def vocab_shard_bounds(vocab_size: int, world_size: int, rank: int) -> Tuple[int, int]:
+def vocab_shard_bounds(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """``[start, stop)`` of rank ``rank``'s rows in ``torch.chunk(W, world_size, dim=0)`` (empty past
     the last chunk)."""
     step = -(-vocab_size // world_size)
@@ -126,7 +126,7 @@ def vocab_shard_bounds(vocab_size: int, world_size: int, rank: int) -> Tuple[int
     return start, min(start + step, vocab_size)
 
 
-def _layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> Tuple[int, int, List[int]]:
+def _layout(weight_shard: Tensor, group, vocab_size: int | None) -> tuple[int, int, list[int]]:
     """(offset of this rank's shard, global V, all shard sizes) from one all-gather of sizes."""
     sizes = _all_gather_sizes(weight_shard.shape[0], _comm_device(weight_shard, group), group)
     rank = dist.get_rank(group)
@@ -142,8 +142,10 @@ def _check_head(hidden, weight, labels, bias, prefix=""):
     if weight.dim() == 2 and weight.shape[0] == 0:  # an empty shard: check the rest
         V.check_tensor(f"{prefix}weight_shard", weight, floating=True)
         if weight.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"{prefix}weight_shard must have shape [V_shard, H] with H = {hidden.shape[-1]}, "
-                             f"got {tuple(weight.shape)}")
+            raise ValueError(
+                f"{prefix}weight_shard must have shape [V_shard, H] with H = {hidden.shape[-1]}, "
+                f"got {tuple(weight.shape)}"
+            )
         if weight.dtype != hidden.dtype:
             raise TypeError(f"{prefix}weight_shard.dtype ({weight.dtype}) must match hidden.dtype ({hidden.dtype})")
         return
@@ -177,16 +179,21 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         mod = D.backend_module(backend)
         out = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
         finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
-        D.check_finite({"hidden": h, "weight_shard": weight}, {"bias_shard": bias}, finite_results,
-                       dataclasses.asdict(transform))
+        D.check_finite(
+            {"hidden": h, "weight_shard": weight}, {"bias_shard": bias}, finite_results, dataclasses.asdict(transform)
+        )
         dtype = D.result_dtype(hidden.dtype)
 
         def scatter(t, fill_dtype=dtype):
             return hidden.new_empty(0, dtype=fill_dtype) if t is None else D.scatter(t, rows, n)
 
         logp, lse = scatter(out.logp), scatter(out.lse)
-        stats = [scatter(out.entropy), scatter(out.mean_logit), scatter(out.is_top1, torch.bool),
-                 scatter(out.log_sum_p2)]
+        stats = [
+            scatter(out.entropy),
+            scatter(out.mean_logit),
+            scatter(out.is_top1, torch.bool),
+            scatter(out.log_sum_p2),
+        ]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.params = (ignore_index, transform, backend, group, offset, vocab)
         ctx.mark_non_differentiable(lse, *stats)
@@ -204,8 +211,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         acc = D.result_dtype(hidden.dtype)
         # the single-process backward restricted to this shard's rows: labels elsewhere add no one-hot term
         d_h, d_w, d_b = D.backend_module(backend).backward(
-            pick(grad_logp).to(acc).contiguous(), pick(hidden).contiguous(), weight, bias, y,
-            pick(lse).to(acc).contiguous(), transform, need_h, need_w, need_b, vocab_start=offset)
+            pick(grad_logp).to(acc).contiguous(),
+            pick(hidden).contiguous(),
+            weight,
+            bias,
+            y,
+            pick(lse).to(acc).contiguous(),
+            transform,
+            need_h,
+            need_w,
+            need_b,
+            vocab_start=offset,
+        )
         if need_h:
             d_h = d_h.to(acc)  # summed over the ranks in float32 for 16-bit inputs
             if d_h.shape[0] > 0:  # only the valid tokens' rows travel; all ignored (on every rank): none
@@ -213,8 +230,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             if rows is not None:
                 d_h = torch.zeros(hidden.shape, dtype=d_h.dtype, device=d_h.device).index_copy_(0, rows, d_h)
             d_h = d_h.to(hidden.dtype)
-        return (d_h, None if d_w is None else d_w.to(weight.dtype), None if d_b is None else d_b.to(bias.dtype),
-                *([None] * 8))
+        return (
+            d_h,
+            None if d_w is None else d_w.to(weight.dtype),
+            None if d_b is None else d_b.to(bias.dtype),
+            *([None] * 8),
+        )
 
 
 @_disable_compile
@@ -222,16 +243,16 @@ def vocab_parallel_linear_logprobs(
     hidden: Tensor,
     weight_shard: Tensor,
     labels: Tensor,
-    bias_shard: Optional[Tensor] = None,
+    bias_shard: Tensor | None = None,
     *,
     process_group=None,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
-    logit_scale: Optional[float] = None,
-    softcap: Optional[float] = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
     return_stats: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ):
     """:func:`expo_kernels.linear_logprobs` with the LM head sharded along the vocabulary.
 
@@ -260,11 +281,23 @@ def vocab_parallel_linear_logprobs(
     _check_head(hidden, weight_shard, labels, bias_shard)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     offset, vocab, _ = _layout(weight_shard, group, vocab_size)
-    transform = LogitTransform(float(logit_scale) if logit_scale is not None else 1.0,
-                               float(softcap) if softcap is not None else None, float(temperature))
+    transform = LogitTransform(
+        float(logit_scale) if logit_scale is not None else 1.0,
+        float(softcap) if softcap is not None else None,
+        float(temperature),
+    )
     out = _VocabParallelLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, labels.reshape(-1), int(ignore_index),
-        transform, bool(return_stats), D.resolve_backend(backend, hidden.device, hidden.dtype), group, offset, vocab,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight_shard,
+        bias_shard,
+        labels.reshape(-1),
+        int(ignore_index),
+        transform,
+        bool(return_stats),
+        D.resolve_backend(backend, hidden.device, hidden.dtype),
+        group,
+        offset,
+        vocab,
     )
     logp = out[0].view(labels.shape)
     if not return_stats:
@@ -279,8 +312,21 @@ def vocab_parallel_linear_logprobs(
 
 class _VocabParallelTokenKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index, transform, backend,
-                group, vocab):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        labels,
+        ignore_index,
+        transform,
+        backend,
+        group,
+        vocab,
+    ):
         n = labels.shape[0]
         rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
         h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
@@ -288,16 +334,20 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         if h.shape[0] == 0:  # every token ignored, on every rank
             state = S.empty_token_kl_state(0, acc, h.device)
         else:
-            state = D.backend_module(backend).token_kl_forward_partial(h, weight, bias, hr, ref_weight, ref_bias,
-                                                                      transform)
+            state = D.backend_module(backend).token_kl_forward_partial(
+                h, weight, bias, hr, ref_weight, ref_bias, transform
+            )
             state = S.TokenKLState(*(t.to(acc) for t in state))
             maxes = _all_reduce(torch.stack([state.m_p, state.m_r]), dist.ReduceOp.MAX, group)
             sums = _all_reduce(S.token_kl_sum_fields(state, maxes[0], maxes[1]), dist.ReduceOp.SUM, group)
             state = S.TokenKLState(maxes[0], sums[0], maxes[1], sums[1], sums[2])
         kl, lse_p, lse_r = S.finalize_token_kl(state)
-        D.check_finite({"hidden": h, "weight_shard": weight, "ref_hidden": hr, "ref_weight_shard": ref_weight},
-                       {"bias_shard": bias, "ref_bias_shard": ref_bias}, (lse_p, lse_r),
-                       dataclasses.asdict(transform))
+        D.check_finite(
+            {"hidden": h, "weight_shard": weight, "ref_hidden": hr, "ref_weight_shard": ref_weight},
+            {"bias_shard": bias, "ref_bias_shard": ref_bias},
+            (lse_p, lse_r),
+            dataclasses.asdict(transform),
+        )
         kl, lse_p, lse_r = (D.scatter(t, rows, n) for t in (kl, lse_p, lse_r))
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r)
         ctx.params = (ignore_index, transform, backend, group, vocab)
@@ -309,7 +359,9 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r = ctx.saved_tensors
         ignore_index, transform, backend, group, vocab = ctx.params
         if any(ctx.needs_input_grad[3:6]):
-            raise RuntimeError("linear_token_kl: the reference head is frozen; detach ref_hidden / ref_weight / ref_bias")
+            raise RuntimeError(
+                "linear_token_kl: the reference head is frozen; detach ref_hidden / ref_weight / ref_bias"
+            )
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         acc = D.result_dtype(hidden.dtype)
@@ -318,8 +370,20 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         d_h = d_w = d_b = None
         if weight.shape[0] > 0 and h.shape[0] > 0:
             d_h, d_w, d_b = D.backend_module(backend).token_kl_backward(
-                pick(grad_kl).to(acc).contiguous(), h, weight, bias, pick(ref_hidden).contiguous(), ref_weight,
-                ref_bias, pick(lse_p), pick(lse_r), transform, need_h, need_w, need_b)
+                pick(grad_kl).to(acc).contiguous(),
+                h,
+                weight,
+                bias,
+                pick(ref_hidden).contiguous(),
+                ref_weight,
+                ref_bias,
+                pick(lse_p),
+                pick(lse_r),
+                transform,
+                need_h,
+                need_w,
+                need_b,
+            )
         if need_h:
             part = d_h.to(acc) if d_h is not None else torch.zeros(h.shape, dtype=acc, device=h.device)
             if part.shape[0] > 0:  # only the valid tokens' rows travel
@@ -341,24 +405,28 @@ def vocab_parallel_linear_token_kl(
     ref_hidden: Tensor,
     ref_weight_shard: Tensor,
     labels: Tensor,
-    bias_shard: Optional[Tensor] = None,
-    ref_bias_shard: Optional[Tensor] = None,
+    bias_shard: Tensor | None = None,
+    ref_bias_shard: Tensor | None = None,
     *,
     process_group=None,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
-    logit_scale: Optional[float] = None,
-    softcap: Optional[float] = None,
-    backend: Optional[str] = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """:func:`expo_kernels.linear_token_kl` with both heads sharded along the vocabulary the same way
     (``ref_weight_shard`` holds the same rows of the reference head as ``weight_shard`` of the policy's).
     Returns the global per-token ``KL(pi_ref || pi_theta)`` shaped like ``labels``; gradient to the
     policy head only (``d_hidden`` summed over the ranks, shard gradients local)."""
     group = _group(process_group)
-    for name, t in (("hidden", hidden), ("weight_shard", weight_shard), ("ref_hidden", ref_hidden),
-                    ("ref_weight_shard", ref_weight_shard)):
+    for name, t in (
+        ("hidden", hidden),
+        ("weight_shard", weight_shard),
+        ("ref_hidden", ref_hidden),
+        ("ref_weight_shard", ref_weight_shard),
+    ):
         V.check_tensor(name, t, floating=True)
     V.check_tensor("labels", labels, integer=True)
     if weight_shard.dim() != 2 or ref_weight_shard.dim() != 2:
@@ -366,17 +434,31 @@ def vocab_parallel_linear_token_kl(
     _check_head(hidden, weight_shard, labels, bias_shard)
     _check_head(ref_hidden, ref_weight_shard, labels, ref_bias_shard, prefix="ref_")
     if ref_weight_shard.shape[0] != weight_shard.shape[0]:
-        raise ValueError(f"ref_weight_shard must hold the same vocab rows as weight_shard: {weight_shard.shape[0]} "
-                         f"rows, got {ref_weight_shard.shape[0]}")
+        raise ValueError(
+            f"ref_weight_shard must hold the same vocab rows as weight_shard: {weight_shard.shape[0]} "
+            f"rows, got {ref_weight_shard.shape[0]}"
+        )
     if ref_hidden.dtype != hidden.dtype:
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     _, vocab, _ = _layout(weight_shard, group, vocab_size)
-    transform = LogitTransform(float(logit_scale) if logit_scale is not None else 1.0,
-                               float(softcap) if softcap is not None else None, float(temperature))
+    transform = LogitTransform(
+        float(logit_scale) if logit_scale is not None else 1.0,
+        float(softcap) if softcap is not None else None,
+        float(temperature),
+    )
     kl, _, _ = _VocabParallelTokenKL.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-        ref_weight_shard, ref_bias_shard, labels.reshape(-1), int(ignore_index), transform,
-        D.resolve_backend(backend, hidden.device, hidden.dtype), group, vocab,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight_shard,
+        bias_shard,
+        ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        ref_weight_shard,
+        ref_bias_shard,
+        labels.reshape(-1),
+        int(ignore_index),
+        transform,
+        D.resolve_backend(backend, hidden.device, hidden.dtype),
+        group,
+        vocab,
     )
     return kl.view(labels.shape)

@@ -11,9 +11,8 @@ The fused op needs three things a ``*ForCausalLM`` keeps inside its ``forward``:
   silently, so the transform comes from a table of known families and any other model type is refused
   unless the caller states its transform.
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
@@ -25,24 +24,24 @@ class UnknownLogitTransform(ValueError):
     """The model's output transform is not known to expo_kernels."""
 
 
-def _plain(cfg) -> Dict:
+def _plain(cfg) -> dict:
     return {}
 
 
-def _softcap(cfg) -> Dict:
+def _softcap(cfg) -> dict:
     # Gemma 2/3: logits = c * tanh(logits / c) with c = final_logit_softcapping (None: off)
     return {"softcap": getattr(cfg, "final_logit_softcapping", None)}
 
 
 def _multiply(attr: str):
-    def read(cfg) -> Dict:
+    def read(cfg) -> dict:
         return {"logit_scale": float(getattr(cfg, attr))}
 
     return read
 
 
 def _divide(attr: str):
-    def read(cfg) -> Dict:
+    def read(cfg) -> dict:
         return {"logit_scale": 1.0 / float(getattr(cfg, attr))}
 
     return read
@@ -51,10 +50,29 @@ def _divide(attr: str):
 # model_type -> reader of the transform from the (text) config. Each entry was checked against the
 # family's modeling_*.py in transformers 5.x: what happens between `lm_head(hidden_states)` and the loss.
 _TRANSFORMS = {
-    **{t: _plain for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi", "phi3",
-        "olmo", "olmo2", "gpt2", "gpt_neox", "starcoder2", "smollm3", "stablelm", "opt",
-    )},
+    **{
+        t: _plain
+        for t in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "phi",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "gpt2",
+            "gpt_neox",
+            "starcoder2",
+            "smollm3",
+            "stablelm",
+            "opt",
+        )
+    },
     "gemma2": _softcap,
     "gemma3": _softcap,
     "gemma3_text": _softcap,
@@ -74,7 +92,7 @@ def _text_config(model_or_config):
     return get() if callable(get) else cfg
 
 
-def logit_transform(model_or_config, *, temperature: float = 1.0, override: Optional[Dict] = None) -> Dict:
+def logit_transform(model_or_config, *, temperature: float = 1.0, override: dict | None = None) -> dict:
     """``dict(temperature=, logit_scale=, softcap=)`` for :func:`expo_kernels.linear_logprobs`.
 
     ``override`` states the transform of a model type not in :data:`SUPPORTED_MODEL_TYPES` (keys
@@ -101,7 +119,7 @@ def logit_transform(model_or_config, *, temperature: float = 1.0, override: Opti
     return {"temperature": float(temperature), "logit_scale": found.get("logit_scale"), "softcap": found.get("softcap")}
 
 
-def lm_head_parameters(model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [V, H], bias [V] | None)`` of the output layer, read at call time (PEFT and FSDP
     replace modules after construction)."""
     head = model.get_output_embeddings()

@@ -11,10 +11,11 @@ and MPO options; rpo and odpo; the reference-free cpo, simpo, alphapo and orpo; 
 apo_zero_unpaired; and expo. :mod:`.aggregate` turns per-token log-probs into the per-sequence inputs
 (sums, lengths, LD-DPO weighting, WPO weights) as TRL does.
 """
-from .registry import LOSSES, REQUIRED, HParam, LossSpec, get_loss_spec, register_loss
-from . import dpo_family, reference_free, unpaired, expo  # noqa: F401  (registration side effects)
+
+from . import dpo_family, expo, reference_free, unpaired  # noqa: F401  (registration side effects)
 from .aggregate import PairedLogps, aggregate_pair_logps, sequence_logps, wpo_weights
 from .api import preference_loss, preference_loss_and_metrics
+from .registry import LOSSES, REQUIRED, HParam, LossSpec, get_loss_spec, register_loss
 
 __all__ = [
     "preference_loss",

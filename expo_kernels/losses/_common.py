@@ -1,15 +1,16 @@
 """Shared pieces of the loss functions: the batch container, the loss output, input checks,
 f-divergence scores and the metric helpers."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .registry import HParam, non_negative, one_of, positive, real, unit_interval
+from .registry import HParam, one_of, positive, real, unit_interval
 
 Tensor = torch.Tensor
 
@@ -27,8 +28,8 @@ class LossTerms:
     """
 
     terms: Tensor
-    metrics: Callable[[], Dict[str, Tensor]]
-    coupled: Optional[str] = None
+    metrics: Callable[[], dict[str, Tensor]]
+    coupled: str | None = None
 
 
 @dataclass
@@ -44,28 +45,28 @@ class PreferenceBatch:
     kl_logps / ref_kl_logps: KTO's mismatched-pair log-probs for the KL baseline, ``[K]``; kl: scalar baseline.
     """
 
-    chosen: Optional[Tensor] = None
-    rejected: Optional[Tensor] = None
-    ref_chosen: Optional[Tensor] = None
-    ref_rejected: Optional[Tensor] = None
-    chosen_lengths: Optional[Tensor] = None
-    rejected_lengths: Optional[Tensor] = None
-    chosen_nll: Optional[Tensor] = None
-    offset: Optional[Tensor] = None
-    token_kl: Optional[Tensor] = None
-    policy_logps: Optional[Tensor] = None
-    ref_logps: Optional[Tensor] = None
-    is_desirable: Optional[Tensor] = None
-    kl_logps: Optional[Tensor] = None
-    ref_kl_logps: Optional[Tensor] = None
-    kl: Optional[Tensor] = None
+    chosen: Tensor | None = None
+    rejected: Tensor | None = None
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+    chosen_nll: Tensor | None = None
+    offset: Tensor | None = None
+    token_kl: Tensor | None = None
+    policy_logps: Tensor | None = None
+    ref_logps: Tensor | None = None
+    is_desirable: Tensor | None = None
+    kl_logps: Tensor | None = None
+    ref_kl_logps: Tensor | None = None
+    kl: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------
     @property
     def has_reference(self) -> bool:
         return self.ref_chosen is not None and self.ref_rejected is not None
 
-    def require_reference(self, loss: str, why: str = "") -> Tuple[Tensor, Tensor]:
+    def require_reference(self, loss: str, why: str = "") -> tuple[Tensor, Tensor]:
         if not self.has_reference:
             raise ValueError(
                 f"Loss {loss!r} needs the reference model's log-probs: pass `ref_chosen_logps` and "
@@ -73,12 +74,12 @@ class PreferenceBatch:
             )
         return self.ref_chosen, self.ref_rejected
 
-    def logratios(self, loss: str) -> Tuple[Tensor, Tensor]:
+    def logratios(self, loss: str) -> tuple[Tensor, Tensor]:
         """``(c - c_ref, r - r_ref)``."""
         rc, rr = self.require_reference(loss)
         return self.chosen - rc, self.rejected - rr
 
-    def lengths(self, loss: str) -> Tuple[Tensor, Tensor]:
+    def lengths(self, loss: str) -> tuple[Tensor, Tensor]:
         """Completion token counts in the log-probs' dtype, clamped to >= 1 (as TRL does)."""
         if self.chosen_lengths is None or self.rejected_lengths is None:
             raise ValueError(
@@ -88,12 +89,12 @@ class PreferenceBatch:
         dt = self.chosen.dtype
         return self.chosen_lengths.to(dt).clamp(min=1.0), self.rejected_lengths.to(dt).clamp(min=1.0)
 
-    def averages(self, loss: str) -> Tuple[Tensor, Tensor]:
+    def averages(self, loss: str) -> tuple[Tensor, Tensor]:
         """Length-averaged policy log-probs ``(c / |y_c|, r / |y_r|)``."""
         lc, lr = self.lengths(loss)
         return self.chosen / lc, self.rejected / lr
 
-    def nll(self, loss: str) -> Tuple[Tensor, Optional[str]]:
+    def nll(self, loss: str) -> tuple[Tensor, str | None]:
         """NLL of the chosen completions and, when it is a batch-level number, why it couples the batch.
 
         Default (as TRL's ``sft`` loss type and CPO's ``nn.CrossEntropyLoss`` compute it): the mean
@@ -137,9 +138,7 @@ F_DIV = HParam(
     "js_divergence: log 2 + log sigma(u); alpha_divergence: (exp((a-1)u)-1)/(a-1))",
     one_of(*F_DIVERGENCE_TYPES),
 )
-F_ALPHA = HParam(
-    "f_alpha_divergence_coef", 0.5, "alpha of the alpha-divergence (TRL's name and default)", real
-)
+F_ALPHA = HParam("f_alpha_divergence_coef", 0.5, "alpha of the alpha-divergence (TRL's name and default)", real)
 
 
 def label_smoothing(default: float = 0.0, *, low_open: bool = False, doc: str = "") -> HParam:
@@ -184,12 +183,10 @@ def f_divergence_scores(u: Tensor, kind: str, coef: float) -> Tensor:
         work = t if dtype == torch.float64 else t.float()
         work = torch.clamp(work, max=_ALPHA_CLAMP.get(dtype, 80.0))
         return (torch.exp(work) - 1.0).to(dtype) * (1.0 / (coef - 1.0))
-    raise ValueError(
-        f"Unknown f_divergence_type {kind!r}; expected one of {list(F_DIVERGENCE_TYPES)}."
-    )
+    raise ValueError(f"Unknown f_divergence_type {kind!r}; expected one of {list(F_DIVERGENCE_TYPES)}.")
 
 
-def scores(batch: PreferenceBatch, loss: str, hp: dict) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def scores(batch: PreferenceBatch, loss: str, hp: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(chosen_logratios, rejected_logratios, chosen_scores, rejected_scores)``."""
     hc, hr = batch.logratios(loss)
     kind = hp.get("f_divergence_type", "reverse_kl")
@@ -200,8 +197,9 @@ def scores(batch: PreferenceBatch, loss: str, hp: dict) -> Tuple[Tensor, Tensor,
 # ------------------------------------------------------------------------------------------------
 # Metrics
 # ------------------------------------------------------------------------------------------------
-def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor,
-                   rejected_logps: Tensor) -> Dict[str, Tensor]:
+def reward_metrics(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> dict[str, Tensor]:
     """TRL's reward metrics: batch means of the detached rewards / log-probs."""
     with torch.no_grad():
         cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
@@ -215,10 +213,10 @@ def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logp
         }
 
 
-def dpo_metrics(batch: PreferenceBatch, beta: float) -> Callable[[], Dict[str, Tensor]]:
+def dpo_metrics(batch: PreferenceBatch, beta: float) -> Callable[[], dict[str, Tensor]]:
     """Metrics of the reference-based losses: rewards ``beta * (logp - ref_logp)`` as TRL logs them."""
 
-    def make() -> Dict[str, Tensor]:
+    def make() -> dict[str, Tensor]:
         hc = batch.chosen - batch.ref_chosen
         hr = batch.rejected - batch.ref_rejected
         return reward_metrics(beta * hc, beta * hr, batch.chosen, batch.rejected)
@@ -226,6 +224,6 @@ def dpo_metrics(batch: PreferenceBatch, beta: float) -> Callable[[], Dict[str, T
     return make
 
 
-def logp_metrics(batch: PreferenceBatch) -> Dict[str, Tensor]:
+def logp_metrics(batch: PreferenceBatch) -> dict[str, Tensor]:
     with torch.no_grad():
         return {"logps/chosen": batch.chosen.detach().mean(), "logps/rejected": batch.rejected.detach().mean()}

@@ -11,9 +11,10 @@ rejected ones in the same order. ``per_token_logps`` is ``[R, T]``, aligned with
 ``t`` holds ``log p(label_t)``), ``completion_mask`` ``[R, T]`` is 1 on completion tokens (the
 label-aligned mask, i.e. TRL's ``completion_mask[:, 1:]``).
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 
@@ -36,13 +37,15 @@ class PairedLogps(NamedTuple):
     chosen_nll: Tensor
     """scalar: mean NLL over all chosen completion tokens of the batch, from the *unweighted* per-token
     log-probs (what TRL's ``sft`` loss type uses, also with ``ld_alpha``)."""
-    weights: Optional[Tensor]
+    weights: Tensor | None
     """``[B]`` WPO pair weights (detached), or None without ``log_sum_p2``."""
 
 
 def _check(per_token_logps: Tensor, completion_mask: Tensor, name: str = "per_token_logps") -> Tensor:
     if not isinstance(per_token_logps, torch.Tensor) or per_token_logps.dim() != 2:
-        raise ValueError(f"`{name}` must be a 2-D tensor [R, T]; got {getattr(per_token_logps, 'shape', per_token_logps)!r}.")
+        raise ValueError(
+            f"`{name}` must be a 2-D tensor [R, T]; got {getattr(per_token_logps, 'shape', per_token_logps)!r}."
+        )
     if not isinstance(completion_mask, torch.Tensor) or completion_mask.shape != per_token_logps.shape:
         raise ValueError(
             f"`completion_mask` must have the shape of `{name}` {tuple(per_token_logps.shape)}; got "
@@ -51,7 +54,7 @@ def _check(per_token_logps: Tensor, completion_mask: Tensor, name: str = "per_to
     return completion_mask.bool()
 
 
-def sequence_logps(per_token_logps: Tensor, completion_mask: Tensor) -> Tuple[Tensor, Tensor]:
+def sequence_logps(per_token_logps: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(sums [R], lengths [R])``: completion log-probs summed per row and completion token counts."""
     mask = _check(per_token_logps, completion_mask)
     sums = torch.where(mask, per_token_logps, torch.zeros_like(per_token_logps)).sum(dim=1)
@@ -85,8 +88,8 @@ def aggregate_pair_logps(
     per_token_logps: Tensor,
     completion_mask: Tensor,
     *,
-    ld_alpha: Optional[float] = None,
-    log_sum_p2: Optional[Tensor] = None,
+    ld_alpha: float | None = None,
+    log_sum_p2: Tensor | None = None,
 ) -> PairedLogps:
     """Per-sequence numbers of a paired batch from its per-token log-probs.
 

@@ -1,16 +1,18 @@
 """The public entry points: :func:`preference_loss` and :func:`preference_loss_and_metrics`."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ._common import F_DIVERGENCE_LOSSES, F_DIVERGENCE_TYPES, LossTerms, PreferenceBatch
-from .registry import LOSSES, HParamTypeError, LossSpec, _names, as_real, describe, get_loss_spec
+from .registry import HParamTypeError, LossSpec, _names, as_real, describe, get_loss_spec
 
 Tensor = torch.Tensor
-Number = Union[int, float]
+Number = int | float
 
 __all__ = ["preference_loss", "preference_loss_and_metrics"]
 
@@ -25,7 +27,7 @@ def check_reduction(reduction: Any) -> None:
         raise ValueError(f"`reduction` must be one of {list(_REDUCTIONS)}; got {reduction!r}.")
 
 
-def check_loss_weights(loss_weights: Any, names: Sequence[str]) -> List[float]:
+def check_loss_weights(loss_weights: Any, names: Sequence[str]) -> list[float]:
     """One finite real number per loss (default 1 each)."""
     if loss_weights is None:
         return [1.0] * len(names)
@@ -57,8 +59,9 @@ def _check_is_desirable(x: Any, n: int, device) -> Tensor:
         if isinstance(x, (list, tuple)) and all(isinstance(v, bool) or type(v).__name__ == "bool_" for v in x):
             x = torch.tensor([bool(v) for v in x], dtype=torch.bool)
         else:
-            raise HParamTypeError(f"`is_desirable` must be a bool tensor (or list of bools) of shape ({n},); "
-                                  f"got {type(x).__name__}.")
+            raise HParamTypeError(
+                f"`is_desirable` must be a bool tensor (or list of bools) of shape ({n},); got {type(x).__name__}."
+            )
     if x.dim() != 1 or x.shape[0] != n:
         raise ValueError(f"`is_desirable` must have shape ({n},); got {tuple(x.shape)}.")
     if x.dtype != torch.bool:
@@ -69,7 +72,7 @@ def _check_is_desirable(x: Any, n: int, device) -> Tensor:
     return x.to(device).bool()
 
 
-def _check_finite(result: Tensor, names: Sequence[str], hparams: Dict[str, Any], **inputs: Any) -> None:
+def _check_finite(result: Tensor, names: Sequence[str], hparams: dict[str, Any], **inputs: Any) -> None:
     """A NaN / inf loss is an error, not a number to train on: name the input that caused it.
 
     One device sync on the (reduced) result; the inputs are only looked at once it is non-finite.
@@ -77,8 +80,11 @@ def _check_finite(result: Tensor, names: Sequence[str], hparams: Dict[str, Any],
     if bool(torch.isfinite(result.detach()).all()):
         return
     for key, t in inputs.items():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) \
-                and not bool(torch.isfinite(t.detach()).all()):
+        if (
+            isinstance(t, torch.Tensor)
+            and (t.is_floating_point() or t.is_complex())
+            and not bool(torch.isfinite(t.detach()).all())
+        ):
             raise ValueError(f"`{key}` contains NaN or inf values (the loss came out non-finite).")
     raise ValueError(
         f"Loss {list(names) if len(names) > 1 else names[0]!r} came out non-finite from finite inputs: it "
@@ -90,7 +96,7 @@ def _check_finite(result: Tensor, names: Sequence[str], hparams: Dict[str, Any],
 # ------------------------------------------------------------------------------------------------
 # input checks
 # ------------------------------------------------------------------------------------------------
-def _float_vector(name: str, x: Any, n: Optional[int] = None) -> Tensor:
+def _float_vector(name: str, x: Any, n: int | None = None) -> Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch.Tensor of shape [B]; got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -131,12 +137,10 @@ def _scalar_or_vector(name: str, x: Any, n: int, like: Tensor, allowed: Sequence
 _FDIV_KEYS = ("f_divergence_type", "f_alpha_divergence_coef")
 
 
-def _check_hparams(specs: Sequence[LossSpec], hparams: Dict[str, Any]) -> None:
+def _check_hparams(specs: Sequence[LossSpec], hparams: dict[str, Any]) -> None:
     fdiv = hparams.get("f_divergence_type", "reverse_kl")
     if not isinstance(fdiv, str):
-        raise HParamTypeError(
-            f"`f_divergence_type` must be one of {list(F_DIVERGENCE_TYPES)}; got {describe(fdiv)}."
-        )
+        raise HParamTypeError(f"`f_divergence_type` must be one of {list(F_DIVERGENCE_TYPES)}; got {describe(fdiv)}.")
     # checked here too: a loss that does not take it would otherwise never look at it
     coef = hparams.get("f_alpha_divergence_coef", 0.5)
     v = as_real(coef)
@@ -145,9 +149,7 @@ def _check_hparams(specs: Sequence[LossSpec], hparams: Dict[str, Any]) -> None:
     if not math.isfinite(v):
         raise ValueError(f"`f_alpha_divergence_coef` must be a finite real number; got {coef!r}.")
     if fdiv not in F_DIVERGENCE_TYPES:
-        raise ValueError(
-            f"Unknown f_divergence_type {fdiv!r}; expected one of {list(F_DIVERGENCE_TYPES)}."
-        )
+        raise ValueError(f"Unknown f_divergence_type {fdiv!r}; expected one of {list(F_DIVERGENCE_TYPES)}.")
     if fdiv != "reverse_kl":
         bad = [s.name for s in specs if s.name not in F_DIVERGENCE_LOSSES]
         if bad:
@@ -173,9 +175,21 @@ check_hparams = _check_hparams
 
 def _build_batch(
     specs: Sequence[LossSpec],
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-    chosen_lengths, rejected_lengths, chosen_nll, offset, token_kl,
-    policy_logps, ref_logps, is_desirable, kl_logps, ref_kl_logps, kl,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    chosen_nll,
+    offset,
+    token_kl,
+    policy_logps,
+    ref_logps,
+    is_desirable,
+    kl_logps,
+    ref_kl_logps,
+    kl,
 ) -> PreferenceBatch:
     paired = specs[0].paired
     names = [s.name for s in specs]
@@ -185,11 +199,28 @@ def _build_batch(
         raise ValueError(f"`token_kl` is only used by the 'expo' loss, not by {names}.")
 
     if not paired:
-        return _build_unpaired(specs[0].name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                               policy_logps, ref_logps, is_desirable, kl_logps, ref_kl_logps, kl)
+        return _build_unpaired(
+            specs[0].name,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            policy_logps,
+            ref_logps,
+            is_desirable,
+            kl_logps,
+            ref_kl_logps,
+            kl,
+        )
 
-    unpaired_args = {"policy_logps": policy_logps, "ref_logps": ref_logps, "is_desirable": is_desirable,
-                     "kl_logps": kl_logps, "ref_kl_logps": ref_kl_logps, "kl": kl}
+    unpaired_args = {
+        "policy_logps": policy_logps,
+        "ref_logps": ref_logps,
+        "is_desirable": is_desirable,
+        "kl_logps": kl_logps,
+        "ref_kl_logps": ref_kl_logps,
+        "kl": kl,
+    }
     given = [k for k, v in unpaired_args.items() if v is not None]
     if given:
         raise ValueError(f"{given} are inputs of the unpaired losses (kto, apo_zero_unpaired), not of {names}.")
@@ -211,12 +242,32 @@ def _build_batch(
     nll = None if chosen_nll is None else _scalar_or_vector("chosen_nll", chosen_nll, n, c, (n,))
     off = None if offset is None else _scalar_or_vector("offset", offset, n, c, (n,))
     tk = None if token_kl is None else _scalar_or_vector("token_kl", token_kl, n, c, (n, 2 * n))
-    return PreferenceBatch(chosen=c, rejected=r, ref_chosen=rc, ref_rejected=rr, chosen_lengths=lc,
-                           rejected_lengths=lr, chosen_nll=nll, offset=off, token_kl=tk)
+    return PreferenceBatch(
+        chosen=c,
+        rejected=r,
+        ref_chosen=rc,
+        ref_rejected=rr,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        chosen_nll=nll,
+        offset=off,
+        token_kl=tk,
+    )
 
 
-def _build_unpaired(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    policy_logps, ref_logps, is_desirable, kl_logps, ref_kl_logps, kl) -> PreferenceBatch:
+def _build_unpaired(
+    name,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    policy_logps,
+    ref_logps,
+    is_desirable,
+    kl_logps,
+    ref_kl_logps,
+    kl,
+) -> PreferenceBatch:
     if policy_logps is not None:
         if chosen_logps is not None or rejected_logps is not None:
             raise ValueError(
@@ -229,9 +280,12 @@ def _build_unpaired(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_re
             raise ValueError("`policy_logps` is empty.")
         ref = None if ref_logps is None else _float_vector("ref_logps", ref_logps, n)
         if is_desirable is None:
-            raise ValueError(f"Loss {name!r}: `is_desirable` ([N] bool, True = desirable) is required with `policy_logps`.")
-        batch = PreferenceBatch(policy_logps=pol, ref_logps=ref,
-                                is_desirable=_check_is_desirable(is_desirable, n, pol.device))
+            raise ValueError(
+                f"Loss {name!r}: `is_desirable` ([N] bool, True = desirable) is required with `policy_logps`."
+            )
+        batch = PreferenceBatch(
+            policy_logps=pol, ref_logps=ref, is_desirable=_check_is_desirable(is_desirable, n, pol.device)
+        )
         like = pol
     else:
         if chosen_logps is None or rejected_logps is None:
@@ -267,10 +321,28 @@ def _build_unpaired(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_re
 # entry points
 # ------------------------------------------------------------------------------------------------
 def _compute(
-    name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, reduction, loss_weights,
-    weights, chosen_lengths, rejected_lengths, chosen_nll, offset, token_kl, policy_logps, ref_logps,
-    is_desirable, kl_logps, ref_kl_logps, kl, hparams,
-) -> Tuple[Tensor, List[Tuple[str, float, LossTerms]]]:
+    name,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    reduction,
+    loss_weights,
+    weights,
+    chosen_lengths,
+    rejected_lengths,
+    chosen_nll,
+    offset,
+    token_kl,
+    policy_logps,
+    ref_logps,
+    is_desirable,
+    kl_logps,
+    ref_kl_logps,
+    kl,
+    hparams,
+) -> tuple[Tensor, list[tuple[str, float, LossTerms]]]:
     names = _names(name)
     specs = [get_loss_spec(n) for n in names]
     check_reduction(reduction)
@@ -280,12 +352,29 @@ def _compute(
             f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with other losses; got {list(names)}."
         )
     _check_hparams(specs, hparams)
-    batch = _build_batch(specs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                         chosen_lengths, rejected_lengths, chosen_nll, offset, token_kl,
-                         policy_logps, ref_logps, is_desirable, kl_logps, ref_kl_logps, kl)
+    batch = _build_batch(
+        specs,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        chosen_nll,
+        offset,
+        token_kl,
+        policy_logps,
+        ref_logps,
+        is_desirable,
+        kl_logps,
+        ref_kl_logps,
+        kl,
+    )
     if weights is not None:
         if not specs[0].paired:
-            raise ValueError(f"`weights` are per-pair (WPO) weights; the unpaired loss {names[0]!r} does not take them.")
+            raise ValueError(
+                f"`weights` are per-pair (WPO) weights; the unpaired loss {names[0]!r} does not take them."
+            )
         coupled = [s.name for s in specs if s.batch_coupled]
         if coupled:
             raise ValueError(
@@ -294,9 +383,9 @@ def _compute(
             )
         weights = _float_vector("weights", weights, batch.chosen.shape[0])
 
-    parts: List[Tuple[str, float, LossTerms]] = []
-    total: Optional[Tensor] = None
-    for spec, lw in zip(specs, lws):
+    parts: list[tuple[str, float, LossTerms]] = []
+    total: Tensor | None = None
+    for spec, lw in zip(specs, lws, strict=False):
         hp = spec.resolve(hparams)
         out = spec.fn(batch, hp)
         parts.append((spec.name, float(lw), out))
@@ -309,40 +398,53 @@ def _compute(
         reasons = [(n, p.coupled) for n, _, p in parts if p.coupled is not None]
         if reasons:
             n, why = reasons[0]
-            raise ValueError(
-                f"reduction='none' is not available for loss {n!r}: {why}. Use reduction='mean' or 'sum'."
-            )
+            raise ValueError(f"reduction='none' is not available for loss {n!r}: {why}. Use reduction='mean' or 'sum'.")
     else:
         total = total.mean() if reduction == "mean" else total.sum()
-    _check_finite(total, names, hparams, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, weights=weights,
-                  chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, chosen_nll=batch.chosen_nll,
-                  offset=batch.offset, token_kl=batch.token_kl, policy_logps=policy_logps, ref_logps=ref_logps,
-                  kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=batch.kl)
+    _check_finite(
+        total,
+        names,
+        hparams,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        weights=weights,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll=batch.chosen_nll,
+        offset=batch.offset,
+        token_kl=batch.token_kl,
+        policy_logps=policy_logps,
+        ref_logps=ref_logps,
+        kl_logps=kl_logps,
+        ref_kl_logps=ref_kl_logps,
+        kl=batch.kl,
+    )
     return total, parts
 
 
 def preference_loss(
-    name: Union[str, Sequence[str]],
-    chosen_logps: Optional[Tensor] = None,
-    rejected_logps: Optional[Tensor] = None,
-    ref_chosen_logps: Optional[Tensor] = None,
-    ref_rejected_logps: Optional[Tensor] = None,
+    name: str | Sequence[str],
+    chosen_logps: Tensor | None = None,
+    rejected_logps: Tensor | None = None,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
     *,
     reduction: str = "mean",
-    loss_weights: Optional[Sequence[float]] = None,
-    weights: Optional[Tensor] = None,
-    chosen_lengths: Optional[Tensor] = None,
-    rejected_lengths: Optional[Tensor] = None,
-    chosen_nll: Optional[Union[Tensor, Number]] = None,
-    offset: Optional[Union[Tensor, Number]] = None,
-    token_kl: Optional[Union[Tensor, Number]] = None,
-    policy_logps: Optional[Tensor] = None,
-    ref_logps: Optional[Tensor] = None,
-    is_desirable: Optional[Tensor] = None,
-    kl_logps: Optional[Tensor] = None,
-    ref_kl_logps: Optional[Tensor] = None,
-    kl: Optional[Union[Tensor, Number]] = None,
+    loss_weights: Sequence[float] | None = None,
+    weights: Tensor | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    chosen_nll: Tensor | Number | None = None,
+    offset: Tensor | Number | None = None,
+    token_kl: Tensor | Number | None = None,
+    policy_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    is_desirable: Tensor | None = None,
+    kl_logps: Tensor | None = None,
+    ref_kl_logps: Tensor | None = None,
+    kl: Tensor | Number | None = None,
     **hparams: Any,
 ) -> Tensor:
     """A sequence-level preference loss, differentiable w.r.t. every log-prob input.
@@ -381,23 +483,38 @@ def preference_loss(
         A scalar for ``"mean"``/``"sum"``, else a ``[B]`` tensor, in the inputs' dtype.
     """
     loss, _ = _compute(
-        name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, reduction=reduction,
-        loss_weights=loss_weights, weights=weights, chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths, chosen_nll=chosen_nll, offset=offset, token_kl=token_kl,
-        policy_logps=policy_logps, ref_logps=ref_logps, is_desirable=is_desirable, kl_logps=kl_logps,
-        ref_kl_logps=ref_kl_logps, kl=kl, hparams=hparams,
+        name,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        reduction=reduction,
+        loss_weights=loss_weights,
+        weights=weights,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll=chosen_nll,
+        offset=offset,
+        token_kl=token_kl,
+        policy_logps=policy_logps,
+        ref_logps=ref_logps,
+        is_desirable=is_desirable,
+        kl_logps=kl_logps,
+        ref_kl_logps=ref_kl_logps,
+        kl=kl,
+        hparams=hparams,
     )
     return loss
 
 
 def preference_loss_and_metrics(
-    name: Union[str, Sequence[str]],
-    chosen_logps: Optional[Tensor] = None,
-    rejected_logps: Optional[Tensor] = None,
-    ref_chosen_logps: Optional[Tensor] = None,
-    ref_rejected_logps: Optional[Tensor] = None,
+    name: str | Sequence[str],
+    chosen_logps: Tensor | None = None,
+    rejected_logps: Tensor | None = None,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
     **kwargs: Any,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`preference_loss` plus its metrics: ``(loss, metrics)``.
 
     ``metrics`` maps TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
@@ -407,13 +524,25 @@ def preference_loss_and_metrics(
     are kept, and ``loss/<name>`` holds each component's mean.
     """
     kw = dict(kwargs)
-    signature = ("loss_weights", "weights", "chosen_lengths", "rejected_lengths", "chosen_nll",
-                 "offset", "token_kl", "policy_logps", "ref_logps", "is_desirable", "kl_logps", "ref_kl_logps", "kl")
+    signature = (
+        "loss_weights",
+        "weights",
+        "chosen_lengths",
+        "rejected_lengths",
+        "chosen_nll",
+        "offset",
+        "token_kl",
+        "policy_logps",
+        "ref_logps",
+        "is_desirable",
+        "kl_logps",
+        "ref_kl_logps",
+        "kl",
+    )
     args = {k: kw.pop(k, None) for k in signature}
     args["reduction"] = kw.pop("reduction", "mean")  # an explicit None or "" is checked, not defaulted
-    loss, parts = _compute(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                           hparams=kw, **args)
-    metrics: Dict[str, Tensor] = {}
+    loss, parts = _compute(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, hparams=kw, **args)
+    metrics: dict[str, Tensor] = {}
     for _, _, p in parts:
         for k, v in p.metrics().items():
             metrics.setdefault(k, v)

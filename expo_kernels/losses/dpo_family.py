@@ -7,6 +7,7 @@ with an f-divergence, ``sc = f(hc)``, ``sr = f(hr)`` (identity for the default r
 TRL 1.16, with the exceptions noted on ``sigmoid`` (cDPO label smoothing) and ``bco_pair`` (optional
 baseline ``delta``).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,14 @@ def _smoothed_logsigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register_loss(
     "sigmoid",
-    hparams=(BETA, label_smoothing(doc="cDPO label smoothing eps in [0, 0.5): the preference label is "
-                                      "trusted with probability 1-eps (TRL 1.16's sigmoid ignores it)"), *_FDIV),
+    hparams=(
+        BETA,
+        label_smoothing(
+            doc="cDPO label smoothing eps in [0, 0.5): the preference label is "
+            "trusted with probability 1-eps (TRL 1.16's sigmoid ignores it)"
+        ),
+        *_FDIV,
+    ),
     description="DPO: -log sigma(beta m); with label_smoothing eps, cDPO's -(1-eps)log sigma(beta m) - eps log sigma(-beta m)",
 )
 def _sigmoid(batch: PreferenceBatch, hp: dict, loss: str = "sigmoid") -> LossTerms:

@@ -16,6 +16,7 @@ beta); the reference enters only through the explicit KL regulariser, estimated 
 The paper's "regression" variant is not implemented: its formula is not public in any source we
 could check.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,10 +31,19 @@ KL_ESTIMATORS = ("sequence", "pair", "token")
 @register_loss(
     "expo",
     hparams=(
-        HParam("lam", REQUIRED, "weight lambda >= 0 of the KL(pi_ref || pi_theta) regulariser (no published default)",
-               non_negative),
-        HParam("kl_estimator", "sequence", "how KL(pi_ref || pi_theta) is estimated: 'sequence', 'pair' or 'token' "
-               "(token needs `token_kl` from the fused module)", one_of(*KL_ESTIMATORS)),
+        HParam(
+            "lam",
+            REQUIRED,
+            "weight lambda >= 0 of the KL(pi_ref || pi_theta) regulariser (no published default)",
+            non_negative,
+        ),
+        HParam(
+            "kl_estimator",
+            "sequence",
+            "how KL(pi_ref || pi_theta) is estimated: 'sequence', 'pair' or 'token' "
+            "(token needs `token_kl` from the fused module)",
+            one_of(*KL_ESTIMATORS),
+        ),
     ),
     reference="optional",
     description="EXPO: softplus(-(c - r)) + lam * KL(pi_ref || pi_theta), KL by the chosen estimator",

@@ -11,6 +11,7 @@ completion tokens of the batch, ``-sum(c) / sum(|y_c|)``, which is what TRL's CP
 ``nn.CrossEntropyLoss`` on the chosen completion labels. TRL's ORPO instead averages over prompt *and*
 completion tokens of the chosen sequences; pass that number as ``chosen_nll`` to reproduce it.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,14 +33,11 @@ _ALPHAPO = HParam(
 _CPO_VARIANTS = ("sigmoid", "hinge", "ipo", "simpo")
 
 
-def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alpha: float,
-              alpha: float) -> LossTerms:
+def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alpha: float, alpha: float) -> LossTerms:
     beta = hp["beta"]
     eps = hp.get("label_smoothing", 0.0)
     if variant in ("hinge", "ipo") and eps != 0.0:
-        raise ValueError(
-            f"Loss {loss!r}: `label_smoothing` is not used by the {variant!r} variant; set it to 0."
-        )
+        raise ValueError(f"Loss {loss!r}: `label_smoothing` is not used by the {variant!r} variant; set it to 0.")
     # TRL averages the log-probs over completion tokens for the ipo and simpo variants.
     if variant in ("ipo", "simpo"):
         pc, pr = batch.averages(loss)
@@ -77,8 +75,9 @@ def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alp
     def metrics():
         out = reward_metrics(beta * rc, beta * rr, pc, pr)
         with torch.no_grad():
-            out["nll_loss"] = nll.detach().mean() if nll is not None else torch.zeros((), dtype=pc.dtype,
-                                                                                       device=pc.device)
+            out["nll_loss"] = (
+                nll.detach().mean() if nll is not None else torch.zeros((), dtype=pc.dtype, device=pc.device)
+            )
         return out
 
     return LossTerms(terms, metrics, coupled=coupled)
@@ -90,8 +89,12 @@ def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alp
         BETA,
         label_smoothing(doc="conservative label smoothing of the sigmoid/simpo variants, in [0, 0.5)"),
         HParam("cpo_alpha", 1.0, "weight of the chosen NLL (behaviour-cloning) term (TRL default 1.0)", non_negative),
-        HParam("cpo_loss_type", "sigmoid", "preference term: sigmoid (CPO), hinge, ipo or simpo (TRL's loss_type)",
-               one_of(*_CPO_VARIANTS)),
+        HParam(
+            "cpo_loss_type",
+            "sigmoid",
+            "preference term: sigmoid (CPO), hinge, ipo or simpo (TRL's loss_type)",
+            one_of(*_CPO_VARIANTS),
+        ),
         _GAMMA,
         _ALPHAPO,
     ),
@@ -150,8 +153,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 @register_loss(
     "orpo",
-    hparams=(HParam("beta", 0.1, "lambda, weight of the odds-ratio term (TRL's ORPO `beta`, default 0.1)",
-                    positive),),
+    hparams=(HParam("beta", 0.1, "lambda, weight of the odds-ratio term (TRL's ORPO `beta`, default 0.1)", positive),),
     reference="none",
     needs_lengths=True,
     needs_nll=True,

@@ -18,13 +18,15 @@ Adding a loss::
         ...
         return LossTerms(terms=per_pair, metrics=lambda: {...})
 """
+
 from __future__ import annotations
 
 import difflib
 import math
 import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 __all__ = [
     "REQUIRED",
@@ -66,7 +68,7 @@ REQUIRED: Any = _Required()
 # Range checks. Each returns None when the value is valid, else the text "expected ..." used in the
 # ValueError raised by the spec.
 # --------------------------------------------------------------------------------------------------
-def as_real(value: Any) -> Optional[float]:
+def as_real(value: Any) -> float | None:
     """``value`` as a float when it is a real number, else None.
 
     Accepted: int / float (not bool), numpy real scalars and 0-dim real tensors. Strings are refused:
@@ -80,8 +82,7 @@ def as_real(value: Any) -> Optional[float]:
         import torch
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
-            and value.dtype != torch.bool:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
         return float(value.item())
     return None
 
@@ -97,7 +98,7 @@ def _number_check(fn: Callable) -> Callable:
 
 
 @_number_check
-def real(value: Any) -> Optional[str]:
+def real(value: Any) -> str | None:
     """Any finite real number."""
     v = as_real(value)
     if v is None or not math.isfinite(v):
@@ -106,7 +107,7 @@ def real(value: Any) -> Optional[str]:
 
 
 @_number_check
-def positive(value: Any) -> Optional[str]:
+def positive(value: Any) -> str | None:
     """A finite number > 0."""
     v = as_real(value)
     if v is None or not math.isfinite(v) or v <= 0:
@@ -115,7 +116,7 @@ def positive(value: Any) -> Optional[str]:
 
 
 @_number_check
-def non_negative(value: Any) -> Optional[str]:
+def non_negative(value: Any) -> str | None:
     """A finite number >= 0."""
     v = as_real(value)
     if v is None or not math.isfinite(v) or v < 0:
@@ -127,7 +128,7 @@ def unit_interval(low: float, high: float, *, low_open: bool = False, high_open:
     """A number in an interval, e.g. ``unit_interval(0, 0.5)`` is ``[0, 0.5)``."""
     text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
-    def check(value: Any) -> Optional[str]:
+    def check(value: Any) -> str | None:
         v = as_real(value)
         if v is None or not math.isfinite(v):
             return f"a number in {text}"
@@ -142,7 +143,7 @@ def unit_interval(low: float, high: float, *, low_open: bool = False, high_open:
 def one_of(*choices: str) -> Callable:
     """One of the given strings."""
 
-    def check(value: Any) -> Optional[str]:
+    def check(value: Any) -> str | None:
         # isinstance first: `tensor in choices` would compare element-wise
         if not isinstance(value, str) or value not in choices:
             return f"one of {list(choices)}"
@@ -160,7 +161,7 @@ class HParam:
     name: str
     default: Any
     doc: str
-    check: Optional[Callable[[Any], Optional[str]]] = None
+    check: Callable[[Any], str | None] | None = None
 
     @property
     def required(self) -> bool:
@@ -226,19 +227,19 @@ class LossSpec:
         return self.reference == "required"
 
     @property
-    def defaults(self) -> Dict[str, Any]:
+    def defaults(self) -> dict[str, Any]:
         """The default value of each hyperparameter (``REQUIRED`` where there is none)."""
         return {k: h.default for k, h in self.hparams.items()}
 
-    def canonical(self, key: str) -> Optional[str]:
+    def canonical(self, key: str) -> str | None:
         if key in self.hparams:
             return key
         return self.aliases.get(key)
 
-    def resolve(self, hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    def resolve(self, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults, map aliases, validate ranges. Keys this loss does not know are ignored here
         (the caller checks that each passed key is known to at least one loss)."""
-        out: Dict[str, Any] = {}
+        out: dict[str, Any] = {}
         for key, value in hparams.items():
             canon = self.canonical(key)
             if canon is None:
@@ -263,7 +264,7 @@ class LossSpec:
         return f"LossSpec({self.name!r}, reference={self.reference!r}, hparams=({hp}))"
 
 
-LOSSES: Dict[str, LossSpec] = {}
+LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
@@ -276,7 +277,7 @@ def register_loss(
     paired: bool = True,
     batch_coupled: bool = False,
     description: str = "",
-    aliases: Optional[Mapping[str, str]] = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> Callable:
     """Decorator registering ``fn(batch, hp) -> LossTerms`` in :data:`LOSSES` under ``name``."""
     if reference not in ("required", "optional", "none"):
@@ -311,12 +312,10 @@ def get_loss_spec(name: str) -> LossSpec:
     except KeyError:
         close = difflib.get_close_matches(name, list(LOSSES), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"Unknown preference loss {name!r}.{hint} Known losses: {sorted(LOSSES)}."
-        ) from None
+        raise ValueError(f"Unknown preference loss {name!r}.{hint} Known losses: {sorted(LOSSES)}.") from None
 
 
-def _names(name: Any) -> Tuple[str, ...]:
+def _names(name: Any) -> tuple[str, ...]:
     if isinstance(name, str):
         return (name,)
     if isinstance(name, (list, tuple)) and len(name) > 0 and all(isinstance(n, str) for n in name):

@@ -11,9 +11,8 @@ loss is the mean over all examples. Inputs come either as ``policy_logps, ref_lo
 (one entry per example, any order) or in the chosen/rejected form (chosen = desirable, rejected =
 undesirable; the two may have different sizes).
 """
-from __future__ import annotations
 
-from typing import Tuple
+from __future__ import annotations
 
 import torch
 
@@ -26,7 +25,7 @@ _WEIGHTS = (
 )
 
 
-def _examples(batch: PreferenceBatch, loss: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _examples(batch: PreferenceBatch, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(policy_logps, ref_logps, is_desirable)`` of all examples, ``[N]`` each."""
     if batch.policy_logps is not None:
         if batch.ref_logps is None:
@@ -35,10 +34,12 @@ def _examples(batch: PreferenceBatch, loss: str) -> Tuple[torch.Tensor, torch.Te
     rc, rr = batch.require_reference(loss)
     pol = torch.cat([batch.chosen, batch.rejected])
     ref = torch.cat([rc, rr])
-    lab = torch.cat([
-        torch.ones(batch.chosen.shape[0], dtype=torch.bool, device=pol.device),
-        torch.zeros(batch.rejected.shape[0], dtype=torch.bool, device=pol.device),
-    ])
+    lab = torch.cat(
+        [
+            torch.ones(batch.chosen.shape[0], dtype=torch.bool, device=pol.device),
+            torch.zeros(batch.rejected.shape[0], dtype=torch.bool, device=pol.device),
+        ]
+    )
     return pol, ref, lab
 
 
@@ -75,8 +76,10 @@ def _kto(batch: PreferenceBatch, hp: dict) -> LossTerms:
         z0 = batch.kl.detach()
     elif batch.kl_logps is not None:
         if batch.ref_kl_logps is None:
-            raise ValueError("Loss 'kto': `kl_logps` was given without `ref_kl_logps` (reference log-probs of the "
-                             "same mismatched completions).")
+            raise ValueError(
+                "Loss 'kto': `kl_logps` was given without `ref_kl_logps` (reference log-probs of the "
+                "same mismatched completions)."
+            )
         if batch.kl_logps.numel() <= 1:
             raise ValueError(
                 "Loss 'kto': the KL baseline needs a batch of more than 1 example (got kl_logps of size "
@@ -85,7 +88,9 @@ def _kto(batch: PreferenceBatch, hp: dict) -> LossTerms:
             )
         # TRL: mean over the mismatched pairs, detached, clamped at 0 (after the cross-process mean).
         z0 = (batch.kl_logps - batch.ref_kl_logps).mean().detach().clamp(min=0)
-        coupled = "its KL baseline z0 is a statistic of the whole batch; pass a precomputed `kl=` for per-example values"
+        coupled = (
+            "its KL baseline z0 is a statistic of the whole batch; pass a precomputed `kl=` for per-example values"
+        )
     else:
         raise ValueError(
             "Loss 'kto' needs a KL baseline: pass `kl_logps` and `ref_kl_logps` (policy / reference log-probs of "

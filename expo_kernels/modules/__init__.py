@@ -21,6 +21,7 @@ count. Unpaired losses (KTO) take one row per example and ``is_desirable``.
 * :mod:`.unpaired`: :class:`FusedLinearUnpairedLoss` (KTO-style) and :class:`FusedLinearKTOLoss`;
   ``FusedLinearPreferenceLoss("kto", ...)`` returns a :class:`FusedLinearUnpairedLoss`.
 """
+
 from ._base import PreferenceLossOutput
 from .paired import (
     FusedLinearDPOLoss,

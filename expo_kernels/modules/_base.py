@@ -1,9 +1,11 @@
 """What the paired and the unpaired front ends share: construction-time validation, the policy and
 reference passes over the LM head, the token metrics, the output dataclass."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +16,14 @@ from ..losses import LOSSES, get_loss_spec, preference_loss, preference_loss_and
 from ..losses.api import check_hparams, check_loss_weights
 from ..losses.registry import HParamTypeError, as_real, describe, loss_names
 
-__all__ = ["PreferenceLossOutput", "TokenPasses", "FusedLinearLossBase", "require_rows", "masked_mean",
-           "is_unpaired_loss"]
+__all__ = [
+    "PreferenceLossOutput",
+    "TokenPasses",
+    "FusedLinearLossBase",
+    "require_rows",
+    "masked_mean",
+    "is_unpaired_loss",
+]
 
 
 @dataclass
@@ -30,10 +38,10 @@ class PreferenceLossOutput:
     """
 
     loss: Tensor
-    metrics: Dict[str, Tensor]
+    metrics: dict[str, Tensor]
     policy_logps: Tensor
-    ref_logps: Optional[Tensor] = None
-    token_kl: Optional[Tensor] = None
+    ref_logps: Tensor | None = None
+    token_kl: Tensor | None = None
 
 
 @dataclass
@@ -49,12 +57,12 @@ class TokenPasses:
     """
 
     logp: Tensor
-    stats: Optional[TokenStats]
+    stats: TokenStats | None
     mask: Tensor
-    ref_tok: Optional[Tensor] = None
-    token_kl_rows: Optional[Tensor] = None
-    ref_weight: Optional[Tensor] = None
-    ref_bias: Optional[Tensor] = None
+    ref_tok: Tensor | None = None
+    token_kl_rows: Tensor | None = None
+    ref_weight: Tensor | None = None
+    ref_bias: Tensor | None = None
 
 
 def require_rows(name: str, x: Any, rows: int, dims: int) -> Tensor:
@@ -67,7 +75,7 @@ def require_rows(name: str, x: Any, rows: int, dims: int) -> Tensor:
     return x
 
 
-def _positive_number(name: str, value: Any, allow_none: bool = False) -> Optional[float]:
+def _positive_number(name: str, value: Any, allow_none: bool = False) -> float | None:
     """A finite number > 0 (None too when ``allow_none``), as a float: wrong type -> TypeError, bad
     value -> ValueError, both naming ``name``."""
     if value is None and allow_none:
@@ -106,7 +114,7 @@ class FusedLinearLossBase(nn.Module):
     """
 
     #: set by the presets: the loss they are a preset of.
-    preset_loss: Optional[str] = None
+    preset_loss: str | None = None
     #: the loss when none is named
     default_loss: str = "sigmoid"
     #: True for the paired front end, False for the unpaired one
@@ -116,17 +124,17 @@ class FusedLinearLossBase(nn.Module):
 
     def __init__(
         self,
-        loss: Optional[Union[str, Sequence[str]]] = None,
+        loss: str | Sequence[str] | None = None,
         *,
         ignore_index: int = -100,
         temperature: float = 1.0,
-        logit_scale: Optional[float] = None,
-        softcap: Optional[float] = None,
-        ld_alpha: Optional[float] = None,
+        logit_scale: float | None = None,
+        softcap: float | None = None,
+        ld_alpha: float | None = None,
         use_weighting: bool = False,
-        loss_weights: Optional[Sequence[float]] = None,
+        loss_weights: Sequence[float] | None = None,
         compute_metrics: bool = True,
-        backend: Optional[str] = None,
+        backend: str | None = None,
         **hparams: Any,
     ) -> None:
         super().__init__()
@@ -141,11 +149,15 @@ class FusedLinearLossBase(nn.Module):
         self.specs = [get_loss_spec(n) for n in names]
         self.loss = names[0] if len(names) == 1 else list(names)
         if len(self.specs) > 1 and any(not s.paired for s in self.specs):
-            raise ValueError(f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with others; got {list(names)}.")
+            raise ValueError(
+                f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with others; got {list(names)}."
+            )
         if self.specs[0].paired != type(self).paired:
             other = "FusedLinearPreferenceLoss" if self.specs[0].paired else "FusedLinearUnpairedLoss"
-            raise ValueError(f"{type(self).__name__} computes {'paired' if type(self).paired else 'unpaired'} losses; "
-                             f"use {other}(loss={self.loss!r}).")
+            raise ValueError(
+                f"{type(self).__name__} computes {'paired' if type(self).paired else 'unpaired'} losses; "
+                f"use {other}(loss={self.loss!r})."
+            )
         check_hparams(self.specs, hparams)
         self.resolved = [s.resolve(hparams) for s in self.specs]  # range checks now, not at the first step
         # every option is checked here, by type and range, so a bad value fails at construction
@@ -167,8 +179,10 @@ class FusedLinearLossBase(nn.Module):
         if not self.paired and (ld_alpha is not None or use_weighting):
             raise ValueError(f"`ld_alpha` and `use_weighting` are options of the paired losses, not of {self.loss!r}.")
         if use_weighting and any(s.batch_coupled for s in self.specs):
-            raise ValueError(f"`use_weighting` (WPO) cannot be combined with {[s.name for s in self.specs if s.batch_coupled]}: "
-                             "they sort the batch, which would misalign the per-pair weights.")
+            raise ValueError(
+                f"`use_weighting` (WPO) cannot be combined with {[s.name for s in self.specs if s.batch_coupled]}: "
+                "they sort the batch, which would misalign the per-pair weights."
+            )
         self.hparams = dict(hparams)
         self.ignore_index = int(ignore_index)
         self.transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
@@ -177,7 +191,7 @@ class FusedLinearLossBase(nn.Module):
         self.loss_weights = None if loss_weights is None else lws
         self.compute_metrics = bool(compute_metrics)
         self.backend = backend
-        expo = [hp for s, hp in zip(self.specs, self.resolved) if s.name == "expo"]
+        expo = [hp for s, hp in zip(self.specs, self.resolved, strict=False) if s.name == "expo"]
         self.token_kl = bool(expo) and expo[0]["kl_estimator"] == "token"
         # does the objective (not just the logged rewards) read reference log-probs?
         self.needs_ref_logps = any(s.requires_reference for s in self.specs) or any(
@@ -187,14 +201,23 @@ class FusedLinearLossBase(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     def _logps(self, hidden, weight, bias, labels, stats: bool):
-        return linear_logprobs(hidden, weight, labels, bias, ignore_index=self.ignore_index,
-                               return_stats=stats, backend=self.backend, **self.transform)
+        return linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias,
+            ignore_index=self.ignore_index,
+            return_stats=stats,
+            backend=self.backend,
+            **self.transform,
+        )
 
     def _reference_logps(self, ref_hidden, ref_weight, ref_bias, labels) -> Tensor:
         """Per-token reference log-probs, forward only: no graph, nothing saved."""
         with torch.no_grad():
-            return self._logps(ref_hidden.detach(), ref_weight.detach(),
-                               None if ref_bias is None else ref_bias.detach(), labels, False)
+            return self._logps(
+                ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), labels, False
+            )
 
     def _token_passes(
         self,
@@ -202,10 +225,10 @@ class FusedLinearLossBase(nn.Module):
         hidden: Tensor,
         labels: Tensor,
         *,
-        bias: Optional[Tensor],
-        ref_hidden: Optional[Tensor],
-        ref_weight: Optional[Tensor],
-        ref_bias: Optional[Tensor],
+        bias: Tensor | None,
+        ref_hidden: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
         has_ref_numbers: bool,
     ) -> TokenPasses:
         """Checks the head inputs, then the policy pass, EXPO's token KL and the reference pass.
@@ -213,28 +236,36 @@ class FusedLinearLossBase(nn.Module):
         ``has_ref_numbers``: the caller passed a precomputed reference (the subclass's own inputs).
         """
         if not isinstance(labels, Tensor) or labels.dim() != 2:
-            raise ValueError(f"`labels` must be a [R, T] integer tensor; got {getattr(labels, 'shape', type(labels).__name__)}.")
+            raise ValueError(
+                f"`labels` must be a [R, T] integer tensor; got {getattr(labels, 'shape', type(labels).__name__)}."
+            )
         rows = labels.shape[0]
         require_rows("hidden", hidden, rows, 3)
         if self.paired and rows % 2:
             raise ValueError(f"a paired batch has 2B rows (B chosen, then B rejected); `labels` has {rows} rows.")
         has_ref_tensors = ref_hidden is not None
         if has_ref_tensors and has_ref_numbers:
-            raise ValueError("Pass the reference either as `ref_hidden` (+ head) or as precomputed log-probs, not both.")
+            raise ValueError(
+                "Pass the reference either as `ref_hidden` (+ head) or as precomputed log-probs, not both."
+            )
         if (ref_weight is not None or ref_bias is not None) and not has_ref_tensors:
             raise ValueError("`ref_weight`/`ref_bias` were given without `ref_hidden` (the reference hidden states).")
         if self.reference_free and (has_ref_tensors or has_ref_numbers):
-            raise ValueError(f"Loss {self.loss!r} is reference-free: do not pass a reference (it would be computed and unused).")
+            raise ValueError(
+                f"Loss {self.loss!r} is reference-free: do not pass a reference (it would be computed and unused)."
+            )
         if has_ref_tensors:
             require_rows("ref_hidden", ref_hidden, rows, 3)
             if ref_hidden.shape[1] != hidden.shape[1]:
-                raise ValueError(f"`ref_hidden` must cover the same tokens as `hidden`: shape {tuple(ref_hidden.shape)} "
-                                 f"vs {tuple(hidden.shape)}.")
+                raise ValueError(
+                    f"`ref_hidden` must cover the same tokens as `hidden`: shape {tuple(ref_hidden.shape)} "
+                    f"vs {tuple(hidden.shape)}."
+                )
             if ref_weight is None:  # shared head
                 ref_weight, ref_bias = lm_head_weight, bias
 
         logp = self._logps(hidden, lm_head_weight, bias, labels, self.compute_metrics or self.use_weighting)
-        logp, stats = (logp if isinstance(logp, tuple) else (logp, None))
+        logp, stats = logp if isinstance(logp, tuple) else (logp, None)
         passes = TokenPasses(logp, stats, labels != self.ignore_index, ref_weight=ref_weight, ref_bias=ref_bias)
 
         if self.token_kl:
@@ -244,9 +275,18 @@ class FusedLinearLossBase(nn.Module):
                     "(and its head `ref_weight`, default: the policy head): the token KL runs over the full vocabulary."
                 )
             # the reference is a constant of the loss (no gradient to a shared head through this side)
-            tkl = linear_token_kl(hidden, lm_head_weight, ref_hidden.detach(), ref_weight.detach(), labels, bias,
-                                  None if ref_bias is None else ref_bias.detach(),
-                                  ignore_index=self.ignore_index, backend=self.backend, **self.transform)
+            tkl = linear_token_kl(
+                hidden,
+                lm_head_weight,
+                ref_hidden.detach(),
+                ref_weight.detach(),
+                labels,
+                bias,
+                None if ref_bias is None else ref_bias.detach(),
+                ignore_index=self.ignore_index,
+                backend=self.backend,
+                **self.transform,
+            )
             passes.token_kl_rows = tkl.sum(dim=1)  # zero at ignored positions: the per-row completion sum
 
         if has_ref_tensors and (self.needs_ref_logps or not self.token_kl):
@@ -264,7 +304,7 @@ class FusedLinearLossBase(nn.Module):
             return preference_loss_and_metrics(self.loss, *args, **kwargs)
         return preference_loss(self.loss, *args, **kwargs), {}
 
-    def _token_metrics(self, stats: TokenStats, mask: Tensor) -> Dict[str, Tensor]:
+    def _token_metrics(self, stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
         """TRL's per-token metric of every loss: ``entropy`` (all completion tokens)."""
         with torch.no_grad():
             return {"entropy": masked_mean(stats.entropy, mask)}

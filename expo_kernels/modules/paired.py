@@ -4,9 +4,8 @@ and its presets.
 A paired batch has ``R = 2B`` rows, the ``B`` chosen sequences first, then the ``B`` rejected ones in
 the same order (TRL's layout).
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -58,13 +57,13 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         hidden: Tensor,
         labels: Tensor,
         *,
-        bias: Optional[Tensor] = None,
-        ref_hidden: Optional[Tensor] = None,
-        ref_weight: Optional[Tensor] = None,
-        ref_bias: Optional[Tensor] = None,
-        ref_chosen_logps: Optional[Tensor] = None,
-        ref_rejected_logps: Optional[Tensor] = None,
-        offset: Optional[Union[Tensor, float]] = None,
+        bias: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_chosen_logps: Tensor | None = None,
+        ref_rejected_logps: Tensor | None = None,
+        offset: Tensor | float | None = None,
     ) -> PreferenceLossOutput:
         """One step's loss.
 
@@ -82,12 +81,19 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             offset: ODPO's per-pair offset, ``[B]`` or scalar.
         """
         passes = self._token_passes(
-            lm_head_weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-            ref_bias=ref_bias, has_ref_numbers=ref_chosen_logps is not None or ref_rejected_logps is not None,
+            lm_head_weight,
+            hidden,
+            labels,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            has_ref_numbers=ref_chosen_logps is not None or ref_rejected_logps is not None,
         )
         stats, mask = passes.stats, passes.mask
-        pol = aggregate_pair_logps(passes.logp, mask, ld_alpha=self.ld_alpha,
-                                   log_sum_p2=stats.log_sum_p2 if self.use_weighting else None)
+        pol = aggregate_pair_logps(
+            passes.logp, mask, ld_alpha=self.ld_alpha, log_sum_p2=stats.log_sum_p2 if self.use_weighting else None
+        )
         ref_c = ref_r = ref_rows = None
         if passes.ref_tok is not None:
             ref = aggregate_pair_logps(passes.ref_tok, mask, ld_alpha=self.ld_alpha)
@@ -96,17 +102,25 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         elif ref_chosen_logps is not None or ref_rejected_logps is not None:
             ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
         loss, metrics = self._loss_and_metrics(
-            pol.chosen_logps, pol.rejected_logps, ref_c, ref_r,
-            chosen_lengths=pol.chosen_lengths, rejected_lengths=pol.rejected_lengths,
+            pol.chosen_logps,
+            pol.rejected_logps,
+            ref_c,
+            ref_r,
+            chosen_lengths=pol.chosen_lengths,
+            rejected_lengths=pol.rejected_lengths,
             chosen_nll=pol.chosen_nll if any(s.needs_nll for s in self.specs) else None,
-            weights=pol.weights, token_kl=passes.token_kl_rows, offset=offset, loss_weights=self.loss_weights,
+            weights=pol.weights,
+            token_kl=passes.token_kl_rows,
+            offset=offset,
+            loss_weights=self.loss_weights,
         )
         if self.compute_metrics:
             metrics.update(self._token_metrics(stats, mask))
-        return PreferenceLossOutput(loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows,
-                                    passes.token_kl_rows)
+        return PreferenceLossOutput(
+            loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, passes.token_kl_rows
+        )
 
-    def _token_metrics(self, stats: TokenStats, mask: Tensor) -> Dict[str, Tensor]:
+    def _token_metrics(self, stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
         """``entropy``, plus the paired metrics: ``logits/chosen`` and ``logits/rejected`` (token means
         of the per-token mean logit), ``mean_token_accuracy`` (argmax hits on the chosen completions)."""
         out = super()._token_metrics(stats, mask)

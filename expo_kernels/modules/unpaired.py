@@ -3,9 +3,8 @@
 One row per example, labelled by ``is_desirable``; KTO's KL baseline comes from mismatched
 (prompt, completion) rows of the same batch or is given as a number.
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -32,16 +31,16 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
         hidden: Tensor,
         labels: Tensor,
         *,
-        bias: Optional[Tensor] = None,
-        ref_hidden: Optional[Tensor] = None,
-        ref_weight: Optional[Tensor] = None,
-        ref_bias: Optional[Tensor] = None,
-        ref_logps: Optional[Tensor] = None,
-        is_desirable: Optional[Tensor] = None,
-        kl_hidden: Optional[Tensor] = None,
-        kl_labels: Optional[Tensor] = None,
-        ref_kl_hidden: Optional[Tensor] = None,
-        kl: Optional[Union[Tensor, float]] = None,
+        bias: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_logps: Tensor | None = None,
+        is_desirable: Tensor | None = None,
+        kl_hidden: Tensor | None = None,
+        kl_labels: Tensor | None = None,
+        ref_kl_hidden: Tensor | None = None,
+        kl: Tensor | float | None = None,
     ) -> PreferenceLossOutput:
         """One step's loss.
 
@@ -59,8 +58,16 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
                 ``[K, T', H]`` / ``[K, T']`` / ``[K, T', Hr]`` for its detached KL baseline (forward only);
                 or ``kl``: a precomputed baseline (0 turns it off).
         """
-        passes = self._token_passes(lm_head_weight, hidden, labels, bias=bias, ref_hidden=ref_hidden,
-                                    ref_weight=ref_weight, ref_bias=ref_bias, has_ref_numbers=ref_logps is not None)
+        passes = self._token_passes(
+            lm_head_weight,
+            hidden,
+            labels,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            has_ref_numbers=ref_logps is not None,
+        )
         rows = labels.shape[0]
         if is_desirable is None:
             raise ValueError(f"Loss {self.loss!r} needs `is_desirable`: [R] bool, True for desirable examples.")
@@ -74,18 +81,31 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
         if kl_hidden is not None:
             if kl is not None:
                 raise ValueError("Pass either `kl` or `kl_hidden`/`kl_labels`, not both.")
-            kl_logps, ref_kl_logps = self._kl_rows_logps(passes, lm_head_weight, bias, kl_hidden=kl_hidden,
-                                                         kl_labels=kl_labels, ref_kl_hidden=ref_kl_hidden)
+            kl_logps, ref_kl_logps = self._kl_rows_logps(
+                passes, lm_head_weight, bias, kl_hidden=kl_hidden, kl_labels=kl_labels, ref_kl_hidden=ref_kl_hidden
+            )
         loss, metrics = self._loss_and_metrics(
-            policy_logps=pol, ref_logps=ref, is_desirable=is_desirable,
-            kl_logps=kl_logps, ref_kl_logps=ref_kl_logps, kl=kl,
+            policy_logps=pol,
+            ref_logps=ref,
+            is_desirable=is_desirable,
+            kl_logps=kl_logps,
+            ref_kl_logps=ref_kl_logps,
+            kl=kl,
         )
         if self.compute_metrics:
             metrics.update(self._token_metrics(passes.stats, passes.mask))
         return PreferenceLossOutput(loss, metrics, pol, ref)
 
-    def _kl_rows_logps(self, passes: TokenPasses, weight: Tensor, bias: Optional[Tensor], *, kl_hidden: Tensor,
-                       kl_labels: Optional[Tensor], ref_kl_hidden: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _kl_rows_logps(
+        self,
+        passes: TokenPasses,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        kl_hidden: Tensor,
+        kl_labels: Tensor | None,
+        ref_kl_hidden: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         """``[K]`` policy and reference sequence log-probs of the mismatched rows, forward only, through
         the call's heads (the policy's for the reference when no reference head was given)."""
         if kl_labels is None:
@@ -98,8 +118,9 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
             ref_weight, ref_bias = weight, bias
         kmask = kl_labels != self.ignore_index
         with torch.no_grad():  # z0 is a detached baseline: no graph for the mismatched rows
-            kl_tok = self._logps(kl_hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                 kl_labels, False)
+            kl_tok = self._logps(
+                kl_hidden.detach(), weight.detach(), None if bias is None else bias.detach(), kl_labels, False
+            )
             ref_kl_tok = self._reference_logps(ref_kl_hidden, ref_weight, ref_bias, kl_labels)
         return sequence_logps(kl_tok, kmask)[0], sequence_logps(ref_kl_tok, kmask)[0]
 

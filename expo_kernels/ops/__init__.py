@@ -7,9 +7,10 @@ contiguous, with int64 labels that are global vocabulary ids; the weight may be 
 partial state of the online softmax (``ops.state``); ``forward`` and ``token_kl_forward`` below
 finalize it, and the vocab-parallel path merges the ranks' states first.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import Protocol
 
 from torch import Tensor
 
@@ -18,7 +19,7 @@ from .state import LogprobState, TokenKLState, finalize_logprobs, finalize_token
 
 __all__ = ["Backend", "LogitTransform", "TokenOutputs", "TokenStats", "forward", "token_kl_forward"]
 
-Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 class Backend(Protocol):
@@ -32,33 +33,87 @@ class Backend(Protocol):
     the dtype of the tensor they belong to, None where not asked for.
     """
 
-    def forward_partial(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                        transform: LogitTransform, with_stats: bool, vocab_start: int = 0) -> LogprobState: ...
+    def forward_partial(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        transform: LogitTransform,
+        with_stats: bool,
+        vocab_start: int = 0,
+    ) -> LogprobState: ...
 
-    def backward(self, grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                 lse: Tensor, transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool,
-                 vocab_start: int = 0) -> Grads: ...
+    def backward(
+        self,
+        grad_logp: Tensor,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        lse: Tensor,
+        transform: LogitTransform,
+        need_hidden: bool,
+        need_weight: bool,
+        need_bias: bool,
+        vocab_start: int = 0,
+    ) -> Grads: ...
 
-    def token_kl_forward_partial(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
-                                 ref_weight: Tensor, ref_bias: Optional[Tensor],
-                                 transform: LogitTransform) -> TokenKLState: ...
+    def token_kl_forward_partial(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        transform: LogitTransform,
+    ) -> TokenKLState: ...
 
-    def token_kl_backward(self, grad_kl: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], lse_p: Tensor,
-                          lse_r: Tensor, transform: LogitTransform, need_hidden: bool, need_weight: bool,
-                          need_bias: bool) -> Grads: ...
+    def token_kl_backward(
+        self,
+        grad_kl: Tensor,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor,
+        ref_weight: Tensor,
+        ref_bias: Tensor | None,
+        lse_p: Tensor,
+        lse_r: Tensor,
+        transform: LogitTransform,
+        need_hidden: bool,
+        need_weight: bool,
+        need_bias: bool,
+    ) -> Grads: ...
 
 
-def forward(backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-            transform: LogitTransform, with_stats: bool) -> TokenOutputs:
+def forward(
+    backend: Backend,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    transform: LogitTransform,
+    with_stats: bool,
+) -> TokenOutputs:
     """Per-token results of the whole head on one backend: ``finalize(backend.forward_partial(...))``."""
-    return finalize_logprobs(backend.forward_partial(hidden, weight, bias, labels, transform, with_stats),
-                             weight.shape[0])
+    return finalize_logprobs(
+        backend.forward_partial(hidden, weight, bias, labels, transform, with_stats), weight.shape[0]
+    )
 
 
-def token_kl_forward(backend: Backend, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
-                     ref_weight: Tensor, ref_bias: Optional[Tensor],
-                     transform: LogitTransform) -> Tuple[Tensor, Tensor, Tensor]:
+def token_kl_forward(
+    backend: Backend,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None,
+    transform: LogitTransform,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(kl, lse_p, lse_r)`` of the whole heads on one backend."""
-    return finalize_token_kl(backend.token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                                              transform))
+    return finalize_token_kl(
+        backend.token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform)
+    )

@@ -15,6 +15,7 @@ per-machine cache directory and loaded from there afterwards:
 The build happens at most once per process; concurrent processes are serialized by the lock
 file ``torch.utils.cpp_extension`` keeps in the build directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,6 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 NATIVE_ENV = "EXPO_KERNELS_NATIVE"
 BUILD_DIR_ENV = "EXPO_KERNELS_BUILD_DIR"
@@ -37,7 +37,7 @@ def disabled_by_env() -> bool:
     return os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def source_path() -> Optional[Path]:
+def source_path() -> Path | None:
     """``csrc/expo_native.cpp``: next to the package (editable install / checkout) or shipped inside it."""
     pkg = Path(__file__).resolve().parent.parent  # expo_kernels/
     for cand in (pkg / "_csrc" / SOURCE_NAME, pkg.parent / "csrc" / SOURCE_NAME):
@@ -159,8 +159,12 @@ def status() -> dict:
     if disabled_by_env():
         return {"available": False, "reason": f"disabled by {NATIVE_ENV}=0", "build_dir": None, "build_s": None}
     ok = ensure_loaded(warn=False)
-    return {"available": ok, "reason": None if ok else _state["error"], "build_dir": _state["build_dir"],
-            "build_s": _state["build_s"]}
+    return {
+        "available": ok,
+        "reason": None if ok else _state["error"],
+        "build_dir": _state["build_dir"],
+        "build_s": _state["build_s"],
+    }
 
 
 def _reset_for_tests() -> None:

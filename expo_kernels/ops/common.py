@@ -1,8 +1,9 @@
 """Types shared by every backend: the logit transform, the per-token outputs, the public statistics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ class LogitTransform:
     """
 
     logit_scale: float = 1.0
-    softcap: Optional[float] = None
+    softcap: float | None = None
     temperature: float = 1.0
 
     @property
@@ -50,10 +51,10 @@ class TokenOutputs(NamedTuple):
 
     logp: torch.Tensor  # log p(label) = z_label - lse
     lse: torch.Tensor  # log sum_v exp(z_v)
-    entropy: Optional[torch.Tensor] = None  # sum_v p_v (lse - z_v), from max-shifted logits
-    mean_logit: Optional[torch.Tensor] = None  # sum_v z_v / V over finite z_v (masked -inf entries add 0)
-    is_top1: Optional[torch.Tensor] = None  # bool: label == argmax_v z_v (first maximum)
-    log_sum_p2: Optional[torch.Tensor] = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)
+    entropy: torch.Tensor | None = None  # sum_v p_v (lse - z_v), from max-shifted logits
+    mean_logit: torch.Tensor | None = None  # sum_v z_v / V over finite z_v (masked -inf entries add 0)
+    is_top1: torch.Tensor | None = None  # bool: label == argmax_v z_v (first maximum)
+    log_sum_p2: torch.Tensor | None = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)
 
 
 class TokenStats(NamedTuple):

@@ -19,9 +19,8 @@ Build and control (see ``expo_kernels.ops._native_build``):
 * threads: ATen's intra-op thread pool (``torch.set_num_threads`` / ``OMP_NUM_THREADS``).
   Results do not depend on how rows are split across threads.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -59,39 +58,112 @@ def _t(transform: LogitTransform):
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def forward_partial(hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool,
-                    vocab_start: int = 0) -> S.LogprobState:
-    return S.LogprobState(*_ops().logprobs_forward(hidden, weight, bias, labels, *_t(transform), bool(with_stats),
-                                                   int(vocab_start), TOKEN_BLOCK, _vocab_tile(weight)))
+def forward_partial(
+    hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool, vocab_start: int = 0
+) -> S.LogprobState:
+    return S.LogprobState(
+        *_ops().logprobs_forward(
+            hidden,
+            weight,
+            bias,
+            labels,
+            *_t(transform),
+            bool(with_stats),
+            int(vocab_start),
+            TOKEN_BLOCK,
+            _vocab_tile(weight),
+        )
+    )
 
 
-def _none_if_empty(t: torch.Tensor, wanted: bool) -> Optional[torch.Tensor]:
+def _none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
     return t if wanted else None
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def backward(grad_logp, hidden, weight, bias, labels, lse, transform: LogitTransform, need_hidden: bool,
-             need_weight: bool, need_bias: bool, vocab_start: int = 0):
+def backward(
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    vocab_start: int = 0,
+):
     need_bias = bool(need_bias and bias is not None)
-    d_h, d_w, d_b = _ops().logprobs_backward(grad_logp, hidden, weight, bias, labels, lse, *_t(transform),
-                                             bool(need_hidden), bool(need_weight), need_bias, int(vocab_start),
-                                             TOKEN_BLOCK, _vocab_tile(weight))
+    d_h, d_w, d_b = _ops().logprobs_backward(
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        *_t(transform),
+        bool(need_hidden),
+        bool(need_weight),
+        need_bias,
+        int(vocab_start),
+        TOKEN_BLOCK,
+        _vocab_tile(weight),
+    )
     return _none_if_empty(d_h, need_hidden), _none_if_empty(d_w, need_weight), _none_if_empty(d_b, need_bias)
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                             transform: LogitTransform) -> S.TokenKLState:
-    return S.TokenKLState(*_ops().token_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                                   *_t(transform), TOKEN_BLOCK,
-                                                   min(_vocab_tile(weight), _vocab_tile(ref_weight))))
+def token_kl_forward_partial(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform
+) -> S.TokenKLState:
+    return S.TokenKLState(
+        *_ops().token_kl_forward(
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            *_t(transform),
+            TOKEN_BLOCK,
+            min(_vocab_tile(weight), _vocab_tile(ref_weight)),
+        )
+    )
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
-def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
-                      transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool):
+def token_kl_backward(
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    lse_p,
+    lse_r,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
     need_bias = bool(need_bias and bias is not None)
-    d_h, d_w, d_b = _ops().token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p,
-                                             lse_r, *_t(transform), bool(need_hidden), bool(need_weight), need_bias,
-                                             TOKEN_BLOCK, min(_vocab_tile(weight), _vocab_tile(ref_weight)))
+    d_h, d_w, d_b = _ops().token_kl_backward(
+        grad_kl,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        lse_p,
+        lse_r,
+        *_t(transform),
+        bool(need_hidden),
+        bool(need_weight),
+        need_bias,
+        TOKEN_BLOCK,
+        min(_vocab_tile(weight), _vocab_tile(ref_weight)),
+    )
     return _none_if_empty(d_h, need_hidden), _none_if_empty(d_w, need_weight), _none_if_empty(d_b, need_bias)

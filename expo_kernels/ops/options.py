@@ -8,12 +8,13 @@ Deterministic results: ``torch.use_deterministic_algorithms(True)`` makes the Tr
 backward as bounded-chunk GEMMs (the torch backend's schedule) instead of float32 atomics, whose
 summation order varies from run to run.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 __all__ = ["KernelOptions", "get_kernel_options", "kernel_options"]
 
@@ -27,7 +28,7 @@ class KernelOptions:
     (default) = exact: every tile is accumulated. The torch and native backends are always exact and
     warn once when the option is set."""
 
-    grad_filter_eps: Optional[float] = None
+    grad_filter_eps: float | None = None
 
 
 _current = KernelOptions()
@@ -42,8 +43,9 @@ def kernel_options(**changes) -> Iterator[KernelOptions]:
     """Set options for the duration of a ``with`` block (the backward pass must run inside it)."""
     global _current
     eps = changes.get("grad_filter_eps")
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1
-                            or not math.isfinite(eps)):
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1 or not math.isfinite(eps)
+    ):
         raise ValueError(f"grad_filter_eps must be None (exact) or a number in (0, 1); got {eps!r}.")
     saved = _current
     _current = dataclasses.replace(_current, **changes)

@@ -21,10 +21,12 @@ The last four are None without statistics. Token-KL state: ``m_p, s_p, m_r, s_r`
 policy and the reference head, and ``cross = sum_v e^(zr_v - shift_r) ((zr_v - shift_r) - (zp_v - shift_p))``
 (shifted by both maxima: no cancellation when the heads' logits are large or offset by a constant).
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,10 +50,10 @@ class LogprobState(NamedTuple):
     m: Tensor
     s: Tensor
     z_label: Tensor
-    sz: Optional[Tensor] = None
-    s2: Optional[Tensor] = None
-    z_sum: Optional[Tensor] = None
-    max_before: Optional[Tensor] = None
+    sz: Tensor | None = None
+    s2: Tensor | None = None
+    z_sum: Tensor | None = None
+    max_before: Tensor | None = None
 
     @property
     def with_stats(self) -> bool:
@@ -172,7 +174,7 @@ def finalize_logprobs(state: LogprobState, vocab: int) -> TokenOutputs:
     )
 
 
-def finalize_token_kl(state: TokenKLState) -> Tuple[Tensor, Tensor, Tensor]:
+def finalize_token_kl(state: TokenKLState) -> tuple[Tensor, Tensor, Tensor]:
     """``(kl, lse_p, lse_r)``: ``KL = sum_v q_v (log q_v - log p_v) = cross / s_r - log s_r + log s_p``."""
     log_sp, log_sr = torch.log(state.s_p), torch.log(state.s_r)
     kl = state.cross / state.s_r - log_sr + log_sp

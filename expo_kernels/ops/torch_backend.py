@@ -25,9 +25,8 @@ Backward recomputes each tile: ``dz = g * (onehot(label) - p) * dz/draw``, then
 all accumulated in float32. ``p = exp(min(z - lse, 0))``: a probability is at most 1 even when the
 recomputed logit rounds a hair above the saved ``lse`` (at ``|z| ~ 1e30`` that hair is ~1e23).
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 
@@ -45,7 +44,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _raw_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+def _raw_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
     """``h @ w.T + b`` for one tile, computed in ``acc`` precision (bf16 inputs upcast first)."""
     raw = h.to(acc) @ w.to(acc).T
     if b is not None:
@@ -92,7 +91,9 @@ def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats:
     if not with_stats:
         return S.LogprobState(m, e.sum(dim=1), z_label)
     return S.LogprobState(
-        m, e.sum(dim=1), z_label,
+        m,
+        e.sum(dim=1),
+        z_label,
         sz=masked_products(e, z - shift[:, None]),
         s2=(e * e).sum(dim=1),
         z_sum=torch.where(z > -float("inf"), z, 0.0).sum(dim=1),
@@ -103,7 +104,7 @@ def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats:
 def forward_partial(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
     transform: LogitTransform,
     with_stats: bool,
@@ -127,14 +128,14 @@ def forward_partial(
         chunks.append(run)
     if not chunks:
         return S.empty_logprob_state(0, with_stats, acc, hidden.device)
-    return S.LogprobState(*(None if f[0] is None else torch.cat(f) for f in zip(*chunks)))
+    return S.LogprobState(*(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False)))
 
 
 def backward(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
     lse: torch.Tensor,
     transform: LogitTransform,
@@ -142,7 +143,7 @@ def backward(
     need_weight: bool,
     need_bias: bool,
     vocab_start: int = 0,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_logp[n] * logp[n]`` w.r.t. this vocabulary range's head (labels are
     global ids; ``lse`` the global one); float32 (float64 for float64 inputs) accumulators."""
     acc = _acc_dtype(hidden.dtype)
@@ -192,8 +193,9 @@ def token_kl_tile_state(zp: torch.Tensor, zr: torch.Tensor) -> S.TokenKLState:
     return S.TokenKLState(m_p, torch.exp(zp - shift_p[:, None]).sum(dim=1), m_r, er.sum(dim=1), cross)
 
 
-def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                             transform: LogitTransform) -> S.TokenKLState:
+def token_kl_forward_partial(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform
+) -> S.TokenKLState:
     """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the token-KL partial
     state of that vocabulary range ([N] tensors)."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -210,11 +212,24 @@ def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_b
         chunks.append(run)
     if not chunks:
         return S.empty_token_kl_state(0, acc, hidden.device)
-    return S.TokenKLState(*(torch.cat(f) for f in zip(*chunks)))
+    return S.TokenKLState(*(torch.cat(f) for f in zip(*chunks, strict=False)))
 
 
-def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
-                      transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool):
+def token_kl_backward(
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    lse_p,
+    lse_r,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+):
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -225,7 +240,8 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
         for v0 in range(0, vocab, VOCAB_CHUNK):
             sl = slice(v0, v0 + VOCAB_CHUNK)
             zp, dzp_draw = transform.apply_with_derivative(
-                _raw_logits(h, weight[sl], None if bias is None else bias[sl], acc))
+                _raw_logits(h, weight[sl], None if bias is None else bias[sl], acc)
+            )
             zr = transform.apply(_raw_logits(hr, ref_weight[sl], None if ref_bias is None else ref_bias[sl], acc))
             p = probabilities(zp, lse_p[ts].to(acc)[:, None])
             q = probabilities(zr, lse_r[ts].to(acc)[:, None])

@@ -21,10 +21,11 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) low-precision tiles are upcast to float
 arithmetic, because the interpreter's bf16/fp16 arithmetic is wrong (docs/design.md, "Testing Triton
 without a GPU").
 """
+
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import triton
@@ -57,10 +58,12 @@ SMALL_CONFIG = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=4)
 # Slots of the partial-state buffers [slots, splits, N]: the field order of ops.state.LogprobState
 # and TokenKLState, so a split's slots are its state.
 SLOT_M, SLOT_S, SLOT_ZLABEL, SLOT_SZ, SLOT_S2, SLOT_ZSUM, SLOT_MAX_BEFORE = (
-    tl.constexpr(S.LogprobState._fields.index(f)) for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before"))
+    tl.constexpr(S.LogprobState._fields.index(f)) for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before")
+)
 N_SLOTS = len(S.LogprobState._fields)
 SLOT_MP, SLOT_SP, SLOT_MR, SLOT_SR, SLOT_CROSS = (
-    tl.constexpr(S.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross"))
+    tl.constexpr(S.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross")
+)
 N_KL_SLOTS = len(S.TokenKLState._fields)
 
 
@@ -76,21 +79,38 @@ def offsets_2d(rows, cols, stride_r, stride_c):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    offs_v,
+    mask_n,
+    mask_v,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """raw[BLOCK_N, BLOCK_V] = h[offs_n] @ W[offs_v]^T (+ b), accumulated in ACC."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        a = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
-                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        a = tl.load(
+            h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh), mask=mask_n[:, None] & mask_h[None, :], other=0.0
+        )
         # W^T tile loaded directly as [BLOCK_H, BLOCK_V].
-        b = tl.load(w_ptr + offsets_2d(offs_h, offs_v, stride_wh, stride_wv),
-                    mask=mask_h[:, None] & mask_v[None, :], other=0.0)
+        b = tl.load(
+            w_ptr + offsets_2d(offs_h, offs_v, stride_wh, stride_wv), mask=mask_h[:, None] & mask_v[None, :], other=0.0
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -130,11 +150,30 @@ def _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _accumulate_grads(
-    dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    dz,
+    h_ptr,
+    w_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    offs_n,
+    offs_v,
+    mask_n,
+    mask_v,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """d_hidden[offs_n] += dz @ W[offs_v];  d_weight[offs_v] += dz^T @ h[offs_n];  d_bias += sum_n dz.
 
@@ -149,8 +188,11 @@ def _accumulate_grads(
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
         if NEED_DH:
-            w = tl.load(w_ptr + offsets_2d(offs_v, offs_h, stride_wv, stride_wh),
-                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + offsets_2d(offs_v, offs_h, stride_wv, stride_wh),
+                mask=mask_v[:, None] & mask_h[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 w = w.to(tl.float32)
             part = tl.zeros((BLOCK_N, BLOCK_H), dtype=ACC)
@@ -158,11 +200,13 @@ def _accumulate_grads(
                 part = tl.dot(dz_op, w, part, input_precision="ieee")
             else:
                 part = tl.dot(dz_op, w, part)
-            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part,
-                          mask=mask_n[:, None] & mask_h[None, :])
+            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part, mask=mask_n[:, None] & mask_h[None, :])
         if NEED_DW:
-            hb = tl.load(h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
-                         mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+            hb = tl.load(
+                h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
+                mask=mask_n[:, None] & mask_h[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 hb = hb.to(tl.float32)
             part = tl.zeros((BLOCK_V, BLOCK_H), dtype=ACC)
@@ -170,20 +214,40 @@ def _accumulate_grads(
                 part = tl.dot(tl.trans(dz_op), hb, part, input_precision="ieee")
             else:
                 part = tl.dot(tl.trans(dz_op), hb, part)
-            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part,
-                          mask=mask_v[:, None] & mask_h[None, :])
+            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part, mask=mask_v[:, None] & mask_h[None, :])
     if NEED_DB:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
 
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_per_split, n_splits, vocab_start,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    part_ptr,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    vocab_per_split,
+    n_splits,
+    vocab_start,
+    logit_scale,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -205,9 +269,27 @@ def _forward_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_hi
-        raw = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                          stride_hn, stride_hh, stride_wv, stride_wh,
-                          HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        raw = _logit_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
         z = tl.where(mask_v[None, :], z, float("-inf"))  # columns past the split count as masked
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -219,8 +301,7 @@ def _forward_kernel(
         z_label += tl.sum(tl.where(hit, z, 0.0), axis=1)
         if WITH_STATS:
             # sum e^(z - m_new)(z - m_new) = rescale * (sz + (m - m_new) s) + this tile's terms
-            sz = rescale * (sz + tl.where(s > 0.0, m - shift, 0.0) * s) + _masked_row_products(
-                e, z - shift[:, None])
+            sz = rescale * (sz + tl.where(s > 0.0, m - shift, 0.0) * s) + _masked_row_products(e, z - shift[:, None])
             s2 = s2 * rescale * rescale + tl.sum(e * e, axis=1)
             z_sum += tl.sum(tl.where(z > float("-inf"), z, 0.0), axis=1)
             before = offs_v[None, :] < y[:, None]
@@ -241,13 +322,39 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, vocab_start,
-    logit_scale, softcap, inv_temp, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    lse_ptr,
+    g_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    vocab_start,
+    logit_scale,
+    softcap,
+    inv_temp,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    FILTER: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -259,9 +366,27 @@ def _backward_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
 
-    raw = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                      stride_hn, stride_hh, stride_wv, stride_wh,
-                      HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+    raw = _logit_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        offs_n,
+        offs_v,
+        mask_n,
+        mask_v,
+        H,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        HAS_BIAS,
+        UPCAST,
+        IEEE_FP32,
+        ACC,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
     p = tl.exp(tl.minimum(z - lse[:, None], 0.0))  # <= 1 even if the recomputed z rounds above lse
     hit = (offs_v[None, :] == y[:, None]) & mask_v[None, :]
@@ -273,9 +398,32 @@ def _backward_kernel(
     if FILTER:
         keep = (tl.max(tl.where(valid, p, 0.0)) >= filter_eps) | (tl.sum(tl.where(hit & valid, 1, 0)) > 0)
     if keep:
-        _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                          stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
-                          UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        _accumulate_grads(
+            dz,
+            h_ptr,
+            w_ptr,
+            dh_ptr,
+            dw_ptr,
+            db_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            NEED_DH,
+            NEED_DW,
+            NEED_DB,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
 
 
 def _kernel_flags(hidden: torch.Tensor) -> dict:
@@ -323,13 +471,13 @@ def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
 def forward_partial(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
     transform: LogitTransform,
     with_stats: bool,
     vocab_start: int = 0,
-    config: Optional[TileConfig] = None,
-    vocab_splits: Optional[int] = None,
+    config: TileConfig | None = None,
+    vocab_splits: int | None = None,
 ) -> S.LogprobState:
     """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), bias [V_s] | None, labels [N]
     global ids -> the range's partial state: the vocab splits' states merged (``ops.state``)."""
@@ -343,12 +491,29 @@ def forward_partial(
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden, labels, parts,
-        n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        per_split, splits, int(vocab_start),
-        HAS_BIAS=bias is not None, WITH_STATS=with_stats,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-        **_transform_args(transform), **_kernel_flags(hidden),
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        labels,
+        parts,
+        n_tokens,
+        vocab,
+        hid,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        per_split,
+        splits,
+        int(vocab_start),
+        HAS_BIAS=bias is not None,
+        WITH_STATS=with_stats,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_H=cfg.block_h,
+        num_warps=cfg.num_warps,
+        **_transform_args(transform),
+        **_kernel_flags(hidden),
     )
     fields = N_SLOTS if with_stats else 3  # m, s, z_label come first
     return S.merge_logprob_states([S.LogprobState(*parts[:fields, k]) for k in range(splits)])
@@ -358,7 +523,7 @@ def backward(
     grad_logp: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
     lse: torch.Tensor,
     transform: LogitTransform,
@@ -366,13 +531,14 @@ def backward(
     need_weight: bool,
     need_bias: bool,
     vocab_start: int = 0,
-    config: Optional[TileConfig] = None,
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_logp[n] * logp[n]`` w.r.t. this vocabulary range's head (labels
     global ids, ``lse`` the global one), accumulated in float32 buffers."""
     if torch.are_deterministic_algorithms_enabled():
-        return torch_backend.backward(grad_logp, hidden, weight, bias, labels, lse, transform,
-                                      need_hidden, need_weight, need_bias, vocab_start)
+        return torch_backend.backward(
+            grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias, vocab_start
+        )
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
@@ -381,15 +547,34 @@ def backward(
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse  # stands in for pointers the constexpr flags switch off
         _backward_kernel[grid](
-            hidden, weight, bias.contiguous() if bias is not None else dummy, labels.contiguous(),
-            lse.contiguous(), grad_logp.contiguous(),
-            d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
+            hidden,
+            weight,
+            bias.contiguous() if bias is not None else dummy,
+            labels.contiguous(),
+            lse.contiguous(),
+            grad_logp.contiguous(),
+            d_hidden if need_hidden else dummy,
+            d_weight if need_weight else dummy,
             d_bias if need_bias else dummy,
-            n_tokens, vocab, hid, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            n_tokens,
+            vocab,
+            hid,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
             int(vocab_start),
-            HAS_BIAS=bias is not None, NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-            **_transform_args(transform), **_kernel_flags(hidden), **_filter_args(),
+            HAS_BIAS=bias is not None,
+            NEED_DH=need_hidden,
+            NEED_DW=need_weight,
+            NEED_DB=need_bias,
+            BLOCK_N=cfg.block_n,
+            BLOCK_V=cfg.block_v,
+            BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps,
+            **_transform_args(transform),
+            **_kernel_flags(hidden),
+            **_filter_args(),
         )
     return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
 
@@ -399,39 +584,136 @@ def backward(
 # Same schedule as the log-prob kernels; each program computes both heads' logit tiles.
 # --------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _two_head_logits(
-    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    hr_ptr,
+    wr_ptr,
+    br_ptr,
+    offs_n,
+    offs_v,
+    mask_n,
+    mask_v,
+    H,
+    HR,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_hrn,
+    stride_hrh,
+    stride_wrv,
+    stride_wrh,
+    logit_scale,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Transformed policy and reference logit tiles over the same tokens and vocab columns:
     ``(zp, dzp/draw, zr)``."""
     zp, deriv = _transform(
-        _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                    stride_hn, stride_hh, stride_wv, stride_wh,
-                    HAS_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        _logit_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        ),
+        logit_scale,
+        softcap,
+        inv_temp,
+        HAS_SOFTCAP,
+    )
     zr, _ = _transform(
-        _logit_tile(hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, HR,
-                    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-                    HAS_REF_BIAS, UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H),
-        logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        _logit_tile(
+            hr_ptr,
+            wr_ptr,
+            br_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            HR,
+            stride_hrn,
+            stride_hrh,
+            stride_wrv,
+            stride_wrh,
+            HAS_REF_BIAS,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        ),
+        logit_scale,
+        softcap,
+        inv_temp,
+        HAS_SOFTCAP,
+    )
     return zp, deriv, zr
 
 
 @triton.jit
 def _token_kl_forward_kernel(
-    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, part_ptr,
-    N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
-    stride_hrn, stride_hrh, stride_wrv, stride_wrh, vocab_per_split, n_splits,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    hr_ptr,
+    wr_ptr,
+    br_ptr,
+    part_ptr,
+    N,
+    V,
+    H,
+    HR,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_hrn,
+    stride_hrh,
+    stride_wrv,
+    stride_wrh,
+    vocab_per_split,
+    n_splits,
+    logit_scale,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -448,10 +730,39 @@ def _token_kl_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_hi
         zp, _, zr = _two_head_logits(
-            h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
-            stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-            logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
-            UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            hr_ptr,
+            wr_ptr,
+            br_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            H,
+            HR,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            stride_hrn,
+            stride_hrh,
+            stride_wrv,
+            stride_wrh,
+            logit_scale,
+            softcap,
+            inv_temp,
+            HAS_BIAS,
+            HAS_REF_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         zp = tl.where(mask_v[None, :], zp, float("-inf"))
         zr = tl.where(mask_v[None, :], zr, float("-inf"))
         mp_new = tl.maximum(m_p, tl.max(zp, axis=1))
@@ -464,7 +775,8 @@ def _token_kl_forward_kernel(
         # old sums: cross + ((m_r - M_r) - (m_p - M_p)) s_r, each term 0 where its sum is still 0
         moved = (tl.where(s_r > 0.0, m_r - shift_r, 0.0) - tl.where(s_p > 0.0, m_p - shift_p, 0.0)) * s_r
         cross = rescale_r * (cross + moved) + _masked_row_products(
-            er, (zr - shift_r[:, None]) - (zp - shift_p[:, None]))
+            er, (zr - shift_r[:, None]) - (zp - shift_p[:, None])
+        )
         s_p = s_p * tl.exp(m_p - shift_p) + tl.sum(tl.exp(zp - shift_p[:, None]), axis=1)
         s_r = s_r * rescale_r + tl.sum(er, axis=1)
         m_p = mp_new
@@ -478,14 +790,47 @@ def _token_kl_forward_kernel(
 
 @triton.jit
 def _token_kl_backward_kernel(
-    h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, lse_p_ptr, lse_r_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, H, HR, stride_hn, stride_hh, stride_wv, stride_wh,
-    stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-    logit_scale, softcap, inv_temp, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr,
-    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    hr_ptr,
+    wr_ptr,
+    br_ptr,
+    lse_p_ptr,
+    lse_r_ptr,
+    g_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
+    N,
+    V,
+    H,
+    HR,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_hrn,
+    stride_hrh,
+    stride_wrv,
+    stride_wrh,
+    logit_scale,
+    softcap,
+    inv_temp,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    FILTER: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -497,10 +842,39 @@ def _token_kl_backward_kernel(
     lse_r = tl.load(lse_r_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
     zp, deriv, zr = _two_head_logits(
-        h_ptr, w_ptr, b_ptr, hr_ptr, wr_ptr, br_ptr, offs_n, offs_v, mask_n, mask_v, H, HR,
-        stride_hn, stride_hh, stride_wv, stride_wh, stride_hrn, stride_hrh, stride_wrv, stride_wrh,
-        logit_scale, softcap, inv_temp, HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP,
-        UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        hr_ptr,
+        wr_ptr,
+        br_ptr,
+        offs_n,
+        offs_v,
+        mask_n,
+        mask_v,
+        H,
+        HR,
+        stride_hn,
+        stride_hh,
+        stride_wv,
+        stride_wh,
+        stride_hrn,
+        stride_hrh,
+        stride_wrv,
+        stride_wrh,
+        logit_scale,
+        softcap,
+        inv_temp,
+        HAS_BIAS,
+        HAS_REF_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        IEEE_FP32,
+        ACC,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     p = tl.exp(tl.minimum(zp - lse_p[:, None], 0.0))
     q = tl.exp(tl.minimum(zr - lse_r[:, None], 0.0))
     valid = mask_n[:, None] & mask_v[None, :]
@@ -509,13 +883,45 @@ def _token_kl_backward_kernel(
     if FILTER:
         keep = tl.max(tl.where(valid, tl.maximum(p, q), 0.0)) >= filter_eps
     if keep:
-        _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, offs_n, offs_v, mask_n, mask_v, H,
-                          stride_hn, stride_hh, stride_wv, stride_wh, NEED_DH, NEED_DW, NEED_DB,
-                          UPCAST, IEEE_FP32, ACC, BLOCK_N, BLOCK_V, BLOCK_H)
+        _accumulate_grads(
+            dz,
+            h_ptr,
+            w_ptr,
+            dh_ptr,
+            dw_ptr,
+            db_ptr,
+            offs_n,
+            offs_v,
+            mask_n,
+            mask_v,
+            H,
+            stride_hn,
+            stride_hh,
+            stride_wv,
+            stride_wh,
+            NEED_DH,
+            NEED_DW,
+            NEED_DB,
+            UPCAST,
+            IEEE_FP32,
+            ACC,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
 
 
-def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform,
-                             config: Optional[TileConfig] = None, vocab_splits: Optional[int] = None) -> S.TokenKLState:
+def token_kl_forward_partial(
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    transform: LogitTransform,
+    config: TileConfig | None = None,
+    vocab_splits: int | None = None,
+) -> S.TokenKLState:
     """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the range's token-KL
     partial state (the vocab splits' states merged)."""
     n_tokens, hid = hidden.shape
@@ -528,24 +934,68 @@ def token_kl_forward_partial(hidden, weight, bias, ref_hidden, ref_weight, ref_b
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_KL_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _token_kl_forward_kernel[(n_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden,
-        ref_hidden, ref_weight, ref_bias if ref_bias is not None else hidden, parts,
-        n_tokens, vocab, hid, ref_hidden.shape[1], *hidden.stride(), *weight.stride(),
-        *ref_hidden.stride(), *ref_weight.stride(), per_split, splits,
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-        **_transform_args(transform), **_kernel_flags(hidden),
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        ref_hidden,
+        ref_weight,
+        ref_bias if ref_bias is not None else hidden,
+        parts,
+        n_tokens,
+        vocab,
+        hid,
+        ref_hidden.shape[1],
+        *hidden.stride(),
+        *weight.stride(),
+        *ref_hidden.stride(),
+        *ref_weight.stride(),
+        per_split,
+        splits,
+        HAS_BIAS=bias is not None,
+        HAS_REF_BIAS=ref_bias is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_H=cfg.block_h,
+        num_warps=cfg.num_warps,
+        **_transform_args(transform),
+        **_kernel_flags(hidden),
     )
     return S.merge_token_kl_states([S.TokenKLState(*parts[:, k]) for k in range(splits)])
 
 
-def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse_p, lse_r,
-                      transform: LogitTransform, need_hidden: bool, need_weight: bool, need_bias: bool,
-                      config: Optional[TileConfig] = None):
+def token_kl_backward(
+    grad_kl,
+    hidden,
+    weight,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    lse_p,
+    lse_r,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    config: TileConfig | None = None,
+):
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     if torch.are_deterministic_algorithms_enabled():
-        return torch_backend.token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                               lse_p, lse_r, transform, need_hidden, need_weight, need_bias)
+        return torch_backend.token_kl_backward(
+            grad_kl,
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            lse_p,
+            lse_r,
+            transform,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
@@ -554,16 +1004,37 @@ def token_kl_backward(grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse_p
         _token_kl_backward_kernel[grid](
-            hidden, weight, bias.contiguous() if bias is not None else dummy,
-            ref_hidden, ref_weight, ref_bias.contiguous() if ref_bias is not None else dummy,
-            lse_p.contiguous(), lse_r.contiguous(), grad_kl.contiguous(),
-            d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
+            hidden,
+            weight,
+            bias.contiguous() if bias is not None else dummy,
+            ref_hidden,
+            ref_weight,
+            ref_bias.contiguous() if ref_bias is not None else dummy,
+            lse_p.contiguous(),
+            lse_r.contiguous(),
+            grad_kl.contiguous(),
+            d_hidden if need_hidden else dummy,
+            d_weight if need_weight else dummy,
             d_bias if need_bias else dummy,
-            n_tokens, vocab, hid, ref_hidden.shape[1], *hidden.stride(), *weight.stride(),
-            *ref_hidden.stride(), *ref_weight.stride(),
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-            NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-            **_transform_args(transform), **_kernel_flags(hidden), **_filter_args(),
+            n_tokens,
+            vocab,
+            hid,
+            ref_hidden.shape[1],
+            *hidden.stride(),
+            *weight.stride(),
+            *ref_hidden.stride(),
+            *ref_weight.stride(),
+            HAS_BIAS=bias is not None,
+            HAS_REF_BIAS=ref_bias is not None,
+            NEED_DH=need_hidden,
+            NEED_DW=need_weight,
+            NEED_DB=need_bias,
+            BLOCK_N=cfg.block_n,
+            BLOCK_V=cfg.block_v,
+            BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps,
+            **_transform_args(transform),
+            **_kernel_flags(hidden),
+            **_filter_args(),
         )
     return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)

@@ -18,6 +18,7 @@ kernels.
 
 Tested with TRL 1.16 (``tests/test_integration_trl.py``).
 """
+
 from ._trl_compat import TRLCPOTrainer, TRLORPOTrainer
 from .dpo_kto import TRL_DPO_LOSS_TYPES, FusedDPOTrainer, FusedKTOTrainer, enable_fused_lm_head
 from .fused_head import add_fused_lm_head, call_with_lm_head
@@ -27,5 +28,13 @@ if TRLCPOTrainer is not None:
 if TRLORPOTrainer is not None:
     from .cpo_orpo import FusedORPOTrainer
 
-__all__ = ["add_fused_lm_head", "call_with_lm_head", "FusedDPOTrainer", "FusedKTOTrainer", "FusedCPOTrainer", "FusedORPOTrainer",
-           "enable_fused_lm_head", "TRL_DPO_LOSS_TYPES"]
+__all__ = [
+    "add_fused_lm_head",
+    "call_with_lm_head",
+    "FusedDPOTrainer",
+    "FusedKTOTrainer",
+    "FusedCPOTrainer",
+    "FusedORPOTrainer",
+    "enable_fused_lm_head",
+    "TRL_DPO_LOSS_TYPES",
+]

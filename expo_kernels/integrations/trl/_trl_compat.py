@@ -17,19 +17,19 @@ Relied on:
 * the ``loss_type`` values and hyperparameter fields (with defaults) of TRL 1.16's ``DPOConfig``
   (:data:`TRL_DPO_LOSS_TYPES`, :data:`DPO_CONFIG_HPARAMS`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Dict
 
 from torch import Tensor
 
 try:  # the integration needs TRL; the rest of the package does not
+    from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer import dpo_trainer as trl_dpo
     from trl.trainer import kto_trainer as trl_kto
     from trl.trainer.utils import FusedCausalLMOutput, use_adapter
-    from trl.models.utils import disable_gradient_checkpointing
 except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(
         "expo_kernels.integrations.trl needs `trl>=1.16` (pip install trl); its import failed: " + str(e)
@@ -47,19 +47,52 @@ except ImportError:  # pragma: no cover
     PeftModel = ()
 
 __all__ = [
-    "trl_dpo", "trl_kto", "FusedCausalLMOutput", "use_adapter", "disable_gradient_checkpointing", "TRLCPOTrainer",
-    "TRLORPOTrainer", "PeftModel", "TRL_DPO_LOSS_TYPES", "DPO_CONFIG_HPARAMS", "FUSED_OUTPUT_STATS",
-    "trl_head_replaced", "unwrap_trained_model", "log_metrics", "DPOComputeLossHook", "ConcatenatedForwardHook",
+    "trl_dpo",
+    "trl_kto",
+    "FusedCausalLMOutput",
+    "use_adapter",
+    "disable_gradient_checkpointing",
+    "TRLCPOTrainer",
+    "TRLORPOTrainer",
+    "PeftModel",
+    "TRL_DPO_LOSS_TYPES",
+    "DPO_CONFIG_HPARAMS",
+    "FUSED_OUTPUT_STATS",
+    "trl_head_replaced",
+    "unwrap_trained_model",
+    "log_metrics",
+    "DPOComputeLossHook",
+    "ConcatenatedForwardHook",
 ]
 
 #: the ``loss_type`` values TRL 1.16's DPOTrainer implements itself
-TRL_DPO_LOSS_TYPES = frozenset({
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-})
+TRL_DPO_LOSS_TYPES = frozenset(
+    {
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    }
+)
 #: DPOConfig fields that are hyperparameters of our registry's losses, with TRL's defaults
-DPO_CONFIG_HPARAMS = {"beta": None, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl",
-                      "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}
+DPO_CONFIG_HPARAMS = {
+    "beta": None,
+    "label_smoothing": 0.0,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
+    "discopop_tau": 0.05,
+}
 #: the per-token statistics fields of ``FusedCausalLMOutput`` (besides ``log_probs``)
 FUSED_OUTPUT_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -82,7 +115,7 @@ def unwrap_trained_model(trainer, model):
     return m.get_base_model() if isinstance(m, PeftModel) else m
 
 
-def log_metrics(trainer, mode: str, attention_mask: Tensor, metrics: Dict[str, Tensor]) -> None:
+def log_metrics(trainer, mode: str, attention_mask: Tensor, metrics: dict[str, Tensor]) -> None:
     """Record ``metrics`` (0-d tensors) and the token count in the trainer's metric state, as
     ``DPOTrainer._compute_loss`` does for its own."""
     if mode == "train":
@@ -111,7 +144,8 @@ class ConcatenatedForwardHook:
     def concatenated_forward(self, model, batch):
         return self.fused_concatenated_forward(model, batch)
 
-    def concatenate_batch(self, batch, padding_value) -> Dict[str, Tensor]:
+    def concatenate_batch(self, batch, padding_value) -> dict[str, Tensor]:
         """TRL's ``concatenated_inputs`` of a decoder-only batch: chosen rows, then rejected rows."""
-        return self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
-                                        device=self.accelerator.device)
+        return self.concatenated_inputs(
+            batch, is_encoder_decoder=False, padding_value=padding_value, device=self.accelerator.device
+        )

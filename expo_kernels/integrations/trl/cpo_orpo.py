@@ -4,9 +4,8 @@ TRL computes these from full logits in ``concatenated_forward``; ours returns th
 hidden states. :class:`FusedCPOTrainer` / :class:`FusedORPOTrainer` exist when TRL has
 ``trl.experimental.cpo`` / ``trl.experimental.orpo``.
 """
-from __future__ import annotations
 
-from typing import Dict, Optional
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -14,12 +13,19 @@ from torch import Tensor
 from ...functional import linear_logprobs
 from ..hf import lm_head_parameters
 from ._trl_compat import ConcatenatedForwardHook, TRLCPOTrainer, TRLORPOTrainer, unwrap_trained_model
-from .fused_head import add_fused_lm_head, call_with_lm_head, check_head_options, fused_head_options, gathered, head_operands
+from .fused_head import (
+    add_fused_lm_head,
+    call_with_lm_head,
+    check_head_options,
+    fused_head_options,
+    gathered,
+    head_operands,
+)
 
 __all__ = ["FusedCPOTrainer", "FusedORPOTrainer"]
 
 
-def _mean_logit(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], transform: Dict) -> Tensor:
+def _mean_logit(hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: dict) -> Tensor:
     """Mean of the (transformed) logits over all positions of ``hidden [R, T, H]`` and the vocabulary,
     without logits: TRL logs it as ``logits/chosen`` / ``logits/rejected``. For an affine head
     ``mean_v z = h . mean_v(W) + mean(b)`` (times the scale); a softcap needs the op's statistics."""
@@ -50,7 +56,9 @@ class _FusedConcatenatedForward(ConcatenatedForwardHook):
             raise ValueError("expo_kernels' fused head supports decoder-only models, not encoder-decoder ones.")
         if self.aux_loss_enabled:
             raise ValueError("MoE router auxiliary losses are not supported by expo_kernels' fused head.")
-        add_fused_lm_head(unwrap_trained_model(self, self.model), backend=backend, logit_transform_override=logit_transform)
+        add_fused_lm_head(
+            unwrap_trained_model(self, self.model), backend=backend, logit_transform_override=logit_transform
+        )
         self._expo_backend = backend
 
     def _average_logps(self) -> bool:
@@ -102,7 +110,7 @@ if TRLCPOTrainer is not None:
         """``trl.experimental.cpo.CPOTrainer`` (CPO, SimPO, AlphaPO, ...) on expo_kernels' head: same
         arguments, losses and metrics, no logits."""
 
-        def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+        def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
             check_head_options(backend, logit_transform)
             super().__init__(*args, **kwargs)
             self._expo_setup_head(backend, logit_transform)
@@ -116,6 +124,7 @@ if TRLCPOTrainer is not None:
         def _nll_weight(self) -> float:
             return self.cpo_alpha
 
+
 if TRLORPOTrainer is not None:
 
     class FusedORPOTrainer(_FusedConcatenatedForward, TRLORPOTrainer):
@@ -123,7 +132,7 @@ if TRLORPOTrainer is not None:
 
         _nll_over_prompt = True
 
-        def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+        def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
             check_head_options(backend, logit_transform)
             super().__init__(*args, **kwargs)
             self._expo_setup_head(backend, logit_transform)

@@ -8,10 +8,11 @@
   hyperparameters go in ``loss_kwargs`` (e.g. ``{"lam": 0.1, "kl_estimator": "token"}``).
 * :func:`enable_fused_lm_head` switches an already-built trainer.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -54,14 +55,15 @@ def _check_loss_options(loss_kwargs=None, registry_loss=None) -> None:
         check_bool("registry_loss", registry_loss)
 
 
-def _registry_loss(args, loss_kwargs: Dict, backend, transform) -> FusedLinearPreferenceLoss:
+def _registry_loss(args, loss_kwargs: dict, backend, transform) -> FusedLinearPreferenceLoss:
     """The module computing ``args.loss_type`` from our registry; config options no chosen loss takes
     are refused when set to a non-default value (they would otherwise be silently ignored)."""
     names = list(args.loss_type)
     unknown = [n for n in names if n not in LOSSES]
     if unknown:
-        raise ValueError(f"loss_type {unknown} is neither a TRL DPO loss type nor in expo_kernels.LOSSES "
-                         f"({sorted(LOSSES)}).")
+        raise ValueError(
+            f"loss_type {unknown} is neither a TRL DPO loss type nor in expo_kernels.LOSSES ({sorted(LOSSES)})."
+        )
     if any(not LOSSES[n].paired for n in names):
         raise ValueError(f"loss_type {names} includes an unpaired loss; use FusedKTOTrainer for KTO-style data.")
     accepted = {k for n in names for k in list(LOSSES[n].hparams) + list(LOSSES[n].aliases)}
@@ -76,15 +78,21 @@ def _registry_loss(args, loss_kwargs: Dict, backend, transform) -> FusedLinearPr
     if overlap:
         raise ValueError(f"{sorted(overlap)} are DPOConfig fields; set them there, not in `loss_kwargs`.")
     return FusedLinearPreferenceLoss(
-        names if len(names) > 1 else names[0], loss_weights=args.loss_weights, ld_alpha=args.ld_alpha,
-        use_weighting=args.use_weighting, backend=backend, **transform, **hparams, **loss_kwargs,
+        names if len(names) > 1 else names[0],
+        loss_weights=args.loss_weights,
+        ld_alpha=args.ld_alpha,
+        use_weighting=args.use_weighting,
+        backend=backend,
+        **transform,
+        **hparams,
+        **loss_kwargs,
     )
 
 
 class _FusedDPOMixin(DPOComputeLossHook):
     """Our head in TRL's DPO code paths; losses TRL lacks through :class:`FusedLinearPreferenceLoss`."""
 
-    def _expo_setup(self, loss_kwargs: Optional[Dict], backend: Optional[str], registry_loss: Optional[bool]) -> None:
+    def _expo_setup(self, loss_kwargs: dict | None, backend: str | None, registry_loss: bool | None) -> None:
         self._expo_backend = backend
         loss_kwargs = dict(loss_kwargs or {})
         self._expo_loss = None
@@ -92,18 +100,24 @@ class _FusedDPOMixin(DPOComputeLossHook):
             registry_loss = bool(loss_kwargs) or not set(self.args.loss_type) <= TRL_DPO_LOSS_TYPES
         if not registry_loss:
             if loss_kwargs:
-                raise ValueError("`loss_kwargs` configure expo_kernels' losses; they need registry_loss=True (or None).")
+                raise ValueError(
+                    "`loss_kwargs` configure expo_kernels' losses; they need registry_loss=True (or None)."
+                )
             return  # TRL's own loss code, on our head
         policy = unwrap_trained_model(self, self.model)
         transform = fused_head_options(policy)["transform"]
         if self.ref_model is not None:
             ref_t = fused_head_options(self.accelerator.unwrap_model(self.ref_model))["transform"]
             if ref_t != transform:
-                raise ValueError(f"The reference model's logit transform {ref_t} differs from the policy's {transform}.")
+                raise ValueError(
+                    f"The reference model's logit transform {ref_t} differs from the policy's {transform}."
+                )
         self._expo_loss = _registry_loss(self.args, loss_kwargs, backend, transform)
         if self._expo_loss.token_kl and self.precompute_ref_logps:
-            raise ValueError("loss 'expo' with kl_estimator='token' needs the reference model's hidden states at every "
-                             "step; it cannot use precompute_ref_log_probs=True.")
+            raise ValueError(
+                "loss 'expo' with kl_estimator='token' needs the reference model's hidden states at every "
+                "step; it cannot use precompute_ref_log_probs=True."
+            )
         if self.aux_loss_enabled:
             raise ValueError("MoE router auxiliary losses are not supported with expo_kernels' losses.")
 
@@ -116,8 +130,10 @@ class _FusedDPOMixin(DPOComputeLossHook):
                 if isinstance(unwrapped, PeftModel):
                     ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
                 else:
-                    raise ValueError("No reference model: pass `ref_model`, train a PEFT adapter, or precompute the "
-                                     "reference log-probs.")
+                    raise ValueError(
+                        "No reference model: pass `ref_model`, train a PEFT adapter, or precompute the "
+                        "reference log-probs."
+                    )
                 with ctx:
                     out = self.model(**ref_model_kwargs, labels=labels, fused_lm_head="hidden")
                 return out.hidden_states, None, None
@@ -178,8 +194,15 @@ class FusedDPOTrainer(_FusedDPOMixin, trl_dpo.DPOTrainer):
             (``{}`` for plain logits, or ``{"logit_scale": s, "softcap": c}``).
     """
 
-    def __init__(self, *args, loss_kwargs: Optional[Dict[str, Any]] = None, backend: Optional[str] = None,
-                 logit_transform: Optional[Dict] = None, registry_loss: Optional[bool] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        loss_kwargs: dict[str, Any] | None = None,
+        backend: str | None = None,
+        logit_transform: dict | None = None,
+        registry_loss: bool | None = None,
+        **kwargs,
+    ):
         check_head_options(backend, logit_transform)
         _check_loss_options(loss_kwargs, registry_loss)
         with trl_head_replaced(trl_dpo, add_fused_lm_head, backend=backend, logit_transform_override=logit_transform):
@@ -190,14 +213,20 @@ class FusedDPOTrainer(_FusedDPOMixin, trl_dpo.DPOTrainer):
 class FusedKTOTrainer(trl_kto.KTOTrainer):
     """``trl.KTOTrainer`` whose LM head (policy, reference and KL-baseline passes) runs through expo_kernels."""
 
-    def __init__(self, *args, backend: Optional[str] = None, logit_transform: Optional[Dict] = None, **kwargs):
+    def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
         check_head_options(backend, logit_transform)
         with trl_head_replaced(trl_kto, add_fused_lm_head, backend=backend, logit_transform_override=logit_transform):
             super().__init__(*args, **kwargs)
 
 
-def enable_fused_lm_head(trainer, *, loss_kwargs: Optional[Dict[str, Any]] = None, backend: Optional[str] = None,
-                         logit_transform: Optional[Dict] = None, registry_loss: Optional[bool] = None):
+def enable_fused_lm_head(
+    trainer,
+    *,
+    loss_kwargs: dict[str, Any] | None = None,
+    backend: str | None = None,
+    logit_transform: dict | None = None,
+    registry_loss: bool | None = None,
+):
     """Switch an already-built ``DPOTrainer`` or ``KTOTrainer`` to expo_kernels' head (and, for DPO,
     to our registry's losses when ``loss_type`` or ``loss_kwargs`` ask for them). Reference log-probs
     precomputed before the switch are kept. Returns the trainer."""

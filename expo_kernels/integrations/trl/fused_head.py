@@ -7,29 +7,37 @@ TRL (>= 1.16) computes per-token log-probs through a patched ``model.forward``: 
 Also here: the head's operands as a trainer's loss uses them (:func:`call_with_lm_head`,
 :func:`head_operands`, :func:`gathered`) and the check of the head's options.
 """
+
 from __future__ import annotations
 
 import functools
 import types
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ...functional import TokenStats, linear_logprobs
 from ..._validation import check_backend_name
 from ...distributed.fsdp import fsdp_lm_head_call, is_fsdp2
+from ...functional import TokenStats, linear_logprobs
 from ..hf import backbone, check_no_router_aux_loss, logit_transform
 from ._trl_compat import FUSED_OUTPUT_STATS, FusedCausalLMOutput
 
-__all__ = ["add_fused_lm_head", "call_with_lm_head", "head_operands", "gathered", "fused_head_options",
-           "check_head_options", "OUTPUT_NAMES"]
+__all__ = [
+    "add_fused_lm_head",
+    "call_with_lm_head",
+    "head_operands",
+    "gathered",
+    "fused_head_options",
+    "check_head_options",
+    "OUTPUT_NAMES",
+]
 
 #: the fields ``add_fused_lm_head(outputs=...)`` may ask for
 OUTPUT_NAMES = ("log_probs",) + FUSED_OUTPUT_STATS
 
 
-def gathered(t: Optional[Tensor]) -> Optional[Tensor]:
+def gathered(t: Tensor | None) -> Tensor | None:
     """A DTensor (FSDP2 parameter) as its full tensor; anything else as it is. The op needs the
     whole head for the call (as TRL does)."""
     if t is not None and type(t).__name__ == "DTensor":
@@ -47,12 +55,11 @@ def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
     already gathered), a sharded DTensor outside any forward as its full tensor (as TRL does).
     """
     if is_fsdp2(head):
-        return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k),
-                                 *args, **kwargs)
+        return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k), *args, **kwargs)
     return fn(gathered(head.weight), gathered(getattr(head, "bias", None)), *args, **kwargs)
 
 
-def head_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def head_operands(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     """Operands in the dtype ``F.linear`` would use: under autocast the autocast dtype (as TRL's
     chunked head, whose matmul runs under autocast), otherwise the head's own dtype. The head's
     tensors come whole (``call_with_lm_head``)."""
@@ -63,7 +70,7 @@ def head_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return hidden.to(weight.dtype), weight, bias
 
 
-def fused_head_options(model) -> Dict:
+def fused_head_options(model) -> dict:
     """``{"transform": ..., "backend": ...}`` of a model patched by :func:`add_fused_lm_head`."""
     return model._expo_kernels_fused_head
 
@@ -74,8 +81,9 @@ def check_head_options(backend=None, logit_transform=None) -> None:
     naming the argument."""
     check_backend_name(backend)
     if logit_transform is not None and not isinstance(logit_transform, dict):
-        raise TypeError(f"logit_transform must be None or a dict, got {type(logit_transform).__name__} "
-                        f"{logit_transform!r}")
+        raise TypeError(
+            f"logit_transform must be None or a dict, got {type(logit_transform).__name__} {logit_transform!r}"
+        )
 
 
 def add_fused_lm_head(
@@ -84,8 +92,8 @@ def add_fused_lm_head(
     cast_lm_head_to_fp32: bool = False,
     outputs: Sequence[str] = ("log_probs",),
     *,
-    backend: Optional[str] = None,
-    logit_transform_override: Optional[Dict] = None,
+    backend: str | None = None,
+    logit_transform_override: dict | None = None,
 ) -> None:
     """Patch ``model.forward`` like ``trl.trainer.utils.add_fused_lm_head``, computing with expo_kernels.
 
@@ -109,15 +117,22 @@ def add_fused_lm_head(
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def _fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                       **kwargs):
+    def _fused_forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
         if not fused_lm_head:
-            for k, v in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+            for k, v in (
+                ("labels", labels),
+                ("shift_labels", shift_labels),
+                ("num_items_in_batch", num_items_in_batch),
+            ):
                 if v is not None:
                     kwargs[k] = v
             return original_forward(*args, **kwargs)
         if kwargs.get("output_router_logits"):
-            raise ValueError("expo_kernels' fused LM head does not compute MoE router losses (output_router_logits=True).")
+            raise ValueError(
+                "expo_kernels' fused LM head does not compute MoE router losses (output_router_logits=True)."
+            )
         kwargs["use_cache"] = False
         hidden = full = backbone(self)(*args, **kwargs).last_hidden_state
         if shift_labels is None:  # position t predicts token t+1
@@ -143,8 +158,12 @@ def add_fused_lm_head(
         fields = dict.fromkeys(FUSED_OUTPUT_STATS)
         if with_stats:
             stats = TokenStats(*res[1:])
-            avail = {"entropy": stats.entropy, "log_sum_sq_probs": stats.log_sum_p2, "mean_logits": stats.mean_logit,
-                     "is_top1": stats.is_top1}
+            avail = {
+                "entropy": stats.entropy,
+                "log_sum_sq_probs": stats.log_sum_p2,
+                "mean_logits": stats.mean_logit,
+                "is_top1": stats.is_top1,
+            }
             fields.update({k: avail[k] for k in FUSED_OUTPUT_STATS if k in outputs})
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-logp.sum() / denom, log_probs=logp, label_mask=mask, **fields)
