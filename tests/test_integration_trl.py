@@ -112,9 +112,15 @@ def gemma2():
     return transformers.Gemma2ForCausalLM(cfg)
 
 
+@pytest.fixture(autouse=True)
+def _per_test_cwd(tmp_path, monkeypatch):
+    """Each test's trainers write their output_dir under its own tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def dpo_args(**kw):
     base = dict(
-        output_dir="/tmp/expo_kernels_test_dpo",
+        output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
         per_device_train_batch_size=4,
         max_steps=3,
         learning_rate=0.1,
@@ -277,7 +283,7 @@ def test_kto_matches_trl():
         torch.manual_seed(1)
         ref = llama()
         args = KTOConfig(
-            output_dir="/tmp/expo_kernels_test_kto",
+            output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
             per_device_train_batch_size=4,
             max_steps=3,
             learning_rate=0.1,
@@ -373,7 +379,7 @@ def _run_logits_trainer(cls, config_cls, make_model=llama, **cfg):
     torch.manual_seed(0)
     model = make_model()
     base = dict(
-        output_dir="/tmp/expo_kernels_test_cpo",
+        output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
         per_device_train_batch_size=4,
         max_steps=3,
         learning_rate=0.1,

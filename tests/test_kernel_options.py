@@ -6,13 +6,14 @@ import warnings
 
 import pytest
 import torch
+from conftest import triton_available
 
 import expo_kernels as ek
 from expo_kernels import ops
 from expo_kernels.ops import LogitTransform, torch_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if "triton" not in ek.available_backends(DEVICE):
+if not triton_available():
     pytest.skip("triton backend unavailable", allow_module_level=True)
 from expo_kernels.ops import triton_backend  # noqa: E402
 

@@ -10,10 +10,9 @@ to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32/f
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, require_backend
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, LargestTensor, rel_err, shrink_native_tiles
 from reference import reference_logprobs, reference_stats
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import expo_kernels as ek
 from expo_kernels import ops
@@ -21,16 +20,8 @@ from expo_kernels._dispatch import backend_module as _backend_module
 from expo_kernels._dispatch import resolve_backend
 from expo_kernels.ops import LogitTransform, torch_backend
 
-BACKENDS = ek.available_backends(DEVICE)
+BACKENDS = BACKEND_NAMES
 ON_GPU = DEVICE.type == "cuda"
-
-TRANSFORMS = {
-    "plain": {},
-    "temperature": {"temperature": 0.7},
-    "logit_scale": {"logit_scale": 0.25},
-    "softcap": {"softcap": 3.0},
-    "all": {"temperature": 1.3, "logit_scale": 2.0, "softcap": 5.0},
-}
 
 # (tokens, hidden, vocab): vocab not a multiple of any tile, hidden not a power of two, one token.
 SHAPES = [(37, 24, 100), (1, 8, 33), (70, 40, 257)]
@@ -47,11 +38,6 @@ def make_inputs(n, h, v, dtype, *, bias=False, ignore_frac=0.25, scale=1.0):
 
 def grads_of(out, inputs, upstream):
     return torch.autograd.grad((out.double() * upstream).sum(), [t for t in inputs if t is not None])
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check_against_reference(backend, n, h, v, dtype, transform, *, bias, tol):
@@ -78,7 +64,7 @@ def test_matches_reference_fp32(backend, shape, transform):
 
 
 # float64 is float64 throughout on the torch and native backends; Triton refuses it (see below).
-FP64_BACKENDS = [b for b in BACKENDS if b != "triton"]
+FP64_BACKENDS = FP64_BACKEND_NAMES
 
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
@@ -87,8 +73,8 @@ def test_matches_reference_fp64(backend, bias):
     check_against_reference(backend, 37, 24, 100, torch.float64, TRANSFORMS["all"], bias=bias, tol=1e-10)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available here")
 def test_triton_refuses_float64_and_the_default_routes_it_elsewhere():
+    require_backend("triton")
     # Triton scalars and (on GPUs) the kernels' accumulators are float32: a float64 call would be
     # silently ~1e-8 accurate, so an explicit request is refused and the default never picks Triton.
     hidden, weight, labels, _ = make_inputs(5, 8, 20, torch.float64)
@@ -214,38 +200,6 @@ def test_frozen_head_and_frozen_hidden(backend):
     logp.sum().backward()
     (want,) = torch.autograd.grad(reference_logprobs(hidden2, weight, labels).sum(), weight)
     assert rel_err(weight.grad, want) < 2e-5
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the size in bytes of the largest tensor any aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.op = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            # Bytes, not elements: Triton's CPU interpreter re-views arguments as uint8.
-            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest:
-                self.largest, self.op = t.numel() * t.element_size(), str(func)
-        return out
-
-
-def shrink_native_tiles(monkeypatch, token_block, vocab_tile):
-    """The native backend's tiles, like the torch backend's, shrunk below [N, V] of the test shapes.
-
-    The native kernels allocate through ATen (at::empty, at::mm_out, ...), and their ops are
-    registered as composite kernels, so a TorchDispatchMode sees those allocations too. It cannot see
-    memory C++ obtains otherwise (none in csrc/expo_native.cpp; MKL's GEMM workspaces are
-    O(block size)); tests/test_native_backend.py also bounds the peak RSS of a large native call.
-    """
-    if "native" in BACKENDS:
-        from expo_kernels.ops import native_backend
-
-        monkeypatch.setattr(native_backend, "TOKEN_BLOCK", token_block)
-        monkeypatch.setattr(native_backend, "VOCAB_TILE", vocab_tile)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

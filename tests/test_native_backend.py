@@ -15,14 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_backend
 
-import expo_kernels as ek
 from expo_kernels import ops
 from expo_kernels.ops import LogitTransform, torch_backend
 
 REPO = Path(__file__).resolve().parents[1]
-NATIVE = "native" in ek.available_backends("cpu")
-needs_native = pytest.mark.skipif(not NATIVE, reason="native backend not built here (see python -m expo_kernels.info)")
+needs_native = pytest.mark.usefixtures("native_built")
+
+
+@pytest.fixture
+def native_built():
+    """Skip unless the native backend builds here (resolved when the test runs, not at collection)."""
+    require_backend("native", "cpu")
 
 
 def _run(code: str, **env_overrides) -> dict:

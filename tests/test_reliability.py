@@ -9,12 +9,13 @@ import math
 
 import pytest
 import torch
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES
 from reference import logits64, reference_logprobs, reference_stats
 
 import expo_kernels as ek
 
-BACKENDS = ek.available_backends("cpu")
-FP64_BACKENDS = [b for b in BACKENDS if b != "triton"]
+BACKENDS = BACKEND_NAMES
+FP64_BACKENDS = FP64_BACKEND_NAMES
 
 
 def _hw(n=3, h=8, v=20, seed=0):

@@ -3,14 +3,15 @@
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, LargestTensor, rel_err, shrink_native_tiles
 from reference import logits64
-from test_linear_logprobs import TRANSFORMS, LargestTensor, _backend_module, rel_err, shrink_native_tiles
 
 import expo_kernels as ek
 from expo_kernels import ops
+from expo_kernels._dispatch import backend_module
 from expo_kernels.ops import LogitTransform
 
-BACKENDS = ek.available_backends(DEVICE)
+BACKENDS = BACKEND_NAMES
 
 
 def reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=None, ref_bias=None, **transform):
@@ -64,7 +65,7 @@ def test_token_kl_is_zero_for_identical_heads(backend):
     assert grad.abs().max() < 1e-5  # p - q = 0 everywhere
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # float64: not on Triton
+@pytest.mark.parametrize("backend", FP64_BACKEND_NAMES)  # float64: not on Triton
 def test_token_kl_gradcheck(backend):
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(5, 6, 4, 17, torch.float64)
 
@@ -84,7 +85,7 @@ def test_token_kl_never_allocates_tokens_by_vocab(backend, monkeypatch):
     shrink_native_tiles(monkeypatch, 32, 64)
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, _ = make(n, h, h, v, torch.float32)
     args = (hidden.detach(), weight.detach(), b.detach(), ref_hidden, ref_weight, ref_bias)
-    module = _backend_module(backend)
+    module = backend_module(backend)
     transform = LogitTransform(1.0, 5.0, 1.0)
     with LargestTensor() as rec:
         kl, lse_p, lse_r = ops.token_kl_forward(module, *args, transform)

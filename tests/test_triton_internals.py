@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, triton_available
 from reference import reference_stats
 
-import expo_kernels as ek
-
-if "triton" not in ek.available_backends(DEVICE):
+if not triton_available():
     pytest.skip("triton backend not available", allow_module_level=True)
 
 import triton  # noqa: E402
