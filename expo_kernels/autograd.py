@@ -37,7 +37,7 @@ def _transform_args(logit_scale, softcap, temperature) -> dict:
 
 
 @torch.library.custom_op("expo_kernels::linear_logprobs", mutates_args=())
-def _linear_logprobs_op(
+def linear_logprobs_op(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -56,16 +56,17 @@ def _linear_logprobs_op(
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
     out: TokenOutputs = ops.forward(D.backend_module(backend), h, weight, bias, y, transform, with_stats)
+    computed = out.stats() if with_stats else None  # (entropy, mean_logit, is_top1, log_sum_p2)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
-    finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
+    finite_results = (out.lse,) + ((computed[0], computed[1], computed[3]) if computed is not None else ())
     D.check_finite(
         {"hidden": h, "weight": weight},
         {"bias": bias},
         finite_results,
         _transform_args(logit_scale, softcap, temperature),
     )
-    if with_stats:
-        stats = [D.scatter(t, rows, n) for t in out[2:]]
+    if computed is not None:
+        stats = [D.scatter(t, rows, n) for t in computed]
     else:
         empty = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
         stats = [empty, empty.clone(), empty.bool(), empty.clone()]
@@ -74,7 +75,7 @@ def _linear_logprobs_op(
     )
 
 
-@_linear_logprobs_op.register_fake
+@linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, with_stats, backend):
     n = labels.shape[0]
     dtype = D.result_dtype(hidden.dtype)
@@ -85,7 +86,7 @@ def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperat
 
 
 @torch.library.custom_op("expo_kernels::linear_logprobs_backward", mutates_args=())
-def _linear_logprobs_backward_op(
+def linear_logprobs_backward_op(
     grad_logp: Tensor,
     hidden: Tensor,
     weight: Tensor,
@@ -139,7 +140,7 @@ def _fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
     )
 
 
-@_linear_logprobs_backward_op.register_fake
+@linear_logprobs_backward_op.register_fake
 def _(
     grad_logp,
     hidden,
@@ -170,7 +171,7 @@ def _backward(ctx, grad_logp, *_stat_grads):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_logp is None or not (need_h or need_w or need_b):
         return (None,) * 10
-    d_h, d_w, d_b = _linear_logprobs_backward_op(
+    d_h, d_w, d_b = linear_logprobs_backward_op(
         grad_logp, hidden, weight, bias, labels, lse, *ctx.params, need_h, need_w, need_b
     )
     return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 7
@@ -181,7 +182,7 @@ torch.library.register_autograd("expo_kernels::linear_logprobs_backward", _no_do
 
 
 @torch.library.custom_op("expo_kernels::linear_token_kl", mutates_args=())
-def _linear_token_kl_op(
+def linear_token_kl_op(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -222,7 +223,7 @@ def _linear_token_kl_op(
     )
 
 
-@_linear_token_kl_op.register_fake
+@linear_token_kl_op.register_fake
 def _(
     hidden,
     weight,
@@ -242,7 +243,7 @@ def _(
 
 
 @torch.library.custom_op("expo_kernels::linear_token_kl_backward", mutates_args=())
-def _linear_token_kl_backward_op(
+def linear_token_kl_backward_op(
     grad_kl: Tensor,
     hidden: Tensor,
     weight: Tensor,
@@ -285,7 +286,7 @@ def _linear_token_kl_backward_op(
     )
 
 
-@_linear_token_kl_backward_op.register_fake
+@linear_token_kl_backward_op.register_fake
 def _(
     grad_kl,
     hidden,
@@ -322,7 +323,7 @@ def _token_kl_backward(ctx, grad_kl, *_lse_grads):
         raise RuntimeError("linear_token_kl: the reference head is frozen; detach ref_hidden / ref_weight / ref_bias")
     if grad_kl is None or not (need_h or need_w or need_b):
         return (None,) * 12
-    d_h, d_w, d_b = _linear_token_kl_backward_op(
+    d_h, d_w, d_b = linear_token_kl_backward_op(
         grad_kl,
         hidden,
         weight,

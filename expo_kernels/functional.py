@@ -7,11 +7,13 @@ sharded over a process group (``expo_kernels.distributed``).
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 from torch import Tensor
 
 from . import _dispatch as D
 from . import _validation as V
-from .autograd import _linear_logprobs_op, _linear_token_kl_op
+from .autograd import linear_logprobs_op, linear_token_kl_op
 from .ops.common import TokenStats
 
 __all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
@@ -19,6 +21,57 @@ __all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
 
 def _sharded(process_group) -> bool:
     return process_group is not None and D.group_size(process_group) > 1
+
+
+@overload
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    return_stats: Literal[False] = False,
+    backend: str | None = None,
+    process_group=None,
+) -> Tensor: ...
+
+
+@overload
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    return_stats: Literal[True],
+    backend: str | None = None,
+    process_group=None,
+) -> tuple[Tensor, TokenStats]: ...
+
+
+@overload
+def linear_logprobs(  # return_stats known only at run time
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    return_stats: bool,
+    backend: str | None = None,
+    process_group=None,
+) -> Tensor | tuple[Tensor, TokenStats]: ...
 
 
 def linear_logprobs(
@@ -34,7 +87,7 @@ def linear_logprobs(
     return_stats: bool = False,
     backend: str | None = None,
     process_group=None,
-):
+) -> Tensor | tuple[Tensor, TokenStats]:
     """Per-token ``log softmax(z)[label]`` of ``z = softcap(hidden @ weight.T + bias) ...`` without
     ever materializing ``[tokens, vocab]`` logits.
 
@@ -79,7 +132,7 @@ def linear_logprobs(
         )
     V.check_linear_head(hidden, weight, labels, bias)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
-    out = _linear_logprobs_op(
+    out = linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,
@@ -156,7 +209,7 @@ def linear_token_kl(
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
     V.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
-    kl, _, _ = _linear_token_kl_op(
+    kl, _, _ = linear_token_kl_op(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         bias,

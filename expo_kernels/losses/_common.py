@@ -66,18 +66,26 @@ class PreferenceBatch:
     def has_reference(self) -> bool:
         return self.ref_chosen is not None and self.ref_rejected is not None
 
+    def pair(self) -> tuple[Tensor, Tensor]:
+        """``(chosen, rejected)`` of a batch in the paired (or chosen/rejected unpaired) form."""
+        # the API builds such a batch only from both tensors (api._build_batch / _build_unpaired)
+        assert self.chosen is not None and self.rejected is not None
+        return self.chosen, self.rejected
+
     def require_reference(self, loss: str, why: str = "") -> tuple[Tensor, Tensor]:
-        if not self.has_reference:
+        rc, rr = self.ref_chosen, self.ref_rejected
+        if rc is None or rr is None:  # not has_reference
             raise ValueError(
                 f"Loss {loss!r} needs the reference model's log-probs: pass `ref_chosen_logps` and "
                 f"`ref_rejected_logps` (shape [B], summed over completion tokens){why}."
             )
-        return self.ref_chosen, self.ref_rejected
+        return rc, rr
 
     def logratios(self, loss: str) -> tuple[Tensor, Tensor]:
         """``(c - c_ref, r - r_ref)``."""
         rc, rr = self.require_reference(loss)
-        return self.chosen - rc, self.rejected - rr
+        c, r = self.pair()
+        return c - rc, r - rr
 
     def lengths(self, loss: str) -> tuple[Tensor, Tensor]:
         """Completion token counts in the log-probs' dtype, clamped to >= 1 (as TRL does)."""
@@ -86,13 +94,14 @@ class PreferenceBatch:
                 f"Loss {loss!r} normalizes by completion length: pass `chosen_lengths` and `rejected_lengths` "
                 "(number of completion tokens of each sequence, shape [B])."
             )
-        dt = self.chosen.dtype
+        dt = self.pair()[0].dtype
         return self.chosen_lengths.to(dt).clamp(min=1.0), self.rejected_lengths.to(dt).clamp(min=1.0)
 
     def averages(self, loss: str) -> tuple[Tensor, Tensor]:
         """Length-averaged policy log-probs ``(c / |y_c|, r / |y_r|)``."""
         lc, lr = self.lengths(loss)
-        return self.chosen / lc, self.rejected / lr
+        c, r = self.pair()
+        return c / lc, r / lr
 
     def nll(self, loss: str) -> tuple[Tensor, str | None]:
         """NLL of the chosen completions and, when it is a batch-level number, why it couples the batch.
@@ -113,8 +122,9 @@ class PreferenceBatch:
                 "token counts, [B]) so it can be computed as the token-mean NLL -sum(chosen_logps)/sum(chosen_lengths), "
                 "or pass `chosen_nll` directly."
             )
-        total = self.chosen_lengths.to(self.chosen.dtype).sum().clamp(min=1.0)
-        return -self.chosen.sum() / total, (
+        c, _ = self.pair()
+        total = self.chosen_lengths.to(c.dtype).sum().clamp(min=1.0)
+        return -c.sum() / total, (
             "the NLL term is the token mean over the whole batch (as TRL computes it); pass `chosen_nll` of shape "
             "[B] (e.g. -chosen_logps / chosen_lengths) for per-pair values"
         )
@@ -217,13 +227,16 @@ def dpo_metrics(batch: PreferenceBatch, beta: float) -> Callable[[], dict[str, T
     """Metrics of the reference-based losses: rewards ``beta * (logp - ref_logp)`` as TRL logs them."""
 
     def make() -> dict[str, Tensor]:
-        hc = batch.chosen - batch.ref_chosen
-        hr = batch.rejected - batch.ref_rejected
-        return reward_metrics(beta * hc, beta * hr, batch.chosen, batch.rejected)
+        c, r = batch.pair()
+        rc, rr = batch.ref_chosen, batch.ref_rejected
+        # built only by losses that required the reference (or checked has_reference) first
+        assert rc is not None and rr is not None
+        return reward_metrics(beta * (c - rc), beta * (r - rr), c, r)
 
     return make
 
 
 def logp_metrics(batch: PreferenceBatch) -> dict[str, Tensor]:
+    c, r = batch.pair()
     with torch.no_grad():
-        return {"logps/chosen": batch.chosen.detach().mean(), "logps/rejected": batch.rejected.detach().mean()}
+        return {"logps/chosen": c.detach().mean(), "logps/rejected": r.detach().mean()}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._common import F_DIVERGENCE_LOSSES, F_DIVERGENCE_TYPES, LossTerms, PreferenceBatch
-from .registry import HParamTypeError, LossSpec, _names, as_real, describe, get_loss_spec
+from .registry import HParamTypeError, LossSpec, as_real, describe, get_loss_spec, loss_names
 
 Tensor = torch.Tensor
 Number = int | float
@@ -137,7 +137,7 @@ def _scalar_or_vector(name: str, x: Any, n: int, like: Tensor, allowed: Sequence
 _FDIV_KEYS = ("f_divergence_type", "f_alpha_divergence_coef")
 
 
-def _check_hparams(specs: Sequence[LossSpec], hparams: dict[str, Any]) -> None:
+def check_hparams(specs: Sequence[LossSpec], hparams: dict[str, Any]) -> None:
     fdiv = hparams.get("f_divergence_type", "reverse_kl")
     if not isinstance(fdiv, str):
         raise HParamTypeError(f"`f_divergence_type` must be one of {list(F_DIVERGENCE_TYPES)}; got {describe(fdiv)}.")
@@ -167,10 +167,6 @@ def _check_hparams(specs: Sequence[LossSpec], hparams: dict[str, Any]) -> None:
                 f"Unknown hyperparameter `{key}` for loss {names if len(names) > 1 else names[0]!r}; "
                 f"accepted: {accepted}."
             )
-
-
-#: public name of the hyperparameter check, for the ``nn.Module`` front end (:mod:`expo_kernels.modules`)
-check_hparams = _check_hparams
 
 
 def _build_batch(
@@ -343,7 +339,7 @@ def _compute(
     kl,
     hparams,
 ) -> tuple[Tensor, list[tuple[str, float, LossTerms]]]:
-    names = _names(name)
+    names = loss_names(name)
     specs = [get_loss_spec(n) for n in names]
     check_reduction(reduction)
     lws = check_loss_weights(loss_weights, names)
@@ -351,7 +347,7 @@ def _compute(
         raise ValueError(
             f"The unpaired losses (kto, apo_zero_unpaired) cannot be mixed with other losses; got {list(names)}."
         )
-    _check_hparams(specs, hparams)
+    check_hparams(specs, hparams)
     batch = _build_batch(
         specs,
         chosen_logps,
@@ -381,7 +377,7 @@ def _compute(
                 f"`weights` (WPO per-pair weighting) cannot be used with {coupled}: they sort the batch, which would "
                 "misalign the per-pair weights."
             )
-        weights = _float_vector("weights", weights, batch.chosen.shape[0])
+        weights = _float_vector("weights", weights, batch.pair()[0].shape[0])
 
     parts: list[tuple[str, float, LossTerms]] = []
     total: Tensor | None = None
@@ -391,6 +387,7 @@ def _compute(
         parts.append((spec.name, float(lw), out))
         term = out.terms if lw == 1.0 else out.terms * lw
         total = term if total is None else total + term
+    assert total is not None  # specs is not empty (loss_names refuses an empty list)
     if weights is not None:
         total = total * weights
 

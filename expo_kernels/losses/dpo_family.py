@@ -181,7 +181,8 @@ def _sppo_hard(batch: PreferenceBatch, hp: dict) -> LossTerms:
 )
 def _aot(batch: PreferenceBatch, hp: dict) -> LossTerms:
     ref_c, ref_r = batch.require_reference("aot")
-    pol, _ = torch.sort(batch.chosen - batch.rejected, dim=0)
+    c, r = batch.pair()
+    pol, _ = torch.sort(c - r, dim=0)
     ref, _ = torch.sort(ref_c - ref_r, dim=0)
     terms = _smoothed_logsigmoid(hp["beta"] * (pol - ref), hp["label_smoothing"])
     return LossTerms(terms, dpo_metrics(batch, hp["beta"]), coupled=_AOT_COUPLED)
@@ -254,7 +255,7 @@ def _discopop(batch: PreferenceBatch, hp: dict) -> LossTerms:
 )
 def _sft(batch: PreferenceBatch, hp: dict, loss: str = "sft") -> LossTerms:
     nll, coupled = batch.nll(loss)
-    n = batch.chosen.shape[0]
+    n = batch.pair()[0].shape[0]
     # TRL expands the scalar batch NLL to one entry per pair; only its mean matters.
     terms = nll.expand(n) if nll.dim() == 0 else nll
 

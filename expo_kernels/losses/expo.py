@@ -49,7 +49,7 @@ KL_ESTIMATORS = ("sequence", "pair", "token")
     description="EXPO: softplus(-(c - r)) + lam * KL(pi_ref || pi_theta), KL by the chosen estimator",
 )
 def _expo(batch: PreferenceBatch, hp: dict) -> LossTerms:
-    c, r = batch.chosen, batch.rejected
+    c, r = batch.pair()
     n = c.shape[0]
     lam, est = hp["lam"], hp["kl_estimator"]
     d = c - r

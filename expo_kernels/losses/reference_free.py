@@ -42,7 +42,7 @@ def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alp
     if variant in ("ipo", "simpo"):
         pc, pr = batch.averages(loss)
     else:
-        pc, pr = batch.chosen, batch.rejected
+        pc, pr = batch.pair()
     if alpha != 0.0:
         # AlphaPO (Gupta et al. 2025, arXiv 2501.03884) as TRL's CPOTrainer implements it:
         # r = (1 - p^(-alpha)) / alpha with p = exp(logp). Written as -expm1(-alpha*logp)/alpha, the same

@@ -92,9 +92,15 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _number_check(fn: Callable) -> Callable:
-    fn.expects = "number"  # a value of another type is a type error (HParamTypeError)
+def _expects(kind: str, fn: Callable) -> Callable:
+    """Marks ``fn`` as a check of values of type ``kind`` ("number" or "str"): a value of another type is
+    a type error (HParamTypeError). A function attribute, read by ``HParam._wrong_type``."""
+    fn.__dict__["expects"] = kind  # the same as `fn.expects = kind`, which mypy refuses on a Callable
     return fn
+
+
+def _number_check(fn: Callable) -> Callable:
+    return _expects("number", fn)
 
 
 @_number_check
@@ -150,8 +156,7 @@ def one_of(*choices: str) -> Callable:
         return None
 
     check.__doc__ = f"One of {list(choices)}."
-    check.expects = "str"
-    return check
+    return _expects("str", check)
 
 
 @dataclass(frozen=True)
@@ -315,7 +320,7 @@ def get_loss_spec(name: str) -> LossSpec:
         raise ValueError(f"Unknown preference loss {name!r}.{hint} Known losses: {sorted(LOSSES)}.") from None
 
 
-def _names(name: Any) -> tuple[str, ...]:
+def loss_names(name: Any) -> tuple[str, ...]:
     if isinstance(name, str):
         return (name,)
     if isinstance(name, (list, tuple)) and len(name) > 0 and all(isinstance(n, str) for n in name):
@@ -323,7 +328,3 @@ def _names(name: Any) -> tuple[str, ...]:
     raise HParamTypeError(
         f"`name` must be a loss name or a non-empty list of loss names (MPO-style mix); got {describe(name)}."
     )
-
-
-#: public name of the loss-name normalization (a name or a list of names -> tuple), for :mod:`expo_kernels.modules`
-loss_names = _names

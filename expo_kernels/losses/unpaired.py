@@ -30,14 +30,17 @@ def _examples(batch: PreferenceBatch, loss: str) -> tuple[torch.Tensor, torch.Te
     if batch.policy_logps is not None:
         if batch.ref_logps is None:
             raise ValueError(f"Loss {loss!r} needs the reference model's log-probs: pass `ref_logps` ([N]).")
+        # the API refuses policy_logps without is_desirable (api._build_unpaired)
+        assert batch.is_desirable is not None
         return batch.policy_logps, batch.ref_logps, batch.is_desirable
     rc, rr = batch.require_reference(loss)
-    pol = torch.cat([batch.chosen, batch.rejected])
+    c, r = batch.pair()
+    pol = torch.cat([c, r])
     ref = torch.cat([rc, rr])
     lab = torch.cat(
         [
-            torch.ones(batch.chosen.shape[0], dtype=torch.bool, device=pol.device),
-            torch.zeros(batch.rejected.shape[0], dtype=torch.bool, device=pol.device),
+            torch.ones(c.shape[0], dtype=torch.bool, device=pol.device),
+            torch.zeros(r.shape[0], dtype=torch.bool, device=pol.device),
         ]
     )
     return pol, ref, lab

@@ -24,13 +24,24 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TypedDict
 
 NATIVE_ENV = "EXPO_KERNELS_NATIVE"
 BUILD_DIR_ENV = "EXPO_KERNELS_BUILD_DIR"
 SOURCE_NAME = "expo_native.cpp"
 
+
+class _BuildState(TypedDict):
+    tried: bool
+    ok: bool
+    error: str | None
+    warned: bool
+    build_s: float | None
+    build_dir: str | None
+
+
 _lock = threading.Lock()
-_state = {"tried": False, "ok": False, "error": None, "warned": False, "build_s": None, "build_dir": None}
+_state: _BuildState = {"tried": False, "ok": False, "error": None, "warned": False, "build_s": None, "build_dir": None}
 
 
 def disabled_by_env() -> bool:
@@ -171,4 +182,4 @@ def _reset_for_tests() -> None:
     """Forget a failed attempt (tests simulate failures); a loaded library stays loaded."""
     with _lock:
         if not _state["ok"]:
-            _state.update(tried=False, error=None, warned=False)
+            _state.update({"tried": False, "error": None, "warned": False})

@@ -35,7 +35,7 @@ class LogitTransform:
     def apply_with_derivative(self, raw: torch.Tensor):
         """Returns ``(z, dz/draw)``; the derivative is a python float when it is constant."""
         z = raw * self.logit_scale
-        deriv = self.logit_scale * self.inv_temperature
+        deriv: float | torch.Tensor = self.logit_scale * self.inv_temperature
         if self.softcap is not None:
             t = torch.tanh(z / self.softcap)
             z = self.softcap * t
@@ -55,6 +55,13 @@ class TokenOutputs(NamedTuple):
     mean_logit: torch.Tensor | None = None  # sum_v z_v / V over finite z_v (masked -inf entries add 0)
     is_top1: torch.Tensor | None = None  # bool: label == argmax_v z_v (first maximum)
     log_sum_p2: torch.Tensor | None = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)
+
+    def stats(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(entropy, mean_logit, is_top1, log_sum_p2)`` of outputs computed ``with_stats``."""
+        e, mean_logit, is_top1, p2 = self.entropy, self.mean_logit, self.is_top1, self.log_sum_p2
+        # finalize_logprobs sets all four from a state with statistics, which with_stats guarantees
+        assert e is not None and mean_logit is not None and is_top1 is not None and p2 is not None
+        return e, mean_logit, is_top1, p2
 
 
 class TokenStats(NamedTuple):

@@ -35,6 +35,7 @@ from .common import TokenOutputs
 
 __all__ = [
     "LogprobState",
+    "StateStats",
     "TokenKLState",
     "safe_shift",
     "merge_logprob_states",
@@ -44,6 +45,15 @@ __all__ = [
     "empty_logprob_state",
     "empty_token_kl_state",
 ]
+
+
+class StateStats(NamedTuple):
+    """The statistics fields of a ``LogprobState`` that has them."""
+
+    sz: Tensor
+    s2: Tensor
+    z_sum: Tensor
+    max_before: Tensor
 
 
 class LogprobState(NamedTuple):
@@ -58,6 +68,14 @@ class LogprobState(NamedTuple):
     @property
     def with_stats(self) -> bool:
         return self.sz is not None
+
+    def stats(self) -> StateStats | None:
+        """The four statistics fields, or None without statistics."""
+        if self.sz is None:
+            return None
+        # every constructor passes all four or none of them (torch/native/Triton backends, from_reduced)
+        assert self.s2 is not None and self.z_sum is not None and self.max_before is not None
+        return StateStats(self.sz, self.s2, self.z_sum, self.max_before)
 
 
 class TokenKLState(NamedTuple):
@@ -101,7 +119,8 @@ def empty_token_kl_state(n: int, dtype, device) -> TokenKLState:
 
 def reduce_max_fields(state: LogprobState) -> Tensor:
     """The fields combined by MAX, stacked ``[k, N]``: ``m`` (and ``max_before`` with statistics)."""
-    return torch.stack([state.m] + ([state.max_before] if state.with_stats else []))
+    st = state.stats()
+    return torch.stack([state.m] + ([st.max_before] if st is not None else []))
 
 
 def sum_fields(state: LogprobState, m_all: Tensor) -> Tensor:
@@ -109,9 +128,10 @@ def sum_fields(state: LogprobState, m_all: Tensor) -> Tensor:
     shift = safe_shift(m_all)
     w = torch.exp(state.m - shift)  # 0 for a part without finite logits
     fields = [w * state.s, state.z_label]  # only the range holding the label has a non-zero z_label
-    if state.with_stats:
+    st = state.stats()
+    if st is not None:
         # sum e^(z - M)(z - M) = w (sz_k + (m_k - M) s_k); sum e^(2(z - M)) = w^2 s2_k
-        fields += [w * (state.sz + _moved(state.m, shift, state.s)), w * w * state.s2, state.z_sum]
+        fields += [w * (st.sz + _moved(state.m, shift, state.s)), w * w * st.s2, st.z_sum]
     return torch.stack(fields)
 
 
@@ -161,16 +181,17 @@ def finalize_logprobs(state: LogprobState, vocab: int) -> TokenOutputs:
     log_s = torch.log(state.s)
     lse = state.m + log_s
     logp = state.z_label - lse
-    if not state.with_stats:
+    st = state.stats()
+    if st is None:
         return TokenOutputs(logp, lse)
     return TokenOutputs(
         logp=logp,
         lse=lse,
-        entropy=log_s - state.sz / state.s,  # sum_v p_v (lse - z_v), from shifted terms
-        mean_logit=state.z_sum / vocab,
+        entropy=log_s - st.sz / state.s,  # sum_v p_v (lse - z_v), from shifted terms
+        mean_logit=st.z_sum / vocab,
         # the label is the first argmax: it reaches the maximum and no earlier id does
-        is_top1=(state.z_label >= state.m) & (state.max_before < state.z_label),
-        log_sum_p2=torch.log(state.s2) - 2.0 * log_s,
+        is_top1=(state.z_label >= state.m) & (st.max_before < state.z_label),
+        log_sum_p2=torch.log(st.s2) - 2.0 * log_s,
     )
 
 

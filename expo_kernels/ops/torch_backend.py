@@ -62,7 +62,7 @@ def probabilities(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp_max(z - lse, 0.0))
 
 
-def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+def grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
     """Zeroed accumulators (float32; float64 for float64 inputs) for the gradients asked for."""
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -72,7 +72,7 @@ def _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
     )
 
 
-def _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
+def cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
     """Accumulators back to the inputs' dtypes."""
     return (
         None if d_hidden is None else d_hidden.to(hidden.dtype),
@@ -128,7 +128,8 @@ def forward_partial(
         chunks.append(run)
     if not chunks:
         return S.empty_logprob_state(0, with_stats, acc, hidden.device)
-    return S.LogprobState(*(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False)))
+    # field by field along the tokens; _make: the statistics fields are None in every chunk or in none
+    return S.LogprobState._make(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False))
 
 
 def backward(
@@ -148,7 +149,7 @@ def backward(
     global ids; ``lse`` the global one); float32 (float64 for float64 inputs) accumulators."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         h = hidden[t0 : t0 + TOKEN_CHUNK]
         y = labels[t0 : t0 + TOKEN_CHUNK]
@@ -172,7 +173,7 @@ def backward(
             if need_bias:
                 d_bias[v0 : v0 + VOCAB_CHUNK] += dz.sum(dim=0)
             del raw, z, dz
-    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
+    return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def token_kl_backward(
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         ts = slice(t0, t0 + TOKEN_CHUNK)
         h, hr, g = hidden[ts], ref_hidden[ts], grad_kl[ts].to(acc)
@@ -252,4 +253,4 @@ def token_kl_backward(
                 d_weight[sl] += dz.T @ h.to(acc)
             if need_bias:
                 d_bias[sl] += dz.sum(dim=0)
-    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
+    return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)

@@ -35,7 +35,7 @@ from . import state as S
 from . import torch_backend
 from .common import LogitTransform
 from .options import get_kernel_options
-from .torch_backend import _cast_grads, _grad_buffers
+from .torch_backend import cast_grads, grad_buffers
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -541,7 +541,7 @@ def backward(
         )
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or default_config(hidden.device)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
@@ -576,7 +576,7 @@ def backward(
             **_kernel_flags(hidden),
             **_filter_args(),
         )
-    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
+    return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,7 +998,7 @@ def token_kl_backward(
         )
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
-    d_hidden, d_weight, d_bias = _grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
+    d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
         cfg = config or default_config(hidden.device)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
@@ -1037,4 +1037,4 @@ def token_kl_backward(
             **_kernel_flags(hidden),
             **_filter_args(),
         )
-    return _cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
+    return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
