@@ -10,9 +10,14 @@ first third of every row is prompt (label -100).
 
 Implementations (``--impls``):
 
+* ``expo-engine`` — ``expo_kernels.FusedLinearDPOLoss`` (metrics off) on the chunked engine
+  (``expo_kernels.engine``: the logits of a chunk of pairs in a bounded workspace, the gradient formed
+  while they are there: 8 NHV FLOPs);
+* ``expo-engine-frozen`` — the same with a frozen head (LoRA: no ``d_weight``, 6 NHV);
+* ``expo-previous`` — the same module with ``kernel_options(engine=False)``: the op's recompute path
+  (10 NHV);
 * ``expo-native``, ``expo-torch`` — ``expo_kernels.linear_logprobs(..., backend=...)`` for both
-  passes (what ``expo_kernels.FusedLinearDPOLoss`` runs), one row per backend
-  ``available_backends("cpu")`` lists;
+  passes and the loss in PyTorch, one row per backend ``available_backends("cpu")`` lists;
 * ``naive`` — full ``[tokens, vocab]`` fp32 logits, ``log_softmax``, ``gather`` (older TRL);
 * ``trl`` — TRL's ``ChunkedLogProbFunction`` on the valid tokens (as ``bench_logprobs``);
 * ``liger`` — Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``compiled=True``, its default; chunks of
@@ -31,8 +36,9 @@ gradients + working memory (+ the interpreter and libraries).
     python -m benchmarks.bench_dpo_cpu --vocab 32000 --impls expo naive liger
 
 Writes ``benchmarks/results/bench_dpo_cpu.json`` (``--json`` to change): device, versions, command,
-every time and memory number, the loss and gradient checks against the ``naive`` row (or the first
-row that ran).
+every time and memory number, the FLOPs each step needs (valid tokens only) and its GFLOP/s, the
+same-run ``torch.mm`` rate at 4096 x 1024 x 32000, and the loss and gradient checks against the
+``naive`` row (or the first row that ran).
 """
 
 from __future__ import annotations
@@ -59,7 +65,21 @@ from benchmarks._workloads import (  # noqa: E402
 )
 
 RESULTS_DIR = hn.RESULTS_DIR
-ALL_IMPLS = ("expo-native", "expo-torch", "naive", "trl", "liger", "cce")
+ALL_IMPLS = (
+    "expo-engine",
+    "expo-engine-frozen",
+    "expo-previous",
+    "expo-native",
+    "expo-torch",
+    "naive",
+    "trl",
+    "liger",
+    "cce",
+)
+# FLOPs a step needs per valid token x H x V: policy forward + d_hidden + d_weight + reference forward
+# (the frozen head skips d_weight). A path that recomputes the logits in backward does 10.
+FLOPS_PER_TOKEN_HV = {"expo-engine-frozen": 6}
+MM_SHAPE = (4096, 1024, 32000)  # the same-run torch.mm rate is measured at this shape
 BETA = 0.1
 
 
@@ -71,6 +91,21 @@ BETA = 0.1
 def build_dpo_step(name: str):
     """``step(hidden, ref_hidden, weight, labels) -> loss`` (runs backward itself)."""
     import torch
+
+    if name.startswith("expo-engine") or name == "expo-previous":
+        import expo_kernels as ek
+
+        # the module users call; metrics off so that it does the same work as the other rows
+        loss_fn = ek.FusedLinearDPOLoss(beta=BETA, compute_metrics=False)
+        engine = name != "expo-previous"  # expo-previous: the op's recompute path (10 NHV)
+
+        def step(hidden, ref_hidden, weight, labels):
+            with ek.kernel_options(engine=engine):
+                out = loss_fn(weight, hidden, labels, ref_hidden=ref_hidden)  # reference shares the head
+                out.loss.backward()
+            return out.loss.detach()
+
+        return step
 
     if name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
@@ -99,8 +134,30 @@ def build_dpo_step(name: str):
     return step
 
 
+def mm_rate(repeats: int = 3) -> float:
+    """GFLOP/s of a float32 ``torch.mm`` at ``MM_SHAPE`` (median of ``repeats`` after one warm-up)."""
+    import torch
+
+    n, h, v = MM_SHAPE
+    a, b = torch.randn(n, h), torch.randn(h, v)
+    out = torch.empty(n, v)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * h * v / statistics.median(times) / 1e9
+
+
 def run_worker(spec: dict) -> dict:
     result = {"impl": spec["impl"], "status": "error"}
+    if spec["impl"] == "mm":
+        try:
+            result.update(mm_gflops=mm_rate(), status="ok")
+        except BaseException as exc:  # noqa: BLE001
+            hn.error_fields(result, exc)
+        return result
     try:
         import torch
 
@@ -115,6 +172,8 @@ def run_worker(spec: dict) -> dict:
             logit_std=spec["logit_std"],
         )
         result["n_valid"] = int((labels != IGNORE_INDEX).sum())
+        if spec["impl"] == "expo-engine-frozen":
+            weight.requires_grad_(False)  # LoRA: the head is frozen, no d_weight
         step_fn = build_dpo_step(spec["impl"])  # all imports happen here
 
         def step():
@@ -140,7 +199,7 @@ def run_worker(spec: dict) -> dict:
         result["median_s"] = statistics.median(times) if times else result["first_s"]
         r = grad_probe(spec["hidden"], "cpu")
         result["loss"] = float(loss)
-        result["dw_r"] = (weight.grad.float() @ r).tolist()
+        result["dw_r"] = None if weight.grad is None else (weight.grad.float() @ r).tolist()
         result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
         result["threads"] = torch.get_num_threads()
         result["status"] = "ok"
@@ -170,11 +229,23 @@ def _add_checks(rows: list) -> None:
     for r in ok:
         r["checked_against"] = ref["impl"]
         r["abs_dloss"] = abs(r["loss"] - ref["loss"])
-        r["grad_rel_err"] = max(_rel(r["dw_r"], ref["dw_r"]), _rel(r["dh_r"], ref["dh_r"]))
+        dw = _rel(r["dw_r"], ref["dw_r"]) if r["dw_r"] is not None and ref["dw_r"] is not None else 0.0
+        r["grad_rel_err"] = max(dw, _rel(r["dh_r"], ref["dh_r"]))
 
 
 def format_table(rows: list) -> str:
-    head = ["impl", "B×T×H×V", "fwd+bwd s", "first s", "peak RSS GiB", "base RSS GiB", "|Δloss|", "grad rel err"]
+    head = [
+        "impl",
+        "B×T×H×V",
+        "fwd+bwd s",
+        "first s",
+        "GFLOP needed",
+        "GFLOP/s",
+        "peak RSS GiB",
+        "base RSS GiB",
+        "|Δloss|",
+        "grad rel err",
+    ]
     lines = []
     for r in rows:
         shape = f"{r['pairs']}×2×{r['seq_len']}×{r['hidden']}×{r['vocab']}"
@@ -187,6 +258,8 @@ def format_table(rows: list) -> str:
                 shape,
                 hn.fmt_s(r["median_s"]),
                 hn.fmt_s(r["first_s"]),
+                f"{r['gflop_needed']:.0f}",
+                f"{r['gflops']:.1f}",
                 hn.gib(r["peak_rss_bytes"]) + ("" if r.get("peak_reset") else "*"),
                 hn.gib(r.get("baseline_rss_bytes")),
                 f"{r['abs_dloss']:.1e}",
@@ -234,7 +307,8 @@ def main(argv=None):
     backends = info.get("expo_backends") or ["torch"]
     expo = hn.expo_impls(info)
     impls = []
-    for name in args.impls or (expo + ["naive", "trl", "liger", "cce"]):
+    default = ["expo-engine", "expo-engine-frozen", "expo-previous"] + expo + ["naive", "trl", "liger", "cce"]
+    for name in args.impls or default:
         if name == "expo":
             impls += expo
         elif name in ALL_IMPLS:
@@ -255,6 +329,9 @@ def main(argv=None):
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
+        mm = _spawn(dict(impl="mm"), args.timeout, tmp)
+        mm_gflops = mm.get("mm_gflops")
+        print(f"same-run fp32 torch.mm at {MM_SHAPE}: {mm_gflops or float('nan'):.1f} GFLOP/s", flush=True)
         for V in vocabs:
             shape_rows = []
             for impl in impls:
@@ -283,10 +360,19 @@ def main(argv=None):
                 )
                 print(f"[V={V}] {impl}: {status}{extra} ({time.perf_counter() - t0:.1f} s)", flush=True)
             _add_checks(shape_rows)
+            for row in shape_rows:
+                if row["status"] == "ok":
+                    per = FLOPS_PER_TOKEN_HV.get(row["impl"], 8)
+                    row["gflop_needed"] = per * row["n_valid"] * hidden * V / 1e9
+                    row["gflops"] = row["gflop_needed"] / row["median_s"]
             rows += shape_rows
 
     print()
     print(format_table(rows))
+    print(
+        f"\nGFLOP needed: 8 x valid tokens x H x V (6 for the frozen head); the same-run torch.mm rate at "
+        f"{MM_SHAPE} is {mm_gflops or float('nan'):.1f} GFLOP/s"
+    )
     print(
         "\npeak RSS = ru_maxrss over all steps (reset after imports + inputs; * = reset impossible); base RSS = "
         "resident after imports + inputs; |Δloss| and grad rel err (max |Δ(dW·r)|, |Δ(dH·r)| over max |ref|) "
@@ -319,6 +405,8 @@ def main(argv=None):
             "impls": impls,
             "reference": "forward-only, own hidden states, shares the policy head (detached)",
         },
+        "mm_gflops": mm_gflops,
+        "mm_shape": MM_SHAPE,
         "results": rows,
     }
     hn.write_json(out_path, payload)

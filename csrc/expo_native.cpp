@@ -195,6 +195,73 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const c10::optiona
 Tensor to_acc(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
 // ------------------------------------------------------------------------------------------
+// The fold of one row of logits into a token's running partial state (the field order of
+// expo_kernels.ops.state.LogprobState): shared by the fused forward and the engine's fold op.
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+struct RowState {
+  T *m, *s, *zl, *sz, *s2, *zs, *mb;  // [N] each; the last four null without statistics
+};
+
+template <typename T>
+RowState<T> row_state(const Tensor& m, const Tensor& s, const Tensor& zl, const Tensor& sz, const Tensor& s2,
+                      const Tensor& zs, const Tensor& mb, bool with_stats) {
+  return {m.data_ptr<T>(), s.data_ptr<T>(), zl.data_ptr<T>(), with_stats ? sz.data_ptr<T>() : nullptr,
+          with_stats ? s2.data_ptr<T>() : nullptr, with_stats ? zs.data_ptr<T>() : nullptr,
+          with_stats ? mb.data_ptr<T>() : nullptr};
+}
+
+// z: one row of raw logits (ids v0 + [0, vt)), transformed in place; yl: the label's column in this
+// row (outside [0, vt) when the label lies elsewhere); i: the token. Always inlined: called out of line
+// from the parallel_for lambdas, GCC does not vectorize the `omp simd` reductions, and the sequential
+// float32 sums are ~3x less accurate (lse 3e-6 vs 9e-7 absolute at V = 5000).
+template <typename T>
+__attribute__((always_inline)) inline void fold_row(T* z, const T* b, int64_t vt, const Transform<T>& tf, bool has_bias, int64_t yl,
+                     const RowState<T>& st, int64_t i) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  apply_transform_row<T>(z, b, vt, tf, has_bias);
+  // tile max, split at the label so that the maximum before the label comes for free
+  const int64_t cut = std::min<int64_t>(std::max<int64_t>(yl, 0), vt);
+  T mx_before = ninf, mx_after = ninf;
+#pragma omp simd reduction(max : mx_before)
+  for (int64_t j = 0; j < cut; ++j) mx_before = std::max(mx_before, z[j]);
+#pragma omp simd reduction(max : mx_after)
+  for (int64_t j = cut; j < vt; ++j) mx_after = std::max(mx_after, z[j]);
+  const T mt = std::max(mx_before, mx_after);
+  const T m_old = st.m[i];
+  const T m_new = std::max(m_old, mt);
+  // shift 0 while only masked (-inf) logits were seen: exp(-inf - 0) = 0, never -inf - (-inf)
+  const T shift = safe_shift(m_new);
+  const T rescale = m_old == ninf ? T(0) : exp_acc(m_old - shift);
+  T se = 0;
+  if (st.sz == nullptr) {
+#pragma omp simd reduction(+ : se)
+    for (int64_t j = 0; j < vt; ++j) se += exp_acc(z[j] - shift);
+  } else {
+    T sez = 0, se2 = 0, zsum = 0;
+#pragma omp simd reduction(+ : se, sez, se2, zsum)
+    for (int64_t j = 0; j < vt; ++j) {
+      const T e = exp_acc(z[j] - shift);
+      se += e;
+      // shifted products (entropy without cancellation at large |z|); masked entries add 0
+      sez += e > T(0) ? e * (z[j] - shift) : T(0);
+      se2 += e * e;
+      zsum += z[j] > ninf ? z[j] : T(0);
+    }
+    // sum e^(z - m_new)(z - m_new) = rescale * (sz + (m_old - m_new) s) + this tile's terms
+    st.sz[i] = rescale * (st.sz[i] + (st.s[i] > T(0) ? (m_old - shift) * st.s[i] : T(0))) + sez;
+    st.s2[i] = st.s2[i] * rescale * rescale + se2;
+    st.zs[i] += zsum;
+    st.mb[i] = std::max(st.mb[i], mx_before);
+  }
+  // NaN in the tile: make it reach s (std::max above drops NaN from the maxima)
+  st.s[i] = st.s[i] * rescale + se;
+  st.m[i] = m_new;
+  if (yl >= 0 && yl < vt) st.zl[i] = z[yl];
+}
+
+// ------------------------------------------------------------------------------------------
 // linear_logprobs forward
 // ------------------------------------------------------------------------------------------
 
@@ -227,13 +294,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
     const int64_t vt_max = std::min(V, std::max<int64_t>(1, vocab_tile));
     Tensor tile_buf = at::empty({nb_max * vt_max}, opts);
     Tensor wbuf = weight.scalar_type() == acc ? Tensor() : at::empty({vt_max * H}, opts);
-    T* m = m_t.data_ptr<T>();
-    T* s = s_t.data_ptr<T>();
-    T* zl = zl_t.data_ptr<T>();
-    T* sz = with_stats ? sz_t.data_ptr<T>() : nullptr;
-    T* s2 = with_stats ? s2_t.data_ptr<T>() : nullptr;
-    T* zs = with_stats ? zs_t.data_ptr<T>() : nullptr;
-    T* mb = with_stats ? mb_t.data_ptr<T>() : nullptr;
+    const RowState<T> st = row_state<T>(m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t, with_stats);
     const int64_t* y = labels.data_ptr<int64_t>();
     const T* bptr = bias.data_ptr<T>();
 
@@ -249,47 +310,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
         at::parallel_for(0, nb, row_grain(vt), [&](int64_t r_begin, int64_t r_end) {
           for (int64_t r = r_begin; r < r_end; ++r) {
             const int64_t i = t0 + r;
-            T* z = base + r * vt;
-            apply_transform_row<T>(z, bptr + v0, vt, tf, has_bias);
-            const int64_t yl = y[i] - vocab_start - v0;  // labels are global ids
-            // tile max, split at the label so that the maximum before the label comes for free
-            const int64_t cut = std::min<int64_t>(std::max<int64_t>(yl, 0), vt);
-            T mx_before = ninf, mx_after = ninf;
-#pragma omp simd reduction(max : mx_before)
-            for (int64_t j = 0; j < cut; ++j) mx_before = std::max(mx_before, z[j]);
-#pragma omp simd reduction(max : mx_after)
-            for (int64_t j = cut; j < vt; ++j) mx_after = std::max(mx_after, z[j]);
-            const T mt = std::max(mx_before, mx_after);
-            const T m_old = m[i];
-            const T m_new = std::max(m_old, mt);
-            // shift 0 while only masked (-inf) logits were seen: exp(-inf - 0) = 0, never -inf - (-inf)
-            const T shift = safe_shift(m_new);
-            const T rescale = m_old == ninf ? T(0) : exp_acc(m_old - shift);
-            T se = 0;
-            if (!with_stats) {
-#pragma omp simd reduction(+ : se)
-              for (int64_t j = 0; j < vt; ++j) se += exp_acc(z[j] - shift);
-            } else {
-              T sez = 0, se2 = 0, zsum = 0;
-#pragma omp simd reduction(+ : se, sez, se2, zsum)
-              for (int64_t j = 0; j < vt; ++j) {
-                const T e = exp_acc(z[j] - shift);
-                se += e;
-                // shifted products (entropy without cancellation at large |z|); masked entries add 0
-                sez += e > T(0) ? e * (z[j] - shift) : T(0);
-                se2 += e * e;
-                zsum += z[j] > ninf ? z[j] : T(0);
-              }
-              // sum e^(z - m_new)(z - m_new) = rescale * (sz + (m_old - m_new) s) + this tile's terms
-              sz[i] = rescale * (sz[i] + (s[i] > T(0) ? (m_old - shift) * s[i] : T(0))) + sez;
-              s2[i] = s2[i] * rescale * rescale + se2;
-              zs[i] += zsum;
-              mb[i] = std::max(mb[i], mx_before);
-            }
-            // NaN in the tile: make it reach s (std::max above drops NaN from the maxima)
-            s[i] = s[i] * rescale + se;
-            m[i] = m_new;
-            if (yl >= 0 && yl < vt) zl[i] = z[yl];
+            fold_row<T>(base + r * vt, bptr + v0, vt, tf, has_bias, y[i] - vocab_start - v0, st, i);
           }
         });
       }
@@ -324,7 +345,7 @@ struct GradOut {
 };
 
 template <typename T, typename RowFn, typename PrepFn>
-GradOut backward_driver(const Tensor& hidden_acc, const Tensor& weight, const Tensor& weight_in,
+GradOut backward_driver(const Tensor& hidden_acc, const Tensor& weight,
                         const Tensor& bias_in_dtype, bool need_h, bool need_w, bool need_b,
                         int64_t token_block, int64_t vocab_tile, int64_t n_extra_tiles, PrepFn prep_block,
                         RowFn row_fn) {
@@ -383,7 +404,6 @@ GradOut backward_driver(const Tensor& hidden_acc, const Tensor& weight, const Te
   } else if (need_w) {
     out.d_weight.zero_();
   }
-  (void)weight_in;
   if (need_h) out.d_hidden = dh_acc.scalar_type() == weight.scalar_type() ? dh_acc : dh_acc.to(weight.scalar_type());
   if (need_b) out.d_bias = db_acc.to(bias_in_dtype.scalar_type());
   return out;
@@ -432,7 +452,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_in, const Tensor& hidden_in
     if (label_here) z[yl] += gi * d_label;
   };
   auto prep = [](int64_t, int64_t, int64_t, int64_t, std::vector<Tensor>&) {};
-  GradOut o = backward_driver<T>(hidden, weight, weight_in, has_bias ? *bias_in : Tensor(), need_h, need_w, need_b,
+  GradOut o = backward_driver<T>(hidden, weight, has_bias ? *bias_in : Tensor(), need_h, need_w, need_b,
                                  token_block, vocab_tile, 0, prep, row_fn);
   if (o.d_hidden.defined()) o.d_hidden = o.d_hidden.to(hidden_in.scalar_type());
   return {o.d_hidden.defined() ? o.d_hidden : at::empty({0}, hidden_in.options()),
@@ -616,7 +636,7 @@ std::vector<Tensor> kl_backward_impl(const Tensor& grad_in, const Tensor& hidden
       }
     }
   };
-  GradOut o = backward_driver<T>(hidden, weight, weight_in, has_b ? *bias_in : Tensor(), need_h, need_w, need_b,
+  GradOut o = backward_driver<T>(hidden, weight, has_b ? *bias_in : Tensor(), need_h, need_w, need_b,
                                  token_block, vocab_tile, 1, prep, row_fn);
   if (o.d_hidden.defined()) o.d_hidden = o.d_hidden.to(hidden_in.scalar_type());
   return {o.d_hidden.defined() ? o.d_hidden : at::empty({0}, hidden_in.options()),
@@ -639,6 +659,109 @@ std::vector<Tensor> kl_backward(const Tensor& grad, const Tensor& hidden, const 
                                  softcap, inv_temp, need_h, need_w, need_b, token_block, vocab_tile);
 }
 
+// ------------------------------------------------------------------------------------------
+// Engine epilogues (expo_kernels/engine.py): the logits of a chunk already sit in a bounded
+// workspace [n, V] (written by a library GEMM); one pass folds them, one turns them into dz in place.
+// ------------------------------------------------------------------------------------------
+
+void check_workspace(const Tensor& z, const Tensor& labels) {
+  TORCH_CHECK(z.device().is_cpu() && z.dim() == 2 && z.is_contiguous(), "expo_native: contiguous CPU [n, V] logits");
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "expo_native: float32/64 logits");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), "expo_native: labels [n] expected");
+}
+
+template <typename T>
+std::vector<Tensor> fold_logits_impl(const Tensor& z, const c10::optional<Tensor>& bias_in, const Tensor& labels_in,
+                                     int64_t vocab_start, double scale, c10::optional<double> softcap,
+                                     double inv_temp, bool with_stats) {
+  const int64_t N = z.size(0), V = z.size(1);
+  auto opts = z.options();
+  Tensor labels = labels_in.to(at::kLong).contiguous();
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  Tensor bias = bias_or_zeros(bias_in, V, opts);
+  const Transform<T> tf(scale, softcap, inv_temp);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  Tensor m_t = at::full({N}, ninf, opts), s_t = at::zeros({N}, opts), zl_t = at::zeros({N}, opts);
+  Tensor sz_t, s2_t, zs_t, mb_t;
+  if (with_stats) {
+    sz_t = at::zeros({N}, opts);
+    s2_t = at::zeros({N}, opts);
+    zs_t = at::zeros({N}, opts);
+    mb_t = at::full({N}, ninf, opts);
+  }
+  if (N > 0 && V > 0) {
+    const RowState<T> st = row_state<T>(m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t, with_stats);
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const T* bptr = bias.data_ptr<T>();
+    T* base = z.data_ptr<T>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) fold_row<T>(base + r * V, bptr, V, tf, has_bias, y[r] - vocab_start, st, r);
+    });
+  }
+  if (!with_stats) return {m_t, s_t, zl_t};
+  return {m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t};
+}
+
+// Raw logits of a workspace [n, V] -> bias + transform in place, and the partial state of each row.
+std::vector<Tensor> fold_logits_(Tensor z, const c10::optional<Tensor>& bias, const Tensor& labels, int64_t vocab_start,
+                                 double scale, c10::optional<double> softcap, double inv_temp, bool with_stats) {
+  check_workspace(z, labels);
+  if (z.scalar_type() == at::kDouble) {
+    return fold_logits_impl<double>(z, bias, labels, vocab_start, scale, softcap, inv_temp, with_stats);
+  }
+  return fold_logits_impl<float>(z, bias, labels, vocab_start, scale, softcap, inv_temp, with_stats);
+}
+
+template <typename T>
+void logits_to_dz_impl(const Tensor& z, const Tensor& labels_in, int64_t vocab_start, const Tensor& lse_in,
+                       const Tensor& g_in, double scale, c10::optional<double> softcap, double inv_temp) {
+  const int64_t N = z.size(0), V = z.size(1);
+  if (N == 0 || V == 0) return;
+  Tensor labels = labels_in.to(at::kLong).contiguous();
+  Tensor lse_t = to_acc(lse_in, acc_type<T>()), g_t = to_acc(g_in, acc_type<T>());
+  const Transform<T> tf(scale, softcap, inv_temp);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const T* lse = lse_t.data_ptr<T>();
+  const T* g = g_t.data_ptr<T>();
+  T* base = z.data_ptr<T>();
+  at::parallel_for(0, N, row_grain(V), [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      T* zr = base + r * V;
+      const T gi = g[r], li = lse[r];
+      const int64_t yl = y[r] - vocab_start;
+      const bool label_here = yl >= 0 && yl < V;
+      const T dmul = tf.scale * tf.inv_temp;
+      if (!tf.has_softcap) {
+        const T coef = -gi * dmul;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) zr[j] = coef * prob(zr[j], li);
+        if (label_here) zr[yl] += gi * dmul;
+      } else {
+        // dz/draw from the transformed logit: z = c t / T with t = tanh(raw s / c), dz/draw = s / T (1 - t^2)
+        const T post = tf.softcap * tf.inv_temp;
+        const T t_label = label_here ? zr[yl] / post : T(0);
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) {
+          const T t = zr[j] / post;
+          zr[j] = -gi * prob(zr[j], li) * (dmul * (T(1) - t * t));
+        }
+        if (label_here) zr[yl] += gi * dmul * (T(1) - t_label * t_label);
+      }
+    }
+  });
+}
+
+// Transformed logits of a workspace [n, V] -> dz = g (onehot - p) dz/draw, in place.
+void logits_to_dz_(Tensor z, const Tensor& labels, int64_t vocab_start, const Tensor& lse, const Tensor& g,
+                   double scale, c10::optional<double> softcap, double inv_temp) {
+  check_workspace(z, labels);
+  if (z.scalar_type() == at::kDouble) {
+    logits_to_dz_impl<double>(z, labels, vocab_start, lse, g, scale, softcap, inv_temp);
+  } else {
+    logits_to_dz_impl<float>(z, labels, vocab_start, lse, g, scale, softcap, inv_temp);
+  }
+}
+
 }  // namespace
 }  // namespace expo_native
 
@@ -653,6 +776,12 @@ TORCH_LIBRARY(expo_native, m) {
   m.def("token_kl_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
         "Tensor? ref_bias, float scale, float? softcap, float inv_temp, int token_block, int vocab_tile) -> Tensor[]",
         &expo_native::kl_forward);
+  m.def("fold_logits_(Tensor(a!) z, Tensor? bias, Tensor labels, int vocab_start, float scale, float? softcap, "
+        "float inv_temp, bool with_stats) -> Tensor[]",
+        &expo_native::fold_logits_);
+  m.def("logits_to_dz_(Tensor(a!) z, Tensor labels, int vocab_start, Tensor lse, Tensor g, float scale, "
+        "float? softcap, float inv_temp) -> ()",
+        &expo_native::logits_to_dz_);
   m.def("token_kl_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "
         "Tensor ref_weight, Tensor? ref_bias, Tensor lse_p, Tensor lse_r, float scale, float? softcap, "
         "float inv_temp, bool need_hidden, bool need_weight, bool need_bias, int token_block, int vocab_tile) "

@@ -114,8 +114,10 @@ def _group(process_group):
 
 
 def _comm_device(t: Tensor, group) -> torch.device:
-    """Small bookkeeping tensors live on the shard's device (CPU for gloo, CUDA for NCCL)."""
-    return t.device
+    """Where the group's backend takes small bookkeeping tensors: CUDA for NCCL, else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def vocab_shard_bounds(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -219,7 +219,7 @@ class FusedLinearLossBase(nn.Module):
                 ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), labels, False
             )
 
-    def _token_passes(
+    def _check_head_inputs(
         self,
         lm_head_weight: Tensor,
         hidden: Tensor,
@@ -230,8 +230,9 @@ class FusedLinearLossBase(nn.Module):
         ref_weight: Tensor | None,
         ref_bias: Tensor | None,
         has_ref_numbers: bool,
-    ) -> TokenPasses:
-        """Checks the head inputs, then the policy pass, EXPO's token KL and the reference pass.
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Checks the head inputs of a call; returns the reference head (the policy's when shared, None
+        without reference hidden states).
 
         ``has_ref_numbers``: the caller passed a precomputed reference (the subclass's own inputs).
         """
@@ -263,17 +264,48 @@ class FusedLinearLossBase(nn.Module):
                 )
             if ref_weight is None:  # shared head
                 ref_weight, ref_bias = lm_head_weight, bias
+        if self.token_kl and not has_ref_tensors:
+            raise ValueError(
+                "Loss 'expo' with kl_estimator='token' needs the reference model's hidden states `ref_hidden` "
+                "(and its head `ref_weight`, default: the policy head): the token KL runs over the full vocabulary."
+            )
+        if self.needs_ref_logps and not has_ref_tensors and not has_ref_numbers:
+            raise ValueError(
+                f"Loss {self.loss!r} needs the reference model: pass `ref_hidden` (its hidden states over the same "
+                f"tokens, with `ref_weight` if its head differs) or precomputed {self.precomputed_ref_inputs}."
+            )
+        return ref_weight, ref_bias
 
+    def _token_passes(
+        self,
+        lm_head_weight: Tensor,
+        hidden: Tensor,
+        labels: Tensor,
+        *,
+        bias: Tensor | None,
+        ref_hidden: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
+        has_ref_numbers: bool,
+    ) -> TokenPasses:
+        """Checks the head inputs, then the policy pass, EXPO's token KL and the reference pass."""
+        ref_weight, ref_bias = self._check_head_inputs(
+            lm_head_weight,
+            hidden,
+            labels,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            has_ref_numbers=has_ref_numbers,
+        )
+        has_ref_tensors = ref_hidden is not None
         logp = self._logps(hidden, lm_head_weight, bias, labels, self.compute_metrics or self.use_weighting)
         logp, stats = logp if isinstance(logp, tuple) else (logp, None)
         passes = TokenPasses(logp, stats, labels != self.ignore_index, ref_weight=ref_weight, ref_bias=ref_bias)
 
         if self.token_kl:
-            if not has_ref_tensors:
-                raise ValueError(
-                    "Loss 'expo' with kl_estimator='token' needs the reference model's hidden states `ref_hidden` "
-                    "(and its head `ref_weight`, default: the policy head): the token KL runs over the full vocabulary."
-                )
+            assert ref_hidden is not None and ref_weight is not None  # checked above
             # the reference is a constant of the loss (no gradient to a shared head through this side)
             tkl = linear_token_kl(
                 hidden,
@@ -291,11 +323,6 @@ class FusedLinearLossBase(nn.Module):
 
         if has_ref_tensors and (self.needs_ref_logps or not self.token_kl):
             passes.ref_tok = self._reference_logps(ref_hidden, ref_weight, ref_bias, labels)
-        elif self.needs_ref_logps and not has_ref_numbers:
-            raise ValueError(
-                f"Loss {self.loss!r} needs the reference model: pass `ref_hidden` (its hidden states over the same "
-                f"tokens, with `ref_weight` if its head differs) or precomputed {self.precomputed_ref_inputs}."
-            )
         return passes
 
     def _loss_and_metrics(self, *args, **kwargs):

@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._dispatch import resolve_backend
+from .._validation import check_linear_head
+from ..engine import attach_gradients, forward_logps, run_pair_step
 from ..functional import TokenStats
-from ..losses import aggregate_pair_logps
+from ..losses import aggregate_pair_logps, preference_loss
+from ..ops.common import LogitTransform
+from ..ops.options import get_kernel_options
 from ._base import FusedLinearLossBase, PreferenceLossOutput, is_unpaired_loss, masked_mean
 from .unpaired import FusedLinearUnpairedLoss
 
@@ -80,6 +85,23 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
                 instead of ``ref_hidden``.
             offset: ODPO's per-pair offset, ``[B]`` or scalar.
         """
+        engine_backend = self._engine_backend(lm_head_weight, hidden, bias)
+        if engine_backend is not None:
+            out = self._engine_forward(
+                engine_backend,
+                lm_head_weight,
+                hidden,
+                labels,
+                bias=bias,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                ref_bias=ref_bias,
+                ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps,
+                offset=offset,
+            )
+            if out is not None:
+                return out
         passes = self._token_passes(
             lm_head_weight,
             hidden,
@@ -90,35 +112,178 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             ref_bias=ref_bias,
             has_ref_numbers=ref_chosen_logps is not None or ref_rejected_logps is not None,
         )
-        stats, mask = passes.stats, passes.mask
-        pol = aggregate_pair_logps(
-            passes.logp, mask, ld_alpha=self.ld_alpha, log_sum_p2=stats.log_sum_p2 if self.use_weighting else None
+        stats = passes.stats
+        loss, metrics, pol, ref_rows = self._pair_loss(
+            passes.logp,
+            passes.mask,
+            None if stats is None else stats.log_sum_p2,
+            passes.ref_tok,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            offset,
+            passes.token_kl_rows,
+            metrics=True,
         )
-        ref_c = ref_r = ref_rows = None
-        if passes.ref_tok is not None:
-            ref = aggregate_pair_logps(passes.ref_tok, mask, ld_alpha=self.ld_alpha)
+        if self.compute_metrics:
+            metrics.update(self._token_metrics(stats, passes.mask))
+        return PreferenceLossOutput(
+            loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, passes.token_kl_rows
+        )
+
+    def _pair_loss(
+        self,
+        logp: Tensor,
+        mask: Tensor,
+        log_sum_p2: Tensor | None,
+        ref_tok: Tensor | None,
+        ref_chosen_logps: Tensor | None,
+        ref_rejected_logps: Tensor | None,
+        offset: Tensor | float | None,
+        token_kl_rows: Tensor | None,
+        *,
+        metrics: bool,
+    ):
+        """``(loss, metrics, policy PairedLogps, reference rows [R] | None)`` of per-token log-probs."""
+        pol = aggregate_pair_logps(
+            logp, mask, ld_alpha=self.ld_alpha, log_sum_p2=log_sum_p2 if self.use_weighting else None
+        )
+        ref_c, ref_r, ref_rows = ref_chosen_logps, ref_rejected_logps, None
+        if ref_tok is not None:
+            ref = aggregate_pair_logps(ref_tok, mask, ld_alpha=self.ld_alpha)
             ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
             ref_rows = torch.cat([ref_c, ref_r])
-        elif ref_chosen_logps is not None or ref_rejected_logps is not None:
-            ref_c, ref_r = ref_chosen_logps, ref_rejected_logps
-        loss, metrics = self._loss_and_metrics(
-            pol.chosen_logps,
-            pol.rejected_logps,
-            ref_c,
-            ref_r,
+        args = (pol.chosen_logps, pol.rejected_logps, ref_c, ref_r)
+        kwargs = dict(
             chosen_lengths=pol.chosen_lengths,
             rejected_lengths=pol.rejected_lengths,
             chosen_nll=pol.chosen_nll if any(s.needs_nll for s in self.specs) else None,
             weights=pol.weights,
-            token_kl=passes.token_kl_rows,
+            token_kl=token_kl_rows,
             offset=offset,
             loss_weights=self.loss_weights,
         )
+        if metrics:
+            loss, out = self._loss_and_metrics(*args, **kwargs)
+        else:
+            loss, out = preference_loss(self.loss, *args, **kwargs, **self.hparams), {}
+        return loss, out, pol, ref_rows
+
+    # ---------------------------------------------------------------------------------------------
+    # the chunked engine (expo_kernels.engine): no logit recompute for pair-separable losses
+    # ---------------------------------------------------------------------------------------------
+    def _engine_backend(self, weight: Tensor, hidden: Tensor, bias: Tensor | None) -> str | None:
+        """The backend of the engine's epilogues when this call can take the engine, else None."""
+        if not get_kernel_options().engine or self.token_kl or any(s.batch_coupled for s in self.specs):
+            return None
+        tensors = [t for t in (weight, hidden, bias) if t is not None]
+        if not all(isinstance(t, Tensor) for t in tensors) or not torch.is_grad_enabled():
+            return None  # bad input gets the op's errors; no gradient: one forward pass is all there is
+        if not any(t.requires_grad for t in tensors):
+            return None
+        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
+            return None  # GPU epilogues and 16-bit heads: the op's path for now
+        if len({t.dtype for t in tensors}) != 1:
+            return None
+        backend = resolve_backend(self.backend, hidden.device, hidden.dtype)
+        return backend if backend in ("native", "torch") else None
+
+    def _logit_transform(self) -> LogitTransform:
+        t = self.transform
+        return LogitTransform(
+            1.0 if t["logit_scale"] is None else float(t["logit_scale"]),
+            None if t["softcap"] is None else float(t["softcap"]),
+            float(t["temperature"]),
+        )
+
+    def _engine_forward(
+        self,
+        backend: str,
+        weight: Tensor,
+        hidden: Tensor,
+        labels: Tensor,
+        *,
+        bias: Tensor | None,
+        ref_hidden: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
+        ref_chosen_logps: Tensor | None,
+        ref_rejected_logps: Tensor | None,
+        offset: Tensor | float | None,
+    ) -> PreferenceLossOutput | None:
+        """The step through the engine; None when a pair does not fit the workspace."""
+        has_ref_numbers = ref_chosen_logps is not None or ref_rejected_logps is not None
+        ref_weight, ref_bias = self._check_head_inputs(
+            weight,
+            hidden,
+            labels,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            has_ref_numbers=has_ref_numbers,
+        )
+        check_linear_head(hidden, weight, labels, bias)
+        mask = labels != self.ignore_index
+        transform = self._logit_transform()
+        ref_tok = None
+        if ref_hidden is not None:
+            ref_head = [t for t in (ref_hidden, ref_weight, ref_bias) if t is not None]
+            if all(t.dtype == hidden.dtype and t.device.type == "cpu" for t in ref_head):
+                # the reference pass through the engine's large GEMMs too
+                check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
+                ref_tok = forward_logps(
+                    ref_hidden,
+                    ref_weight,
+                    ref_bias,
+                    labels,
+                    ignore_index=self.ignore_index,
+                    transform=transform,
+                    backend=backend,
+                )
+            else:
+                ref_tok = self._reference_logps(ref_hidden, ref_weight, ref_bias, labels)
+
+        def loss_of_tokens(logp: Tensor, log_sum_p2: Tensor | None) -> Tensor:
+            ref = None if ref_tok is None else ref_tok.to(logp.dtype)
+            return self._pair_loss(
+                logp, mask, log_sum_p2, ref, ref_chosen_logps, ref_rejected_logps, offset, None, metrics=False
+            )[0]
+
+        step = run_pair_step(
+            hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index=self.ignore_index,
+            transform=transform,
+            with_stats=self.compute_metrics or self.use_weighting,
+            loss_of_tokens=loss_of_tokens,
+            backend=backend,
+            need=(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
+        )
+        if step is None:
+            return None
+        stats = (
+            TokenStats(*(getattr(step.outputs, f) for f in TokenStats._fields))
+            if step.outputs.entropy is not None
+            else None
+        )
+        with torch.no_grad():
+            loss, metrics, pol, ref_rows = self._pair_loss(
+                step.logp,
+                mask,
+                None if stats is None else stats.log_sum_p2,
+                ref_tok,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                offset,
+                None,
+                metrics=True,
+            )
         if self.compute_metrics:
             metrics.update(self._token_metrics(stats, mask))
-        return PreferenceLossOutput(
-            loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, passes.token_kl_rows
-        )
+        loss = attach_gradients(loss, hidden, weight, bias, step)
+        return PreferenceLossOutput(loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, None)
 
     def _token_metrics(self, stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
         """``entropy``, plus the paired metrics: ``logits/chosen`` and ``logits/rejected`` (token means

@@ -176,10 +176,3 @@ def status() -> dict:
         "build_dir": _state["build_dir"],
         "build_s": _state["build_s"],
     }
-
-
-def _reset_for_tests() -> None:
-    """Forget a failed attempt (tests simulate failures); a loaded library stays loaded."""
-    with _lock:
-        if not _state["ok"]:
-            _state.update({"tried": False, "error": None, "warned": False})

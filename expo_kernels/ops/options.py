@@ -1,8 +1,11 @@
-"""Process-wide switches of the kernels that trade exactness for speed, off by default.
+"""Process-wide switches of the kernels: speed/exactness trades (off by default) and the engine's
+workspace.
 
 >>> import expo_kernels as ek
 >>> with ek.kernel_options(grad_filter_eps=2.0**-12):   # bf16 training: skip negligible vocab tiles
 ...     loss.backward()
+>>> with ek.kernel_options(workspace_bytes=64 << 20):   # a smaller logit workspace for the engine
+...     out = loss_fn(weight, hidden, labels, ref_hidden=ref_hidden)
 
 Deterministic results: ``torch.use_deterministic_algorithms(True)`` makes the Triton backend run its
 backward as bounded-chunk GEMMs (the torch backend's schedule) instead of float32 atomics, whose
@@ -26,12 +29,25 @@ class KernelOptions:
     block's labels: its gradient contribution is at most ``eps * |g|`` per logit, under the rounding of
     bf16 (2^-8 relative) for ``eps`` around 2^-12 (Cut Cross-Entropy's gradient filtering). ``None``
     (default) = exact: every tile is accumulated. The torch and native backends are always exact and
-    warn once when the option is set."""
+    warn once when the option is set.
+
+    engine: let the fused preference-loss modules run the chunked engine (``expo_kernels.engine``: no
+    logit recompute for pair-separable losses) where it applies; False = always the op's recompute path.
+
+    workspace_bytes: the cap on the engine's logit workspace (``None`` = ``engine.DEFAULT_WORKSPACE_BYTES``,
+    512 MiB): a chunk of whole pairs grows to ``engine.CHUNK_TOKENS`` tokens but never past
+    ``workspace_bytes / (4 V)`` (float32); a call with a pair beyond the cap takes the op's path."""
 
     grad_filter_eps: float | None = None
+    engine: bool = True
+    workspace_bytes: int | None = None
 
 
 _current = KernelOptions()
+
+
+def _names() -> list[str]:
+    return [f.name for f in dataclasses.fields(KernelOptions)]
 
 
 def get_kernel_options() -> KernelOptions:
@@ -47,6 +63,14 @@ def kernel_options(**changes) -> Iterator[KernelOptions]:
         isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1 or not math.isfinite(eps)
     ):
         raise ValueError(f"grad_filter_eps must be None (exact) or a number in (0, 1); got {eps!r}.")
+    unknown = set(changes) - {f.name for f in dataclasses.fields(KernelOptions)}
+    if unknown:
+        raise TypeError(f"unknown kernel option(s) {sorted(unknown)}; the options are {_names()}")
+    if "engine" in changes and not isinstance(changes["engine"], bool):
+        raise TypeError(f"engine must be a bool, got {type(changes['engine']).__name__} {changes['engine']!r}")
+    ws = changes.get("workspace_bytes")
+    if ws is not None and (isinstance(ws, bool) or not isinstance(ws, int) or ws < 1):
+        raise ValueError(f"workspace_bytes must be None (the default) or a positive int; got {ws!r}.")
     saved = _current
     _current = dataclasses.replace(_current, **changes)
     try:

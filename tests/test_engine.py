@@ -1,0 +1,225 @@
+"""The chunked engine (``expo_kernels.engine``) against the op's recompute path and float64 references.
+
+``test_fused_module.py`` already runs every registered loss through ``FusedLinearPreferenceLoss`` (the
+engine takes the pair-separable ones) against materialized float64 logits at 1e-9; here: the chunk
+boundaries (one pair per chunk, a pair longer than the workspace, pairs with no counted token), both
+epilogues (C++ and torch) against each other and against float64, frozen and shared heads, which calls
+take the engine, and the memory bound.
+"""
+
+import pytest
+import torch
+from conftest import require_backend
+from helpers import LargestTensor, rel_err
+
+import expo_kernels as ek
+from expo_kernels import engine
+from expo_kernels.ops import LogitTransform
+from expo_kernels.ops.state import finalize_logprobs
+
+DT = torch.float64
+B, T, H, V = 3, 7, 12, 53
+
+
+def batch(seed=0, dtype=DT, empty_pair=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g, dtype=dtype)
+    ref_hidden = hidden + 0.3 * torch.randn(2 * B, T, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
+    bias = torch.randn(V, generator=g, dtype=dtype) * 0.1
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100  # prompt
+    labels[1, 5:] = -100  # padding
+    if empty_pair:
+        labels[2] = -100  # pair 2's chosen row counts no token
+    return hidden, ref_hidden, weight, bias, labels
+
+
+def run(loss_fn, hidden, ref_hidden, weight, bias, labels, *, engine_on=True, workspace=None, **kw):
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    with ek.kernel_options(engine=engine_on, workspace_bytes=workspace):
+        out = loss_fn(w, h, labels, bias=b, ref_hidden=ref_hidden, **kw)
+        out.loss.backward()
+    return out, (h.grad, w.grad, b.grad)
+
+
+def assert_same(a, b, tol):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=tol, atol=tol)
+    assert out_a.metrics.keys() == out_b.metrics.keys()
+    for k in out_a.metrics:
+        torch.testing.assert_close(out_a.metrics[k], out_b.metrics[k], rtol=tol, atol=tol, msg=k)
+    torch.testing.assert_close(out_a.policy_logps, out_b.policy_logps, rtol=tol, atol=tol)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records whether each call ran the engine to the end (True) or fell back (None result)."""
+    from expo_kernels.modules import paired
+
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        step = engine.run_pair_step(*args, **kwargs)
+        calls.append(step is not None)
+        return step
+
+    monkeypatch.setattr(paired, "run_pair_step", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize(
+    "workspace,chunks",
+    [(None, "one chunk"), (8 * V * 10, "a pair per chunk"), (8 * V * 12, "uneven"), (8 * V * 4, "too small")],
+)
+def test_chunk_boundaries_match_the_recompute_path(backend, workspace, chunks, spy):
+    data = batch(seed=1, empty_pair=True)
+    loss_fn = ek.FusedLinearDPOLoss(beta=0.3, label_smoothing=0.1, backend=backend)
+    got = run(loss_fn, *data, workspace=workspace)
+    # a pair holds at most 2 x 5 = 10 counted tokens: 4 tokens of workspace cannot take one
+    assert spy == [chunks != "too small"]
+    want = run(loss_fn, *data, engine_on=False)
+    assert_same(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize(
+    "loss,hp",
+    [
+        ("sigmoid", dict(beta=0.2)),
+        ("ipo", dict(beta=0.5)),
+        ("orpo", dict(beta=0.2)),
+        ("rpo", dict(beta=0.2, rpo_alpha=0.7)),
+        ("expo", dict(lam=0.3, kl_estimator="pair")),
+    ],
+)
+@pytest.mark.parametrize("tf", [{}, dict(temperature=0.7, logit_scale=1.3, softcap=2.5)], ids=["plain", "softcap"])
+def test_losses_options_and_transforms(backend, loss, hp, tf, spy):
+    data = batch(seed=2)
+    kw = {} if loss not in ("orpo",) else {}
+    loss_fn = ek.FusedLinearPreferenceLoss(
+        loss, backend=backend, ld_alpha=0.6 if loss == "sigmoid" else None, use_weighting=loss == "ipo", **tf, **hp
+    )
+    ref_kw = {} if loss == "orpo" else {"ref_hidden": data[1]}
+    h, ref_hidden, w, b, labels = data
+    outs = []
+    for engine_on in (True, False):
+        hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        with ek.kernel_options(engine=engine_on, workspace_bytes=8 * V * 10):
+            out = loss_fn(ww, hh, labels, bias=bb, **ref_kw, **kw)
+            out.loss.backward()
+        outs.append((out, (hh.grad, ww.grad, bb.grad)))
+    assert spy == [True]
+    assert_same(*outs, 1e-10)
+
+
+def test_frozen_and_shared_head(spy):
+    hidden, ref_hidden, weight, _, labels = batch(seed=3)
+    loss_fn = ek.FusedLinearDPOLoss(beta=0.1, backend="torch")
+    grads = []
+    for engine_on in (True, False):
+        h = hidden.clone().requires_grad_()
+        with ek.kernel_options(engine=engine_on):
+            out = loss_fn(weight, h, labels, ref_hidden=ref_hidden)  # frozen head, the reference shares it
+            out.loss.backward()
+        grads.append((out.loss, h.grad))
+    assert spy == [True]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+def test_calls_the_engine_does_not_serve_take_the_op(spy):
+    hidden, ref_hidden, weight, bias, labels = batch(seed=4)
+    w = weight.clone().requires_grad_()
+    for loss_fn in (
+        ek.FusedLinearPreferenceLoss("aot", beta=0.1),
+        ek.FusedLinearEXPOLoss(lam=0.1, kl_estimator="token"),
+    ):
+        loss_fn(w, hidden, labels, ref_hidden=ref_hidden).loss.backward()
+    with torch.no_grad():  # no gradient: a forward pass is all there is
+        ek.FusedLinearDPOLoss()(w, hidden, labels, ref_hidden=ref_hidden)
+    ek.FusedLinearDPOLoss()(w.detach().float(), hidden.float().requires_grad_(), labels, ref_hidden=ref_hidden.float())
+    ek.FusedLinearDPOLoss()(
+        w.bfloat16(), hidden.bfloat16().requires_grad_(), labels, ref_hidden=ref_hidden.bfloat16()
+    )  # 16-bit head: the op's path
+    assert spy == [True]  # only the float32 DPO call
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_native_epilogues_match_the_torch_specification(softcap):
+    require_backend("native", "cpu")
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(9, 300, generator=g) * 4
+    bias = torch.randn(300, generator=g)
+    bias[[3, 77]] = -float("inf")  # masked ids
+    labels = torch.randint(0, 300, (9,), generator=g)
+    labels[labels == 3] = 4
+    labels[labels == 77] = 78
+    t = LogitTransform(1.7, softcap, 0.8)
+    za, zb = z.clone(), z.clone()
+    sa = finalize_logprobs(engine.native_fold(za, bias, labels, t, True), 300)
+    sb = finalize_logprobs(engine.torch_fold(zb, bias, labels, t, True), 300)
+    torch.testing.assert_close(za, zb, rtol=1e-6, atol=1e-5)
+    for f in sa._fields:
+        torch.testing.assert_close(getattr(sa, f), getattr(sb, f), rtol=1e-5, atol=1e-5, msg=f)
+    grad = torch.randn(9, generator=g)
+    engine.native_to_dz(za, labels, sa.lse, grad, t)
+    engine.torch_to_dz(zb, labels, sa.lse, grad, t)
+    # normwise: under a softcap dz/draw = 1 - tanh^2 comes from the transformed logit, which loses
+    # relative precision on saturated entries (|tanh| ~ 1), where dz itself is tiny
+    assert rel_err(za, zb) < 1e-6
+    # and against float64 softmax gradients
+    z64 = z.double() + bias.double()
+    z64 = t.apply(z64).requires_grad_()
+    logp = torch.log_softmax(z64, -1).gather(1, labels[:, None])[:, 0]
+    (dz,) = torch.autograd.grad((logp * grad.double()).sum(), z64)
+    deriv = 1.7 / 0.8 if softcap is None else 1.7 / 0.8 * (1 - (z64.detach() * 0.8 / softcap) ** 2)
+    assert rel_err(za, dz * deriv) < 1e-6
+
+
+def test_memory_is_bounded_by_the_workspace(monkeypatch):
+    # N x V (2 x 40 x 640 = 51200 fp64 = 400 KiB) dwarfs the workspace (64 tokens x 640 x 8 = 320 KiB):
+    # nothing larger than max(workspace, the [V, H] gradient) may be allocated.
+    rows, steps, h, v = 8, 10, 8, 640
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(rows, steps, h, generator=g, dtype=DT, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=DT, requires_grad=True)
+    labels = torch.randint(0, v, (rows, steps), generator=g)
+    budget = 64 * v * 8
+    loss_fn = ek.FusedLinearSimPOLoss(backend="torch", compute_metrics=False)
+    monkeypatch.setattr("expo_kernels.ops.torch_backend.VOCAB_CHUNK", 64)
+    with ek.kernel_options(workspace_bytes=budget), LargestTensor() as rec:
+        loss_fn(weight, hidden, labels).loss.backward()
+    assert rec.largest <= max(budget, v * h * 8), f"{rec.op} made a {rec.largest}-byte tensor"
+    assert rec.largest < rows * steps * v * 8
+
+
+def test_workspace_option_is_validated():
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        with ek.kernel_options(workspace_bytes=0):
+            pass
+    with pytest.raises(TypeError, match="engine must be a bool"):
+        with ek.kernel_options(engine="yes"):
+            pass
+    with pytest.raises(TypeError, match="unknown kernel option"):
+        with ek.kernel_options(workspace=1):
+            pass
+
+
+def test_chunks_grow_to_the_target_within_the_budget():
+    counts = torch.tensor([300, 300, 100, 600, 50, 0, 700])
+    assert engine.pair_chunks(counts, budget_tokens=1000, target_tokens=512) == [(0, 2), (2, 4), (4, 7)]
+    assert engine.pair_chunks(counts, budget_tokens=700, target_tokens=512) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert engine.pair_chunks(counts, budget_tokens=699, target_tokens=512) is None  # pair 6 does not fit
+    assert engine.pair_chunks(torch.tensor([], dtype=torch.long), budget_tokens=10) == []
+
+
+def test_a_second_backward_is_refused():
+    hidden, ref_hidden, weight, _, labels = batch(seed=7)
+    w = weight.clone().requires_grad_()
+    out = ek.FusedLinearDPOLoss(backend="torch")(w, hidden, labels, ref_hidden=ref_hidden)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="handed out once"):
+        out.loss.backward()
