@@ -204,12 +204,25 @@ struct RowState {
   T *m, *s, *zl, *sz, *s2, *zs, *mb;  // [N] each; the last four null without statistics
 };
 
+// The partial state of N tokens before any logit (the identity of the merge), as returned to Python:
+// m = -inf, s = z_label = 0, and with statistics sz = s2 = z_sum = 0, max_before = -inf.
 template <typename T>
-RowState<T> row_state(const Tensor& m, const Tensor& s, const Tensor& zl, const Tensor& sz, const Tensor& s2,
-                      const Tensor& zs, const Tensor& mb, bool with_stats) {
-  return {m.data_ptr<T>(), s.data_ptr<T>(), zl.data_ptr<T>(), with_stats ? sz.data_ptr<T>() : nullptr,
-          with_stats ? s2.data_ptr<T>() : nullptr, with_stats ? zs.data_ptr<T>() : nullptr,
-          with_stats ? mb.data_ptr<T>() : nullptr};
+std::vector<Tensor> empty_state(int64_t N, const at::TensorOptions& opts, bool with_stats) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::vector<Tensor> st = {at::full({N}, ninf, opts), at::zeros({N}, opts), at::zeros({N}, opts)};
+  if (with_stats) {
+    for (int k = 0; k < 3; ++k) st.push_back(at::zeros({N}, opts));
+    st.push_back(at::full({N}, ninf, opts));
+  }
+  return st;
+}
+
+template <typename T>
+RowState<T> row_state(const std::vector<Tensor>& st) {
+  const bool stats = st.size() == 7;
+  return {st[0].data_ptr<T>(), st[1].data_ptr<T>(), st[2].data_ptr<T>(), stats ? st[3].data_ptr<T>() : nullptr,
+          stats ? st[4].data_ptr<T>() : nullptr, stats ? st[5].data_ptr<T>() : nullptr,
+          stats ? st[6].data_ptr<T>() : nullptr};
 }
 
 // z: one row of raw logits (ids v0 + [0, vt)), transformed in place; yl: the label's column in this
@@ -280,21 +293,13 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
   Tensor bias = bias_or_zeros(bias_in, V, opts);
   const Transform<T> tf(scale, softcap, inv_temp);
 
-  const T ninf = -std::numeric_limits<T>::infinity();
-  Tensor m_t = at::full({N}, ninf, opts), s_t = at::zeros({N}, opts), zl_t = at::zeros({N}, opts);
-  Tensor sz_t, s2_t, zs_t, mb_t;
-  if (with_stats) {
-    sz_t = at::zeros({N}, opts);
-    s2_t = at::zeros({N}, opts);
-    zs_t = at::zeros({N}, opts);
-    mb_t = at::full({N}, ninf, opts);
-  }
+  std::vector<Tensor> state = empty_state<T>(N, opts, with_stats);
   if (N > 0 && V > 0) {
     const int64_t nb_max = std::min(N, balanced_block(N, token_block));
     const int64_t vt_max = std::min(V, std::max<int64_t>(1, vocab_tile));
     Tensor tile_buf = at::empty({nb_max * vt_max}, opts);
     Tensor wbuf = weight.scalar_type() == acc ? Tensor() : at::empty({vt_max * H}, opts);
-    const RowState<T> st = row_state<T>(m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t, with_stats);
+    const RowState<T> st = row_state<T>(state);
     const int64_t* y = labels.data_ptr<int64_t>();
     const T* bptr = bias.data_ptr<T>();
 
@@ -316,9 +321,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
       }
     }
   }
-  // the raw partial state, in the field order of expo_kernels.ops.state.LogprobState; Python finalizes
-  if (!with_stats) return {m_t, s_t, zl_t};
-  return {m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t};
+  return state;  // the raw partial state (expo_kernels.ops.state.LogprobState field order); Python finalizes
 }
 
 std::vector<Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
@@ -680,17 +683,9 @@ std::vector<Tensor> fold_logits_impl(const Tensor& z, const c10::optional<Tensor
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   Tensor bias = bias_or_zeros(bias_in, V, opts);
   const Transform<T> tf(scale, softcap, inv_temp);
-  const T ninf = -std::numeric_limits<T>::infinity();
-  Tensor m_t = at::full({N}, ninf, opts), s_t = at::zeros({N}, opts), zl_t = at::zeros({N}, opts);
-  Tensor sz_t, s2_t, zs_t, mb_t;
-  if (with_stats) {
-    sz_t = at::zeros({N}, opts);
-    s2_t = at::zeros({N}, opts);
-    zs_t = at::zeros({N}, opts);
-    mb_t = at::full({N}, ninf, opts);
-  }
+  std::vector<Tensor> state = empty_state<T>(N, opts, with_stats);
   if (N > 0 && V > 0) {
-    const RowState<T> st = row_state<T>(m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t, with_stats);
+    const RowState<T> st = row_state<T>(state);
     const int64_t* y = labels.data_ptr<int64_t>();
     const T* bptr = bias.data_ptr<T>();
     T* base = z.data_ptr<T>();
@@ -698,8 +693,7 @@ std::vector<Tensor> fold_logits_impl(const Tensor& z, const c10::optional<Tensor
       for (int64_t r = r_begin; r < r_end; ++r) fold_row<T>(base + r * V, bptr, V, tf, has_bias, y[r] - vocab_start, st, r);
     });
   }
-  if (!with_stats) return {m_t, s_t, zl_t};
-  return {m_t, s_t, zl_t, sz_t, s2_t, zs_t, mb_t};
+  return state;
 }
 
 // Raw logits of a workspace [n, V] -> bias + transform in place, and the partial state of each row.
