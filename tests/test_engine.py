@@ -223,3 +223,17 @@ def test_a_second_backward_is_refused():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="handed out once"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_all_ignored_and_empty_batches(backend):
+    hidden, ref_hidden, weight, bias, labels = batch(seed=8)
+    loss_fn = ek.FusedLinearDPOLoss(beta=0.1, backend=backend)
+    ignored = torch.full_like(labels, -100)
+    got = run(loss_fn, hidden, ref_hidden, weight, bias, ignored)
+    want = run(loss_fn, hidden, ref_hidden, weight, bias, ignored, engine_on=False)
+    assert_same(got, want, 1e-12)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got[1])
+    for engine_on in (True, False):  # no pair at all: the same clear error on both paths
+        with pytest.raises(ValueError, match="at least one pair"):
+            run(loss_fn, hidden[:0], ref_hidden[:0], weight, bias, labels[:0], engine_on=engine_on)
