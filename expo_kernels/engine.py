@@ -16,8 +16,9 @@ the token counts). So, per chunk of whole pairs whose counted tokens fit the wor
 
 and the returned loss carries these gradients (its backward scales them by the incoming gradient).
 Policy forward 2NHV + dH 2NHV + dW 2NHV, plus the forward-only reference pass 2NHV: 8NHV, where
-recomputing the logits in backward costs 10NHV. Memory: the workspace (``workspace_bytes``, default
-256 MiB) and the gradients; never ``[N, V]``.
+recomputing the logits in backward costs 10NHV. Memory: the workspace (one chunk: whole pairs up to
+``CHUNK_TOKENS`` tokens, capped by ``workspace_bytes``, default 512 MiB) and the gradients; never
+``[N, V]``.
 
 The epilogues (fold, in-place dz) run in C++ on the CPU (``csrc/expo_native.cpp``) and as torch ops
 elsewhere (the specification, ``torch_epilogue``). Calls the engine does not serve take the op's
