@@ -118,25 +118,26 @@ def _per_test_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+# What every trainer of these tests shares: 3 SGD steps on the CPU, fp32, logging each step, no saving.
+TRAINER_ARGS = dict(
+    output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
+    per_device_train_batch_size=4,
+    max_steps=3,
+    learning_rate=0.1,
+    optim="sgd",
+    logging_steps=1,
+    report_to=[],
+    seed=0,
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    disable_tqdm=True,
+    gradient_checkpointing=False,
+)
+
+
 def dpo_args(**kw):
-    base = dict(
-        output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        seed=0,
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        beta=0.1,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
-    base.update(kw)
-    return DPOConfig(**base)
+    return DPOConfig(**{**TRAINER_ARGS, "beta": 0.1, **kw})
 
 
 def run(trainer_cls, make_model=llama, *, ref=True, peft_config=None, switch=False, trainer_kw=None, **cfg):
@@ -282,21 +283,7 @@ def test_kto_matches_trl():
         model = llama()
         torch.manual_seed(1)
         ref = llama()
-        args = KTOConfig(
-            output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
-            per_device_train_batch_size=4,
-            max_steps=3,
-            learning_rate=0.1,
-            optim="sgd",
-            logging_steps=1,
-            report_to=[],
-            seed=0,
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            disable_tqdm=True,
-            gradient_checkpointing=False,
-        )
+        args = KTOConfig(**TRAINER_ARGS)
         tr = cls(model=model, ref_model=ref, args=args, train_dataset=UNPAIRED, processing_class=TOK)
         tr.train()
         logs = [{k: v for k, v in e.items() if k not in _SKIP_LOG} for e in tr.state.log_history if "loss" in e]
@@ -378,24 +365,8 @@ def test_fused_forward_matches_model_logits(make_model):
 def _run_logits_trainer(cls, config_cls, make_model=llama, **cfg):
     torch.manual_seed(0)
     model = make_model()
-    base = dict(
-        output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        logging_steps=1,
-        report_to=[],
-        seed=0,
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-        max_length=64,
-    )
-    base.update(cfg)
-    tr = cls(model=model, args=config_cls(**base), train_dataset=PAIRS, processing_class=TOK)
+    args = config_cls(**{**TRAINER_ARGS, "max_length": 64, **cfg})
+    tr = cls(model=model, args=args, train_dataset=PAIRS, processing_class=TOK)
     tr.train()
     logs = [{k: v for k, v in e.items() if k not in _SKIP_LOG} for e in tr.state.log_history if "loss" in e]
     return logs, {k: p.detach().clone() for k, p in tr.model.named_parameters()}
