@@ -7,14 +7,17 @@ DPO step computed from hidden states — policy pass with grad, reference pass u
 backward — for
 
 * ``expo-<backend>`` — ``expo_kernels.FusedLinearDPOLoss`` with the package's default backend for
-  the device (``--impls expo`` runs every backend it lists): logits are never materialized,
-  memory grows with ``T`` only;
+  the device (``--impls expo`` runs every backend it lists): logits live only in the engine's bounded
+  workspace (one pair's, while it fits ``kernel_options(workspace_bytes)``, 512 MiB by default; past
+  that the op's recompute path), so memory never grows with ``T x V`` beyond the cap;
 * ``naive`` — what older TRL releases (<= 1.9) and most frameworks do: full logits
   ``[2B, T, V]`` fp32 -> ``log_softmax`` -> ``gather`` for the policy and again for the reference,
   so memory grows with ``T x V``;
 * ``trl``  — TRL's own chunked head, ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` with
   the vocab chunk its trainers pass (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``), on the
-  completion tokens only.
+  completion tokens only;
+* ``cce`` — cut-cross-entropy's ``torch_compile`` path (its CPU path; ``reduction="none"``), which
+  keeps the valid tokens' logits for backward.
 
 The inputs (``make_dpo_inputs``: the policy's hidden states, the reference's = the policy's plus
 noise, the head, labels) and the per-token log-probs of ``naive`` and ``trl`` (``build_impl``, the
@@ -57,7 +60,7 @@ RESULTS_DIR = hn.RESULTS_DIR
 
 DEFAULTS = dict(seq_lens=[512, 1024, 2048, 4096, 8192], pairs=1, hidden=1024, vocab=32000)
 QUICK = dict(seq_lens=[256, 1024], pairs=1, hidden=256, vocab=8192)
-BASE_IMPLS = ("naive", "trl")
+BASE_IMPLS = ("naive", "trl", "cce")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +97,11 @@ def build_dpo(name, device, beta):
     if name == "trl":
         detail = (
             f"trl ChunkedLogProbFunction (chunk_size={trl_chunk_size()}), completion tokens only; "
+            "policy with grad + reference under no_grad; DPO sigmoid"
+        )
+    elif name == "cce":
+        detail = (
+            "cut-cross-entropy linear_cross_entropy(impl='torch_compile', reduction='none'), logp = -nll; "
             "policy with grad + reference under no_grad; DPO sigmoid"
         )
     else:

@@ -45,6 +45,7 @@ __all__ = [
     "CHUNK_TOKENS",
     "PairStep",
     "pair_chunks",
+    "plan_pairs",
     "run_pair_step",
     "forward_logps",
     "attach_gradients",
@@ -127,6 +128,24 @@ def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CH
     return chunks
 
 
+def plan_pairs(labels: Tensor, ignore_index: int, vocab: int, acc: torch.dtype):
+    """How a paired batch ``labels [R, T]`` splits into chunks: ``(token_ids, labels64, pair_of_token,
+    pair_tokens, chunks)`` over the counted tokens, or None when the engine cannot take it (no pair, or a
+    pair beyond the workspace cap). Checks the label range."""
+    rows, steps = labels.shape
+    b = rows // 2
+    if b == 0:
+        return None  # an empty batch: the op's path gives its clear error
+    counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
+    token_ids = counted if counted is not None else torch.arange(rows * steps, device=labels.device)
+    pair_of_token = torch.div(token_ids, steps, rounding_mode="floor") % b
+    pair_tokens = torch.bincount(pair_of_token, minlength=b)
+    chunks = pair_chunks(pair_tokens, workspace_bytes() // (vocab * acc.itemsize))
+    if chunks is None:
+        return None
+    return token_ids, y_all, pair_of_token, pair_tokens, chunks
+
+
 @dataclass
 class PairStep:
     """What a step returns: per-token results over the whole ``[R, T]`` batch (detached) and the
@@ -164,18 +183,12 @@ def run_pair_step(
     """
     rows, steps, h_size = hidden.shape
     vocab = weight.shape[0]
-    b = rows // 2
-    if b == 0:
-        return None  # an empty batch: the op's path gives its (empty) result
     acc = D.result_dtype(hidden.dtype)
-    flat_h = hidden.reshape(-1, h_size)
-    counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
-    token_ids = counted if counted is not None else torch.arange(rows * steps, device=hidden.device)
-    pair_of_token = torch.div(token_ids, steps, rounding_mode="floor") % b
-    pair_tokens = torch.bincount(pair_of_token, minlength=b)
-    chunks = pair_chunks(pair_tokens, workspace_bytes() // (vocab * acc.itemsize))
-    if chunks is None:
+    plan = plan_pairs(labels, ignore_index, vocab, acc)
+    if plan is None:
         return None
+    token_ids, y_all, pair_of_token, pair_tokens, chunks = plan
+    flat_h = hidden.reshape(-1, h_size)
     native = backend == "native"
     fold, to_dz = (native_fold, native_to_dz) if native else (torch_fold, torch_to_dz)
     w = weight.detach()

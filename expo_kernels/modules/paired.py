@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .._dispatch import resolve_backend
 from .._validation import check_linear_head
-from ..engine import attach_gradients, forward_logps, run_pair_step
+from ..engine import attach_gradients, forward_logps, plan_pairs, run_pair_step
 from ..functional import TokenStats
 from ..losses import aggregate_pair_logps, preference_loss
 from ..ops.common import LogitTransform
@@ -223,6 +223,8 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             has_ref_numbers=has_ref_numbers,
         )
         check_linear_head(hidden, weight, labels, bias)
+        if plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype) is None:
+            return None  # before the reference pass: the op's path runs its own
         mask = labels != self.ignore_index
         transform = self._logit_transform()
         ref_tok = None
