@@ -29,6 +29,7 @@ heads, non-CPU devices for now, the Triton backend, a pair longer than the works
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,18 +174,19 @@ def run_pair_step(
     loss_of_tokens: LossOfTokens,
     backend: str,
     need: tuple[bool, bool, bool],
+    plan: tuple | None = None,
 ) -> PairStep | None:
     """One paired step's policy pass and its gradients, chunk by chunk (see the module docstring).
 
     ``hidden [R, T, H]``, ``labels [R, T]`` (B chosen rows, then B rejected), ``weight [V, H]``.
     ``loss_of_tokens(logp [R, T], log_sum_p2 [R, T] | None)`` is the batch loss of per-token log-probs;
     it must be separable over pairs. ``need``: gradients of (hidden, weight, bias). Returns None when
-    a pair does not fit the workspace.
+    a pair does not fit the workspace. ``plan``: :func:`plan_pairs` of these labels, when the caller has it.
     """
     rows, steps, h_size = hidden.shape
     vocab = weight.shape[0]
     acc = D.result_dtype(hidden.dtype)
-    plan = plan_pairs(labels, ignore_index, vocab, acc)
+    plan = plan if plan is not None else plan_pairs(labels, ignore_index, vocab, acc)
     if plan is None:
         return None
     token_ids, y_all, pair_of_token, pair_tokens, chunks = plan
@@ -203,9 +205,7 @@ def run_pair_step(
     per_token = {
         f: torch.zeros(rows * steps, dtype=torch.bool if f == "is_top1" else acc, device=hidden.device) for f in fields
     }
-    transform_args = dict(
-        temperature=transform.temperature, logit_scale=transform.logit_scale, softcap=transform.softcap
-    )
+    transform_args = dataclasses.asdict(transform)  # named in the overflow message
     # inputs once per step (one read of the weight); each chunk's results below
     D.check_finite({"hidden": flat_h.index_select(0, token_ids), "weight": w}, {"bias": bias}, (), transform_args)
     for p0, p1 in chunks:
@@ -260,9 +260,7 @@ def forward_logps(
     token_ids = counted if counted is not None else torch.arange(rows * steps, device=hidden.device)
     w = weight.detach()
     bias_d = None if bias is None else bias.detach().to(acc)
-    transform_args = dict(
-        temperature=transform.temperature, logit_scale=transform.logit_scale, softcap=transform.softcap
-    )
+    transform_args = dataclasses.asdict(transform)  # named in the overflow message
     D.check_finite(
         {"ref_hidden": flat_h.index_select(0, token_ids), "ref_weight": w}, {"ref_bias": bias}, (), transform_args
     )

@@ -223,7 +223,8 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             has_ref_numbers=has_ref_numbers,
         )
         check_linear_head(hidden, weight, labels, bias)
-        if plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype) is None:
+        plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
+        if plan is None:
             return None  # before the reference pass: the op's path runs its own
         mask = labels != self.ignore_index
         transform = self._logit_transform()
@@ -262,6 +263,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             loss_of_tokens=loss_of_tokens,
             backend=backend,
             need=(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
+            plan=plan,
         )
         if step is None:
             return None
