@@ -133,25 +133,39 @@ def grad_probe(hidden_size, device, seed=0):
 
 
 def trl_chunk_size() -> int:
-    """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``)."""
-    import trl.trainer.utils as tu
+    """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``).
 
+    ``trl.trainer.utils`` imports accelerate; where that import fails (a machine with only TRL's own
+    wheels), the constant is read from the module's source text instead."""
+    import re
+
+    try:
+        import trl.trainer.utils as tu
+    except Exception:  # noqa: BLE001 — e.g. no accelerate: read the file without importing it
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.find_spec("trl")
+        src = Path(spec.origin).parent / "trainer" / "utils.py" if spec and spec.origin else None
+        text = src.read_text() if src is not None and src.is_file() else ""
+        match = re.search(r"_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text) or re.search(r"_CHUNK\w*\s*=\s*(\d+)", text)
+        return int(match.group(1)) if match else 32768
     size = getattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
     if size is None:  # renamed in some release: find it in the source of add_fused_lm_head
         import inspect
-        import re
 
         match = re.search(r"_CHUNK\w*\s*=\s*(\d+)", inspect.getsource(tu))
         size = int(match.group(1)) if match else 32768
     return int(size)
 
 
-def build_impl(name: str, device):
+def build_impl(name: str, device, cce_impl: str | None = None):
     """``fn(hidden, weight, labels) -> logp`` (fp32, shaped like labels, 0 at ignored positions).
 
     ``expo-<backend>``: ``expo_kernels.linear_logprobs``; ``naive``: ``F.linear(h, W).float()`` ->
     ``log_softmax`` -> ``gather``; ``trl``: TRL's ``ChunkedLogProbFunction`` on the valid tokens;
-    ``cce``: Cut Cross-Entropy, ``logp = -nll``. All imports happen here, so a worker can measure its
+    ``cce``: Cut Cross-Entropy, ``logp = -nll`` (``impl=cce_impl``, default ``"cce"`` on CUDA and
+    ``"torch_compile"`` elsewhere). All imports happen here, so a worker can measure its
     baseline memory after calling this.
     """
     import torch
@@ -196,7 +210,7 @@ def build_impl(name: str, device):
     if name == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        impl = "cce" if device.type == "cuda" else "torch_compile"
+        impl = cce_impl or ("cce" if device.type == "cuda" else "torch_compile")
 
         def fn(hidden, weight, labels):
             nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none", impl=impl)

@@ -88,8 +88,10 @@ BETA = 0.1
 # ----------------------------------------------------------------------------------------------
 
 
-def build_dpo_step(name: str):
-    """``step(hidden, ref_hidden, weight, labels) -> loss`` (runs backward itself)."""
+def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
+    """``step(hidden, ref_hidden, weight, labels) -> loss`` (runs backward itself). ``device`` picks
+    the per-token implementations' device-specific variants (cce: ``cce`` on CUDA, ``torch_compile``
+    elsewhere, unless ``cce_impl`` names one); ``bench_dpo_gpu`` shares this builder."""
     import torch
 
     if name.startswith("expo-engine") or name == "expo-previous":
@@ -120,7 +122,8 @@ def build_dpo_step(name: str):
 
         return step
 
-    per_token = build_impl(name, "cpu")  # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
+    # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
+    per_token = build_impl(name, device, cce_impl=cce_impl)
 
     def step(hidden, ref_hidden, weight, labels):
         rows, seq, width = hidden.shape

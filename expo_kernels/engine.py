@@ -17,14 +17,19 @@ the token counts). So, per chunk of whole pairs whose counted tokens fit the wor
 and the returned loss carries these gradients (its backward scales them by the incoming gradient).
 Policy forward 2NHV + dH 2NHV + dW 2NHV, plus the forward-only reference pass 2NHV: 8NHV, where
 recomputing the logits in backward costs 10NHV. Memory: the workspace (one chunk: whole pairs up to
-``CHUNK_TOKENS`` tokens, capped by ``workspace_bytes``, default 512 MiB) and the gradients; never
-``[N, V]``.
+``CHUNK_TOKENS`` tokens, capped by ``workspace_bytes``; see the defaults below) and the gradients;
+never ``[N, V]``.
 
-The epilogues (fold, in-place dz) run in C++ on the CPU (``csrc/expo_native.cpp``) and as torch ops
-elsewhere (the specification, ``torch_epilogue``). Calls the engine does not serve take the op's
-recompute path (:func:`expo_kernels.linear_logprobs`): batch-coupled losses, EXPO's token KL, 16-bit
-heads, non-CPU devices for now, the Triton backend, a pair longer than the workspace, or
-``kernel_options(engine=False)``.
+A pair longer than the workspace cannot be folded whole: the step then runs two passes over token
+chunks of the workspace's size (forward: the per-token results; the loss's ``g`` for every token;
+backward: the logits recomputed, dz, dH, dW) -- 10NHV, still no atomics and deterministic.
+
+GEMMs: ``torch.mm`` (MKL/oneDNN on the CPU, cuBLAS on CUDA; 16-bit heads write float32 logits through
+``out_dtype``, and dz goes back to the head's dtype for the dH/dW GEMMs). Epilogues (fold, dz): C++ on
+the CPU (``csrc/expo_native.cpp``), Triton on CUDA (``ops/triton_engine.py``), torch ops as the
+specification (``torch_fold``, ``torch_to_dz``). Calls the engine does not serve take the op's path
+(:func:`expo_kernels.linear_logprobs`): batch-coupled losses, EXPO's token KL, 16-bit heads on the
+CPU, no gradient, or ``kernel_options(engine=False)``.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch as D
+from .ops import gemm as G
 from .ops import state as S
 from .ops.common import LogitTransform, TokenOutputs
-from .ops.options import get_kernel_options
+from .ops.options import DEFAULT_WORKSPACE_BYTES, workspace_bytes
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -52,24 +58,22 @@ __all__ = [
     "attach_gradients",
 ]
 
-#: Default cap on the logit workspace: 512 MiB = 4096 tokens x 32000 vocabulary (1046 x 128256) in
-#: float32. The workspace actually allocated is one chunk: whole pairs until CHUNK_TOKENS tokens.
-DEFAULT_WORKSPACE_BYTES = 512 << 20
-#: A chunk grows pair by pair until it holds this many tokens (or the cap): GEMMs with >= 512 rows run
-#: near the CPU's peak, and a smaller chunk keeps the workspace small (684 tokens x 32000 = 88 MB).
-CHUNK_TOKENS = 512
+#: A chunk grows pair by pair until it holds this many tokens (or the cap). CPU: GEMMs with >= 512 rows
+#: run near peak and a small chunk keeps the workspace small (684 tokens x 32000 = 88 MB). CUDA: cuBLAS
+#: wants >= 1024 rows to fill 132 SMs with 128-row tiles.
+CHUNK_TOKENS = {"cpu": 512, "cuda": 1024}
 
 # A per-token log-prob placeholder for tokens outside the chunk (a valid log-probability: its value
 # does not reach the chunk's gradients for a separable loss, but must keep every term finite).
 _PLACEHOLDER = -1.0
 
 
-def workspace_bytes() -> int:
-    return int(get_kernel_options().workspace_bytes or DEFAULT_WORKSPACE_BYTES)
+def chunk_tokens(device: torch.device) -> int:
+    return CHUNK_TOKENS.get(device.type, CHUNK_TOKENS["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
-# epilogues on a workspace tile z [n, V] of raw logits (float32 / float64, contiguous)
+# epilogues on a workspace tile z [n, V] of raw logits (contiguous)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -77,9 +81,7 @@ def torch_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform
     """Bias and transform in place, then the tile's partial state (the specification of the C++ fold)."""
     from .ops.torch_backend import tile_state
 
-    if bias is not None:
-        z.add_(bias.to(z.dtype))
-    z.copy_(t.apply(z))
+    transform_in_place(z, bias, t)
     return tile_state(z, labels, torch.arange(z.shape[1], device=z.device), with_stats)
 
 
@@ -106,15 +108,78 @@ def native_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTran
     torch.ops.expo_native.logits_to_dz_(z, labels, 0, lse, g, float(t.logit_scale), t.softcap, float(t.inv_temperature))
 
 
+@dataclass(frozen=True)
+class Epilogues:
+    """The two epilogues of one provider.
+
+    ``fold(z, bias, labels, transform, with_stats) -> LogprobState`` on raw logits (it may leave them
+    transformed in place); ``to_dz(z, bias, labels, lse, g, transform, out)`` on what ``fold`` left,
+    writing dz into ``out`` (``z`` itself, or a buffer in the head's 16-bit dtype)."""
+
+    fold: Callable[..., S.LogprobState]
+    to_dz: Callable[..., None]
+    fold_transforms: bool  # fold leaves the logits transformed (bias added), which to_dz expects
+
+
+def transform_in_place(z: Tensor, bias: Tensor | None, t: LogitTransform) -> None:
+    """What a transforming fold does to raw logits, for a pass that needs dz but not the fold's state."""
+    if bias is not None:
+        z.add_(bias.to(z.dtype))
+    z.copy_(t.apply(z))
+
+
+def _in_place_to_dz(op):
+    def to_dz(z, bias, labels, lse, g, t, out):  # z is transformed, bias already added by the fold
+        op(z, labels, lse, g, t)
+        if out is not z:
+            out.copy_(z)
+
+    return to_dz
+
+
+def epilogues(backend: str) -> Epilogues:
+    """C++ (``native``), the torch specification (``torch``) or Triton (``triton``: GPUs, interpreter)."""
+    if backend == "native":
+        return Epilogues(native_fold, _in_place_to_dz(native_to_dz), True)
+    if backend == "triton":
+        from .ops import triton_engine
+
+        return Epilogues(triton_engine.fold, triton_engine.to_dz, False)
+    return Epilogues(torch_fold, _in_place_to_dz(torch_to_dz), True)
+
+
+@dataclass
+class _Workspace:
+    """The logits ``[n, V]`` of one chunk and, for 16-bit heads, a dz buffer in the head's dtype."""
+
+    logits: Tensor
+    dz: Tensor | None
+
+    @staticmethod
+    def bytes_per_token(vocab: int, dtype: torch.dtype, device: torch.device, backward: bool) -> int:
+        ld = G.logits_dtype(dtype, device)
+        return vocab * (ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
+
+    @staticmethod
+    def make(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool) -> _Workspace:
+        ld = G.logits_dtype(dtype, device)
+        dz = torch.empty(tokens * vocab, dtype=dtype, device=device) if backward and ld != dtype else None
+        return _Workspace(torch.empty(tokens * vocab, dtype=ld, device=device), dz)
+
+    def views(self, n: int, vocab: int) -> tuple[Tensor, Tensor]:
+        z = self.logits[: n * vocab].view(n, vocab)
+        return z, z if self.dz is None else self.dz[: n * vocab].view(n, vocab)
+
+
 # ---------------------------------------------------------------------------------------------
 # the step
 # ---------------------------------------------------------------------------------------------
 
 
-def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CHUNK_TOKENS):
+def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CHUNK_TOKENS["cpu"]):
     """Consecutive ranges of pairs ``[p0, p1)``: each grows until it holds ``target_tokens`` counted
     tokens, never past ``budget_tokens``; None when a single pair does not fit the budget (then the step
-    takes the recompute path)."""
+    recomputes the logits in token chunks)."""
     counts = pair_tokens.tolist()
     if counts and max(counts) > budget_tokens:
         return None
@@ -129,22 +194,35 @@ def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CH
     return chunks
 
 
-def plan_pairs(labels: Tensor, ignore_index: int, vocab: int, acc: torch.dtype):
-    """How a paired batch ``labels [R, T]`` splits into chunks: ``(token_ids, labels64, pair_of_token,
-    pair_tokens, chunks)`` over the counted tokens, or None when the engine cannot take it (no pair, or a
-    pair beyond the workspace cap). Checks the label range."""
+@dataclass
+class PairPlan:
+    """How a paired batch ``labels [R, T]`` is cut: the counted tokens (flat positions, int64 labels),
+    each one's pair, the pairs' token counts, and the chunks of whole pairs (None when a pair is longer
+    than the workspace: the step then recomputes the logits in token chunks)."""
+
+    token_ids: Tensor
+    labels: Tensor
+    pair_of_token: Tensor
+    pair_tokens: Tensor
+    chunks: list | None
+    budget_tokens: int
+
+
+def plan_pairs(labels: Tensor, ignore_index: int, vocab: int, dtype: torch.dtype) -> PairPlan | None:
+    """The :class:`PairPlan` of ``labels [R, T]`` for a ``dtype`` head, or None without a pair (the op's
+    path gives its clear error). Checks the label range."""
     rows, steps = labels.shape
     b = rows // 2
     if b == 0:
-        return None  # an empty batch: the op's path gives its clear error
+        return None
     counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
     token_ids = counted if counted is not None else torch.arange(rows * steps, device=labels.device)
     pair_of_token = torch.div(token_ids, steps, rounding_mode="floor") % b
     pair_tokens = torch.bincount(pair_of_token, minlength=b)
-    chunks = pair_chunks(pair_tokens, workspace_bytes() // (vocab * acc.itemsize))
-    if chunks is None:
-        return None
-    return token_ids, y_all, pair_of_token, pair_tokens, chunks
+    per_token = _Workspace.bytes_per_token(vocab, dtype, labels.device, backward=True)
+    budget = max(1, workspace_bytes(labels.device) // per_token)
+    chunks = pair_chunks(pair_tokens, budget, chunk_tokens(labels.device))
+    return PairPlan(token_ids, y_all, pair_of_token, pair_tokens, chunks, budget)
 
 
 @dataclass
@@ -162,6 +240,49 @@ class PairStep:
 LossOfTokens = Callable[[Tensor, Tensor | None], Tensor]
 
 
+class _Head:
+    """One head's chunk operations over the workspace: logits + fold, and dz + the gradient GEMMs."""
+
+    def __init__(self, hidden, weight, bias, transform, with_stats, backend, need, workspace_tokens):
+        rows, steps, h_size = hidden.shape
+        self.flat_h = hidden.detach().reshape(-1, h_size)
+        self.w = weight.detach()
+        self.vocab = weight.shape[0]
+        self.acc = D.result_dtype(hidden.dtype)
+        self.bias = None if bias is None else bias.detach().to(self.acc)
+        self.transform, self.with_stats = transform, with_stats
+        self.epi = epilogues(backend)
+        self.transform_args = dataclasses.asdict(transform)  # named in the overflow message
+        need_h, need_w, need_b = need
+        dev = hidden.device
+        # d_hidden in the input dtype (written once per token), d_weight in the head's dtype: a 16-bit head
+        # accumulates its chunks in place through cuBLAS (float32 inside each GEMM, one rounding a chunk)
+        self.d_hidden = torch.zeros(rows * steps, h_size, dtype=hidden.dtype, device=dev) if need_h else None
+        self.d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
+        self.d_bias = torch.zeros(self.vocab, dtype=self.acc, device=dev) if need_b else None
+        self.ws = _Workspace.make(workspace_tokens, self.vocab, hidden.dtype, dev, backward=any(need))
+
+    def forward(self, idx: Tensor, y: Tensor) -> tuple[TokenOutputs, Tensor, Tensor, Tensor]:
+        """Logits of the tokens ``idx`` into the workspace and their per-token results."""
+        h = self.flat_h.index_select(0, idx)
+        z, dz = self.ws.views(idx.numel(), self.vocab)
+        G.logits_into(z, h, self.w)
+        out = S.finalize_logprobs(self.epi.fold(z, self.bias, y, self.transform, self.with_stats), self.vocab)
+        results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
+        D.check_finite({}, {}, results, self.transform_args)
+        return out, h, z, dz
+
+    def backward(self, idx: Tensor, y: Tensor, h: Tensor, z: Tensor, dz: Tensor, lse: Tensor, g: Tensor) -> None:
+        """dz from the logits the fold left, then ``dH[idx] = dz W``, ``dW += dz^T h``, ``db += sum dz``."""
+        self.epi.to_dz(z, self.bias, y, lse, g, self.transform, dz)
+        if self.d_hidden is not None:
+            self.d_hidden.index_copy_(0, idx, dz @ self.w.to(dz.dtype))
+        if self.d_weight is not None:
+            self.d_weight.addmm_(dz.T, h.to(dz.dtype))
+        if self.d_bias is not None:
+            self.d_bias.add_(dz.sum(dim=0, dtype=self.acc))
+
+
 def run_pair_step(
     hidden: Tensor,
     weight: Tensor,
@@ -174,69 +295,74 @@ def run_pair_step(
     loss_of_tokens: LossOfTokens,
     backend: str,
     need: tuple[bool, bool, bool],
-    plan: tuple | None = None,
+    plan: PairPlan | None = None,
 ) -> PairStep | None:
     """One paired step's policy pass and its gradients, chunk by chunk (see the module docstring).
 
     ``hidden [R, T, H]``, ``labels [R, T]`` (B chosen rows, then B rejected), ``weight [V, H]``.
     ``loss_of_tokens(logp [R, T], log_sum_p2 [R, T] | None)`` is the batch loss of per-token log-probs;
-    it must be separable over pairs. ``need``: gradients of (hidden, weight, bias). Returns None when
-    a pair does not fit the workspace. ``plan``: :func:`plan_pairs` of these labels, when the caller has it.
+    it must be separable over pairs. ``need``: gradients of (hidden, weight, bias). ``backend``: the
+    epilogues' provider (:func:`epilogues`). ``plan``: :func:`plan_pairs` of these labels, when the
+    caller has it. Returns None only without a pair.
     """
-    rows, steps, h_size = hidden.shape
-    vocab = weight.shape[0]
-    acc = D.result_dtype(hidden.dtype)
-    plan = plan if plan is not None else plan_pairs(labels, ignore_index, vocab, acc)
+    rows, steps, _ = hidden.shape
+    plan = plan if plan is not None else plan_pairs(labels, ignore_index, weight.shape[0], hidden.dtype)
     if plan is None:
         return None
-    token_ids, y_all, pair_of_token, pair_tokens, chunks = plan
-    flat_h = hidden.reshape(-1, h_size)
-    native = backend == "native"
-    fold, to_dz = (native_fold, native_to_dz) if native else (torch_fold, torch_to_dz)
-    w = weight.detach()
-    bias_d = None if bias is None else bias.detach().to(acc)
-    need_h, need_w, need_b = need
-    d_hidden = torch.zeros(rows * steps, h_size, dtype=acc, device=hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    d_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
-    n_max = max((int(pair_tokens[p0:p1].sum()) for p0, p1 in chunks), default=0)
-    workspace = torch.empty(n_max * vocab, dtype=acc, device=hidden.device)
+    if plan.chunks is not None:
+        sizes = [int(plan.pair_tokens[p0:p1].sum()) for p0, p1 in plan.chunks]
+    else:  # a pair longer than the workspace: token chunks, logits recomputed in the backward pass
+        sizes = [min(plan.budget_tokens, plan.token_ids.numel())]
+    head = _Head(hidden, weight, bias, transform, with_stats, backend, need, max(sizes, default=0))
+    acc = head.acc
     fields = ("logp", "lse") + (("entropy", "mean_logit", "is_top1", "log_sum_p2") if with_stats else ())
     per_token = {
         f: torch.zeros(rows * steps, dtype=torch.bool if f == "is_top1" else acc, device=hidden.device) for f in fields
     }
-    transform_args = dataclasses.asdict(transform)  # named in the overflow message
-    # inputs once per step (one read of the weight); each chunk's results below
-    D.check_finite({"hidden": flat_h.index_select(0, token_ids), "weight": w}, {"bias": bias}, (), transform_args)
-    for p0, p1 in chunks:
-        sel = ((pair_of_token >= p0) & (pair_of_token < p1)).nonzero().squeeze(1)
-        idx = token_ids.index_select(0, sel)  # flat [R * T] positions of the chunk's counted tokens
-        y = y_all.index_select(0, sel)
-        h = flat_h.index_select(0, idx).detach().to(acc)
-        z = workspace[: idx.numel() * vocab].view(idx.numel(), vocab)
-        torch.mm(h, w.T, out=z)
-        out = S.finalize_logprobs(fold(z, bias_d, y, transform, with_stats), vocab)
-        results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
-        D.check_finite({}, {}, results, transform_args)
-        for f in fields:
-            per_token[f].index_copy_(0, idx, getattr(out, f))
-        if not any(need):
-            continue
-        g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device)
-        to_dz(z, y, out.lse, g, transform)
-        if need_h:
-            d_hidden.index_copy_(0, idx, z @ w.to(acc))
-        if need_w:
-            d_weight.addmm_(z.T, h)
-        if need_b:
-            d_bias.add_(z.sum(dim=0))
+    # inputs once per step (one read of the weight); each chunk's results in _Head.forward
+    D.check_finite(
+        {"hidden": head.flat_h.index_select(0, plan.token_ids), "weight": head.w},
+        {"bias": bias},
+        (),
+        head.transform_args,
+    )
+    if plan.chunks is not None:
+        for p0, p1 in plan.chunks:
+            sel = ((plan.pair_of_token >= p0) & (plan.pair_of_token < p1)).nonzero().squeeze(1)
+            idx = plan.token_ids.index_select(0, sel)  # flat [R * T] positions of the chunk's counted tokens
+            y = plan.labels.index_select(0, sel)
+            out, h, z, dz = head.forward(idx, y)
+            for f in fields:
+                per_token[f].index_copy_(0, idx, getattr(out, f))
+            if any(need):
+                g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device)
+                head.backward(idx, y, h, z, dz, out.lse, g)
+    else:
+        chunk = sizes[0]
+        for t0 in range(0, plan.token_ids.numel(), chunk):
+            idx, y = plan.token_ids[t0 : t0 + chunk], plan.labels[t0 : t0 + chunk]
+            out = head.forward(idx, y)[0]
+            for f in fields:
+                per_token[f].index_copy_(0, idx, getattr(out, f))
+        if any(need):
+            all_out = TokenOutputs(**{f: per_token[f].index_select(0, plan.token_ids) for f in fields})
+            g_all = _token_grads(loss_of_tokens, all_out, plan.token_ids, rows, steps, acc, hidden.device)
+            lse_all = all_out.lse
+            for t0 in range(0, plan.token_ids.numel(), chunk):
+                idx, y = plan.token_ids[t0 : t0 + chunk], plan.labels[t0 : t0 + chunk]
+                h = head.flat_h.index_select(0, idx)
+                z, dz = head.ws.views(idx.numel(), head.vocab)
+                G.logits_into(z, h, head.w)
+                if head.epi.fold_transforms:
+                    transform_in_place(z, head.bias, transform)
+                head.backward(idx, y, h, z, dz, lse_all[t0 : t0 + chunk], g_all[t0 : t0 + chunk])
     shaped = {f: t.view(rows, steps) for f, t in per_token.items()}
     return PairStep(
         logp=shaped["logp"],
         outputs=TokenOutputs(**shaped),
-        d_hidden=None if d_hidden is None else d_hidden.view(hidden.shape).to(hidden.dtype),
-        d_weight=None if d_weight is None else d_weight.to(weight.dtype),
-        d_bias=None if d_bias is None else d_bias.to(bias.dtype),
+        d_hidden=None if head.d_hidden is None else head.d_hidden.view(hidden.shape),
+        d_weight=head.d_weight,
+        d_bias=None if head.d_bias is None or bias is None else head.d_bias.to(bias.dtype),
     )
 
 
@@ -251,29 +377,24 @@ def forward_logps(
     backend: str,
 ) -> Tensor:
     """Per-token log-probs ``[R, T]`` (0 at ignored tokens) without gradient, through the same large GEMMs
-    into a workspace of at most ``CHUNK_TOKENS`` tokens (the reference pass of a step)."""
+    into a workspace of at most ``chunk_tokens`` tokens (the reference pass of a step)."""
     rows, steps, h_size = hidden.shape
     vocab = weight.shape[0]
-    acc = D.result_dtype(hidden.dtype)
-    flat_h = hidden.detach().reshape(-1, h_size)
     counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
     token_ids = counted if counted is not None else torch.arange(rows * steps, device=hidden.device)
-    w = weight.detach()
-    bias_d = None if bias is None else bias.detach().to(acc)
-    transform_args = dataclasses.asdict(transform)  # named in the overflow message
+    per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, hidden.device, backward=False)
+    chunk = max(1, min(chunk_tokens(hidden.device), workspace_bytes(hidden.device) // per_token))
+    head = _Head(hidden, weight, bias, transform, False, backend, (False, False, False), min(chunk, token_ids.numel()))
     D.check_finite(
-        {"ref_hidden": flat_h.index_select(0, token_ids), "ref_weight": w}, {"ref_bias": bias}, (), transform_args
+        {"ref_hidden": head.flat_h.index_select(0, token_ids), "ref_weight": head.w},
+        {"ref_bias": bias},
+        (),
+        head.transform_args,
     )
-    fold = native_fold if backend == "native" else torch_fold
-    chunk = max(1, min(CHUNK_TOKENS, workspace_bytes() // (vocab * acc.itemsize)))
-    workspace = torch.empty(min(chunk, token_ids.numel()) * vocab, dtype=acc, device=hidden.device)
-    logp = torch.zeros(rows * steps, dtype=acc, device=hidden.device)
+    logp = torch.zeros(rows * steps, dtype=head.acc, device=hidden.device)
     for t0 in range(0, token_ids.numel(), chunk):
         idx = token_ids[t0 : t0 + chunk]
-        z = workspace[: idx.numel() * vocab].view(idx.numel(), vocab)
-        torch.mm(flat_h.index_select(0, idx).to(acc), w.T, out=z)
-        out = S.finalize_logprobs(fold(z, bias_d, y_all[t0 : t0 + chunk], transform, False), vocab)
-        D.check_finite({}, {}, (out.lse,), transform_args)
+        out = head.forward(idx, y_all[t0 : t0 + chunk])[0]
         logp.index_copy_(0, idx, out.logp)
     return logp.view(rows, steps)
 

@@ -7,6 +7,8 @@ epilogues (C++ and torch) against each other and against float64, frozen and sha
 take the engine, and the memory bound.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import require_backend
@@ -35,7 +37,12 @@ def batch(seed=0, dtype=DT, empty_pair=False):
     return hidden, ref_hidden, weight, bias, labels
 
 
-def run(loss_fn, hidden, ref_hidden, weight, bias, labels, *, engine_on=True, workspace=None, **kw):
+def run(loss_fn, hidden, ref_hidden, weight, bias, labels, *, engine_on=True, workspace=None, backend_="keep", **kw):
+    """One step's outputs and gradients. ``backend_=None``: the same loss through the default backend
+    (the float64 references of Triton runs)."""
+    if backend_ is None:
+        loss_fn = copy.copy(loss_fn)
+        loss_fn.backend = None
     h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
     with ek.kernel_options(engine=engine_on, workspace_bytes=workspace):
         out = loss_fn(w, h, labels, bias=b, ref_hidden=ref_hidden, **kw)
@@ -44,14 +51,20 @@ def run(loss_fn, hidden, ref_hidden, weight, bias, labels, *, engine_on=True, wo
 
 
 def assert_same(a, b, tol):
+    """Loss, metrics and policy log-probs within ``tol`` (elementwise, after casting ``b`` to ``a``'s
+    dtype); gradients within ``tol`` normwise."""
     (out_a, grads_a), (out_b, grads_b) = a, b
-    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=tol, atol=tol)
+
+    def close(x, y, msg=None):
+        torch.testing.assert_close(x, y.to(x.dtype), rtol=tol, atol=tol, msg=msg)
+
+    close(out_a.loss, out_b.loss)
     assert out_a.metrics.keys() == out_b.metrics.keys()
     for k in out_a.metrics:
-        torch.testing.assert_close(out_a.metrics[k], out_b.metrics[k], rtol=tol, atol=tol, msg=k)
-    torch.testing.assert_close(out_a.policy_logps, out_b.policy_logps, rtol=tol, atol=tol)
+        close(out_a.metrics[k], out_b.metrics[k], msg=k)
+    close(out_a.policy_logps, out_b.policy_logps)
     for x, y in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+        assert rel_err(x, y) <= tol, (rel_err(x, y), tol)
 
 
 @pytest.fixture
@@ -70,20 +83,24 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 @pytest.mark.parametrize(
     "workspace,chunks",
     [(None, "one chunk"), (8 * V * 10, "a pair per chunk"), (8 * V * 12, "uneven"), (8 * V * 4, "too small")],
 )
 def test_chunk_boundaries_match_the_recompute_path(backend, workspace, chunks, spy):
-    data = batch(seed=1, empty_pair=True)
+    # float32 for Triton (no float64 kernels); float64 elsewhere
+    dtype, tol = (torch.float32, 2e-5) if backend == "triton" else (DT, 1e-10)
+    data = batch(seed=1, dtype=dtype, empty_pair=True)
     loss_fn = ek.FusedLinearDPOLoss(beta=0.3, label_smoothing=0.1, backend=backend)
+    if workspace is not None:
+        workspace = workspace // 8 * dtype.itemsize
     got = run(loss_fn, *data, workspace=workspace)
     # a pair holds at most 2 x 5 = 10 counted tokens: 4 tokens of workspace cannot take one, and the
-    # module then goes to the op's path before any pass of its own (no reference pass twice)
-    assert spy == ([] if chunks == "too small" else [True])
-    want = run(loss_fn, *data, engine_on=False)
-    assert_same(got, want, 1e-10)
+    # step then runs two passes over chunks of 4 tokens (the logits recomputed in the second)
+    assert spy == [True]
+    want = run(loss_fn, *[t.double() if t.is_floating_point() else t for t in data], engine_on=False, backend_=None)
+    assert_same(got, want, tol)
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
@@ -238,3 +255,128 @@ def test_all_ignored_and_empty_batches(backend):
     for engine_on in (True, False):  # no pair at all: the same clear error on both paths
         with pytest.raises(ValueError, match="at least one pair"):
             run(loss_fn, hidden[:0], ref_hidden[:0], weight, bias, labels[:0], engine_on=engine_on)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
+    """The Triton fold and dz (CUDA, or the interpreter here) against the torch specification in float64."""
+    from conftest import triton_available
+
+    if not triton_available():
+        pytest.skip("Triton cannot run here")
+    from expo_kernels.ops import triton_engine
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(9)
+    n, v = 7, 333  # several interpreter blocks of 64 and a ragged last one
+    z = (torch.randn(n, v, generator=g) * 4).to(dev)
+    bias = torch.randn(v, generator=g).to(dev) if with_bias else None
+    labels = torch.randint(0, v, (n,), generator=g).to(dev)
+    if with_bias:
+        bias[[3, 77]] = -float("inf")  # masked ids (never a label)
+        labels[(labels == 3) | (labels == 77)] = 5
+    t = LogitTransform(1.7, softcap, 0.8)
+    got = finalize_logprobs(triton_engine.fold(z, bias, labels, t, True), v)
+    z64 = z.double()
+    want = finalize_logprobs(engine.torch_fold(z64, None if bias is None else bias.double(), labels, t, True), v)
+    for f in want._fields:
+        a, b = getattr(got, f), getattr(want, f)
+        if f == "is_top1":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f)
+    grad = torch.randn(n, generator=g).to(dev)
+    for out_dtype in (torch.float32, torch.bfloat16) if dev == "cuda" else (torch.float32,):
+        zz = z.clone()
+        out = zz if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype, device=dev)
+        triton_engine.to_dz(zz, bias, labels, got.lse, grad, t, out)
+        want_dz = z64.clone()
+        engine.torch_to_dz(want_dz, labels, want.lse, grad.double(), t)
+        assert rel_err(out, want_dz) < (1e-5 if out_dtype == torch.float32 else 1e-2)
+    # an empty chunk is a no-op
+    empty = triton_engine.fold(z[:0], bias, labels[:0], t, False)
+    assert all(f is None or f.numel() == 0 for f in empty)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("case", ["pairs", "long pair", "frozen", "metrics"])
+def test_cuda_engine_against_float64(dtype, tol, case, spy):
+    """The CUDA engine (cuBLAS + Triton epilogues) for every GPU dtype against the float64 op path on the
+    CPU, and bit-identical on a second run (no atomics)."""
+    data = batch(seed=10)
+    hidden, ref_hidden, weight, bias, labels = data
+    loss_fn = ek.FusedLinearDPOLoss(beta=0.3, compute_metrics=case == "metrics")
+    workspace = None if case != "long pair" else 4 * V * 6  # 4 tokens: the token-chunk path
+    dev = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in data]
+    if case == "frozen":
+        outs = []
+        for _ in range(2):
+            h = dev[0].clone().requires_grad_()
+            with ek.kernel_options(workspace_bytes=workspace):
+                out = loss_fn(dev[2], h, dev[4], ref_hidden=dev[1])
+                out.loss.backward()
+            outs.append((out, (h.grad,)))
+        h64 = hidden.clone().requires_grad_()
+        with ek.kernel_options(engine=False):
+            ref = loss_fn(weight, h64, labels, ref_hidden=ref_hidden)
+            ref.loss.backward()
+        want = (ref, (h64.grad,))
+    else:
+        outs = [run(loss_fn, *dev, workspace=workspace) for _ in range(2)]
+        want = run(loss_fn, *data, engine_on=False)
+    assert spy == [True, True]
+    assert_same(outs[0], want, tol)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert torch.equal(a, b), "the engine's gradients differ between two runs"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("vocab_start", [0, 40])
+def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
+    """The op's forward and backward on library GEMMs + Triton epilogues (the CUDA default) against the
+    torch backend, with a workspace small enough to cut both the tokens and the vocabulary."""
+    from conftest import triton_available
+
+    if not triton_available():
+        pytest.skip("Triton cannot run here")
+    from expo_kernels.ops import torch_backend, triton_engine
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    n, h, v = 23, 16, 97
+    hidden = torch.randn(n, h, generator=g).to(dev)
+    weight = (torch.randn(2 * v, h, generator=g) * 0.5).to(dev)[::2]  # strided rows
+    bias = torch.randn(v, generator=g).to(dev) if with_bias else None
+    labels = torch.randint(vocab_start, vocab_start + v + 30, (n,), generator=g).to(dev)  # some outside
+    t = LogitTransform(1.2, 4.0, 0.9)
+    with ek.kernel_options(workspace_bytes=5 * v * 4):  # 5 tokens / ~9 columns per chunk
+        got = triton_engine.forward_partial(hidden, weight, bias, labels, t, True, vocab_start)
+        want = torch_backend.forward_partial(
+            hidden.double(), weight.double(), None if bias is None else bias.double(), labels, t, True, vocab_start
+        )
+        for f in want._fields:
+            torch.testing.assert_close(getattr(got, f).double(), getattr(want, f), rtol=1e-5, atol=1e-5, msg=f)
+        lse = finalize_logprobs(want, v).lse
+        grad = torch.randn(n, generator=g, dtype=torch.float64).to(dev)
+        need = (True, True, with_bias)
+        got_g = triton_engine.backward(grad.float(), hidden, weight, bias, labels, lse.float(), t, *need, vocab_start)
+        want_g = torch_backend.backward(
+            grad,
+            hidden.double(),
+            weight.double(),
+            None if bias is None else bias.double(),
+            labels,
+            lse,
+            t,
+            *need,
+            vocab_start,
+        )
+    for a, b in zip(got_g, want_g, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._dispatch import resolve_backend
+from .._dispatch import interpreting, resolve_backend
 from .._validation import check_linear_head
 from ..engine import attach_gradients, forward_logps, plan_pairs, run_pair_step
 from ..functional import TokenStats
@@ -180,12 +180,17 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             return None  # bad input gets the op's errors; no gradient: one forward pass is all there is
         if not any(t.requires_grad for t in tensors):
             return None
-        if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
-            return None  # GPU epilogues and 16-bit heads: the op's path for now
-        if len({t.dtype for t in tensors}) != 1:
+        if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
             return None
-        backend = resolve_backend(self.backend, hidden.device, hidden.dtype)
-        return backend if backend in ("native", "torch") else None
+        device, dtype = hidden.device, hidden.dtype
+        if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+            return None  # 16-bit heads on the CPU: the op's path (no float32-output GEMM there)
+        if device.type not in ("cpu", "cuda") or not dtype.is_floating_point:
+            return None
+        backend = resolve_backend(self.backend, device, dtype)
+        if backend == "triton" and device.type == "cpu" and not interpreting():
+            return None
+        return backend
 
     def _logit_transform(self) -> LogitTransform:
         t = self.transform
@@ -231,7 +236,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         ref_tok = None
         if ref_hidden is not None:
             ref_head = [t for t in (ref_hidden, ref_weight, ref_bias) if t is not None]
-            if all(t.dtype == hidden.dtype and t.device.type == "cpu" for t in ref_head):
+            if all(t.dtype == hidden.dtype and t.device == hidden.device for t in ref_head):
                 # the reference pass through the engine's large GEMMs too
                 check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
                 ref_tok = forward_logps(

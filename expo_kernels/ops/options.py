@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
-__all__ = ["KernelOptions", "get_kernel_options", "kernel_options"]
+__all__ = ["DEFAULT_WORKSPACE_BYTES", "KernelOptions", "get_kernel_options", "kernel_options", "workspace_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,12 @@ class KernelOptions:
     engine: let the fused preference-loss modules run the chunked engine (``expo_kernels.engine``: no
     logit recompute for pair-separable losses) where it applies; False = always the op's recompute path.
 
-    workspace_bytes: the cap on the engine's logit workspace (``None`` = ``engine.DEFAULT_WORKSPACE_BYTES``,
-    512 MiB): a chunk of whole pairs grows to ``engine.CHUNK_TOKENS`` tokens but never past
-    ``workspace_bytes / (4 V)`` (float32); a call with a pair beyond the cap takes the op's path."""
+    workspace_bytes: the cap on the logit workspace of the chunked paths (``None`` = the device's
+    ``DEFAULT_WORKSPACE_BYTES``: 512 MiB on the CPU, 1 GiB on CUDA): the engine's chunk of whole pairs
+    grows to ``engine.CHUNK_TOKENS`` tokens but never past ``workspace_bytes / (bytes per logit * V)``
+    (float32 logits, plus the 16-bit dz of a 16-bit head); a pair beyond the cap is processed in token
+    chunks with the logits recomputed. On CUDA the op's forward and backward run through the same
+    workspace (library GEMMs + Triton epilogues)."""
 
     grad_filter_eps: float | None = None
     engine: bool = True
@@ -44,6 +47,17 @@ class KernelOptions:
 
 
 _current = KernelOptions()
+
+#: The default cap on the logit workspace per device type. CPU: 512 MiB = 4096 tokens x 32000 vocabulary
+#: (1046 x 128256) in float32. CUDA: 1 GiB, so that one pair of ~1400 counted tokens at V = 128256
+#: (float32 logits + 16-bit dz: 6 bytes a logit) fits whole and the GEMMs keep >= 1000 rows.
+DEFAULT_WORKSPACE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
+
+
+def workspace_bytes(device) -> int:
+    """The workspace cap in force on ``device`` (a ``torch.device``)."""
+    chosen = _current.workspace_bytes
+    return int(chosen) if chosen else DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
 
 
 def _names() -> list[str]:

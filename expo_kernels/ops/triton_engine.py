@@ -1,0 +1,300 @@
+"""Triton epilogues of the chunked engine (``expo_kernels.engine``) on a logit workspace.
+
+The engine's GEMMs run in the vendor library (cuBLAS through ``torch.mm``); these two kernels do
+the memory-bound work between them, on a workspace ``z [n, V]`` of *raw* logits (``h @ W^T``, float32
+accumulated; 16-bit only where the library cannot write float32):
+
+* :func:`fold` — one read of each row: bias, logit transform, then the online softmax state of
+  ``ops.state`` (``m, s, z_label`` and, with statistics, ``sz, s2, z_sum, max_before``), merged block
+  by block with the same formulas as ``state.sum_fields``. Nothing is written back: the transform is
+  cheap to redo in :func:`to_dz`, and a write would cost as much as the read.
+* :func:`to_dz` — ``dz = g (onehot - p) dz/draw`` with ``p = exp(min(z - lse, 0))`` (as every
+  backend's backward), written in the dtype of the following GEMMs (the head's dtype), in place when
+  that is the workspace's own dtype.
+
+Both take one program per (row, vocabulary block group); rows are independent, so there are no
+atomics and the result does not depend on the launch order (deterministic).
+
+:func:`forward_partial` and :func:`backward` are the op's forward and backward on CUDA built from
+the same pieces (the ``Backend`` contract of ``ops``): the forward in token chunks (GEMM, fold), the
+backward vocabulary-chunk-major (recompute ``Z = h W_c^T`` for all tokens, dz in place, ``dW_c = dz^T h``
+written once, ``dH += dz W_c`` in float32), so no atomics anywhere and two runs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import gemm as G
+from . import state as S
+from .common import LogitTransform
+from .options import workspace_bytes
+from .triton_backend import _safe_shift, _transform
+
+__all__ = ["fold", "to_dz", "forward_partial", "backward", "FOLD_BLOCK_V", "DZ_BLOCK_V"]
+
+# One row of a 128k vocabulary is 512 KB of float32: the fold streams it in blocks of 2048 (8 KB,
+# 8 floats per thread at 8 warps: two 16-byte loads each), the dz kernel in blocks of 4096 spread
+# over a 2-D grid so that a chunk of ~1000 rows still fills every SM.
+FOLD_BLOCK_V = 2048
+DZ_BLOCK_V = 4096
+# The interpreter runs one program at a time in numpy: small blocks keep the tests quick and still
+# cross many block boundaries.
+_INTERPRET_BLOCK_V = 64
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _fold_rows_kernel(
+    z_ptr,
+    stride_z,
+    b_ptr,
+    y_ptr,
+    out_ptr,
+    n_rows,
+    V,
+    logit_scale,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """out[slot, row] = the LogprobState fields of row ``row`` of the raw logits ``z``."""
+    row = tl.program_id(0)
+    y = tl.load(y_ptr + row)
+    z_row = z_ptr + row.to(tl.int64) * stride_z
+    neg_inf = float("-inf")
+    m = tl.full((), neg_inf, tl.float32)
+    s = tl.zeros((), tl.float32)
+    z_label = tl.zeros((), tl.float32)
+    sz = tl.zeros((), tl.float32)
+    s2 = tl.zeros((), tl.float32)
+    z_sum = tl.zeros((), tl.float32)
+    max_before = tl.full((), neg_inf, tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        valid = cols < V
+        raw = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        z = tl.where(valid, z, neg_inf)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        shift = _safe_shift(m_new)
+        w = tl.exp(m - shift)  # the old part moved to the new shift; 0 while nothing finite was seen
+        e = tl.exp(z - shift)  # 0 at masked / padded entries
+        z_label += tl.sum(tl.where((cols == y) & valid, z, 0.0), axis=0)
+        if WITH_STATS:
+            d = tl.where(e > 0.0, z - shift, 0.0)
+            moved = tl.where(s > 0.0, m - shift, 0.0) * s
+            sz = w * (sz + moved) + tl.sum(e * d, axis=0)
+            s2 = w * w * s2 + tl.sum(e * e, axis=0)
+            z_sum += tl.sum(tl.where(z > neg_inf, z, 0.0), axis=0)
+            max_before = tl.maximum(max_before, tl.max(tl.where(cols < y, z, neg_inf), axis=0))
+        s = w * s + tl.sum(e, axis=0)
+        m = m_new
+    tl.store(out_ptr + 0 * n_rows + row, m)
+    tl.store(out_ptr + 1 * n_rows + row, s)
+    tl.store(out_ptr + 2 * n_rows + row, z_label)
+    if WITH_STATS:
+        tl.store(out_ptr + 3 * n_rows + row, sz)
+        tl.store(out_ptr + 4 * n_rows + row, s2)
+        tl.store(out_ptr + 5 * n_rows + row, z_sum)
+        tl.store(out_ptr + 6 * n_rows + row, max_before)
+
+
+@triton.jit
+def _dz_rows_kernel(
+    z_ptr,
+    stride_z,
+    dz_ptr,
+    stride_dz,
+    b_ptr,
+    y_ptr,
+    lse_ptr,
+    g_ptr,
+    V,
+    logit_scale,
+    softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """dz[row, block] = g (onehot - p) dz/draw from the raw logits (may alias ``z``: same elements)."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    valid = cols < V
+    y = tl.load(y_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    raw = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    # clamped at 0: a recomputed logit may round above lse (docs/design.md, "Numerics")
+    p = tl.exp(tl.minimum(z - lse, 0.0))
+    dz = g * (tl.where(cols == y, 1.0, 0.0) - p) * deriv
+    dz_row = dz_ptr + row.to(tl.int64) * stride_dz
+    tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=valid)
+
+
+def _transform_args(t: LogitTransform) -> dict:
+    return dict(
+        logit_scale=float(t.logit_scale),
+        softcap=float(t.softcap) if t.softcap is not None else 1.0,
+        inv_temp=float(t.inv_temperature),
+        HAS_SOFTCAP=t.softcap is not None,
+    )
+
+
+def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+    """Raw logits ``z [n, V]`` (unit column stride), ``bias [V] | None``, ``labels [n]`` int64 in
+    ``[0, V)`` -> the rows' ``LogprobState`` (float32 ``[n]`` fields). ``z`` is left as it is."""
+    n, vocab = z.shape
+    slots = 7 if with_stats else 3
+    out = torch.empty(slots, n, dtype=torch.float32, device=z.device)
+    if n == 0:
+        return S.LogprobState(*out)
+    block = _INTERPRET_BLOCK_V if _interpreting() else FOLD_BLOCK_V
+    _fold_rows_kernel[(n,)](
+        z,
+        z.stride(0),
+        bias if bias is not None else z,
+        labels,
+        out,
+        n,
+        vocab,
+        HAS_BIAS=bias is not None,
+        WITH_STATS=with_stats,
+        BLOCK_V=block,
+        num_warps=8,
+        **_transform_args(t),
+    )
+    return S.LogprobState(*out)
+
+
+def to_dz(
+    z: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform, out: Tensor
+) -> None:
+    """``out [n, V] = g (onehot - p) dz/draw`` from the raw logits ``z [n, V]`` as :func:`fold` left them;
+    ``out`` may be ``z`` itself (float32 heads) or a buffer in the head's 16-bit dtype."""
+    n, vocab = z.shape
+    if n == 0:
+        return
+    block = _INTERPRET_BLOCK_V if _interpreting() else DZ_BLOCK_V
+    _dz_rows_kernel[(n, triton.cdiv(vocab, block))](
+        z,
+        z.stride(0),
+        out,
+        out.stride(0),
+        bias if bias is not None else z,
+        labels,
+        lse.to(torch.float32).contiguous(),
+        g.to(torch.float32).contiguous(),
+        vocab,
+        HAS_BIAS=bias is not None,
+        BLOCK_V=block,
+        num_warps=8,
+        **_transform_args(t),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the op on library GEMMs (the Backend contract: ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward_partial(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    transform: LogitTransform,
+    with_stats: bool,
+    vocab_start: int = 0,
+) -> S.LogprobState:
+    """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), labels [N] global ids -> the
+    range's partial state, through token chunks of the workspace: ``z = h W^T`` (cuBLAS), then the fold."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    ld = G.logits_dtype(hidden.dtype, hidden.device)
+    if n == 0 or vocab == 0:
+        return S.empty_logprob_state(n, with_stats, torch.float32, hidden.device)
+    chunk = max(1, min(n, workspace_bytes(hidden.device) // (vocab * ld.itemsize)))
+    workspace = torch.empty(chunk * vocab, dtype=ld, device=hidden.device)
+    local = labels - vocab_start  # outside [0, V_s) for labels of other ranges: no hit, as the contract says
+    b = None if bias is None else bias.contiguous()
+    parts = []
+    for t0 in range(0, n, chunk):
+        h = hidden[t0 : t0 + chunk]
+        z = workspace[: h.shape[0] * vocab].view(h.shape[0], vocab)
+        G.logits_into(z, h, weight)
+        parts.append(fold(z, b, local[t0 : t0 + chunk], transform, with_stats))
+    if len(parts) == 1:
+        return parts[0]
+    return S.LogprobState(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
+
+
+def backward(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    transform: LogitTransform,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    vocab_start: int = 0,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum_n grad_logp[n] logp[n]`` w.r.t. this vocabulary range's head, vocabulary-chunk
+    by chunk: each ``dW_c`` (and ``db_c``) written once in the head's dtype; ``dH`` summed in float32."""
+    n, h_size = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    d_hidden = torch.zeros(n, h_size, dtype=torch.float32, device=dev) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
+    if n > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
+        ld = G.logits_dtype(hidden.dtype, dev)
+        # float32 logits, plus a 16-bit dz buffer when the head is 16-bit (the dW/dH GEMMs' operand)
+        per_column = n * (ld.itemsize + (hidden.dtype.itemsize if ld != hidden.dtype else 0))
+        cols = max(1, min(vocab, workspace_bytes(dev) // per_column))
+        logits = torch.empty(n * cols, dtype=ld, device=dev)
+        dz_buf = torch.empty(n * cols, dtype=hidden.dtype, device=dev) if ld != hidden.dtype else None
+        y, g, lse32 = labels - vocab_start, grad_logp.float().contiguous(), lse.float().contiguous()
+        for v0 in range(0, vocab, cols):
+            w = weight[v0 : v0 + cols]
+            c = w.shape[0]
+            b = None if bias is None else bias[v0 : v0 + c].contiguous()
+            z = logits[: n * c].view(n, c)
+            dz = z if dz_buf is None else dz_buf[: n * c].view(n, c)
+            G.logits_into(z, hidden, w)
+            to_dz(z, b, y - v0, lse32, g, transform, dz)
+            if d_hidden is not None:
+                if dz.dtype == torch.float32:
+                    d_hidden.addmm_(dz, w)
+                elif dz_buf is not None:  # the device's mm writes float32 for 16-bit operands
+                    d_hidden.add_(torch.mm(dz, w, out_dtype=torch.float32))
+                else:
+                    d_hidden.add_(dz @ w)
+            if d_weight is not None:
+                torch.mm(dz.T, hidden, out=d_weight[v0 : v0 + c])
+            if d_bias is not None:
+                d_bias[v0 : v0 + c] = dz.sum(dim=0, dtype=torch.float32)
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        d_weight,
+        None if d_bias is None or bias is None else d_bias.to(bias.dtype),
+    )
