@@ -74,6 +74,7 @@ ALL_IMPLS = (
     "naive",
     "trl",
     "liger",
+    "liger-api",
     "cce",
 )
 # FLOPs a step needs per valid token x H x V: policy forward + d_hidden + d_weight + reference forward
@@ -109,8 +110,12 @@ def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
 
         return step
 
-    if name == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    if name in ("liger", "liger-api"):
+        # liger-api: the same class and call, from expo_kernels' Liger-compatible front end
+        if name == "liger":
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        else:
+            from expo_kernels.integrations.liger import LigerFusedLinearDPOLoss
 
         loss_fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, use_ref_model=True)
 
@@ -310,7 +315,9 @@ def main(argv=None):
     backends = info.get("expo_backends") or ["torch"]
     expo = hn.expo_impls(info)
     impls = []
-    default = ["expo-engine", "expo-engine-frozen", "expo-previous"] + expo + ["naive", "trl", "liger", "cce"]
+    default = (
+        ["expo-engine", "expo-engine-frozen", "expo-previous"] + expo + ["naive", "trl", "liger", "liger-api", "cce"]
+    )
     for name in args.impls or default:
         if name == "expo":
             impls += expo

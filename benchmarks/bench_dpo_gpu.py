@@ -65,7 +65,7 @@ from benchmarks import roofline  # noqa: E402
 from benchmarks._workloads import IGNORE_INDEX, PROMPT_FRAC, dpo_sigmoid, make_dpo_inputs, torch_dtype  # noqa: E402
 from benchmarks.bench_dpo_cpu import BETA, build_dpo_step  # noqa: E402
 
-ALL_IMPLS = ("expo-engine", "expo-engine-frozen", "expo-previous", "naive", "cce", "liger", "trl")
+ALL_IMPLS = ("expo-engine", "expo-engine-frozen", "expo-previous", "naive", "cce", "liger", "liger-api", "trl")
 LONG_IMPLS = ("expo-engine", "liger", "cce")
 FLOPS_PER_TOKEN_HV = {"expo-engine-frozen": 6}  # else 8
 MODEL_PATH = {

@@ -312,7 +312,8 @@ def run_pair_step(
     if plan.chunks is not None:
         sizes = [int(plan.pair_tokens[p0:p1].sum()) for p0, p1 in plan.chunks]
     else:  # a pair longer than the workspace: token chunks, logits recomputed in the backward pass
-        sizes = [min(plan.budget_tokens, plan.token_ids.numel())]
+        # (the chunk need not hold whole pairs here: the GEMM-friendly size, not the whole budget)
+        sizes = [max(1, min(plan.budget_tokens, chunk_tokens(hidden.device), plan.token_ids.numel()))]
     head = _Head(hidden, weight, bias, transform, with_stats, backend, need, max(sizes, default=0))
     acc = head.acc
     fields = ("logp", "lse") + (("entropy", "mean_logit", "is_top1", "log_sum_p2") if with_stats else ())

@@ -41,17 +41,25 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class TileConfig(NamedTuple):
-    """Block sizes: powers of two >= 16 (``tl.dot``'s minimum on GPUs)."""
+    """Block sizes: powers of two >= 16 (``tl.dot``'s minimum on GPUs); launch options."""
 
     block_n: int
     block_v: int
     block_h: int
     num_warps: int = 4
+    # Software-pipelining depth of the H loops: each stage keeps one [BLOCK_N, BLOCK_H] and one
+    # [BLOCK_H, BLOCK_V] operand tile in shared memory (Triton's default is 3).
+    num_stages: int = 3
+    # Register cap per thread handed to ptxas (None: its own heuristic, which may settle on 128 and
+    # spill a kernel that fits in 255).
+    maxnreg: int | None = None
 
 
 # 64 x 128 float32 accumulator = 32 KiB of registers across 8 warps, the usual sweet spot for
 # a GEMM-like tile that also carries per-row online-softmax state.
 GPU_CONFIG = TileConfig(block_n=64, block_v=128, block_h=64, num_warps=8)
+# float32 without TF32 (see select_config).
+IEEE_FP32_CONFIG = TileConfig(block_n=32, block_v=64, block_h=16, num_warps=4, maxnreg=255)
 # Small but still compilable on a GPU, so interpreter tests exercise a real configuration.
 SMALL_CONFIG = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=4)
 
@@ -69,6 +77,59 @@ N_KL_SLOTS = len(S.TokenKLState._fields)
 
 def default_config(device: torch.device) -> TileConfig:
     return SMALL_CONFIG if INTERPRETING or device.type != "cuda" else GPU_CONFIG
+
+
+KERNELS = ("forward", "backward", "token_kl_forward", "token_kl_backward")
+
+
+def select_config(
+    kernel: str,
+    dtype: torch.dtype,
+    arch: int | None,
+    *,
+    ieee_fp32: bool = False,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = False,
+) -> TileConfig:
+    """The tile config the launcher of ``kernel`` (one of ``KERNELS``) uses: the single source of
+    truth, shared with the ahead-of-time compile gate (``benchmarks/gpu/aot_check.py``).
+
+    ``arch`` is the compute capability as ``10 * major + minor`` (80, 90, 100), ``None`` under the
+    interpreter or off CUDA; ``ieee_fp32`` is float32 input without TF32.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS}")
+    if arch is None:
+        return SMALL_CONFIG
+    if ieee_fp32:
+        # IEEE float32 dots run on CUDA cores (FMA): both operand tiles live in registers next to
+        # the accumulator, so 64 x 128 x 64 spills (255 registers). 32 x 64 tiles with 16-wide H
+        # slices at 4 warps fit every kernel on sm_80/90/100 (~130-250 registers). maxnreg=255:
+        # left to its heuristic, ptxas caps some variants at 128 registers and spills; 32-wide
+        # slices still spill in the forward on sm_80/sm_100 with either setting.
+        return IEEE_FP32_CONFIG
+    if kernel.endswith("backward"):
+        tf32 = dtype == torch.float32
+        if arch < 90 or (tf32 and arch < 100 and need_hidden and need_weight):
+            # sm_80 (mma.sync, accumulators in registers): the 64 x 128 logit tile plus a 64 x 64
+            # gradient slice spill; 32-wide slices do not. sm_90 TF32 with both gradients: 3 stages
+            # of 4-byte [64 x 64] + [64 x 128] operands for the logits and both gradient GEMMs take
+            # 241 KiB > 227 KiB; 32-wide slices take 153 KiB.
+            return GPU_CONFIG._replace(block_h=32)
+    return GPU_CONFIG
+
+
+def _device_arch(device: torch.device) -> int | None:
+    if INTERPRETING or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _launch_config(kernel: str, hidden: torch.Tensor, **grads: bool) -> TileConfig:
+    ieee = bool(_kernel_flags(hidden)["IEEE_FP32"])
+    return select_config(kernel, hidden.dtype, _device_arch(hidden.device), ieee_fp32=ieee, **grads)
 
 
 @triton.jit
@@ -177,7 +238,9 @@ def _accumulate_grads(
 ):
     """d_hidden[offs_n] += dz @ W[offs_v];  d_weight[offs_v] += dz^T @ h[offs_n];  d_bias += sum_n dz.
 
-    float32 atomics into global buffers, one BLOCK_H slice of the hidden size at a time.
+    float32 atomics into global buffers, one BLOCK_H slice of the hidden size at a time. The atomics
+    are relaxed: the adds commute and nothing in the kernel reads the buffers back, so no ordering is
+    needed; the default (acq_rel) fences every add with MEMBAR.ALL.GPU + CCTL.IVALL.
     """
     if UPCAST:
         dz_op = dz
@@ -200,7 +263,9 @@ def _accumulate_grads(
                 part = tl.dot(dz_op, w, part, input_precision="ieee")
             else:
                 part = tl.dot(dz_op, w, part)
-            tl.atomic_add(dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part, mask=mask_n[:, None] & mask_h[None, :])
+            tl.atomic_add(
+                dh_ptr + offsets_2d(offs_n, offs_h, H, 1), part, mask=mask_n[:, None] & mask_h[None, :], sem="relaxed"
+            )
         if NEED_DW:
             hb = tl.load(
                 h_ptr + offsets_2d(offs_n, offs_h, stride_hn, stride_hh),
@@ -214,9 +279,11 @@ def _accumulate_grads(
                 part = tl.dot(tl.trans(dz_op), hb, part, input_precision="ieee")
             else:
                 part = tl.dot(tl.trans(dz_op), hb, part)
-            tl.atomic_add(dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part, mask=mask_v[:, None] & mask_h[None, :])
+            tl.atomic_add(
+                dw_ptr + offsets_2d(offs_v, offs_h, H, 1), part, mask=mask_v[:, None] & mask_h[None, :], sem="relaxed"
+            )
     if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
 
 
 @triton.jit
@@ -487,7 +554,7 @@ def forward_partial(
     if n_tokens == 0 or vocab == 0:
         return S.empty_logprob_state(n_tokens, with_stats, acc, hidden.device)
     labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
-    cfg = config or default_config(hidden.device)
+    cfg = config or _launch_config("forward", hidden)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
@@ -512,6 +579,8 @@ def forward_partial(
         BLOCK_V=cfg.block_v,
         BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
         **_transform_args(transform),
         **_kernel_flags(hidden),
     )
@@ -543,7 +612,8 @@ def backward(
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
-        cfg = config or default_config(hidden.device)
+        grads = dict(need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        cfg = config or _launch_config("backward", hidden, **grads)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse  # stands in for pointers the constexpr flags switch off
         _backward_kernel[grid](
@@ -572,6 +642,8 @@ def backward(
             BLOCK_V=cfg.block_v,
             BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            maxnreg=cfg.maxnreg,
             **_transform_args(transform),
             **_kernel_flags(hidden),
             **_filter_args(),
@@ -930,7 +1002,7 @@ def token_kl_forward_partial(
     if n_tokens == 0 or vocab == 0:
         return S.empty_token_kl_state(n_tokens, acc, hidden.device)
     bias, ref_bias = (None if b is None else b.contiguous() for b in (bias, ref_bias))
-    cfg = config or default_config(hidden.device)
+    cfg = config or _launch_config("token_kl_forward", hidden)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_KL_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _token_kl_forward_kernel[(n_blocks, splits)](
@@ -957,6 +1029,8 @@ def token_kl_forward_partial(
         BLOCK_V=cfg.block_v,
         BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
         **_transform_args(transform),
         **_kernel_flags(hidden),
     )
@@ -1000,7 +1074,8 @@ def token_kl_backward(
     vocab = weight.shape[0]
     d_hidden, d_weight, d_bias = grad_buffers(hidden, weight, need_hidden, need_weight, need_bias)
     if n_tokens > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
-        cfg = config or default_config(hidden.device)
+        grads = dict(need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        cfg = config or _launch_config("token_kl_backward", hidden, **grads)
         grid = (triton.cdiv(n_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
         dummy = lse_p
         _token_kl_backward_kernel[grid](
@@ -1033,6 +1108,8 @@ def token_kl_backward(
             BLOCK_V=cfg.block_v,
             BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            maxnreg=cfg.maxnreg,
             **_transform_args(transform),
             **_kernel_flags(hidden),
             **_filter_args(),

@@ -23,6 +23,8 @@ written once, ``dH += dz W_c`` in float32), so no atomics anywhere and two runs 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -36,11 +38,22 @@ from .triton_backend import _safe_shift, _transform
 
 __all__ = ["fold", "to_dz", "forward_partial", "backward", "FOLD_BLOCK_V", "DZ_BLOCK_V"]
 
+
+class EpilogueConfig(NamedTuple):
+    """Launch parameters of an epilogue kernel (shared with the compile gate, benchmarks/gpu/aot_check.py)."""
+
+    block_v: int
+    num_warps: int = 8
+    num_stages: int = 3
+    maxnreg: int | None = None
+
+
 # One row of a 128k vocabulary is 512 KB of float32: the fold streams it in blocks of 2048 (8 KB,
 # 8 floats per thread at 8 warps: two 16-byte loads each), the dz kernel in blocks of 4096 spread
 # over a 2-D grid so that a chunk of ~1000 rows still fills every SM.
-FOLD_BLOCK_V = 2048
-DZ_BLOCK_V = 4096
+FOLD_CONFIG = EpilogueConfig(block_v=2048)
+DZ_CONFIG = EpilogueConfig(block_v=4096)
+FOLD_BLOCK_V, DZ_BLOCK_V = FOLD_CONFIG.block_v, DZ_CONFIG.block_v
 # The interpreter runs one program at a time in numpy: small blocks keep the tests quick and still
 # cross many block boundaries.
 _INTERPRET_BLOCK_V = 64
@@ -178,7 +191,7 @@ def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with
         HAS_BIAS=bias is not None,
         WITH_STATS=with_stats,
         BLOCK_V=block,
-        num_warps=8,
+        num_warps=FOLD_CONFIG.num_warps,
         **_transform_args(t),
     )
     return S.LogprobState(*out)
@@ -205,7 +218,7 @@ def to_dz(
         vocab,
         HAS_BIAS=bias is not None,
         BLOCK_V=block,
-        num_warps=8,
+        num_warps=DZ_CONFIG.num_warps,
         **_transform_args(t),
     )
 
@@ -242,7 +255,8 @@ def forward_partial(
         parts.append(fold(z, b, local[t0 : t0 + chunk], transform, with_stats))
     if len(parts) == 1:
         return parts[0]
-    return S.LogprobState(*(None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)))
+    merged = [None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)]
+    return S.LogprobState(*merged)  # type: ignore[arg-type]
 
 
 def backward(
@@ -298,3 +312,62 @@ def backward(
         d_weight,
         None if d_bias is None or bias is None else d_bias.to(bias.dtype),
     )
+
+
+def aot_entries(KernelEntry):
+    """The two epilogues as entries of the ahead-of-time compile gate (benchmarks/gpu/aot_check.py):
+    the workspace holds float32 logits (``*fp32``); dz is written in the head's dtype (``*T``)."""
+    import itertools
+
+    def flags(*names):
+        def space():
+            for values in itertools.product((False, True), repeat=len(names)):
+                yield dict(zip(names, values, strict=True))
+
+        return space
+
+    transform = {"logit_scale": "fp32", "softcap": "fp32", "inv_temp": "fp32"}
+    fold_flags = flags("HAS_BIAS", "HAS_SOFTCAP", "WITH_STATS")
+    dz_flags = flags("HAS_BIAS", "HAS_SOFTCAP")
+    return [
+        KernelEntry(
+            name="engine_fold",
+            fn=_fold_rows_kernel,
+            args={
+                "z_ptr": "*fp32:16",
+                "stride_z": "i32:16",
+                "b_ptr": "*fp32:16",
+                "y_ptr": "*i64:16",
+                "out_ptr": "*fp32:16",
+                "n_rows": "i32",
+                "V": "i32:16",
+                **transform,
+            },
+            flag_space=fold_flags,
+            config=lambda dtype, arch, f: FOLD_CONFIG,
+            worst_case=dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_STATS=True),
+            uses_dot=False,
+            block_constexprs=lambda cfg: dict(BLOCK_V=cfg.block_v),
+        ),
+        KernelEntry(
+            name="engine_dz",
+            fn=_dz_rows_kernel,
+            args={
+                "z_ptr": "*fp32:16",
+                "stride_z": "i32:16",
+                "dz_ptr": "*T:16",
+                "stride_dz": "i32:16",
+                "b_ptr": "*fp32:16",
+                "y_ptr": "*i64:16",
+                "lse_ptr": "*fp32:16",
+                "g_ptr": "*fp32:16",
+                "V": "i32:16",
+                **transform,
+            },
+            flag_space=dz_flags,
+            config=lambda dtype, arch, f: DZ_CONFIG,
+            worst_case=dict(HAS_BIAS=True, HAS_SOFTCAP=True),
+            uses_dot=False,
+            block_constexprs=lambda cfg: dict(BLOCK_V=cfg.block_v),
+        ),
+    ]

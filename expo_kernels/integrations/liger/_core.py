@@ -1,0 +1,165 @@
+"""The pieces every Liger-compatible loss shares: option checks, the policy/reference passes through
+:func:`expo_kernels.linear_logprobs`, per-sequence aggregation (summed or averaged), the chosen NLL
+and the logit sums Liger reports.
+
+Nothing here imports ``liger_kernel``: the classes work without it installed.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ...functional import linear_logprobs
+from ...losses.registry import get_loss_spec
+
+__all__ = [
+    "check_options",
+    "check_registry_hparams",
+    "SequenceLogps",
+    "policy_and_reference",
+    "row_logit_sums",
+    "chosen_nll",
+]
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def check_options(owner: str, *, ignore_index: Any, chunk_size: Any, bools: dict[str, Any]) -> None:
+    """Refuse, naming the option, what Liger's signature types would not accept.
+
+    ``chunk_size`` and ``compiled`` are performance knobs of Liger's chunked loop; here they are
+    validated and otherwise unused (the op tiles tokens and vocabulary itself).
+    """
+    if _is_bool(ignore_index) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{owner}: `ignore_index` must be an int; got {ignore_index!r}.")
+    if _is_bool(chunk_size) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"{owner}: `chunk_size` must be a positive int; got {chunk_size!r}.")
+    for name, value in bools.items():
+        if not _is_bool(value):
+            raise TypeError(f"{owner}: `{name}` must be a bool; got {value!r}.")
+
+
+def check_registry_hparams(owner: str, loss: str, **hparams: Any) -> None:
+    """Validate hyperparameters against the registry's spec of ``loss`` (ranges and types), so a value
+    the loss cannot take fails at construction, with the registry's message naming it."""
+    try:
+        get_loss_spec(loss).resolve(hparams)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{owner}: {err}") from None
+
+
+class SequenceLogps(NamedTuple):
+    """Per-row log-probs of a batch (``[R]`` float32), as Liger's ``average_log_prob`` defines them."""
+
+    policy: Tensor  # summed, or averaged over the counted tokens; differentiable
+    reference: Tensor | None  # the same under the reference head, no gradient; None without one
+    summed: Tensor  # the policy's summed log-probs (= policy unless averaged)
+    lengths: Tensor  # counted tokens per row
+    token_logps: Tensor  # [R, T] policy per-token log-probs, 0 at ignored positions
+
+
+def policy_and_reference(
+    owner: str,
+    _input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    *,
+    ignore_index: int,
+    average_log_prob: bool,
+    use_ref_model: bool,
+    ref_input: Tensor | None,
+    ref_weight: Tensor | None,
+    ref_bias: Tensor | None,
+) -> SequenceLogps:
+    """One fused policy pass and (with ``use_ref_model``) one forward-only reference pass.
+
+    Without ``ref_weight`` the reference shares the policy head (detached), as for a LoRA model whose
+    head is frozen; Liger would fail there.
+    """
+    if not isinstance(_input, Tensor) or _input.dim() != 3:
+        raise ValueError(f"{owner}: `_input` must be a [batch, seq, hidden] tensor; got {_shape(_input)}.")
+    if not isinstance(target, Tensor) or tuple(target.shape) != tuple(_input.shape[:2]):
+        raise ValueError(
+            f"{owner}: `target` must be a [batch, seq] tensor matching `_input` {tuple(_input.shape[:2])}; "
+            f"got {_shape(target)}."
+        )
+    token_logps = linear_logprobs(_input, weight, target, bias, ignore_index=ignore_index)
+    mask = target != ignore_index
+    lengths = mask.sum(-1).to(token_logps.dtype)
+    summed = token_logps.sum(-1)
+    policy = summed / lengths if average_log_prob else summed
+    reference = None
+    if use_ref_model:
+        if ref_input is None:
+            raise ValueError(f"{owner}: `use_ref_model=True` needs `ref_input` (the reference model's hidden states).")
+        if tuple(ref_input.shape[:2]) != tuple(_input.shape[:2]):
+            raise ValueError(
+                f"{owner}: `ref_input` must cover the same rows and tokens as `_input` {tuple(_input.shape[:2])}; "
+                f"got {_shape(ref_input)}."
+            )
+        if ref_weight is None:
+            ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+        with torch.no_grad():
+            ref_tok = linear_logprobs(
+                ref_input.detach(),
+                ref_weight.detach(),
+                target,
+                None if ref_bias is None else ref_bias.detach(),
+                ignore_index=ignore_index,
+            )
+            reference = ref_tok.sum(-1)
+            if average_log_prob:
+                reference = reference / lengths
+    return SequenceLogps(policy, reference, summed, lengths, token_logps)
+
+
+def _shape(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+@torch.no_grad()
+def row_logit_sums(_input: Tensor, weight: Tensor, bias: Tensor | None, row_weights: Tensor) -> Tensor:
+    """``sum_r row_weights[r] * sum_{t, v} (h_rt . W_v + b_v)`` over *every* position (Liger's logit
+    statistics count ignored positions too), without forming a logit:
+    ``(sum_{r,t} w_r h_rt) . (sum_v W_v) + (sum_r w_r) T sum_v b_v``, in float32 (float64 for float64)."""
+    acc = torch.float64 if _input.dtype == torch.float64 else torch.float32
+    w = row_weights.to(device=_input.device, dtype=acc)
+    h = torch.einsum("r,rth->h", w, _input.detach().to(acc))
+    out = h @ weight.detach().to(acc).sum(0)
+    if bias is not None:
+        out = out + w.sum() * _input.shape[1] * bias.detach().to(acc).sum()
+    return out.to(torch.float32)
+
+
+def chosen_nll(
+    owner: str,
+    seq: SequenceLogps,
+    _input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    nll_target: Tensor | None,
+    *,
+    ignore_index: int,
+) -> Tensor:
+    """Liger's NLL term: ``-sum log p`` over the counted tokens of the chosen rows (the first half),
+    divided by their count; labels from ``nll_target`` (its first half) when given. With ``nll_target``
+    the chosen rows take one more fused pass; otherwise the policy pass's log-probs serve."""
+    n_chosen = target.shape[0] // 2
+    if nll_target is None:
+        count = (target[:n_chosen] != ignore_index).sum()
+        return -seq.token_logps[:n_chosen].sum() / count
+    if not isinstance(nll_target, Tensor) or tuple(nll_target.shape[1:]) != tuple(target.shape[1:]):
+        raise ValueError(
+            f"{owner}: `nll_target` must be a [batch, seq] tensor like `target`; got {_shape(nll_target)}."
+        )
+    labels = nll_target[:n_chosen]
+    logp = linear_logprobs(_input[:n_chosen], weight, labels, bias, ignore_index=ignore_index)
+    return -logp.sum() / (labels != ignore_index).sum()
