@@ -34,6 +34,15 @@ gradients + working memory (+ the interpreter and libraries).
     python -m benchmarks.bench_dpo_cpu --quick               # small shape, ~1 min
     python -m benchmarks.bench_dpo_cpu                       # N=4096 H=1024, V=32000 and 128256 (long)
     python -m benchmarks.bench_dpo_cpu --vocab 32000 --impls expo naive liger
+    python -m benchmarks.bench_dpo_cpu --workload rrhf --quick   # listwise RRHF, K = 4 responses
+
+``--workload rrhf``: one RRHF step (Yuan et al., 2023) over ``B`` prompts x ``K = 4`` responses
+(``--responses``) of ``T`` tokens, a third prompt: length-normalized completion log-probs, the
+pairwise ranking hinge plus the cross-entropy of the highest-reward response, ``backward()``; no
+reference model. Rows: ``expo-rank`` (``expo_kernels.FusedLinearRankingLoss("rrhf")``, metrics off:
+one ``linear_logprobs`` call over the ``B*K`` responses, the fused backward) and ``naive-rank``
+(materialized fp32 logits and the loss in plain PyTorch). Liger-Kernel 0.8.5's ``chunked_loss`` and
+TRL 1.16 have no RRHF, PRO or RAFT loss, so they have no row. Written to ``bench_dpo_cpu_rrhf.json``.
 
 Writes ``benchmarks/results/bench_dpo_cpu.json`` (``--json`` to change): device, versions, command,
 every time and memory number, the FLOPs each step needs (valid tokens only) and its GFLOP/s, the
@@ -82,6 +91,10 @@ ALL_IMPLS = (
 FLOPS_PER_TOKEN_HV = {"expo-engine-frozen": 6}
 MM_SHAPE = (4096, 1024, 32000)  # the same-run torch.mm rate is measured at this shape
 BETA = 0.1
+# --workload rrhf: no reference pass, so a step needs forward + d_hidden + d_weight = 6 NHV
+RANK_IMPLS = ("expo-rank", "naive-rank")
+RANK_FLOPS_PER_TOKEN_HV = 6
+RANK_NOTE = "Liger-Kernel 0.8.5 chunked_loss and TRL 1.16 have no RRHF/PRO/RAFT loss: no row for them"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +155,44 @@ def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
     return step
 
 
+def rrhf_plain(hidden, weight, labels, rewards):
+    """RRHF in plain PyTorch on materialized fp32 logits: ``hidden [B, K, T, H]``, ``labels [B, K, T]``,
+    ``rewards [B, K]``; the pairwise hinge on length-normalized log-probs plus the cross-entropy of the
+    highest-reward response, averaged over prompts."""
+    import torch
+
+    logp = torch.log_softmax(hidden @ weight.T, dim=-1)  # [B, K, T, V]: what the fused op never forms
+    valid = labels != IGNORE_INDEX
+    tok = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid
+    scores = tok.sum(-1) / valid.sum(-1)
+    worse_than = rewards[:, :, None] < rewards[:, None, :]
+    rank = torch.relu(scores[:, :, None] - scores[:, None, :]).mul(worse_than).sum(dim=(1, 2))
+    sft = -scores.gather(1, rewards.argmax(dim=1, keepdim=True))[:, 0]
+    return (rank + sft).mean()
+
+
+def build_rrhf_step(name: str):
+    """``step(hidden [B, K, T, H], weight, labels, rewards) -> loss`` (runs backward itself)."""
+    if name == "expo-rank":
+        import expo_kernels as ek
+
+        loss_fn = ek.FusedLinearRankingLoss("rrhf", compute_metrics=False)
+
+        def step(hidden, weight, labels, rewards):
+            loss = loss_fn(weight, hidden, labels, rewards).loss
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    def plain(hidden, weight, labels, rewards):
+        loss = rrhf_plain(hidden, weight, labels, rewards)
+        loss.backward()
+        return loss.detach()
+
+    return plain
+
+
 def mm_rate(repeats: int = 3) -> float:
     """GFLOP/s of a float32 ``torch.mm`` at ``MM_SHAPE`` (median of ``repeats`` after one warm-up)."""
     import torch
@@ -169,6 +220,8 @@ def run_worker(spec: dict) -> dict:
     try:
         import torch
 
+        if spec.get("workload") == "rrhf":
+            return _rrhf_worker(spec, result)
         hidden, ref_hidden, weight, labels = make_dpo_inputs(
             spec["pairs"],
             spec["seq_len"],
@@ -216,6 +269,58 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
+def _rrhf_worker(spec: dict, result: dict) -> dict:
+    """One RRHF step per call on ``prompts x responses`` rows (the DPO inputs' rows, regrouped)."""
+    import torch
+
+    b, k = spec["prompts"], spec["responses"]
+    hidden, ref_hidden, weight, labels = make_dpo_inputs(
+        b * k // 2,
+        spec["seq_len"],
+        spec["hidden"],
+        spec["vocab"],
+        "fp32",
+        "cpu",
+        seed=spec["seed"],
+        logit_std=spec["logit_std"],
+    )
+    del ref_hidden  # no reference model in RRHF
+    gen = torch.Generator().manual_seed(spec["seed"] + 4242)
+    rewards = torch.randn(b, k, generator=gen)
+    result["n_valid"] = int((labels != IGNORE_INDEX).sum())
+    step_fn = build_rrhf_step(spec["impl"])
+    shape = (b, k, spec["seq_len"])
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        return step_fn(hidden.view(*shape, spec["hidden"]), weight, labels.view(shape), rewards)
+
+    gc.collect()
+    result["baseline_rss_bytes"] = hn.current_rss_bytes()
+    result["peak_reset"] = hn.reset_peak_rss()
+    t0 = time.perf_counter()
+    step()
+    result["first_s"] = time.perf_counter() - t0
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    result["peak_rss_bytes"] = hn.maxrss_bytes()
+    result["times_s"] = times
+    result["median_s"] = statistics.median(times) if times else result["first_s"]
+    r = grad_probe(spec["hidden"], "cpu")
+    result["loss"] = float(loss)
+    result["dw_r"] = (weight.grad.float() @ r).tolist()
+    result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
+    result["threads"] = torch.get_num_threads()
+    result["status"] = "ok"
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Parent (no torch import)
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +338,7 @@ def _rel(a, b) -> float:
 def _add_checks(rows: list) -> None:
     """Loss and gradient projections of each row against the naive row (else the first ok row)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    ref = next((r for r in ok if r["impl"] == "naive"), ok[0] if ok else None)
+    ref = next((r for r in ok if r["impl"] in ("naive", "naive-rank")), ok[0] if ok else None)
     for r in ok:
         r["checked_against"] = ref["impl"]
         r["abs_dloss"] = abs(r["loss"] - ref["loss"])
@@ -256,7 +361,8 @@ def format_table(rows: list) -> str:
     ]
     lines = []
     for r in rows:
-        shape = f"{r['pairs']}×2×{r['seq_len']}×{r['hidden']}×{r['vocab']}"
+        rows = f"{r['prompts']}×{r['responses']}" if r.get("workload") == "rrhf" else f"{r['pairs']}×2"
+        shape = f"{rows}×{r['seq_len']}×{r['hidden']}×{r['vocab']}"
         if r["status"] != "ok":
             lines.append([r["impl"], shape, hn.error_message(r, 100)])
             continue
@@ -285,7 +391,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="small shape: 2 pairs x 256 tokens, H=256, V=8192")
     p.add_argument("--tokens", "-N", type=int, help="tokens per step incl. prompt (default 4096; quick 1024)")
-    p.add_argument("--pairs", "-B", type=int, help="preference pairs per step (2B rows; default 4; quick 2)")
+    p.add_argument(
+        "--pairs", "-B", type=int, help="preference pairs per step (2B rows; default 4; quick 2); rrhf: prompts"
+    )
     p.add_argument("--hidden", "-H", type=int, help="hidden size (default 1024; quick 256)")
     p.add_argument("--vocab", "-V", type=int, nargs="+", help="vocab sizes (default 32000 128256; quick 8192)")
     p.add_argument("--impls", nargs="+", help=f"subset of {', '.join(ALL_IMPLS)} ('expo' = every expo backend)")
@@ -294,7 +402,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logit-std", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per implementation and shape")
-    p.add_argument("--json", help="output path (default benchmarks/results/bench_dpo_cpu.json)")
+    p.add_argument("--json", help="output path (default benchmarks/results/bench_dpo_cpu[_rrhf].json)")
+    p.add_argument("--workload", choices=("dpo", "rrhf"), default="dpo", help="DPO pairs, or listwise RRHF")
+    p.add_argument("--responses", "-K", type=int, default=4, help="rrhf: responses per prompt (default 4)")
     hn.add_worker_args(p)
     return p.parse_args(argv)
 
@@ -303,6 +413,8 @@ def main(argv=None):
     args = parse_args(argv)
     if hn.worker_main(args, run_worker):
         return 0
+    if args.workload == "rrhf":
+        return main_rrhf(args, argv)
     tokens = args.tokens or (1024 if args.quick else 4096)
     pairs = args.pairs or (2 if args.quick else 4)
     hidden = args.hidden or (256 if args.quick else 1024)
@@ -417,6 +529,100 @@ def main(argv=None):
         },
         "mm_gflops": mm_gflops,
         "mm_shape": MM_SHAPE,
+        "results": rows,
+    }
+    hn.write_json(out_path, payload)
+    return 0
+
+
+def main_rrhf(args, argv) -> int:
+    """``--workload rrhf``: ``expo-rank`` and ``naive-rank``, each in a fresh process per vocab size."""
+    tokens = args.tokens or (1024 if args.quick else 4096)
+    prompts = args.pairs or (2 if args.quick else 4)
+    k = args.responses
+    hidden = args.hidden or (256 if args.quick else 1024)
+    vocabs = args.vocab or ([8192] if args.quick else [32000])
+    if k < 2 or (prompts * k) % 2 or tokens % (prompts * k):
+        raise SystemExit(f"--tokens {tokens} must be a multiple of prompts * K = {prompts * k} (K >= 2, B * K even)")
+    seq_len = tokens // (prompts * k)
+    impls = list(dict.fromkeys(args.impls or RANK_IMPLS))
+    bad = [i for i in impls if i not in RANK_IMPLS]
+    if bad:
+        raise SystemExit(f"unknown implementation(s) {bad} for --workload rrhf; choose from {RANK_IMPLS}")
+    info = hn.probe("cpu")
+    print(f"device: cpu ({info['device_name']}), torch {info['versions']['torch']}, {info['torch_threads']} threads")
+    print(
+        f"RRHF: {prompts} prompts x {k} responses x {seq_len} tokens (N={tokens}, a third prompt), H={hidden}, "
+        f"V={vocabs}, fp32, warmup={args.warmup}, repeats={args.repeats}; {RANK_NOTE}",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_rrhf_") as tmp:
+        for V in vocabs:
+            shape_rows = []
+            for impl in impls:
+                spec = dict(
+                    workload="rrhf",
+                    impl=impl,
+                    prompts=prompts,
+                    responses=k,
+                    seq_len=seq_len,
+                    hidden=hidden,
+                    vocab=V,
+                    seed=args.seed,
+                    logit_std=args.logit_std,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                )
+                t0 = time.perf_counter()
+                row = dict(spec)
+                row.update(_spawn(spec, args.timeout, tmp))
+                row["impl"] = impl
+                shape_rows.append(row)
+                status = "ok" if row["status"] == "ok" else "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
+                print(f"[V={V}] {impl}: {status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            _add_checks(shape_rows)
+            for row in shape_rows:
+                if row["status"] == "ok":
+                    row["gflop_needed"] = RANK_FLOPS_PER_TOKEN_HV * row["n_valid"] * hidden * V / 1e9
+                    row["gflops"] = row["gflop_needed"] / row["median_s"]
+            rows += shape_rows
+    print()
+    print(format_table(rows))
+    print(
+        "\nGFLOP needed: 6 x valid tokens x H x V (forward, d_hidden, d_weight; no reference model). "
+        "peak RSS = ru_maxrss over all steps (reset after imports + inputs); |Δloss|, grad rel err against "
+        f"naive-rank. {RANK_NOTE}."
+    )
+    for r in rows:
+        r.pop("dw_r", None)
+        r.pop("dh_r", None)
+    out_path = Path(args.json) if args.json else RESULTS_DIR / "bench_dpo_cpu_rrhf.json"
+    payload = {
+        **hn.result_header(
+            "bench_dpo_cpu",
+            "benchmarks.bench_dpo_cpu",
+            argv,
+            info,
+            ("device", "device_name", "cpu_count", "torch_threads"),
+        ),
+        "settings": {
+            "workload": "rrhf",
+            "tokens": tokens,
+            "prompts": prompts,
+            "responses": k,
+            "seq_len": seq_len,
+            "hidden": hidden,
+            "vocab": vocabs,
+            "dtype": "fp32",
+            "prompt_frac": PROMPT_FRAC,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "impls": impls,
+            "loss": "RRHF: sum over pairs r_i < r_j of max(0, s_i - s_j) + token-mean NLL of the best response",
+            "no_equivalent": RANK_NOTE,
+        },
         "results": rows,
     }
     hn.write_json(out_path, payload)

@@ -275,6 +275,36 @@ __attribute__((always_inline)) inline void fold_row(T* z, const T* b, int64_t vt
 }
 
 // ------------------------------------------------------------------------------------------
+// Running top-k of one token over a row of transformed logits z (ids id0 + [0, vt)); `seen` ids of
+// this range were folded before. vals/ids [k] stay sorted by (value descending, id ascending):
+// ids arrive in increasing order, so a new entry ranks below every equal one already kept and
+// enters only while fewer than k ids were seen or when strictly above the k-th value (one compare
+// per logit in the common case). Masked (-inf) entries fill slots only while k are not yet seen.
+// ------------------------------------------------------------------------------------------
+
+template <typename T>
+inline void topk_row(const T* z, int64_t vt, int64_t id0, int64_t seen, int64_t k, T* vals, int64_t* ids) {
+  for (int64_t j = 0; j < vt; ++j) {
+    const T x = z[j];
+    int64_t pos;
+    if (seen + j < k) {
+      pos = seen + j;  // the first empty slot
+    } else if (x > vals[k - 1]) {
+      pos = k - 1;  // replaces the current k-th
+    } else {
+      continue;
+    }
+    while (pos > 0 && vals[pos - 1] < x) {  // strict: an equal earlier (lower) id stays in front
+      vals[pos] = vals[pos - 1];
+      ids[pos] = ids[pos - 1];
+      --pos;
+    }
+    vals[pos] = x;
+    ids[pos] = id0 + j;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // linear_logprobs forward
 // ------------------------------------------------------------------------------------------
 
@@ -282,7 +312,7 @@ template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_in, const c10::optional<Tensor>& bias_in,
                                  const Tensor& labels_in, double scale, c10::optional<double> softcap,
                                  double inv_temp, bool with_stats, int64_t vocab_start, int64_t token_block,
-                                 int64_t vocab_tile) {
+                                 int64_t vocab_tile, int64_t topk) {
   const at::ScalarType acc = acc_type<T>();
   const int64_t N = hidden_in.size(0), V = weight_in.size(0), H = weight_in.size(1);
   auto opts = hidden_in.options().dtype(acc);
@@ -294,6 +324,12 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
   const Transform<T> tf(scale, softcap, inv_temp);
 
   std::vector<Tensor> state = empty_state<T>(N, opts, with_stats);
+  // top-k slots not yet filled: -inf and the pad id (expo_kernels.ops.state.TOPK_PAD_ID)
+  Tensor top_vals, top_ids;
+  if (topk > 0) {
+    top_vals = at::full({N, topk}, -std::numeric_limits<T>::infinity(), opts);
+    top_ids = at::full({N, topk}, std::numeric_limits<int64_t>::max(), opts.dtype(at::kLong));
+  }
   if (N > 0 && V > 0) {
     const int64_t nb_max = std::min(N, balanced_block(N, token_block));
     const int64_t vt_max = std::min(V, std::max<int64_t>(1, vocab_tile));
@@ -316,10 +352,18 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
           for (int64_t r = r_begin; r < r_end; ++r) {
             const int64_t i = t0 + r;
             fold_row<T>(base + r * vt, bptr + v0, vt, tf, has_bias, y[i] - vocab_start - v0, st, i);
+            if (topk > 0) {  // the row is transformed in place by fold_row
+              topk_row<T>(base + r * vt, vt, vocab_start + v0, v0, topk, top_vals.data_ptr<T>() + i * topk,
+                          top_ids.data_ptr<int64_t>() + i * topk);
+            }
           }
         });
       }
     }
+  }
+  if (topk > 0) {
+    state.push_back(top_vals);
+    state.push_back(top_ids);
   }
   return state;  // the raw partial state (expo_kernels.ops.state.LogprobState field order); Python finalizes
 }
@@ -327,15 +371,16 @@ std::vector<Tensor> forward_impl(const Tensor& hidden_in, const Tensor& weight_i
 std::vector<Tensor> logprobs_forward(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
                                      const Tensor& labels, double scale, c10::optional<double> softcap,
                                      double inv_temp, bool with_stats, int64_t vocab_start, int64_t token_block,
-                                     int64_t vocab_tile) {
+                                     int64_t vocab_tile, int64_t topk) {
   check_inputs(hidden, weight, bias);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "expo_native: labels [N] expected");
+  TORCH_CHECK(topk >= 0, "expo_native: topk >= 0 expected");
   if (hidden.scalar_type() == at::kDouble) {
     return forward_impl<double>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, vocab_start,
-                                token_block, vocab_tile);
+                                token_block, vocab_tile, topk);
   }
   return forward_impl<float>(hidden, weight, bias, labels, scale, softcap, inv_temp, with_stats, vocab_start,
-                             token_block, vocab_tile);
+                             token_block, vocab_tile, topk);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -761,7 +806,7 @@ void logits_to_dz_(Tensor z, const Tensor& labels, int64_t vocab_start, const Te
 
 TORCH_LIBRARY(expo_native, m) {
   m.def("logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float scale, float? softcap, "
-        "float inv_temp, bool with_stats, int vocab_start, int token_block, int vocab_tile) -> Tensor[]",
+        "float inv_temp, bool with_stats, int vocab_start, int token_block, int vocab_tile, int topk=0) -> Tensor[]",
         &expo_native::logprobs_forward);
   m.def("logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
         "float scale, float? softcap, float inv_temp, bool need_hidden, bool need_weight, bool need_bias, "

@@ -16,17 +16,20 @@ Layers, each importing only the ones before it (docs/design.md, "Backends and di
 from ._dispatch import available_backends
 from ._version import __version__
 from .functional import TokenStats, linear_logprobs, linear_token_kl
-from .losses import LOSSES, preference_loss, preference_loss_and_metrics
+from .losses import LOSSES, preference_loss, preference_loss_and_metrics, ranking_loss
+from .losses.cringe import cringe_loss
 from .modules import (
     FusedLinearDPOLoss,
     FusedLinearEXPOLoss,
     FusedLinearKTOLoss,
     FusedLinearORPOLoss,
     FusedLinearPreferenceLoss,
+    FusedLinearRankingLoss,
     FusedLinearSimPOLoss,
     FusedLinearUnpairedLoss,
     PreferenceLossOutput,
 )
+from .modules.cringe import FusedLinearCRINGELoss
 from .ops.options import kernel_options
 
 __all__ = [
@@ -47,4 +50,8 @@ __all__ = [
     "FusedLinearSimPOLoss",
     "FusedLinearORPOLoss",
     "FusedLinearKTOLoss",
+    "ranking_loss",
+    "FusedLinearRankingLoss",
+    "cringe_loss",
+    "FusedLinearCRINGELoss",
 ]

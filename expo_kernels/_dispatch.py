@@ -197,6 +197,14 @@ def scatter(values: Tensor, rows: Tensor | None, n: int) -> Tensor:
     return out.index_copy_(0, rows, values)
 
 
+def scatter_rows(values: Tensor, rows: Tensor | None, n: int, fill) -> Tensor:
+    """Per-counted-token rows ``[N_valid, k]`` back to all ``n`` tokens (``fill`` at ignored ones)."""
+    if rows is None:
+        return values
+    out = values.new_full((n, values.shape[1]), fill)
+    return out.index_copy_(0, rows, values)
+
+
 def unaliased(outputs, inputs) -> tuple:
     """The outputs, each cloned where it shares storage with an input or an earlier output.
 

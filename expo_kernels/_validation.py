@@ -29,6 +29,26 @@ def check_backend_name(value, name: str = "backend") -> None:
         raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
 
 
+# The largest top-k: the Triton forward keeps a [BLOCK_N, 32] running top-k per program in registers.
+MAX_TOPK = 32
+
+
+def check_topk(topk, vocab: int, return_stats: bool) -> None:
+    """``topk``: None, or an int in ``[1, min(MAX_TOPK, V)]`` with ``return_stats=True`` (its results are
+    ``TokenStats`` fields). ``topk > V`` raises rather than clamping: a shorter ``[..., V]`` result
+    would break code that indexes ``[..., k - 1]``."""
+    if topk is None:
+        return
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"topk must be None or an int, got {type(topk).__name__} {topk!r}")
+    if not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"topk must be in [1, {MAX_TOPK}], got {topk}")
+    if topk > vocab:
+        raise ValueError(f"topk must be at most the vocabulary size V = {vocab}, got {topk}")
+    if not return_stats:
+        raise ValueError("topk requires return_stats=True (the top-k are TokenStats fields)")
+
+
 def check_ignore_index(value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")

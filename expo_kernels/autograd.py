@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _dispatch as D
 from . import ops
 from .ops import LogitTransform, TokenOutputs
+from .ops.state import finalize_logprobs
 
 
 def _no_double_backward(op_name: str):
@@ -47,15 +48,19 @@ def linear_logprobs_op(
     softcap: Optional[float],
     temperature: float,
     with_stats: bool,
+    topk: int,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], labels [N] -> (logp, lse, entropy, mean_logit, is_top1, log_sum_p2), each [N]
-    (the four statistics are empty tensors when ``with_stats`` is False)."""
+    (the four statistics are empty tensors when ``with_stats`` is False), and ``topk_indices [N, topk]``
+    int64 (-1 at ignored tokens; ``[N, 0]`` for ``topk = 0``). The top-k values are re-evaluated
+    differentiably from the ids outside the op (``ops.common.topk_logits``)."""
     n = labels.shape[0]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
-    out: TokenOutputs = ops.forward(D.backend_module(backend), h, weight, bias, y, transform, with_stats)
+    state = D.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
+    out: TokenOutputs = finalize_logprobs(state, weight.shape[0])
     computed = out.stats() if with_stats else None  # (entropy, mean_logit, is_top1, log_sum_p2)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
     finite_results = (out.lse,) + ((computed[0], computed[1], computed[3]) if computed is not None else ())
@@ -70,19 +75,29 @@ def linear_logprobs_op(
     else:
         empty = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
         stats = [empty, empty.clone(), empty.bool(), empty.clone()]
+    ids = out.topk_indices if out.topk_indices is not None else labels.new_empty((h.shape[0], 0), dtype=torch.long)
     return D.unaliased(
-        (D.scatter(out.logp, rows, n), D.scatter(out.lse, rows, n), *stats), (hidden, weight, bias, labels)
+        (D.scatter(out.logp, rows, n), D.scatter(out.lse, rows, n), *stats, D.scatter_rows(ids, rows, n, -1)),
+        (hidden, weight, bias, labels),
     )
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, with_stats, backend):
+def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, with_stats, topk, backend):
     n = labels.shape[0]
     dtype = D.result_dtype(hidden.dtype)
     per_token = hidden.new_empty(n, dtype=dtype)
     k = n if with_stats else 0
     stat = hidden.new_empty(k, dtype=dtype)
-    return per_token, per_token.clone(), stat, stat.clone(), hidden.new_empty(k, dtype=torch.bool), stat.clone()
+    return (
+        per_token,
+        per_token.clone(),
+        stat,
+        stat.clone(),
+        hidden.new_empty(k, dtype=torch.bool),
+        stat.clone(),
+        hidden.new_empty((n, topk), dtype=torch.long),
+    )
 
 
 @torch.library.custom_op("expo_kernels::linear_logprobs_backward", mutates_args=())
@@ -161,7 +176,7 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, backend = inputs
+    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, _topk, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.params = (ignore_index, logit_scale, softcap, temperature, backend)
 
@@ -170,11 +185,11 @@ def _backward(ctx, grad_logp, *_stat_grads):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 10
+        return (None,) * 11
     d_h, d_w, d_b = linear_logprobs_backward_op(
         grad_logp, hidden, weight, bias, labels, lse, *ctx.params, need_h, need_w, need_b
     )
-    return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 7
+    return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 8
 
 
 torch.library.register_autograd("expo_kernels::linear_logprobs", _backward, setup_context=_setup_context)

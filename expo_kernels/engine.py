@@ -156,19 +156,26 @@ class _Workspace:
     dz: Tensor | None
 
     @staticmethod
-    def bytes_per_token(vocab: int, dtype: torch.dtype, device: torch.device, backward: bool) -> int:
+    def bytes_per_token(
+        vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool = False
+    ) -> int:
+        """Bytes per counted token: its logits (twice when the reference's rows share the GEMM) and, for a
+        16-bit head with a backward pass, its dz."""
         ld = G.logits_dtype(dtype, device)
-        return vocab * (ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
+        return vocab * ((2 if stacked else 1) * ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
 
     @staticmethod
-    def make(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool) -> _Workspace:
+    def make(
+        tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool = False
+    ) -> _Workspace:
         ld = G.logits_dtype(dtype, device)
         dz = torch.empty(tokens * vocab, dtype=dtype, device=device) if backward and ld != dtype else None
-        return _Workspace(torch.empty(tokens * vocab, dtype=ld, device=device), dz)
+        return _Workspace(torch.empty((2 if stacked else 1) * tokens * vocab, dtype=ld, device=device), dz)
 
-    def views(self, n: int, vocab: int) -> tuple[Tensor, Tensor]:
-        z = self.logits[: n * vocab].view(n, vocab)
-        return z, z if self.dz is None else self.dz[: n * vocab].view(n, vocab)
+    def views(self, n: int, vocab: int, ref_rows: int = 0) -> tuple[Tensor, Tensor]:
+        """The logits ``[ref_rows + n, V]`` (reference rows first) and the policy rows' dz ``[n, V]``."""
+        z = self.logits[: (ref_rows + n) * vocab].view(ref_rows + n, vocab)
+        return z, z[ref_rows:] if self.dz is None else self.dz[: n * vocab].view(n, vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +213,15 @@ class PairPlan:
     pair_tokens: Tensor
     chunks: list | None
     budget_tokens: int
+    stacked: bool = False
 
 
-def plan_pairs(labels: Tensor, ignore_index: int, vocab: int, dtype: torch.dtype) -> PairPlan | None:
+def plan_pairs(
+    labels: Tensor, ignore_index: int, vocab: int, dtype: torch.dtype, stacked: bool = False
+) -> PairPlan | None:
     """The :class:`PairPlan` of ``labels [R, T]`` for a ``dtype`` head, or None without a pair (the op's
-    path gives its clear error). Checks the label range."""
+    path gives its clear error). Checks the label range. ``stacked``: the reference's rows share each
+    chunk's GEMM (a shared head), so a token takes twice the logits."""
     rows, steps = labels.shape
     b = rows // 2
     if b == 0:
@@ -219,10 +230,10 @@ def plan_pairs(labels: Tensor, ignore_index: int, vocab: int, dtype: torch.dtype
     token_ids = counted if counted is not None else torch.arange(rows * steps, device=labels.device)
     pair_of_token = torch.div(token_ids, steps, rounding_mode="floor") % b
     pair_tokens = torch.bincount(pair_of_token, minlength=b)
-    per_token = _Workspace.bytes_per_token(vocab, dtype, labels.device, backward=True)
+    per_token = _Workspace.bytes_per_token(vocab, dtype, labels.device, backward=True, stacked=stacked)
     budget = max(1, workspace_bytes(labels.device) // per_token)
     chunks = pair_chunks(pair_tokens, budget, chunk_tokens(labels.device))
-    return PairPlan(token_ids, y_all, pair_of_token, pair_tokens, chunks, budget)
+    return PairPlan(token_ids, y_all, pair_of_token, pair_tokens, chunks, budget, stacked)
 
 
 @dataclass
@@ -232,20 +243,23 @@ class PairStep:
 
     logp: Tensor
     outputs: TokenOutputs  # [R, T] each (statistics when asked for)
+    ref_logp: Tensor | None  # [R, T], when the reference's rows shared the chunks' GEMMs
     d_hidden: Tensor | None
     d_weight: Tensor | None
     d_bias: Tensor | None
 
 
-LossOfTokens = Callable[[Tensor, Tensor | None], Tensor]
+LossOfTokens = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
 
 
 class _Head:
     """One head's chunk operations over the workspace: logits + fold, and dz + the gradient GEMMs."""
 
-    def __init__(self, hidden, weight, bias, transform, with_stats, backend, need, workspace_tokens):
+    def __init__(self, hidden, weight, bias, transform, with_stats, backend, need, workspace_tokens, ref_hidden=None):
         rows, steps, h_size = hidden.shape
         self.flat_h = hidden.detach().reshape(-1, h_size)
+        # a reference through this same head: its rows go first in each chunk's GEMM
+        self.ref_h = None if ref_hidden is None else ref_hidden.detach().reshape(-1, h_size)
         self.w = weight.detach()
         self.vocab = weight.shape[0]
         self.acc = D.result_dtype(hidden.dtype)
@@ -260,17 +274,29 @@ class _Head:
         self.d_hidden = torch.zeros(rows * steps, h_size, dtype=hidden.dtype, device=dev) if need_h else None
         self.d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
         self.d_bias = torch.zeros(self.vocab, dtype=self.acc, device=dev) if need_b else None
-        self.ws = _Workspace.make(workspace_tokens, self.vocab, hidden.dtype, dev, backward=any(need))
+        self.ws = _Workspace.make(
+            workspace_tokens, self.vocab, hidden.dtype, dev, backward=any(need), stacked=ref_hidden is not None
+        )
 
-    def forward(self, idx: Tensor, y: Tensor) -> tuple[TokenOutputs, Tensor, Tensor, Tensor]:
-        """Logits of the tokens ``idx`` into the workspace and their per-token results."""
+    def forward(self, idx: Tensor, y: Tensor) -> tuple[TokenOutputs, Tensor, Tensor, Tensor, Tensor | None]:
+        """Logits of the tokens ``idx`` into the workspace and their per-token results: ``(outputs, h, z,
+        dz, reference log-probs | None)``; ``z``/``dz`` are the policy rows' logits and dz buffer."""
         h = self.flat_h.index_select(0, idx)
-        z, dz = self.ws.views(idx.numel(), self.vocab)
-        G.logits_into(z, h, self.w)
+        n = idx.numel()
+        ref_rows = 0 if self.ref_h is None else n
+        z_all, dz = self.ws.views(n, self.vocab, ref_rows)
+        # one GEMM for both models' rows: the head is read once and the GEMM is twice as tall
+        G.logits_into(z_all, h if self.ref_h is None else torch.cat([self.ref_h.index_select(0, idx), h]), self.w)
+        ref_logp = None
+        if self.ref_h is not None:
+            ref = S.finalize_logprobs(self.epi.fold(z_all[:n], self.bias, y, self.transform, False), self.vocab)
+            D.check_finite({}, {}, (ref.lse,), self.transform_args)
+            ref_logp = ref.logp
+        z = z_all[ref_rows:]
         out = S.finalize_logprobs(self.epi.fold(z, self.bias, y, self.transform, self.with_stats), self.vocab)
         results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
         D.check_finite({}, {}, results, self.transform_args)
-        return out, h, z, dz
+        return out, h, z, dz, ref_logp
 
     def backward(self, idx: Tensor, y: Tensor, h: Tensor, z: Tensor, dz: Tensor, lse: Tensor, g: Tensor) -> None:
         """dz from the logits the fold left, then ``dH[idx] = dz W``, ``dW += dz^T h``, ``db += sum dz``."""
@@ -296,33 +322,43 @@ def run_pair_step(
     backend: str,
     need: tuple[bool, bool, bool],
     plan: PairPlan | None = None,
+    ref_hidden: Tensor | None = None,
 ) -> PairStep | None:
     """One paired step's policy pass and its gradients, chunk by chunk (see the module docstring).
 
     ``hidden [R, T, H]``, ``labels [R, T]`` (B chosen rows, then B rejected), ``weight [V, H]``.
-    ``loss_of_tokens(logp [R, T], log_sum_p2 [R, T] | None)`` is the batch loss of per-token log-probs;
-    it must be separable over pairs. ``need``: gradients of (hidden, weight, bias). ``backend``: the
-    epilogues' provider (:func:`epilogues`). ``plan``: :func:`plan_pairs` of these labels, when the
-    caller has it. Returns None only without a pair.
+    ``loss_of_tokens(logp [R, T], log_sum_p2 [R, T] | None, ref_logp [R, T] | None)`` is the batch loss
+    of per-token log-probs; it must be separable over pairs. ``need``: gradients of (hidden, weight,
+    bias). ``backend``: the epilogues' provider (:func:`epilogues`). ``plan``: :func:`plan_pairs` of
+    these labels, when the caller has it. ``ref_hidden [R, T, H]``: the reference's hidden states through
+    this same head (detached): each chunk's reference rows join its policy rows in one GEMM and the loss
+    gets their log-probs as ``ref_logp`` (the plan must be ``stacked`` and fit). Returns None only
+    without a pair.
     """
     rows, steps, _ = hidden.shape
-    plan = plan if plan is not None else plan_pairs(labels, ignore_index, weight.shape[0], hidden.dtype)
+    stacked = ref_hidden is not None
+    if plan is None:
+        plan = plan_pairs(labels, ignore_index, weight.shape[0], hidden.dtype, stacked=stacked)
     if plan is None:
         return None
+    if plan.stacked != stacked or (stacked and plan.chunks is None):
+        raise ValueError("a reference through the shared head needs a stacked plan whose pairs fit the workspace")
     if plan.chunks is not None:
         sizes = [int(plan.pair_tokens[p0:p1].sum()) for p0, p1 in plan.chunks]
     else:  # a pair longer than the workspace: token chunks, logits recomputed in the backward pass
         # (the chunk need not hold whole pairs here: the GEMM-friendly size, not the whole budget)
         sizes = [max(1, min(plan.budget_tokens, chunk_tokens(hidden.device), plan.token_ids.numel()))]
-    head = _Head(hidden, weight, bias, transform, with_stats, backend, need, max(sizes, default=0))
+    head = _Head(hidden, weight, bias, transform, with_stats, backend, need, max(sizes, default=0), ref_hidden)
     acc = head.acc
     fields = ("logp", "lse") + (("entropy", "mean_logit", "is_top1", "log_sum_p2") if with_stats else ())
     per_token = {
         f: torch.zeros(rows * steps, dtype=torch.bool if f == "is_top1" else acc, device=hidden.device) for f in fields
     }
+    ref_logp = torch.zeros(rows * steps, dtype=acc, device=hidden.device) if stacked else None
     # inputs once per step (one read of the weight); each chunk's results in _Head.forward
     D.check_finite(
-        {"hidden": head.flat_h.index_select(0, plan.token_ids), "weight": head.w},
+        {"hidden": head.flat_h.index_select(0, plan.token_ids), "weight": head.w}
+        | ({} if head.ref_h is None else {"ref_hidden": head.ref_h.index_select(0, plan.token_ids)}),
         {"bias": bias},
         (),
         head.transform_args,
@@ -332,11 +368,13 @@ def run_pair_step(
             sel = ((plan.pair_of_token >= p0) & (plan.pair_of_token < p1)).nonzero().squeeze(1)
             idx = plan.token_ids.index_select(0, sel)  # flat [R * T] positions of the chunk's counted tokens
             y = plan.labels.index_select(0, sel)
-            out, h, z, dz = head.forward(idx, y)
+            out, h, z, dz, ref_chunk = head.forward(idx, y)
             for f in fields:
                 per_token[f].index_copy_(0, idx, getattr(out, f))
+            if ref_logp is not None:
+                ref_logp.index_copy_(0, idx, ref_chunk)
             if any(need):
-                g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device)
+                g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device, ref_chunk)
                 head.backward(idx, y, h, z, dz, out.lse, g)
     else:
         chunk = sizes[0]
@@ -361,6 +399,7 @@ def run_pair_step(
     return PairStep(
         logp=shaped["logp"],
         outputs=TokenOutputs(**shaped),
+        ref_logp=None if ref_logp is None else ref_logp.view(rows, steps),
         d_hidden=None if head.d_hidden is None else head.d_hidden.view(hidden.shape),
         d_weight=head.d_weight,
         d_bias=None if head.d_bias is None or bias is None else head.d_bias.to(bias.dtype),
@@ -400,18 +439,29 @@ def forward_logps(
     return logp.view(rows, steps)
 
 
-def _token_grads(loss_of_tokens: LossOfTokens, out: TokenOutputs, idx: Tensor, rows: int, steps: int, acc, device):
+def _token_grads(
+    loss_of_tokens: LossOfTokens,
+    out: TokenOutputs,
+    idx: Tensor,
+    rows: int,
+    steps: int,
+    acc,
+    device,
+    ref_chunk: Tensor | None = None,
+):
     """``dL/dlogp`` of the chunk's tokens: the loss on [R, T] log-probs that are real on the chunk only."""
-    logp = torch.full((rows * steps,), _PLACEHOLDER, dtype=acc, device=device)
-    logp = logp.index_copy(0, idx, out.logp).requires_grad_()
-    lsp2 = None
-    if out.log_sum_p2 is not None:
-        lsp2 = torch.full((rows * steps,), _PLACEHOLDER, dtype=acc, device=device).index_copy(0, idx, out.log_sum_p2)
-        lsp2 = lsp2.view(rows, steps)
+
+    def on_chunk(values: Tensor | None) -> Tensor | None:
+        if values is None:
+            return None
+        full = torch.full((rows * steps,), _PLACEHOLDER, dtype=acc, device=device)
+        return full.index_copy(0, idx, values.to(acc)).view(rows, steps)
+
+    logp = on_chunk(out.logp).requires_grad_()  # type: ignore[union-attr]
     with torch.enable_grad():
-        loss = loss_of_tokens(logp.view(rows, steps), lsp2)
+        loss = loss_of_tokens(logp, on_chunk(out.log_sum_p2), on_chunk(ref_chunk))
         (grad,) = torch.autograd.grad(loss, logp)
-    return grad.index_select(0, idx).contiguous()
+    return grad.reshape(-1).index_select(0, idx).contiguous()
 
 
 class _LossWithGradients(torch.autograd.Function):

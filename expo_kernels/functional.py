@@ -14,7 +14,8 @@ from torch import Tensor
 from . import _dispatch as D
 from . import _validation as V
 from .autograd import linear_logprobs_op, linear_token_kl_op
-from .ops.common import TokenStats
+from .distributed.zero3 import gathers_zero3_heads
+from .ops.common import LogitTransform, TokenStats, topk_logits
 
 __all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
 
@@ -35,6 +36,7 @@ def linear_logprobs(
     logit_scale: float | None = None,
     softcap: float | None = None,
     return_stats: Literal[False] = False,
+    topk: None = None,
     backend: str | None = None,
     process_group=None,
 ) -> Tensor: ...
@@ -52,6 +54,7 @@ def linear_logprobs(
     logit_scale: float | None = None,
     softcap: float | None = None,
     return_stats: Literal[True],
+    topk: int | None = None,
     backend: str | None = None,
     process_group=None,
 ) -> tuple[Tensor, TokenStats]: ...
@@ -69,11 +72,13 @@ def linear_logprobs(  # return_stats known only at run time
     logit_scale: float | None = None,
     softcap: float | None = None,
     return_stats: bool,
+    topk: int | None = None,
     backend: str | None = None,
     process_group=None,
 ) -> Tensor | tuple[Tensor, TokenStats]: ...
 
 
+@gathers_zero3_heads("weight", "bias")  # a ZeRO-3 head: gathered for this call (distributed.zero3)
 def linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -85,6 +90,7 @@ def linear_logprobs(
     logit_scale: float | None = None,
     softcap: float | None = None,
     return_stats: bool = False,
+    topk: int | None = None,
     backend: str | None = None,
     process_group=None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
@@ -98,7 +104,13 @@ def linear_logprobs(
         bias: optional ``[V]``.
         temperature, logit_scale, softcap: the logit transform
             ``z = softcap * tanh(raw * logit_scale / softcap) / temperature`` (see ``LogitTransform``).
-        return_stats: also return ``TokenStats`` (no gradient).
+        return_stats: also return ``TokenStats`` (no gradient, except ``topk_values``).
+        topk: with ``return_stats=True``, also the ``k`` largest transformed logits per token from the
+            same pass (``TokenStats.topk_values [..., k]`` float32, differentiable: a loss on them reaches
+            ``hidden`` and only the selected rows of ``weight``/``bias``) and their vocabulary ids
+            (``TokenStats.topk_indices [..., k]`` int64); value descending, the lower id first on ties;
+            values 0 and ids -1 at ignored tokens. ``1 <= k <= min(32, V)`` (``k > V`` raises). Not
+            with a vocab-parallel ``process_group``.
         backend: ``"triton"``, ``"native"`` or ``"torch"``; default from ``$EXPO_KERNELS_BACKEND`` or the
             device (Triton for CUDA tensors, the native C++ backend for CPU tensors when it builds).
         process_group: a ``torch.distributed`` group over which the head is sharded along the
@@ -114,6 +126,11 @@ def linear_logprobs(
     """
     V.check_bool("return_stats", return_stats)
     V.check_backend_name(backend)
+    if topk is not None and _sharded(process_group):
+        raise NotImplementedError(
+            "topk is not supported with a vocab-parallel process_group (merging the ranks' top-k is not "
+            "implemented); gather the head or call without topk"
+        )
     if _sharded(process_group):
         from .distributed import vocab_parallel_linear_logprobs
 
@@ -131,22 +148,35 @@ def linear_logprobs(
             backend=backend,
         )
     V.check_linear_head(hidden, weight, labels, bias)
+    V.check_topk(topk, weight.shape[0], return_stats)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     out = linear_logprobs_op(
-        hidden.reshape(-1, hidden.shape[-1]),
+        hidden_2d,
         weight,
         bias,
         labels.reshape(-1),
         *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
         return_stats,
+        topk or 0,
         D.resolve_backend(backend, hidden.device, hidden.dtype),
     )
     logp = out[0].view(labels.shape)
     if not return_stats:
         return logp
-    return logp, TokenStats(*(t.detach().view(labels.shape) for t in (out[1],) + tuple(out[2:])))
+    stats = TokenStats(*(t.detach().view(labels.shape) for t in (out[1],) + tuple(out[2:6])))
+    if topk is None:
+        return logp, stats
+    ids = out[6]
+    # the kernel chose the ids in one pass over the vocabulary; the values are recomputed from the k
+    # selected weight rows so that autograd gives the sparse update (O(N k H), no [N, V] anywhere)
+    transform = LogitTransform(*D.scalar_args(ignore_index, logit_scale, softcap, temperature)[1:])
+    values = topk_logits(hidden_2d, weight, bias, ids, transform)
+    shape = (*labels.shape, topk)
+    return logp, stats._replace(topk_values=values.view(shape), topk_indices=ids.view(shape))
 
 
+@gathers_zero3_heads("weight", "bias", "ref_weight", "ref_bias")
 def linear_token_kl(
     hidden: Tensor,
     weight: Tensor,

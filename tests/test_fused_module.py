@@ -28,6 +28,7 @@ HP = {
     "exo_pair": dict(beta=0.3, label_smoothing=1e-3),
     "nca_pair": dict(beta=0.3),
     "robust": dict(beta=0.3, label_smoothing=0.1),
+    "ropo": dict(beta=0.3, alpha=6.0),
     "bco_pair": dict(beta=0.3, delta=0.05),
     "sppo_hard": dict(beta=0.5),
     "aot": dict(beta=0.3, label_smoothing=0.05),

@@ -117,7 +117,7 @@ def _grad_sets(has_bias: bool) -> Iterator[dict[str, bool]]:
 def _backend_entries() -> list[KernelEntry]:
     from expo_kernels.ops import triton_backend as tb
 
-    def cfg_of(kernel: str) -> Callable[[str, int, dict[str, bool]], object]:
+    def cfg_of(kernel: str, topk: int = 0) -> Callable[[str, int, dict[str, bool]], object]:
         def pick(dtype: str, arch: int, flags: dict[str, bool]) -> object:
             return tb.select_config(
                 kernel,
@@ -127,6 +127,7 @@ def _backend_entries() -> list[KernelEntry]:
                 need_hidden=flags.get("NEED_DH", False),
                 need_weight=flags.get("NEED_DW", False),
                 need_bias=flags.get("NEED_DB", False),
+                topk=topk,
             )
 
         return pick
@@ -158,26 +159,42 @@ def _backend_entries() -> list[KernelEntry]:
     ref = {"hr_ptr": "*T:16", "wr_ptr": "*T:16", "br_ptr": "*T:16"}
     ref_strides = {"stride_hrn": "i32:16", "stride_hrh": "one", "stride_wrv": "i32:16", "stride_wrh": "one"}
     everything = lambda space: max(space(), key=lambda f: sum(f.values()))  # noqa: E731
+    forward_args = {
+        **head,
+        "y_ptr": "*i64:16",
+        "part_ptr": "*fp32:16",
+        "top_v_ptr": "*fp32:16",
+        "top_i_ptr": "*i64:16",
+        "N": "i32",
+        "V": "i32",
+        "H": "i32:16",
+        **strides,
+        "vocab_per_split": "i32:16",
+        "n_splits": "i32",
+        "vocab_start": "i32",
+        **transform,
+    }
     return [
         KernelEntry(
             name="forward",
             fn=tb._forward_kernel,
-            args={
-                **head,
-                "y_ptr": "*i64:16",
-                "part_ptr": "*fp32:16",
-                "N": "i32",
-                "V": "i32",
-                "H": "i32:16",
-                **strides,
-                "vocab_per_split": "i32:16",
-                "n_splits": "i32",
-                "vocab_start": "i32",
-                **transform,
-            },
+            args=forward_args,
             flag_space=forward_flags,
             config=cfg_of("forward"),
             worst_case=everything(forward_flags),
+            fixed={"TOPK": 0, "KP": 1},
+            dtype_constexprs=flags_ieee,
+        ),
+        # linear_logprobs(..., topk=k): the same kernel with its running top-k; the largest k (32)
+        # holds the most registers
+        KernelEntry(
+            name="forward_topk",
+            fn=tb._forward_kernel,
+            args=forward_args,
+            flag_space=forward_flags,
+            config=cfg_of("forward", topk=32),
+            worst_case=everything(forward_flags),
+            fixed={"TOPK": 32, "KP": 32},
             dtype_constexprs=flags_ieee,
         ),
         KernelEntry(

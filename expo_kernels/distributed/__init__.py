@@ -1,4 +1,5 @@
-"""Distributed heads: the vocabulary-parallel ops (``vocab_parallel``) and FSDP2 heads (``fsdp``)."""
+"""Distributed heads: the vocabulary-parallel ops (``vocab_parallel``), FSDP2 heads (``fsdp``) and
+DeepSpeed ZeRO-3 heads (``zero3``)."""
 
 from .fsdp import fsdp_lm_head_call, is_fsdp2
 from .vocab_parallel import (
@@ -7,6 +8,7 @@ from .vocab_parallel import (
     vocab_parallel_linear_token_kl,
     vocab_shard_bounds,
 )
+from .zero3 import gathers_zero3_heads, is_zero3_param, zero3_gathered
 
 __all__ = [
     "vocab_parallel_linear_logprobs",
@@ -15,4 +17,7 @@ __all__ = [
     "count_communication",
     "fsdp_lm_head_call",
     "is_fsdp2",
+    "zero3_gathered",
+    "is_zero3_param",
+    "gathers_zero3_heads",
 ]

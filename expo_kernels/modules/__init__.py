@@ -30,6 +30,7 @@ from .paired import (
     FusedLinearPreferenceLoss,
     FusedLinearSimPOLoss,
 )
+from .ranking import FusedLinearRankingLoss, RankingLossOutput
 from .unpaired import FusedLinearKTOLoss, FusedLinearUnpairedLoss
 
 __all__ = [
@@ -41,4 +42,6 @@ __all__ = [
     "FusedLinearORPOLoss",
     "FusedLinearKTOLoss",
     "FusedLinearUnpairedLoss",
+    "FusedLinearRankingLoss",
+    "RankingLossOutput",
 ]

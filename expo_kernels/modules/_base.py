@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_positive_finite
+from ..distributed.zero3 import zero3_gathered
 from ..functional import TokenStats, linear_logprobs, linear_token_kl
 from ..losses import LOSSES, get_loss_spec, preference_loss, preference_loss_and_metrics
 from ..losses.api import check_hparams, check_loss_weights
@@ -198,6 +199,19 @@ class FusedLinearLossBase(nn.Module):
             hp["kl_estimator"] != "token" and hp["lam"] > 0 for hp in expo
         )
         self.reference_free = all(s.reference == "none" for s in self.specs)
+
+    def __call__(self, lm_head_weight: Any, *args: Any, **kwargs: Any) -> Any:
+        """``forward``; DeepSpeed ZeRO-3 heads (policy, reference) are gathered once for the whole call,
+        so the policy pass, the token KL and the reference pass of a shared head read one gathered
+        weight (:func:`expo_kernels.distributed.zero3_gathered`)."""
+        heads = (lm_head_weight, kwargs.get("bias"), kwargs.get("ref_weight"), kwargs.get("ref_bias"))
+        if not any(hasattr(t, "ds_id") for t in heads):  # no ZeRO-3 parameter: deepspeed stays unimported
+            return super().__call__(lm_head_weight, *args, **kwargs)
+        with zero3_gathered(*heads) as (lm_head_weight, *ref_heads):
+            for name, head in zip(("bias", "ref_weight", "ref_bias"), ref_heads, strict=True):
+                if name in kwargs:
+                    kwargs[name] = head
+            return super().__call__(lm_head_weight, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     def _logps(self, hidden, weight, bias, labels, stats: bool):

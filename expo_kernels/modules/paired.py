@@ -228,13 +228,22 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             has_ref_numbers=has_ref_numbers,
         )
         check_linear_head(hidden, weight, labels, bias)
-        plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
+        # A reference through the policy's own head (LoRA, or the adapter-off model) shares each chunk's
+        # GEMM with the policy rows when both fit the workspace: one read of the head, a taller GEMM.
+        stacked = ref_hidden is not None and _same_head(weight, bias, ref_weight, ref_bias, hidden, ref_hidden)
+        plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype, stacked=stacked)
+        if stacked and plan is not None and plan.chunks is None:
+            stacked = False
+            plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
         if plan is None:
             return None  # before the reference pass: the op's path runs its own
         mask = labels != self.ignore_index
         transform = self._logit_transform()
         ref_tok = None
-        if ref_hidden is not None:
+        if stacked:
+            assert ref_hidden is not None
+            check_linear_head(ref_hidden, weight, labels, bias, prefix="ref_")
+        elif ref_hidden is not None:
             ref_head = [t for t in (ref_hidden, ref_weight, ref_bias) if t is not None]
             if all(t.dtype == hidden.dtype and t.device == hidden.device for t in ref_head):
                 # the reference pass through the engine's large GEMMs too
@@ -251,8 +260,8 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             else:
                 ref_tok = self._reference_logps(ref_hidden, ref_weight, ref_bias, labels)
 
-        def loss_of_tokens(logp: Tensor, log_sum_p2: Tensor | None) -> Tensor:
-            ref = None if ref_tok is None else ref_tok.to(logp.dtype)
+        def loss_of_tokens(logp: Tensor, log_sum_p2: Tensor | None, ref_chunk: Tensor | None) -> Tensor:
+            ref = ref_chunk if stacked else None if ref_tok is None else ref_tok.to(logp.dtype)
             return self._pair_loss(
                 logp, mask, log_sum_p2, ref, ref_chosen_logps, ref_rejected_logps, offset, None, metrics=False
             )[0]
@@ -269,9 +278,12 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             backend=backend,
             need=(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
             plan=plan,
+            ref_hidden=ref_hidden if stacked else None,
         )
         if step is None:
             return None
+        if stacked:
+            ref_tok = step.ref_logp
         stats = (
             TokenStats(*(getattr(step.outputs, f) for f in TokenStats._fields))
             if step.outputs.entropy is not None
@@ -332,3 +344,29 @@ class FusedLinearORPOLoss(FusedLinearPreferenceLoss):
     """ORPO, reference-free: ``NLL(chosen) - beta log sigma(log-odds ratio)``; takes ``beta``."""
 
     preset_loss = "orpo"
+
+
+def _same_tensor(a: Tensor | None, b: Tensor | None) -> bool:
+    """The same values by construction: one tensor, or views of one storage with the same layout
+    (``weight.detach()``)."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def _same_head(weight: Tensor, bias: Tensor | None, ref_weight, ref_bias, hidden: Tensor, ref_hidden: Tensor) -> bool:
+    """Whether the reference runs through the policy's head with hidden states that can join its GEMMs."""
+    return (
+        _same_tensor(weight, ref_weight)
+        and _same_tensor(bias, ref_bias)
+        and isinstance(ref_hidden, Tensor)
+        and ref_hidden.shape == hidden.shape
+        and ref_hidden.dtype == hidden.dtype
+        and ref_hidden.device == hidden.device
+    )

@@ -55,6 +55,10 @@ class TokenOutputs(NamedTuple):
     mean_logit: torch.Tensor | None = None  # sum_v z_v / V over finite z_v (masked -inf entries add 0)
     is_top1: torch.Tensor | None = None  # bool: label == argmax_v z_v (first maximum)
     log_sum_p2: torch.Tensor | None = None  # log sum_v p_v^2 = lse(2z) - 2 lse(z)
+    # [N, k] the k largest z_v (value descending, lower id first on ties) and their int64 ids;
+    # None unless a top-k was asked for (``ops.state``)
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
 
     def stats(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(entropy, mean_logit, is_top1, log_sum_p2)`` of outputs computed ``with_stats``."""
@@ -67,7 +71,10 @@ class TokenOutputs(NamedTuple):
 class TokenStats(NamedTuple):
     """Per-token statistics of the head's distribution, shaped like ``labels``, without gradient.
 
-    Zero (False) at ignored positions.
+    Zero (False) at ignored positions. With ``topk=k``: ``topk_values`` / ``topk_indices`` ``[..., k]``,
+    the k largest transformed logits (value descending, the lower id first on ties) and their int64
+    vocabulary ids; at ignored positions values 0 and ids -1. ``topk_values`` is the one
+    differentiable field: it is re-evaluated from the selected weight rows (``topk_logits``).
     """
 
     lse: Tensor  # log sum_v exp(z_v)
@@ -75,3 +82,26 @@ class TokenStats(NamedTuple):
     mean_logit: Tensor  # sum_v z_v / V over the finite z_v (a masked -inf entry adds 0)
     is_top1: Tensor  # bool: label == argmax_v z_v (first maximum on ties)
     log_sum_p2: Tensor  # log sum_v p_v^2 (WPO weighting)
+    topk_values: Tensor | None = None  # [..., k] float32 (float64 for float64 inputs), differentiable
+    topk_indices: Tensor | None = None  # [..., k] int64 vocabulary ids
+
+
+def topk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, transform: LogitTransform) -> Tensor:
+    """Differentiable ``z[n, ids[n, j]] = T(hidden[n] . weight[ids[n, j]] + bias[ids[n, j]])``.
+
+    hidden ``[N, H]``, weight ``[V, H]``, bias ``[V] | None``, ids ``[N, k]`` int64 (a row whose first
+    id is negative is an ignored token: 0 there, and its hidden row is never read, so it may hold
+    anything) -> ``[N, k]`` float32 (float64 for float64 inputs). ``O(N k H)``: the kernels select the
+    ids without materializing ``[N, V]``, and autograd through this gather gives the sparse update
+    (only the selected weight/bias rows receive gradient).
+    """
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = (ids[:, 0] >= 0).nonzero().squeeze(1) if ids.shape[1] > 0 else ids.new_zeros(0)
+    sel = ids.index_select(0, rows)
+    h = hidden.index_select(0, rows).to(acc)
+    w = weight.index_select(0, sel.reshape(-1)).view(*sel.shape, weight.shape[1]).to(acc)
+    raw = (w @ h[:, :, None]).squeeze(-1)  # [n, k]
+    if bias is not None:
+        raw = raw + bias.to(acc).index_select(0, sel.reshape(-1)).view(sel.shape)
+    z = transform.apply(raw)
+    return z.new_zeros(ids.shape).index_copy(0, rows, z)

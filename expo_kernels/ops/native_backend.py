@@ -59,21 +59,27 @@ def _t(transform: LogitTransform):
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def forward_partial(
-    hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool, vocab_start: int = 0
+    hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool, vocab_start: int = 0, topk: int = 0
 ) -> S.LogprobState:
-    return S.LogprobState(
-        *_ops().logprobs_forward(
-            hidden,
-            weight,
-            bias,
-            labels,
-            *_t(transform),
-            bool(with_stats),
-            int(vocab_start),
-            TOKEN_BLOCK,
-            _vocab_tile(weight),
-        )
+    """As ``torch_backend.forward_partial``. With ``topk=k`` each row of a logit tile, once folded, is
+    scanned in id order into the token's running k best (an insertion into a sorted [k] list, entered
+    only above the k-th value): no sort, the tie order (lower id first) by construction."""
+    out = _ops().logprobs_forward(
+        hidden,
+        weight,
+        bias,
+        labels,
+        *_t(transform),
+        bool(with_stats),
+        int(vocab_start),
+        TOKEN_BLOCK,
+        _vocab_tile(weight),
+        int(topk),
     )
+    if topk <= 0:
+        return S.LogprobState(*out)
+    # the state's fields, then the [N, k] values and ids
+    return S.LogprobState(*out[:-2])._replace(topk_values=out[-2], topk_ids=out[-1])
 
 
 def _none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:

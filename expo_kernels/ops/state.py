@@ -17,8 +17,14 @@ Log-prob state (``[N]`` each, float32; float64 for float64 inputs), ``shift = m`
 * ``z_sum``      sum of the finite z_v                    for the mean logit (masked entries add 0)
 * ``max_before`` max z_v over the range's ids < label    for the first-argmax rule of ``is_top1``
 
-The last four are None without statistics. Token-KL state: ``m_p, s_p, m_r, s_r`` as above for the
-policy and the reference head, and ``cross = sum_v e^(zr_v - shift_r) ((zr_v - shift_r) - (zp_v - shift_p))``
+The last four are None without statistics. With a top-k (``topk=k``) two more fields, ``[N, k]``:
+
+* ``topk_values`` the k largest z_v over the range, value descending, the lower id first on ties
+* ``topk_ids``    their global ids (int64); a slot the range cannot fill (fewer than k ids) holds
+  ``-inf`` and ``TOPK_PAD_ID``, which ranks after every real id
+
+merged by ``select_topk`` over the parts' candidates (exact, any order). Token-KL state:
+``m_p, s_p, m_r, s_r`` as above for the policy and the reference head, and ``cross = sum_v e^(zr_v - shift_r) ((zr_v - shift_r) - (zp_v - shift_p))``
 (shifted by both maxima: no cancellation when the heads' logits are large or offset by a constant).
 """
 
@@ -38,6 +44,8 @@ __all__ = [
     "StateStats",
     "TokenKLState",
     "safe_shift",
+    "select_topk",
+    "TOPK_PAD_ID",
     "merge_logprob_states",
     "merge_token_kl_states",
     "finalize_logprobs",
@@ -64,6 +72,8 @@ class LogprobState(NamedTuple):
     s2: Tensor | None = None
     z_sum: Tensor | None = None
     max_before: Tensor | None = None
+    topk_values: Tensor | None = None
+    topk_ids: Tensor | None = None
 
     @property
     def with_stats(self) -> bool:
@@ -97,19 +107,58 @@ def _moved(m: Tensor, shift: Tensor, s: Tensor) -> Tensor:
     return torch.where(s > 0, m - shift, torch.zeros_like(m)) * s
 
 
-def empty_logprob_state(n: int, with_stats: bool, dtype, device) -> LogprobState:
+def empty_logprob_state(n: int, with_stats: bool, dtype, device, topk: int = 0) -> LogprobState:
     """The state of an empty vocabulary range (the identity of the merge)."""
     neg = torch.full((n,), -math.inf, dtype=dtype, device=device)
     zero = torch.zeros(n, dtype=dtype, device=device)
     if not with_stats:
-        return LogprobState(neg, zero, zero.clone())
-    return LogprobState(neg, zero, zero.clone(), zero.clone(), zero.clone(), zero.clone(), neg.clone())
+        state = LogprobState(neg, zero, zero.clone())
+    else:
+        state = LogprobState(neg, zero, zero.clone(), zero.clone(), zero.clone(), zero.clone(), neg.clone())
+    if topk > 0:
+        state = state._replace(
+            topk_values=torch.full((n, topk), -math.inf, dtype=dtype, device=device),
+            topk_ids=torch.full((n, topk), TOPK_PAD_ID, dtype=torch.int64, device=device),
+        )
+    return state
 
 
 def empty_token_kl_state(n: int, dtype, device) -> TokenKLState:
     neg = torch.full((n,), -math.inf, dtype=dtype, device=device)
     zero = torch.zeros(n, dtype=dtype, device=device)
     return TokenKLState(neg, zero, neg.clone(), zero.clone(), zero.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k: the order is (value descending, id ascending), so ties resolve to the lower id on every
+# backend (torch.topk leaves the order of ties unspecified)
+# ---------------------------------------------------------------------------------------------
+
+# The id of an empty top-k slot (a range with fewer than k ids): after every real id among -inf values.
+TOPK_PAD_ID = torch.iinfo(torch.int64).max
+
+
+def select_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best of candidates ``values, ids [N, c]`` (distinct ids per row) by value descending,
+    then id ascending: two stable sorts, by id and then by value. ``c < k`` pads with empty slots."""
+    if values.shape[1] < k:
+        pad = k - values.shape[1]
+        values = torch.cat([values, values.new_full((values.shape[0], pad), -math.inf)], dim=1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), TOPK_PAD_ID)], dim=1)
+    by_id = ids.argsort(dim=1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    best = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, best), ids.gather(1, best)
+
+
+def _merge_topk(states: Sequence[LogprobState], merged: LogprobState) -> LogprobState:
+    first = states[0].topk_values
+    if first is None:
+        return merged
+    values = torch.cat([st.topk_values for st in states if st.topk_values is not None], dim=1)
+    ids = torch.cat([st.topk_ids for st in states if st.topk_ids is not None], dim=1)
+    top_values, top_ids = select_topk(values, ids, first.shape[1])
+    return merged._replace(topk_values=top_values, topk_ids=top_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +197,7 @@ def merge_logprob_states(states: Sequence[LogprobState]) -> LogprobState:
         return states[0]
     maxes = torch.stack([reduce_max_fields(st) for st in states]).amax(dim=0)
     sums = torch.stack([sum_fields(st, maxes[0]) for st in states]).sum(dim=0)
-    return from_reduced(maxes, sums)
+    return _merge_topk(states, from_reduced(maxes, sums))
 
 
 def token_kl_sum_fields(state: TokenKLState, mp_all: Tensor, mr_all: Tensor) -> Tensor:
@@ -182,8 +231,9 @@ def finalize_logprobs(state: LogprobState, vocab: int) -> TokenOutputs:
     lse = state.m + log_s
     logp = state.z_label - lse
     st = state.stats()
+    topk = dict(topk_values=state.topk_values, topk_indices=state.topk_ids)
     if st is None:
-        return TokenOutputs(logp, lse)
+        return TokenOutputs(logp, lse, **topk)
     return TokenOutputs(
         logp=logp,
         lse=lse,
@@ -192,6 +242,7 @@ def finalize_logprobs(state: LogprobState, vocab: int) -> TokenOutputs:
         # the label is the first argmax: it reaches the maximum and no earlier id does
         is_top1=(state.z_label >= state.m) & (st.max_before < state.z_label),
         log_sum_p2=torch.log(st.s2) - 2.0 * log_s,
+        **topk,
     )
 
 

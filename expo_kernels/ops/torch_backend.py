@@ -16,6 +16,10 @@ same ``merge`` that combines Triton's vocab splits and the vocab-parallel ranks;
   every sum and statistic (``mean_logit`` is the sum of the finite logits divided by ``V``);
 * the shift is 0 while a token has seen only masked entries, so no ``-inf - (-inf)`` appears.
 
+Top-k (``topk=k``, ``ops.state``): each tile's k best entries (a stable descending sort of
+the tile, whose columns ascend in id, so ties keep the lower id first) join the running k best, and
+``state.select_topk`` keeps the k best of the union by (value descending, id ascending).
+
 Labels are global ids and the weight may be a slice of the vocabulary starting at ``vocab_start``
 (a rank's shard): a label outside the slice contributes no one-hot term, exactly as the full head
 restricted to those rows.
@@ -81,8 +85,23 @@ def cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
     )
 
 
-def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool) -> S.LogprobState:
+def tile_topk(z: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``min(k, v)`` best entries of a tile ``z [n, v]`` (columns: ascending global ids ``cols``)
+    and their ids, value descending; stable, so equal values keep the lower id first."""
+    best = z.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return z.gather(1, best), cols[best]
+
+
+def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool, topk: int = 0) -> S.LogprobState:
     """The partial state of one logit tile ``z [n, v]`` whose columns are the global ids ``cols``."""
+    state = _tile_state(z, y, cols, with_stats)
+    if topk > 0:
+        values, ids = tile_topk(z, cols, topk)
+        state = state._replace(topk_values=values, topk_ids=ids)
+    return state
+
+
+def _tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool) -> S.LogprobState:
     m = z.amax(dim=1)
     shift = S.safe_shift(m)
     e = torch.exp(z - shift[:, None])
@@ -109,25 +128,27 @@ def forward_partial(
     transform: LogitTransform,
     with_stats: bool,
     vocab_start: int = 0,
+    topk: int = 0,
 ) -> S.LogprobState:
     """hidden [N, H], weight [V_s, H] (vocabulary ids ``vocab_start + [0, V_s)``), bias [V_s] | None,
-    labels [N] global ids -> the partial state of that vocabulary range ([N] tensors)."""
+    labels [N] global ids -> the partial state of that vocabulary range ([N] tensors; with
+    ``topk=k`` also the range's k best logits and ids, [N, k])."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     chunks = []
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         h = hidden[t0 : t0 + TOKEN_CHUNK]
         y = labels[t0 : t0 + TOKEN_CHUNK]
-        run = S.empty_logprob_state(h.shape[0], with_stats, acc, h.device)
+        run = S.empty_logprob_state(h.shape[0], with_stats, acc, h.device, topk)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             w = weight[v0 : v0 + VOCAB_CHUNK]
             cols = torch.arange(vocab_start + v0, vocab_start + v0 + w.shape[0], device=h.device)
             z = transform.apply(_raw_logits(h, w, None if bias is None else bias[v0 : v0 + VOCAB_CHUNK], acc))
-            run = S.merge_logprob_states([run, tile_state(z, y, cols, with_stats)])
+            run = S.merge_logprob_states([run, tile_state(z, y, cols, with_stats, topk)])
             del z
         chunks.append(run)
     if not chunks:
-        return S.empty_logprob_state(0, with_stats, acc, hidden.device)
+        return S.empty_logprob_state(0, with_stats, acc, hidden.device, topk)
     # field by field along the tokens; _make: the statistics fields are None in every chunk or in none
     return S.LogprobState._make(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False))
 

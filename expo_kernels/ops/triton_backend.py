@@ -7,6 +7,11 @@ token — the logits never leave registers. Each split writes its partial state 
 token; the shared O(splits x N) merge combines them (splitting the vocabulary keeps the GPU busy
 when there are few token blocks).
 
+Top-k (``topk=k``): each forward program also keeps its split's k best logits in registers, merging
+every tile into them with k max/min reductions (``_topk_merge_tile``) and skipping tiles none of whose
+rows can enter; the splits' lists merge on the host (``state.select_topk``). Inside the forward kernel
+rather than a second pass, which would recompute every logit (another ``2NHV``).
+
 Backward: one program per (token block, vocab tile). It recomputes the logit tile, forms
 ``dz = g * (onehot - p) * dz/draw`` in registers and adds ``dz @ W_tile`` into ``d_hidden`` and
 ``dz^T @ h`` into ``d_weight`` with float32 atomics, slice by slice of H. Atomics make the result
@@ -68,7 +73,10 @@ SMALL_CONFIG = TileConfig(block_n=16, block_v=32, block_h=16, num_warps=4)
 SLOT_M, SLOT_S, SLOT_ZLABEL, SLOT_SZ, SLOT_S2, SLOT_ZSUM, SLOT_MAX_BEFORE = (
     tl.constexpr(S.LogprobState._fields.index(f)) for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before")
 )
-N_SLOTS = len(S.LogprobState._fields)
+N_SLOTS = 7  # the [N] fields of a LogprobState; its optional top-k fields have buffers of their own
+assert S.LogprobState._fields[N_SLOTS:] == ("topk_values", "topk_ids")
+# The id of an empty top-k slot (ops.state.TOPK_PAD_ID): after every real id among -inf values.
+TOPK_PAD = tl.constexpr(S.TOPK_PAD_ID)
 SLOT_MP, SLOT_SP, SLOT_MR, SLOT_SR, SLOT_CROSS = (
     tl.constexpr(S.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross")
 )
@@ -91,6 +99,7 @@ def select_config(
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = False,
+    topk: int = 0,
 ) -> TileConfig:
     """The tile config the launcher of ``kernel`` (one of ``KERNELS``) uses: the single source of
     truth, shared with the ahead-of-time compile gate (``benchmarks/gpu/aot_check.py``).
@@ -102,6 +111,17 @@ def select_config(
         raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS}")
     if arch is None:
         return SMALL_CONFIG
+    if kernel == "forward" and topk > 0 and (dtype == torch.float32 or arch >= 100):
+        # The running top-k ([BLOCK_N, KP] values and int64 ids, twice while a tile merges) next to the
+        # logit tile and the statistics spills at k = 32 with float32 tiles (sm_90) and with 16-bit
+        # tiles on sm_100 (526 spill instructions); half the rows fit (benchmarks/gpu/aot_check.py).
+        if ieee_fp32:
+            base = IEEE_FP32_CONFIG
+        elif dtype == torch.float32:
+            base = GPU_CONFIG._replace(block_h=32)
+        else:
+            base = GPU_CONFIG
+        return base._replace(block_n=base.block_n // 2)
     if ieee_fp32:
         # IEEE float32 dots run on CUDA cores (FMA): both operand tiles live in registers next to
         # the accumulator, so 64 x 128 x 64 spills (255 registers). 32 x 64 tiles with 16-wide H
@@ -117,6 +137,14 @@ def select_config(
             # of 4-byte [64 x 64] + [64 x 128] operands for the logits and both gradient GEMMs take
             # 241 KiB > 227 KiB; 32-wide slices take 153 KiB.
             return GPU_CONFIG._replace(block_h=32)
+        if arch >= 100:
+            # sm_100 (tcgen05, accumulators in tensor memory): ptxas's heuristic caps some variants (bias
+            # gradient with the filter) at 128 registers and spills; they fit under 255.
+            return GPU_CONFIG._replace(maxnreg=255)
+    elif dtype == torch.float32 and arch < 90:
+        # sm_80 TF32 forward with statistics: the 4-byte operand slices of a 64-wide H step next to the
+        # logit tile and seven per-row running sums reach 255 registers and spill; 32-wide slices fit.
+        return GPU_CONFIG._replace(block_h=32)
     return GPU_CONFIG
 
 
@@ -127,9 +155,9 @@ def _device_arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def _launch_config(kernel: str, hidden: torch.Tensor, **grads: bool) -> TileConfig:
+def _launch_config(kernel: str, hidden: torch.Tensor, **options) -> TileConfig:
     ieee = bool(_kernel_flags(hidden)["IEEE_FP32"])
-    return select_config(kernel, hidden.dtype, _device_arch(hidden.device), ieee_fp32=ieee, **grads)
+    return select_config(kernel, hidden.dtype, _device_arch(hidden.device), ieee_fp32=ieee, **options)
 
 
 @triton.jit
@@ -287,12 +315,44 @@ def _accumulate_grads(
 
 
 @triton.jit
+def _topk_merge_tile(z, ids, top_v, top_i, slots, TOPK: tl.constexpr):
+    """The ``TOPK`` best of a row's kept entries (``top_v``, ``top_i`` ``[BLOCK_N, KP]``, sorted) and of
+    a logit tile (``z [BLOCK_N, BLOCK_V]``, column ids ``ids [BLOCK_V]``) by (value descending, id
+    ascending), into slots ``[0, TOPK)`` (the rest empty: ``-inf``, ``TOPK_PAD``).
+
+    Round ``r`` picks the best entry that comes after round ``r - 1``'s pick ``(pv, pid)`` in that
+    order (``z < pv`` or ``z == pv`` and a larger id): two max/min reductions a round, and no sort,
+    no removal mask and no index tensor beside the logit tile (registers are what the tile's
+    online softmax already competes for)."""
+    pv = tl.full((z.shape[0],), float("inf"), dtype=z.dtype)
+    pid = tl.full((z.shape[0],), -1, dtype=tl.int64)
+    new_v = tl.full(top_v.shape, float("-inf"), dtype=top_v.dtype)
+    new_i = tl.full(top_i.shape, TOPK_PAD, dtype=tl.int64)
+    for r in range(0, TOPK):
+        after_t = (z < pv[:, None]) | ((z == pv[:, None]) & (ids[None, :] > pid[:, None]))
+        after_b = (top_v < pv[:, None]) | ((top_v == pv[:, None]) & (top_i > pid[:, None]))
+        best = tl.maximum(
+            tl.max(tl.where(after_t, z, float("-inf")), axis=1),
+            tl.max(tl.where(after_b, top_v, float("-inf")), axis=1),
+        )
+        id_t = tl.min(tl.where(after_t & (z == best[:, None]), ids[None, :], TOPK_PAD), axis=1)
+        id_b = tl.min(tl.where(after_b & (top_v == best[:, None]), top_i, TOPK_PAD), axis=1)
+        pv = best
+        pid = tl.minimum(id_t, id_b)
+        new_v = tl.where(slots[None, :] == r, pv[:, None], new_v)
+        new_i = tl.where(slots[None, :] == r, pid[:, None], new_i)
+    return new_v, new_i
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
     y_ptr,
     part_ptr,
+    top_v_ptr,
+    top_i_ptr,
     N,
     V,
     H,
@@ -315,6 +375,8 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    TOPK: tl.constexpr,  # 0: no top-k
+    KP: tl.constexpr,  # a power of two >= TOPK (1 without top-k)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -330,6 +392,11 @@ def _forward_kernel(
     z_sum = tl.zeros((BLOCK_N,), dtype=ACC)
     z_label = tl.zeros((BLOCK_N,), dtype=ACC)
     max_before = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)  # max z_v over v < label
+    if TOPK > 0:
+        # running top-k of this split, sorted (value desc, id asc) in slots [0, TOPK) of KP = pow2 >= TOPK
+        slots = tl.arange(0, KP)
+        top_v = tl.full((BLOCK_N, KP), float("-inf"), dtype=ACC)
+        top_i = tl.full((BLOCK_N, KP), TOPK_PAD, dtype=tl.int64)
 
     v_lo = pid_s * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, V)
@@ -375,6 +442,17 @@ def _forward_kernel(
             max_before = tl.maximum(max_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
         s = s * rescale + tl.sum(e, axis=1)
         m = m_new
+        if TOPK > 0:
+            # merge the tile into the running top-k only when some row has an entry that enters it:
+            # above that row's k-th value, or while its slots are not all filled. Ids ascend along
+            # the split, so an entry equal to the k-th ranks after it and need not enter.
+            kth = tl.sum(tl.where(slots[None, :] == TOPK - 1, top_v, 0.0), axis=1)
+            kth_id = tl.sum(tl.where(slots[None, :] == TOPK - 1, top_i, 0), axis=1)
+            enters = (tl.max(z, axis=1) > kth) | (kth_id == TOPK_PAD)
+            if tl.max(enters.to(tl.int32), axis=0) > 0:
+                # columns past the split carry the pad id: never kept ahead of a real id
+                ids = tl.where(mask_v, (offs_v + vocab_start).to(tl.int64), TOPK_PAD)
+                top_v, top_i = _topk_merge_tile(z, ids, top_v, top_i, slots, TOPK)
 
     # this split's partial state (ops.state.LogprobState) into parts[slot, pid_s, offs_n]
     tl.store(part_ptr + (SLOT_M * n_splits + pid_s) * N + offs_n, m, mask=mask_n)
@@ -385,6 +463,12 @@ def _forward_kernel(
         tl.store(part_ptr + (SLOT_S2 * n_splits + pid_s) * N + offs_n, s2, mask=mask_n)
         tl.store(part_ptr + (SLOT_ZSUM * n_splits + pid_s) * N + offs_n, z_sum, mask=mask_n)
         tl.store(part_ptr + (SLOT_MAX_BEFORE * n_splits + pid_s) * N + offs_n, max_before, mask=mask_n)
+    if TOPK > 0:
+        # this split's top-k into top[pid_s, offs_n, :TOPK]
+        top_offs = (pid_s * N + offs_n).to(tl.int64)[:, None] * TOPK + slots[None, :]
+        top_mask = mask_n[:, None] & (slots[None, :] < TOPK)
+        tl.store(top_v_ptr + top_offs, top_v, mask=top_mask)
+        tl.store(top_i_ptr + top_offs, top_i, mask=top_mask)
 
 
 @triton.jit
@@ -535,6 +619,26 @@ def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
     return n_blocks, triton.cdiv(vocab, per_split), per_split
 
 
+def _on_library_gemms(hidden: torch.Tensor, config: TileConfig | None, *, splits: int | None = None) -> bool:
+    """Whether the op runs through ``ops.triton_engine`` (cuBLAS GEMMs into a bounded workspace, Triton
+    epilogues; deterministic, no atomics) instead of this module's fused kernels.
+
+    CUDA only (the interpreter tests the fused kernels; the engine's epilogues have their own tests),
+    16/32-bit heads (cuBLAS float64 and the fused kernels' float64 are both slow: the fused kernels stay
+    the reference there), and only when the caller asked for nothing the engine does not have: a tile
+    config, a vocabulary split, the gradient filter, or ``kernel_options(engine=False)``."""
+    options = get_kernel_options()
+    return (
+        hidden.device.type == "cuda"
+        and not INTERPRETING
+        and options.engine
+        and options.grad_filter_eps is None
+        and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and config is None
+        and splits is None
+    )
+
+
 def forward_partial(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -545,24 +649,38 @@ def forward_partial(
     vocab_start: int = 0,
     config: TileConfig | None = None,
     vocab_splits: int | None = None,
+    topk: int = 0,
 ) -> S.LogprobState:
     """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), bias [V_s] | None, labels [N]
-    global ids -> the range's partial state: the vocab splits' states merged (``ops.state``)."""
+    global ids -> the range's partial state: the vocab splits' states merged (``ops.state``).
+
+    ``topk=k``: each program also keeps its split's k best logits, merging tile after tile inside the
+    forward kernel (``_topk_merge_tile``; no second pass over the head, which would cost another
+    ``2NHV``), and the splits' top-k merge with the rest of the state (``state.select_topk``)."""
+    # the top-k lives in the fused kernel only (the library-GEMM path has no top-k epilogue)
+    if topk == 0 and _on_library_gemms(hidden, config, splits=vocab_splits):
+        from . import triton_engine  # it builds on this module's jit helpers: imported at call time
+
+        return triton_engine.forward_partial(hidden, weight, bias, labels, transform, with_stats, vocab_start)
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n_tokens == 0 or vocab == 0:
-        return S.empty_logprob_state(n_tokens, with_stats, acc, hidden.device)
+        return S.empty_logprob_state(n_tokens, with_stats, acc, hidden.device, topk)
     labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
-    cfg = config or _launch_config("forward", hidden)
+    cfg = config or _launch_config("forward", hidden, topk=topk)
     n_blocks, splits, per_split = _split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
     parts = torch.empty((N_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
+    top_v = torch.empty((splits, n_tokens, topk), dtype=acc, device=hidden.device)
+    top_i = torch.empty((splits, n_tokens, topk), dtype=torch.int64, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
         hidden,
         weight,
         bias if bias is not None else hidden,
         labels,
         parts,
+        top_v if topk > 0 else parts,
+        top_i if topk > 0 else labels,
         n_tokens,
         vocab,
         hid,
@@ -578,6 +696,8 @@ def forward_partial(
         BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v,
         BLOCK_H=cfg.block_h,
+        TOPK=topk,
+        KP=triton.next_power_of_2(max(topk, 1)),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
@@ -585,7 +705,10 @@ def forward_partial(
         **_kernel_flags(hidden),
     )
     fields = N_SLOTS if with_stats else 3  # m, s, z_label come first
-    return S.merge_logprob_states([S.LogprobState(*parts[:fields, k]) for k in range(splits)])
+    states = [S.LogprobState(*parts[:fields, k]) for k in range(splits)]
+    if topk > 0:
+        states = [st._replace(topk_values=top_v[k], topk_ids=top_i[k]) for k, st in enumerate(states)]
+    return S.merge_logprob_states(states)
 
 
 def backward(
@@ -604,6 +727,12 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_logp[n] * logp[n]`` w.r.t. this vocabulary range's head (labels
     global ids, ``lse`` the global one), accumulated in float32 buffers."""
+    if _on_library_gemms(hidden, config):
+        from . import triton_engine
+
+        return triton_engine.backward(
+            grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias, vocab_start
+        )
     if torch.are_deterministic_algorithms_enabled():
         return torch_backend.backward(
             grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias, vocab_start

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...distributed.zero3 import zero3_gathered
 from ...functional import linear_logprobs
 from ..hf import lm_head_parameters
 from ._trl_compat import ConcatenatedForwardHook, TRLCPOTrainer, TRLORPOTrainer, unwrap_trained_model
@@ -96,8 +97,8 @@ class _FusedConcatenatedForward(ConcatenatedForwardHook):
         # TRL logs the mean of all_logits[:, :-1] (ORPO) or of all_logits (CPO): no gradient, the
         # head's full tensors are enough
         pos = out.hidden_states if self._nll_over_prompt else out.last_hidden_state
-        with torch.no_grad():
-            weight, bias = (gathered(t) for t in lm_head_parameters(policy))
+        with torch.no_grad(), zero3_gathered(*lm_head_parameters(policy)) as heads:  # ZeRO-3: for this only
+            weight, bias = (gathered(t) for t in heads)
             pos, weight, bias = head_operands(pos.detach(), weight, bias)
             mean_c = _mean_logit(pos[:len_chosen], weight, bias, transform)
             mean_r = _mean_logit(pos[len_chosen:], weight, bias, transform)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..._validation import check_bool
+from ...distributed.zero3 import zero3_gathered
 from ...losses import LOSSES
 from ...modules import FusedLinearPreferenceLoss
 from ..hf import lm_head_parameters
@@ -159,19 +160,25 @@ class _FusedDPOMixin(DPOComputeLossHook):
             ref = dict(ref_chosen_logps=inputs["ref_chosen_logps"], ref_rejected_logps=inputs["ref_rejected_logps"])
         elif not self._expo_loss.reference_free:  # the loss, its token KL or its logged rewards read it
             ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs, labels)
-            ref_hidden = ref_hidden[:, -seq_len:]
-            if ref_w is not None:
-                ref_hidden, ref_w, ref_b = head_operands(ref_hidden, ref_w, ref_b)
-            ref = dict(ref_hidden=ref_hidden, ref_weight=ref_w, ref_bias=ref_b)
+            ref = dict(ref_hidden=ref_hidden[:, -seq_len:], ref_weight=ref_w, ref_bias=ref_b)
 
         def loss(weight, bias, hidden, labels, **ref):
             hidden, weight, bias = head_operands(hidden, weight, bias)
             if ref.get("ref_hidden") is not None and ref.get("ref_weight") is None:  # shared head
                 ref["ref_hidden"] = ref["ref_hidden"].to(weight.dtype)
+            elif ref.get("ref_hidden") is not None:  # cast here, where a ZeRO-3 reference head is gathered
+                ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"] = head_operands(
+                    ref["ref_hidden"], ref["ref_weight"], ref["ref_bias"]
+                )
             return self._expo_loss(weight, hidden, labels, bias=bias, **ref)
 
         head = unwrap_trained_model(self, self.model).get_output_embeddings()
-        result = call_with_lm_head(head, loss, hidden, shifted, **ref)
+        # a DeepSpeed ZeRO-3 reference head (TRL prepares the reference model with its own engine) is
+        # gathered once for the call, beside the policy head (call_with_lm_head); a no-op otherwise
+        with zero3_gathered(ref.get("ref_weight"), ref.get("ref_bias")) as (ref_w, ref_b):
+            if ref_w is not None:
+                ref.update(ref_weight=ref_w, ref_bias=ref_b)
+            result = call_with_lm_head(head, loss, hidden, shifted, **ref)
         log_metrics(self, mode, inputs["attention_mask"], result.metrics)
         if return_outputs:
             with torch.no_grad():

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..._validation import check_backend_name
 from ...distributed.fsdp import fsdp_lm_head_call, is_fsdp2
+from ...distributed.zero3 import any_zero3_partitioned, zero3_gathered
 from ...functional import TokenStats, linear_logprobs
 from ..hf import backbone, check_no_router_aux_loss, logit_transform
 from ._trl_compat import FUSED_OUTPUT_STATS, FusedCausalLMOutput
@@ -38,8 +39,9 @@ OUTPUT_NAMES = ("log_probs",) + FUSED_OUTPUT_STATS
 
 
 def gathered(t: Tensor | None) -> Tensor | None:
-    """A DTensor (FSDP2 parameter) as its full tensor; anything else as it is. The op needs the
-    whole head for the call (as TRL does)."""
+    """A DTensor (FSDP2 parameter) as its full tensor; anything else as it is (a ZeRO-3 parameter
+    too: gather it for the call with :func:`expo_kernels.distributed.zero3_gathered`). The op needs
+    the whole head for the call (as TRL does)."""
     if t is not None and type(t).__name__ == "DTensor":
         return t.full_tensor()
     return t
@@ -51,12 +53,18 @@ def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
     An FSDP2 head (``fully_shard(lm_head)``) runs ``fn`` as its own forward
     (:func:`expo_kernels.distributed.fsdp_lm_head_call`), so FSDP gathers the weight for the call
     and reduce-scatters its gradient; reading ``lm_head.weight`` directly would bypass those hooks.
+    A DeepSpeed ZeRO-3 head (partitioned parameters) is gathered once for the call and partitioned
+    after it; its gradient goes to DeepSpeed's reduce-scatter (:func:`expo_kernels.distributed.zero3_gathered`).
     Otherwise the parameters are used as they are (inside an enclosing FSDP2 forward they are
     already gathered), a sharded DTensor outside any forward as its full tensor (as TRL does).
     """
     if is_fsdp2(head):
         return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k), *args, **kwargs)
-    return fn(gathered(head.weight), gathered(getattr(head, "bias", None)), *args, **kwargs)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if any_zero3_partitioned(weight, bias):  # DeepSpeed ZeRO-3: gathered for this call only
+        with zero3_gathered(weight, bias) as (weight, bias):
+            return fn(weight, bias, *args, **kwargs)
+    return fn(gathered(weight), gathered(bias), *args, **kwargs)
 
 
 def head_operands(hidden: Tensor, weight: Tensor, bias: Tensor | None):

@@ -1,0 +1,122 @@
+"""CRINGE and pairwise CRINGE (``expo_kernels.losses.cringe``, ``FusedLinearCRINGELoss``) against an
+independent float64 implementation written from the equations on materialized logits.
+
+The reference draws the same uniforms (one ``torch.rand([B, T], float64)`` from a generator seeded
+alike) and samples each positive by walking the candidates' softmax, position by position.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import BACKEND_NAMES, rel_err
+from reference import logits64
+
+import expo_kernels as ek
+from expo_kernels.losses.cringe import sample_positive
+
+B, T, H, V = 2, 5, 16, 40
+
+
+def reference_cringe(hidden, weight, bias, labels, k, alpha, pairwise, margin, tau, seed, **transform):
+    """float64 loss from materialized logits: L = [sum_chosen -log p + alpha sum_pairs g sum_rejected
+    softplus(s- - s+)] / (counted tokens)."""
+    b = hidden.shape[0] // 2
+    z = logits64(hidden, weight, bias, **transform)  # [2B, T, V]
+    logp = torch.log_softmax(z, dim=-1)
+    u = torch.rand((b, hidden.shape[1]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    nll = [0.0 * z.sum()] * b
+    cringe = [0.0 * z.sum()] * b
+    seq = [[0.0 * z.sum(), 0.0 * z.sum()] for _ in range(b)]
+    count = 0
+    for i in range(b):
+        for t in range(hidden.shape[1]):
+            yc, yr = int(labels[i, t]), int(labels[b + i, t])
+            if yc != -100:
+                nll[i] = nll[i] - logp[i, t, yc]
+                seq[i][0] = seq[i][0] + logp[i, t, yc]
+                count += 1
+            if yr == -100:
+                continue
+            count += 1
+            seq[i][1] = seq[i][1] + logp[b + i, t, yr]
+            row = z[b + i, t]
+            order = sorted(range(row.numel()), key=lambda v: (-float(row[v].detach()), v))[: k + 1]
+            cands = [v for v in order if v != yr][:k]  # top-k of the model with the negative excluded
+            p = torch.softmax(torch.stack([row[v].detach() for v in cands]), dim=0)
+            acc, pick = 0.0, cands[-1]
+            for v, pv in zip(cands, p.tolist(), strict=True):
+                acc += pv
+                if u[i, t] < acc:
+                    pick = v
+                    break
+            s_plus, s_minus = row[pick], row[yr]
+            cringe[i] = cringe[i] - torch.log(torch.exp(s_plus) / (torch.exp(s_plus) + torch.exp(s_minus)))
+    total = sum(nll)
+    for i in range(b):
+        gate = torch.sigmoid((margin - (seq[i][0] - seq[i][1])) / tau) if pairwise else 1.0
+        total = total + alpha * gate * cringe[i]
+    return total / count
+
+
+def make_batch(dtype=torch.float32, bias=True):
+    hidden = torch.randn(2 * B, T, H, device=DEVICE).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=DEVICE) / H**0.5 * 3).to(dtype).requires_grad_()
+    b = (torch.randn(V, device=DEVICE) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, V, (2 * B, T), device=DEVICE)
+    labels[:, 0] = -100  # the prompt
+    labels[1, -1] = labels[3, -2:-1] = -100  # padding
+    labels[2, 1] = torch.topk(logits64(hidden[2, 1], weight, b), 1).indices  # a negative inside the top-k
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("pairwise", [False, True], ids=["binary", "pairwise"])
+def test_fused_module_matches_reference(backend, pairwise):
+    hidden, weight, b, labels = make_batch()
+    hp = dict(k=3, alpha=0.7, pairwise=pairwise, margin=0.5, tau=2.0)
+    transform = dict(temperature=0.9, softcap=6.0)
+    fn = ek.FusedLinearCRINGELoss(**hp, backend=backend, **transform)
+    out = fn(weight, hidden, labels, bias=b, generator=torch.Generator().manual_seed(11))
+    want = reference_cringe(hidden, weight, b, labels, seed=11, **hp, **transform)
+    assert abs(out.loss.item() - want.item()) < 2e-5 * max(1.0, abs(want.item()))
+    got_g = torch.autograd.grad(out.loss, (hidden, weight, b))
+    want_g = torch.autograd.grad(want, (hidden, weight, b))
+    for name, x, y in zip(("hidden", "weight", "bias"), got_g, want_g, strict=True):
+        assert rel_err(x, y) < 5e-5, f"d_{name}: {rel_err(x, y):.2e}"
+    assert set(out.metrics) >= {"nll", "cringe", "logps/chosen", "logps/rejected"}
+    assert ("gate" in out.metrics) == pairwise
+
+
+def test_float64_binary_exact_on_torch_backend():
+    hidden, weight, b, labels = make_batch(torch.float64)
+    fn = ek.FusedLinearCRINGELoss(k=5, backend="torch")
+    out = fn(weight, hidden, labels, bias=b, generator=torch.Generator().manual_seed(3))
+    want = reference_cringe(hidden, weight, b, labels, 5, 1.0, False, 0.0, 1.0, 3)
+    assert math.isclose(out.loss.item(), want.item(), rel_tol=1e-12)
+
+
+def test_sampling_is_deterministic_and_excludes_the_negative():
+    values = torch.tensor([[3.0, 2.0, 2.0, 1.0], [5.0, 4.5, 4.0, -1.0]]).repeat(200, 1)
+    ids = torch.tensor([[7, 3, 9, 1], [2, 8, 6, 4]]).repeat(200, 1)
+    neg = torch.tensor([3, 0]).repeat(200)  # row 0: the negative is a candidate; row 1: it is not (drop the last)
+    a = sample_positive(values, ids, neg, torch.Generator().manual_seed(5))[1]
+    again = sample_positive(values, ids, neg, torch.Generator().manual_seed(5))[1]
+    assert torch.equal(a, again)
+    assert set(a[0::2].tolist()) == {7, 9, 1} and set(a[1::2].tolist()) == {2, 8, 6}
+
+
+def test_cringe_loss_argument_errors():
+    hidden, weight, b, labels = make_batch()
+    with pytest.raises(ValueError, match="k must be"):
+        ek.FusedLinearCRINGELoss(k=32)
+    with pytest.raises(ValueError, match="tau"):
+        ek.FusedLinearCRINGELoss(tau=0.0)
+    with pytest.raises(TypeError, match="alpha"):
+        ek.FusedLinearCRINGELoss(alpha="1")
+    with pytest.raises(ValueError, match=r"\[2B, T, H\]"):
+        ek.FusedLinearCRINGELoss(backend="torch")(weight, hidden[:3], labels[:3])
+    z = torch.zeros(B, T)
+    with pytest.raises(ValueError, match="k \\+ 1"):
+        ek.cringe_loss(z, z.bool(), z, z, torch.zeros(B, T, 3), torch.zeros(B, T, 2, dtype=torch.long), z.long())

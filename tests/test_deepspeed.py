@@ -1,0 +1,343 @@
+"""DeepSpeed ZeRO-3 LM heads (expo_kernels.distributed.zero3), two CPU ranks over gloo.
+
+Two ranks are spawned once for the module (DeepSpeed's CPU accelerator, ``init_distributed("gloo")``);
+every case runs inside them and writes ``(error, tolerance)`` pairs that the tests here assert on.
+
+* training: a tiny LM under ZeRO-3 (SGD through DeepSpeed, every parameter partitioned:
+  ``stage3_param_persistence_threshold: 0``) is trained 3 steps with
+  :class:`expo_kernels.FusedLinearPreferenceLoss` called on the partitioned head, against the same model
+  trained unsharded in plain PyTorch on the global batch (both ranks' pairs). DPO with a separate
+  ZeRO-3 reference model (prepared as TRL prepares it: ``deepspeed.initialize`` without optimizer),
+  EXPO with the token KL on that frozen reference head, EXPO with the token KL on a shared head, and the
+  functional ops (``linear_logprobs`` + ``linear_token_kl``) on partitioned heads. Losses and final
+  parameters within 1e-5 (float32, relative to the reference's largest magnitude); the weights must
+  have moved (> 1e-3), so a no-op training cannot pass.
+* gathers: a fused call all-gathers each partitioned head exactly once in forward (the shared
+  reference reads the policy's gather), once more in backward (the saved handle), and leaves every head
+  partitioned (``param.data`` empty) after the call and after backward.
+* the TRL path: ``FusedDPOTrainer`` vs ``trl.DPOTrainer`` under accelerate's DeepSpeed ZeRO-3 plugin
+  (see :func:`_run_trl` for how far accelerate drives DeepSpeed on a CPU machine).
+
+Skipped when deepspeed is not installed.
+"""
+
+import copy
+import datetime
+import importlib
+import logging
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import expo_kernels as ek
+
+deepspeed = pytest.importorskip("deepspeed")
+
+WORLD = 2
+STEPS = 3
+LR = 0.5
+TOL = 1e-5
+TIMEOUT_S = 240  # a hung rank (a collective one rank skipped) fails the module instead of hanging CI
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> Linear+tanh -> LayerNorm; the LM head is a submodule the forward does not call."""
+
+    def __init__(self, vocab=53, dim=24):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.layer = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):
+        return self.norm(torch.tanh(self.layer(self.embed(ids))))
+
+
+def _dpo_batch(seed, pairs=2, t=9, vocab=53):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2 * pairs, t + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[:, :3] = -100  # prompt
+    labels[pairs:, -1] = -100  # padding on the rejected rows
+    return ids[:, :-1], labels
+
+
+def _global(batches):
+    """All ranks' pairs as one batch (chosen rows first, then rejected), as the unsharded run sees them."""
+    p = batches[0][0].shape[0] // 2
+    return tuple(torch.cat([b[i][:p] for b in batches] + [b[i][p:] for b in batches]) for i in (0, 1))
+
+
+def _err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1.0))
+
+
+def _ds_config(**zero):
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the unsharded run does not clip
+        "zero_allow_untested_optimizer": True,  # torch's SGD: the unsharded run takes the same steps
+        # every parameter partitioned (the default keeps parameters below 1e5 elements whole)
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero},
+    }
+
+
+class _CountingGather(deepspeed.zero.GatheredParameters):
+    """``GatheredParameters`` that counts its gathers (only those that gather a partitioned parameter)."""
+
+    calls = 0
+
+    def __enter__(self):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if self.enabled and any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in self.params):
+            type(self).calls += 1
+        return super().__enter__()
+
+
+def _partitioned(p):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.NOT_AVAILABLE and p.data.numel() == 0
+
+
+def _run_training(name, rank, world):
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref_model = copy.deepcopy(model)  # the frozen reference policy
+    plain, plain_ref = copy.deepcopy(model), copy.deepcopy(model)  # trained unsharded on the global batch
+    for p in list(ref_model.parameters()) + list(plain_ref.parameters()):
+        p.requires_grad_(False)
+    if name == "dpo":
+        loss_fn = ek.FusedLinearPreferenceLoss("sigmoid", beta=0.5, backend="torch")
+    else:  # EXPO's explicit token KL to the reference head
+        loss_fn = ek.FusedLinearPreferenceLoss("expo", lam=0.3, kl_estimator="token", backend="torch")
+    shared = name == "expo-token-shared-head"
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=_ds_config()
+    )
+    ref_engine, *_ = deepspeed.initialize(model=ref_model, config=_ds_config())  # as TRL's prepare_deepspeed
+    ref_engine.eval()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=LR)
+    head, ref_head = model.lm_head.weight, ref_model.lm_head.weight
+    res = {"head_partitioned": (0.0 if _partitioned(head) and _partitioned(ref_head) else 1.0, 0.0)}
+    for step in range(STEPS):
+        batches = [_dpo_batch(1000 * step + r) for r in range(world)]
+        ids, labels = batches[rank]
+        with torch.no_grad():
+            ref_hidden = ref_engine(ids)
+        hidden = engine(ids)
+        _CountingGather.calls = 0
+        if name == "functional":
+            logp = ek.linear_logprobs(hidden, head, labels, backend="torch")
+            kl = ek.linear_token_kl(hidden, head, ref_hidden, ref_head, labels, backend="torch")
+            loss = -(logp.sum() / (labels != -100).sum()) + 0.3 * kl.sum() / (labels != -100).sum()
+            want_fwd = 3  # each op gathers its partitioned heads for its own call
+        else:
+            out = loss_fn(head, hidden, labels, ref_hidden=ref_hidden, ref_weight=None if shared else ref_head)
+            loss = out.loss
+            want_fwd = 1 if shared else 2  # the policy head, and the reference head unless shared
+        res[f"gathers_forward_step{step}"] = (abs(_CountingGather.calls - want_fwd), 0)
+        res[f"partitioned_after_call_step{step}"] = (0.0 if _partitioned(head) and _partitioned(ref_head) else 1.0, 0)
+        _CountingGather.calls = 0
+        engine.backward(loss)
+        # backward re-gathers what the graph saved of the heads (the policy weight for d_hidden; the
+        # reference weight for the token KL's gradient), at least once, each for its node only
+        res[f"regathered_in_backward_step{step}"] = (0 if _CountingGather.calls >= 1 else 1, 0)
+        res[f"partitioned_after_backward_step{step}"] = (0.0 if _partitioned(head) else 1.0, 0)
+        engine.step()
+        mean_loss = loss.detach().clone()
+        torch.distributed.all_reduce(mean_loss)
+        mean_loss /= world
+
+        g_ids, g_labels = _global(batches)
+        with torch.no_grad():
+            g_ref = plain_ref(g_ids)
+        g_hidden = plain(g_ids)
+        if name == "functional":
+            n = (g_labels != -100).sum()
+            # per-rank token means averaged over ranks: each rank's batch has the same token count
+            logp = ek.linear_logprobs(g_hidden, plain.lm_head.weight, g_labels, backend="torch")
+            kl = ek.linear_token_kl(
+                g_hidden, plain.lm_head.weight, g_ref, plain_ref.lm_head.weight, g_labels, backend="torch"
+            )
+            want = -(logp.sum() / n) + 0.3 * kl.sum() / n
+        else:
+            ref_w = None if shared else plain_ref.lm_head.weight
+            want = loss_fn(plain.lm_head.weight, g_hidden, g_labels, ref_hidden=g_ref, ref_weight=ref_w).loss
+        want.backward()
+        opt_plain.step()
+        opt_plain.zero_grad()
+        res[f"loss_step{step}"] = (_err(mean_loss, want), TOL)
+    moved = 0.0
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for (n, p1), p2, p0 in zip(model.named_parameters(), plain.parameters(), plain_ref.parameters(), strict=True):
+            res[f"param:{n}"] = (_err(p1, p2), TOL)
+            moved = max(moved, float((p2.detach() - p0).abs().max()))
+    res["params_moved"] = (0.0 if moved > 1e-3 else 1.0, 0.0)
+    return res
+
+
+def _trl_run(trainer_cls, config_cls, dataset, **kw):
+    """One trainer, 3 SGD steps under accelerate's DeepSpeed ZeRO-3 plugin: (logs, full parameters)."""
+    import test_integration_trl as TI
+    from accelerate.state import AcceleratorState
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    # use_configured_state: keep the gloo PartialState made in _run_trl (see there)
+    args = {**TI.TRAINER_ARGS, "use_cpu": False, "per_device_train_batch_size": 2, "deepspeed": ds_config}
+    args["accelerator_config"] = {"use_configured_state": True}
+    torch.manual_seed(0)
+    model = TI.llama()
+    torch.manual_seed(1)
+    ref = TI.llama()
+    tr = trainer_cls(
+        model=model, ref_model=ref, args=config_cls(**args), train_dataset=dataset, processing_class=TI.TOK, **kw
+    )
+    try:
+        tr.train()
+    finally:
+        AcceleratorState._reset_state()  # the next trainer builds its own Accelerator (DeepSpeed plugin)
+    # both heads are ZeRO-3 partitioned outside the calls (the fused head gathered them for each call)
+    head, ref_head = model.get_output_embeddings().weight, tr.ref_model.module.get_output_embeddings().weight
+    partitioned = _partitioned(head) and _partitioned(ref_head)
+    logs = [{k: v for k, v in e.items() if k not in TI._SKIP_LOG} for e in tr.state.log_history if "loss" in e]
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    return logs, params, partitioned
+
+
+def _run_trl(name, rank, world):
+    """Our trainer vs TRL's, both under accelerate's DeepSpeed ZeRO-3 plugin, two CPU ranks.
+
+    Where accelerate stops on a CPU-only machine: with ``TrainingArguments(deepspeed=...)``,
+    transformers builds accelerate's ``PartialState`` without a backend (``ddp_backend`` is dropped
+    for DeepSpeed) and accelerate finds none for the CPU unless ``cpu=True``, which in turn skips its
+    DeepSpeed branch; the state then says ``num_processes=1`` on every rank (each rank would read the
+    whole dataset, and ``gather_for_metrics`` fails on gloo). Building ``PartialState(backend="gloo")``
+    first, with ``ACCELERATE_USE_DEEPSPEED=true``, and passing ``accelerator_config={"use_configured_state":
+    True}`` gives the state a multi-GPU launch gets: 2 processes, DeepSpeed's ``init_distributed``,
+    ``DistributedType.DEEPSPEED``; from there TRL's own code runs unchanged (``prepare_deepspeed`` of
+    the reference model, ZeRO-3 engines, the optimizer step through DeepSpeed).
+    """
+    from accelerate import PartialState
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    import test_integration_trl as TI
+    from expo_kernels.integrations.trl import FusedDPOTrainer, FusedKTOTrainer
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    if name == "trl-kto":
+        runs = [_trl_run(cls, KTOConfig, TI.UNPAIRED) for cls in (KTOTrainer, FusedKTOTrainer)]
+    else:
+        ours = {"registry_loss": True} if name == "trl-dpo-registry-loss" else {}
+        runs = [_trl_run(DPOTrainer, DPOConfig, TI.PAIRS), _trl_run(FusedDPOTrainer, DPOConfig, TI.PAIRS, **ours)]
+    (logs_a, params_a, part_a), (logs_b, params_b, part_b) = runs
+    res = {"heads_partitioned": (0.0 if part_a and part_b else 1.0, 0.0), "three_logs": (abs(len(logs_b) - 3), 0)}
+    for step, (la, lb) in enumerate(zip(logs_a, logs_b, strict=True)):
+        res[f"step{step}_metrics_missing"] = (len(set(la) - set(lb)), 0)
+        for k in set(la) & set(lb):  # TRL_RTOL relative, 1e-6 absolute (as tests/test_integration_trl.py)
+            res[f"step{step}:{k}"] = (abs(la[k] - lb[k]) / max(abs(la[k]), 1e-6 / TI.RTOL), TI.RTOL)
+    for k in params_a:
+        res[f"param:{k}"] = (float((params_a[k] - params_b[k]).abs().max()), TI.PARAM_TOL)
+    torch.manual_seed(0)
+    initial = TI.llama()
+    moved = max(float((params_b[k] - p).abs().max()) for k, p in initial.named_parameters())
+    res["params_moved"] = (0.0 if moved > 1e-3 else 1.0, 0.0)
+    return res
+
+
+TRL_CASES = ["trl-dpo", "trl-dpo-registry-loss", "trl-kto"]
+CASES = os.environ.get("EK_DS_CASES", "dpo,expo-token,expo-token-shared-head,functional").split(",")
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++, minutes on a clean
+    # 2-core CI machine) in init_distributed; gloo does the collectives without it
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    torch.autograd.set_detect_anomaly(bool(os.environ.get("EK_DS_ANOMALY")))
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    deepspeed.zero.GatheredParameters = _CountingGather  # zero3.py looks it up at call time
+    results, times = {}, {}
+    for name in CASES + TRL_CASES:
+        t0 = time.perf_counter()
+        try:
+            results[name] = (_run_trl if name in TRL_CASES else _run_training)(name, rank, world)
+        except Exception:  # recorded, asserted in the parent
+            results[name] = {"error": traceback.format_exc()}
+        times[name] = time.perf_counter() - t0
+    results["__seconds__"] = times
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(fn, world, *args, timeout=TIMEOUT_S):
+    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; kill them all after ``timeout``."""
+    ctx = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"ranks still running after {timeout} s")
+
+
+_CACHE = {}
+
+
+def _results():
+    if "r" not in _CACHE:
+        with tempfile.TemporaryDirectory() as d:
+            spawn_ranks(_worker, WORLD, d)
+            _CACHE["r"] = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
+    return _CACHE["r"]
+
+
+def _check(name):
+    for rank, results in enumerate(_results()):
+        assert name in results, f"rank {rank} did not run {name}"
+        res = results[name]
+        assert res, f"rank {rank} {name}: no checks recorded"
+        assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
+        bad = {k: v for k, v in res.items() if not v[0] <= v[1]}
+        assert not bad, f"rank {rank} {name}: (error, tolerance) {bad}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_zero3_training_matches_unsharded(name):
+    _check(name)
+
+
+@pytest.mark.parametrize("name", TRL_CASES)
+def test_trl_trainers_under_zero3_match_trl(name):
+    pytest.importorskip("trl")
+    _check(name)
