@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 IGNORE_INDEX = -100
 PROMPT_FRAC = 1.0 / 3.0  # first third of every DPO row is prompt (-100)
-PER_TOKEN_IMPLS = ("expo-triton", "expo-native", "expo-torch", "naive", "trl", "cce")
+PER_TOKEN_IMPLS = ("expo-triton", "expo-native", "expo-torch", "expo-native-recompute", "naive", "trl", "cce")
 
 
 def torch_dtype(name: str):
@@ -162,7 +162,9 @@ def trl_chunk_size() -> int:
 def build_impl(name: str, device, cce_impl: str | None = None):
     """``fn(hidden, weight, labels) -> logp`` (fp32, shaped like labels, 0 at ignored positions).
 
-    ``expo-<backend>``: ``expo_kernels.linear_logprobs``; ``naive``: ``F.linear(h, W).float()`` ->
+    ``expo-<backend>``: ``expo_kernels.linear_logprobs`` (it keeps the logits for backward when they
+    fit its workspace); ``expo-<backend>-recompute``: the same with ``kernel_options(engine=False)``
+    (the backward recomputes them); ``naive``: ``F.linear(h, W).float()`` ->
     ``log_softmax`` -> ``gather``; ``trl``: TRL's ``ChunkedLogProbFunction`` on the valid tokens;
     ``cce``: Cut Cross-Entropy, ``logp = -nll`` (``impl=cce_impl``, default ``"cce"`` on CUDA and
     ``"torch_compile"`` elsewhere). All imports happen here, so a worker can measure its
@@ -174,10 +176,12 @@ def build_impl(name: str, device, cce_impl: str | None = None):
     if name.startswith("expo-"):
         import expo_kernels
 
-        backend = name[len("expo-") :]
+        backend = name[len("expo-") :].removesuffix("-recompute")
+        options = dict(engine=not name.endswith("-recompute"))
 
         def fn(hidden, weight, labels):
-            return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, backend=backend)
+            with expo_kernels.kernel_options(**options):  # the backward (outside) follows what forward kept
+                return expo_kernels.linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, backend=backend)
 
         return fn
 

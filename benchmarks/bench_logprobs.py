@@ -82,6 +82,8 @@ def impl_detail(name: str, device_type: str) -> str:
         return "impl=" + ("cce (filter_eps='high', the default)" if device_type == "cuda" else "torch_compile")
     if name == "naive":
         return "F.linear(h, W).float() -> log_softmax -> gather"
+    if name.endswith("-recompute"):
+        return f"expo_kernels.linear_logprobs(backend={name[5:-10]!r}) under kernel_options(engine=False)"
     if name.startswith("expo-"):
         return f"expo_kernels.linear_logprobs(backend={name[5:]!r})"
     return ""

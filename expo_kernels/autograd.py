@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _dispatch as D
 from . import ops
-from .ops import LogitTransform, TokenOutputs
+from .ops import LogitTransform, TokenOutputs, epilogues
 from .ops.state import finalize_logprobs
 
 
@@ -50,16 +50,23 @@ def linear_logprobs_op(
     with_stats: bool,
     topk: int,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    keep_logits: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], labels [N] -> (logp, lse, entropy, mean_logit, is_top1, log_sum_p2), each [N]
     (the four statistics are empty tensors when ``with_stats`` is False), and ``topk_indices [N, topk]``
     int64 (-1 at ignored tokens; ``[N, 0]`` for ``topk = 0``). The top-k values are re-evaluated
-    differentiably from the ids outside the op (``ops.common.topk_logits``)."""
+    differentiably from the ids outside the op (``ops.common.topk_logits``). ``keep_logits``: one GEMM
+    for the call, and the counted tokens' logits ``[N_counted, V]`` returned last for the backward
+    (``ops.epilogues``; the caller checked that they fit the workspace), else an empty tensor."""
     n = labels.shape[0]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
-    state = D.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
+    kept = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
+    if keep_logits and topk == 0 and h.shape[0] > 0:
+        state, kept = epilogues.forward_keeping_logits(h, weight, bias, y, transform, with_stats, backend)
+    else:
+        state = D.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
     out: TokenOutputs = finalize_logprobs(state, weight.shape[0])
     computed = out.stats() if with_stats else None  # (entropy, mean_logit, is_top1, log_sum_p2)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
@@ -77,13 +84,32 @@ def linear_logprobs_op(
         stats = [empty, empty.clone(), empty.bool(), empty.clone()]
     ids = out.topk_indices if out.topk_indices is not None else labels.new_empty((h.shape[0], 0), dtype=torch.long)
     return D.unaliased(
-        (D.scatter(out.logp, rows, n), D.scatter(out.lse, rows, n), *stats, D.scatter_rows(ids, rows, n, -1)),
+        (
+            D.scatter(out.logp, rows, n),
+            D.scatter(out.lse, rows, n),
+            *stats,
+            D.scatter_rows(ids, rows, n, -1),
+            kept,
+        ),
         (hidden, weight, bias, labels),
     )
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, with_stats, topk, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    logit_scale,
+    softcap,
+    temperature,
+    with_stats,
+    topk,
+    backend,
+    keep_logits,
+):
     n = labels.shape[0]
     dtype = D.result_dtype(hidden.dtype)
     per_token = hidden.new_empty(n, dtype=dtype)
@@ -97,6 +123,8 @@ def _(hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperat
         hidden.new_empty(k, dtype=torch.bool),
         stat.clone(),
         hidden.new_empty((n, topk), dtype=torch.long),
+        # the counted tokens' logits: a data-dependent row count (the caller keeps none under torch.compile)
+        hidden.new_empty((torch.library.get_ctx().new_dynamic_size(), weight.shape[0]) if keep_logits else (0,)),
     )
 
 
@@ -176,20 +204,50 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, _topk, backend = inputs
+    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, _topk, backend, _keep = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
     ctx.params = (ignore_index, logit_scale, softcap, temperature, backend)
+    # Not a saved tensor: the first backward overwrites it with dz and drops it, and any later backward
+    # (retain_graph=True) recomputes the logits. Detached, so that ctx does not hold its own output's graph.
+    ctx.kept_logits = output[7].detach() if output[7].numel() > 0 else None
 
 
 def _backward(ctx, grad_logp, *_stat_grads):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 11
-    d_h, d_w, d_b = linear_logprobs_backward_op(
-        grad_logp, hidden, weight, bias, labels, lse, *ctx.params, need_h, need_w, need_b
+        return (None,) * 12
+    kept, ctx.kept_logits = ctx.kept_logits, None
+    if kept is not None and not torch.is_grad_enabled():
+        d_h, d_w, d_b = _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, lse, ctx.params, ctx)
+    else:  # recompute (also a second backward, and create_graph=True: the op refuses a double backward)
+        d_h, d_w, d_b = linear_logprobs_backward_op(
+            grad_logp, hidden, weight, bias, labels, lse, *ctx.params, need_h, need_w, need_b
+        )
+    return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 9
+
+
+def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, lse, params, ctx):
+    """The backward from the forward's logits (overwritten by dz): plain eager code in the autograd
+    formula, as the logits are kept only outside ``torch.compile``."""
+    ignore_index, logit_scale, softcap, temperature, backend = params
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
+    d_h, d_w, d_b = epilogues.backward_from_logits(
+        kept,
+        pick(grad_logp).contiguous(),
+        pick(hidden).contiguous(),
+        weight,
+        bias,
+        y,
+        pick(lse).contiguous(),
+        LogitTransform(logit_scale, softcap, temperature),
+        (need_h, need_w, need_b and bias is not None),
+        backend,
     )
-    return (d_h if need_h else None, d_w if need_w else None, d_b if need_b else None) + (None,) * 8
+    if d_h is not None and rows is not None:
+        d_h = hidden.new_zeros(hidden.shape).index_copy_(0, rows, d_h)
+    return d_h, d_w, d_b
 
 
 torch.library.register_autograd("expo_kernels::linear_logprobs", _backward, setup_context=_setup_context)

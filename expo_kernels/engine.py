@@ -45,6 +45,15 @@ from . import _dispatch as D
 from .ops import gemm as G
 from .ops import state as S
 from .ops.common import LogitTransform, TokenOutputs
+from .ops.epilogues import (  # noqa: F401  (re-exported: the engine's epilogue providers)
+    Epilogues,
+    epilogues,
+    native_fold,
+    native_to_dz,
+    torch_fold,
+    torch_to_dz,
+    transform_in_place,
+)
 from .ops.options import DEFAULT_WORKSPACE_BYTES, workspace_bytes
 
 __all__ = [
@@ -70,82 +79,6 @@ _PLACEHOLDER = -1.0
 
 def chunk_tokens(device: torch.device) -> int:
     return CHUNK_TOKENS.get(device.type, CHUNK_TOKENS["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# epilogues on a workspace tile z [n, V] of raw logits (contiguous)
-# ---------------------------------------------------------------------------------------------
-
-
-def torch_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
-    """Bias and transform in place, then the tile's partial state (the specification of the C++ fold)."""
-    from .ops.torch_backend import tile_state
-
-    transform_in_place(z, bias, t)
-    return tile_state(z, labels, torch.arange(z.shape[1], device=z.device), with_stats)
-
-
-def torch_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform) -> None:
-    """Transformed logits -> ``g (onehot - p) dz/draw`` in place (the specification of the C++ op)."""
-    deriv: Tensor | float = t.logit_scale * t.inv_temperature
-    if t.softcap is not None:
-        # z = c tanh(u) / T, so tanh(u) = z T / c and dz/draw = s / T (1 - tanh(u)^2)
-        tanh = z * (t.temperature / t.softcap)
-        deriv = deriv * (1.0 - tanh * tanh)
-    p = torch.exp(torch.clamp_max(z - lse[:, None], 0.0))
-    onehot = torch.zeros_like(z).scatter_(1, labels[:, None], 1.0)
-    z.copy_(g[:, None] * (onehot - p) * deriv)
-
-
-def native_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
-    fields = torch.ops.expo_native.fold_logits_(
-        z, bias, labels, 0, float(t.logit_scale), t.softcap, float(t.inv_temperature), bool(with_stats)
-    )
-    return S.LogprobState(*fields)
-
-
-def native_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform) -> None:
-    torch.ops.expo_native.logits_to_dz_(z, labels, 0, lse, g, float(t.logit_scale), t.softcap, float(t.inv_temperature))
-
-
-@dataclass(frozen=True)
-class Epilogues:
-    """The two epilogues of one provider.
-
-    ``fold(z, bias, labels, transform, with_stats) -> LogprobState`` on raw logits (it may leave them
-    transformed in place); ``to_dz(z, bias, labels, lse, g, transform, out)`` on what ``fold`` left,
-    writing dz into ``out`` (``z`` itself, or a buffer in the head's 16-bit dtype)."""
-
-    fold: Callable[..., S.LogprobState]
-    to_dz: Callable[..., None]
-    fold_transforms: bool  # fold leaves the logits transformed (bias added), which to_dz expects
-
-
-def transform_in_place(z: Tensor, bias: Tensor | None, t: LogitTransform) -> None:
-    """What a transforming fold does to raw logits, for a pass that needs dz but not the fold's state."""
-    if bias is not None:
-        z.add_(bias.to(z.dtype))
-    z.copy_(t.apply(z))
-
-
-def _in_place_to_dz(op):
-    def to_dz(z, bias, labels, lse, g, t, out):  # z is transformed, bias already added by the fold
-        op(z, labels, lse, g, t)
-        if out is not z:
-            out.copy_(z)
-
-    return to_dz
-
-
-def epilogues(backend: str) -> Epilogues:
-    """C++ (``native``), the torch specification (``torch``) or Triton (``triton``: GPUs, interpreter)."""
-    if backend == "native":
-        return Epilogues(native_fold, _in_place_to_dz(native_to_dz), True)
-    if backend == "triton":
-        from .ops import triton_engine
-
-        return Epilogues(triton_engine.fold, triton_engine.to_dz, False)
-    return Epilogues(torch_fold, _in_place_to_dz(torch_to_dz), True)
 
 
 @dataclass

@@ -13,8 +13,9 @@ every case runs inside them and writes ``(error, tolerance)`` pairs that the tes
   parameters within 1e-5 (float32, relative to the reference's largest magnitude); the weights must
   have moved (> 1e-3), so a no-op training cannot pass.
 * gathers: a fused call all-gathers each partitioned head exactly once in forward (the shared
-  reference reads the policy's gather), once more in backward (the saved handle), and leaves every head
-  partitioned (``param.data`` empty) after the call and after backward.
+  reference reads the policy's gather), again in backward, and leaves every head partitioned
+  (``param.data`` empty) after the call and after backward; no gathered storage is alive after the
+  call or after backward (weak references to every storage DeepSpeed gathered must have expired).
 * the TRL path: ``FusedDPOTrainer`` vs ``trl.DPOTrainer`` under accelerate's DeepSpeed ZeRO-3 plugin
   (see :func:`_run_trl` for how far accelerate drives DeepSpeed on a CPU machine).
 
@@ -23,7 +24,9 @@ Skipped when deepspeed is not installed.
 
 import copy
 import datetime
+import gc
 import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -37,7 +40,9 @@ import torch.multiprocessing as mp
 
 import expo_kernels as ek
 
-deepspeed = pytest.importorskip("deepspeed")
+# deepspeed is imported by the spawned ranks only: importing it here would initialize its accelerator
+# in the pytest process, for every other test of the suite too
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 WORLD = 2
 STEPS = 3
@@ -91,17 +96,50 @@ def _ds_config(**zero):
     }
 
 
-class _CountingGather(deepspeed.zero.GatheredParameters):
-    """``GatheredParameters`` that counts its gathers (only those that gather a partitioned parameter)."""
+def _counting_gather_class():
+    """``deepspeed.zero.GatheredParameters`` with counting (installed in the ranks by ``_worker``)."""
+    import deepspeed
 
-    calls = 0
+    class CountingGather(deepspeed.zero.GatheredParameters):
+        """``GatheredParameters`` that counts its gathers (only those that gather a partitioned parameter)
+        and keeps a weak reference to every gathered storage: expired = no tensor keeps it alive."""
 
-    def __enter__(self):
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        calls = 0
+        storages: list = []
 
-        if self.enabled and any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in self.params):
-            type(self).calls += 1
-        return super().__enter__()
+        def __enter__(self):
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+            from torch.multiprocessing.reductions import StorageWeakRef
+
+            gathers = self.enabled and any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in self.params)
+            out = super().__enter__()
+            if gathers:
+                type(self).calls += 1
+                type(self).storages += [StorageWeakRef(p.data.untyped_storage()) for p in self.params]
+            return out
+
+        @classmethod
+        def reset(cls):
+            cls.calls, cls.storages = 0, []
+
+        @classmethod
+        def alive(cls, patience_s=5.0):
+            """How many storages gathered since the last reset are still referenced. Polled for up to
+            ``patience_s``: the all-gather's bookkeeping sometimes lets go of its output buffer a few
+            tenths of a second after the call (seen on gloo); a tensor the autograd graph keeps stays
+            alive until backward, so it still fails the check."""
+            deadline = time.monotonic() + patience_s
+            while True:
+                gc.collect()
+                n = sum(not w.expired() for w in cls.storages)
+                if n == 0 or time.monotonic() > deadline:
+                    return n
+                time.sleep(0.02)
+
+    return CountingGather
+
+
+_CountingGather = None  # the class above, in the ranks
 
 
 def _partitioned(p):
@@ -111,6 +149,8 @@ def _partitioned(p):
 
 
 def _run_training(name, rank, world):
+    import deepspeed
+
     torch.manual_seed(0)
     model = TinyLM()
     ref_model = copy.deepcopy(model)  # the frozen reference policy
@@ -136,7 +176,7 @@ def _run_training(name, rank, world):
         with torch.no_grad():
             ref_hidden = ref_engine(ids)
         hidden = engine(ids)
-        _CountingGather.calls = 0
+        _CountingGather.reset()
         if name == "functional":
             logp = ek.linear_logprobs(hidden, head, labels, backend="torch")
             kl = ek.linear_token_kl(hidden, head, ref_hidden, ref_head, labels, backend="torch")
@@ -148,8 +188,11 @@ def _run_training(name, rank, world):
             want_fwd = 1 if shared else 2  # the policy head, and the reference head unless shared
         res[f"gathers_forward_step{step}"] = (abs(_CountingGather.calls - want_fwd), 0)
         res[f"partitioned_after_call_step{step}"] = (0.0 if _partitioned(head) and _partitioned(ref_head) else 1.0, 0)
-        _CountingGather.calls = 0
+        # nothing the graph keeps for backward holds a gathered head (not even a detached alias)
+        res[f"gathered_alive_after_call_step{step}"] = (_CountingGather.alive(), 0)
+        _CountingGather.reset()
         engine.backward(loss)
+        res[f"gathered_alive_after_backward_step{step}"] = (_CountingGather.alive(), 0)
         # backward re-gathers what the graph saved of the heads (the policy weight for d_hidden; the
         # reference weight for the token KL's gradient), at least once, each for its node only
         res[f"regathered_in_backward_step{step}"] = (0 if _CountingGather.calls >= 1 else 1, 0)
@@ -189,6 +232,7 @@ def _run_training(name, rank, world):
 
 def _trl_run(trainer_cls, config_cls, dataset, **kw):
     """One trainer, 3 SGD steps under accelerate's DeepSpeed ZeRO-3 plugin: (logs, full parameters)."""
+    import deepspeed
     import test_integration_trl as TI
     from accelerate.state import AcceleratorState
 
@@ -235,10 +279,10 @@ def _run_trl(name, rank, world):
     ``DistributedType.DEEPSPEED``; from there TRL's own code runs unchanged (``prepare_deepspeed`` of
     the reference model, ZeRO-3 engines, the optimizer step through DeepSpeed).
     """
+    import test_integration_trl as TI
     from accelerate import PartialState
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    import test_integration_trl as TI
     from expo_kernels.integrations.trl import FusedDPOTrainer, FusedKTOTrainer
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -268,6 +312,9 @@ CASES = os.environ.get("EK_DS_CASES", "dpo,expo-token,expo-token-shared-head,fun
 
 
 def _worker(rank, world, port, out_dir):
+    global _CountingGather
+    import deepspeed
+
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -278,6 +325,7 @@ def _worker(rank, world, port, out_dir):
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     torch.autograd.set_detect_anomaly(bool(os.environ.get("EK_DS_ANOMALY")))
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    _CountingGather = _counting_gather_class()
     deepspeed.zero.GatheredParameters = _CountingGather  # zero3.py looks it up at call time
     results, times = {}, {}
     for name in CASES + TRL_CASES:
@@ -341,3 +389,26 @@ def test_zero3_training_matches_unsharded(name):
 def test_trl_trainers_under_zero3_match_trl(name):
     pytest.importorskip("trl")
     _check(name)
+
+
+def test_deepspeed_is_not_imported_without_zero3_parameters():
+    """The package, the modules, the ops and the TRL integration check attributes only: deepspeed (an
+    import that costs seconds and initializes an accelerator) is imported only for a ZeRO-3 parameter."""
+    code = """
+import sys, torch
+import expo_kernels as ek
+import expo_kernels.distributed, expo_kernels.integrations.trl
+from expo_kernels.integrations.trl import call_with_lm_head
+h, w, y = torch.randn(2, 3, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (2, 3))
+ek.linear_logprobs(h, w, y, backend="torch").sum().backward()
+ek.linear_token_kl(h, w, h.detach(), w.detach(), y, backend="torch").sum().backward()
+ek.FusedLinearPreferenceLoss("sigmoid", backend="torch")(w, h, y, ref_hidden=h.detach()).loss.backward()
+call_with_lm_head(torch.nn.Linear(8, 11), lambda w, b, x: x @ w.T, h)
+assert "deepspeed" not in sys.modules, "deepspeed was imported"
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -484,3 +484,76 @@ def test_a_shared_head_runs_both_models_through_one_gemm(backend, ref_head, monk
             assert sum(rows_per_gemm) == 2 * counted
         else:  # the reference pass apart, then the policy's chunks
             assert sum(rows_per_gemm) == 2 * counted and max(rows_per_gemm) <= counted
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_op_keeps_its_logits_when_they_fit(backend, dtype, monkeypatch):
+    """``linear_logprobs`` with its logits kept for backward (one GEMM, no recompute) against float64
+    materialized logits and against the recompute path: values, statistics, gradients; a second
+    backward (retain_graph) recomputes; a workspace too small for them keeps nothing."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton refuses float64")
+    require_backend(backend, "cpu")
+    from expo_kernels.ops import epilogues
+
+    kept_calls = []
+    real = epilogues.forward_keeping_logits
+    monkeypatch.setattr(epilogues, "forward_keeping_logits", lambda *a: kept_calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(8)
+    n, h, v = 29, 16, 70
+    hidden = torch.randn(n, 2 * h, generator=g, dtype=torch.float64)[:, ::2]  # strided
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.4
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::4] = -100
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    tf = dict(softcap=3.0, temperature=0.7, logit_scale=1.3)
+
+    z = (hidden @ weight.T + bias) * 1.3
+    z = 3.0 * torch.tanh(z / 3.0) / 0.7
+    want_logp = torch.where(labels >= 0, z.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+
+    def run(workspace):
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in (hidden, weight, bias)]
+        with ek.kernel_options(workspace_bytes=workspace):
+            logp, stats = ek.linear_logprobs(
+                leaves[0], leaves[1], labels, leaves[2], return_stats=True, backend=backend, **tf
+            )
+        (logp * grad.to(dtype)).sum().backward(retain_graph=True)
+        first = [t.grad.clone() for t in leaves]
+        (logp * grad.to(dtype)).sum().backward()  # the logits are gone: this one recomputes
+        second = [t.grad - f for t, f in zip(leaves, first, strict=True)]
+        return logp, stats, first, second
+
+    tol = 1e-10 if dtype == torch.float64 else 5e-5
+    kept = run(None)
+    assert kept_calls == [1]
+    recomputed = run(n * v * 4 - 1)  # float32 logits of every row do not fit: nothing kept
+    assert kept_calls == [1]
+    w64 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    zz = ((w64[0] @ w64[1].T + w64[2]) * 1.3 / 3.0).tanh() * 3.0 / 0.7
+    lp = torch.where(labels >= 0, zz.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+    want_grads = torch.autograd.grad((lp * grad).sum(), w64)
+    assert rel_err(kept[0], want_logp) < tol
+    for out in (kept, recomputed):
+        for got in (out[2], out[3]):
+            for a, b in zip(got, want_grads, strict=True):
+                assert rel_err(a, b) < tol
+    assert torch.equal(kept[1].lse, recomputed[1].lse) or rel_err(kept[1].lse, recomputed[1].lse) < tol
+
+
+def test_kept_logits_are_bounded_and_refuse_a_double_backward():
+    """The kept logits are the largest tensor (within the workspace), and ``create_graph=True`` still
+    reaches the op's refusal of a double backward."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(40, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (40,), generator=g)
+    with LargestTensor() as largest:
+        ek.linear_logprobs(hidden, weight, labels, backend="torch").sum().backward()
+    assert largest.largest <= 40 * 50 * 4
+    logp = ek.linear_logprobs(hidden, weight, labels, backend="torch")
+    (gh,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gh.sum().backward()

@@ -55,7 +55,8 @@ def check(backend, hidden, weight, labels, b, k, tol, **transform):
     torch.testing.assert_close(stats.topk_values.double(), want_v, rtol=tol, atol=tol)
     # the other statistics are untouched by the top-k
     _, plain = ek.linear_logprobs(hidden, weight, labels, b, return_stats=True, backend=backend, **transform)
-    torch.testing.assert_close(stats.lse, plain.lse, rtol=0, atol=0)
+    # (not bit-identical: without a top-k the call may keep its logits and take one GEMM instead of tiles)
+    torch.testing.assert_close(stats.lse, plain.lse, rtol=tol, atol=tol)
     return stats
 
 

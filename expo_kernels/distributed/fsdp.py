@@ -88,7 +88,8 @@ def fsdp_lm_head_call(lm_head: torch.nn.Module, fn: Callable[..., Any], *args: A
 
     Pass the bias yourself if the head has one (``bias=lm_head.bias`` reads the gathered bias only
     inside ``fn``; use ``lambda w, *a, **k: loss_fn(w, *a, bias=lm_head.bias, **k)``).
-    DeepSpeed ZeRO-3 is not covered (untested); there, gather with ``deepspeed.zero.GatheredParameters``.
+    DeepSpeed ZeRO-3 heads need no helper: pass the partitioned parameters to the loss directly
+    (:mod:`expo_kernels.distributed.zero3` gathers them for the call).
     """
     if not is_fsdp2(lm_head):
         if _is_dtensor(lm_head.weight):

@@ -105,13 +105,13 @@ class _GradToPartitioned(torch.autograd.Function):
             _AWAITING_GRAD.pop(id(param), None)
         _gather_until_accumulated(param)
         accumulate = ctx.next_functions[0][0]  # the parameter's AccumulateGrad
-        handle = None
+        handles: list[Any] = []
 
-        def after_accumulate(*_: Any) -> None:
-            handle.remove()
+        def after_accumulate(*_: Any) -> None:  # one shot: this backward's accumulation only
+            handles.pop().remove()
             _release(param)
 
-        handle = accumulate.register_hook(after_accumulate)
+        handles.append(accumulate.register_hook(after_accumulate))
         return grad
 
 
@@ -187,7 +187,7 @@ def zero3_gathered(*tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...
         # one GatheredParameters per head, in ds_id order on every rank: the policy and a separate
         # reference head may belong to different DeepSpeed engines (TRL prepares the reference model
         # with its own)
-        for p in sorted(params, key=lambda p: p.ds_id):
+        for p in sorted(params, key=lambda p: p.ds_id):  # type: ignore[attr-defined]
             stack.enter_context(deepspeed.zero.GatheredParameters([p], modifier_rank=None))
         _ACTIVE.extend((p, p.data.untyped_storage().data_ptr()) for p in params)
         stack.callback(lambda: _ACTIVE.__delitem__(slice(n_before, None)))

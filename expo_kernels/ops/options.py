@@ -32,7 +32,9 @@ class KernelOptions:
     warn once when the option is set.
 
     engine: let the fused preference-loss modules run the chunked engine (``expo_kernels.engine``: no
-    logit recompute for pair-separable losses) where it applies; False = always the op's recompute path.
+    logit recompute for pair-separable losses) where it applies, let ``linear_logprobs`` keep a call's
+    logits for its backward when they fit the workspace, and run the op on CUDA through library GEMMs
+    and Triton epilogues; False = the op's recompute path everywhere (on CUDA its fused Triton kernels).
 
     workspace_bytes: the cap on the logit workspace of the chunked paths (``None`` = the device's
     ``DEFAULT_WORKSPACE_BYTES``: 512 MiB on the CPU, 1 GiB on CUDA): the engine's chunk of whole pairs

@@ -115,15 +115,31 @@ def unwrap_trained_model(trainer, model):
     return m.get_base_model() if isinstance(m, PeftModel) else m
 
 
-def log_metrics(trainer, mode: str, attention_mask: Tensor, metrics: dict[str, Tensor]) -> None:
+def log_metrics(
+    trainer,
+    mode: str,
+    attention_mask: Tensor,
+    metrics: dict[str, Tensor],
+    token_counts: dict[str, Tensor] | None = None,
+) -> None:
     """Record ``metrics`` (0-d tensors) and the token count in the trainer's metric state, as
-    ``DPOTrainer._compute_loss`` does for its own."""
+    ``DPOTrainer._compute_loss`` does for its own.
+
+    ``token_counts``: for the metrics that are token means on each rank, the rank's token count; TRL
+    reports those as means over all ranks' tokens (sum of value * count over sum of counts), not as the
+    mean of the ranks' means (which differ as soon as the ranks have different token counts)."""
     if mode == "train":
         n = trainer.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
         trainer._total_train_tokens += n // trainer._tp_size
     trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+    counts = token_counts or {}
     for k, v in metrics.items():
-        trainer._metrics[mode][k].append(trainer.accelerator.gather_for_metrics(v.reshape(1).float()).mean().item())
+        if k in counts:
+            n = counts[k].reshape(1).float()
+            total, tokens = (trainer.accelerator.gather_for_metrics(t).sum() for t in (v.reshape(1).float() * n, n))
+            trainer._metrics[mode][k].append((total / tokens).item() if tokens > 0 else 0.0)
+        else:
+            trainer._metrics[mode][k].append(trainer.accelerator.gather_for_metrics(v.reshape(1).float()).mean().item())
 
 
 class DPOComputeLossHook:

@@ -179,7 +179,14 @@ class _FusedDPOMixin(DPOComputeLossHook):
             if ref_w is not None:
                 ref.update(ref_weight=ref_w, ref_bias=ref_b)
             result = call_with_lm_head(head, loss, hidden, shifted, **ref)
-        log_metrics(self, mode, inputs["attention_mask"], result.metrics)
+        mask_c, mask_r = (shifted != -100).chunk(2, dim=0)  # the module's token means are over these
+        counts = {
+            "entropy": mask_c.sum() + mask_r.sum(),
+            "logits/chosen": mask_c.sum(),
+            "logits/rejected": mask_r.sum(),
+        }
+        counts["mean_token_accuracy"] = counts["logits/chosen"]
+        log_metrics(self, mode, inputs["attention_mask"], result.metrics, token_counts=counts)
         if return_outputs:
             with torch.no_grad():
                 return result.loss, model(**model_kwargs)

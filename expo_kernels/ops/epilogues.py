@@ -1,0 +1,170 @@
+"""Epilogues on a tile of logits a library GEMM wrote: ``fold`` (the tile's log-softmax state) and
+``to_dz`` (the logits' gradient in place), per provider -- the torch specification, the native C++ ops
+(``csrc/expo_native.cpp``) and Triton (``ops/triton_engine.py``) -- and the op's path that keeps one
+call's logits for its backward when they fit the workspace (docs/design.md, "Engine").
+
+A tile ``z [n, V]`` holds raw logits ``h W^T`` (contiguous rows, float32 for 16-bit heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import gemm as G
+from . import state as S
+from .common import LogitTransform
+from .options import workspace_bytes
+
+__all__ = [
+    "Epilogues",
+    "epilogues",
+    "torch_fold",
+    "torch_to_dz",
+    "native_fold",
+    "native_to_dz",
+    "transform_in_place",
+    "keeps_logits",
+    "forward_keeping_logits",
+    "backward_from_logits",
+]
+
+
+def torch_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+    """Bias and transform in place, then the tile's partial state (the specification of the C++ fold)."""
+    from .torch_backend import tile_state
+
+    transform_in_place(z, bias, t)
+    return tile_state(z, labels, torch.arange(z.shape[1], device=z.device), with_stats)
+
+
+def torch_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform) -> None:
+    """Transformed logits -> ``g (onehot - p) dz/draw`` in place (the specification of the C++ op)."""
+    deriv: Tensor | float = t.logit_scale * t.inv_temperature
+    if t.softcap is not None:
+        # z = c tanh(u) / T, so tanh(u) = z T / c and dz/draw = s / T (1 - tanh(u)^2)
+        tanh = z * (t.temperature / t.softcap)
+        deriv = deriv * (1.0 - tanh * tanh)
+    p = torch.exp(torch.clamp_max(z - lse[:, None], 0.0))
+    onehot = torch.zeros_like(z).scatter_(1, labels[:, None], 1.0)
+    z.copy_(g[:, None] * (onehot - p) * deriv)
+
+
+def native_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+    fields = torch.ops.expo_native.fold_logits_(
+        z, bias, labels, 0, float(t.logit_scale), t.softcap, float(t.inv_temperature), bool(with_stats)
+    )
+    return S.LogprobState(*fields)
+
+
+def native_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform) -> None:
+    torch.ops.expo_native.logits_to_dz_(z, labels, 0, lse, g, float(t.logit_scale), t.softcap, float(t.inv_temperature))
+
+
+@dataclass(frozen=True)
+class Epilogues:
+    """The two epilogues of one provider.
+
+    ``fold(z, bias, labels, transform, with_stats) -> LogprobState`` on raw logits (it may leave them
+    transformed in place); ``to_dz(z, bias, labels, lse, g, transform, out)`` on what ``fold`` left,
+    writing dz into ``out`` (``z`` itself, or a buffer in the head's 16-bit dtype)."""
+
+    fold: Callable[..., S.LogprobState]
+    to_dz: Callable[..., None]
+    fold_transforms: bool  # fold leaves the logits transformed (bias added), which to_dz expects
+
+
+def transform_in_place(z: Tensor, bias: Tensor | None, t: LogitTransform) -> None:
+    """What a transforming fold does to raw logits, for a pass that needs dz but not the fold's state."""
+    if bias is not None:
+        z.add_(bias.to(z.dtype))
+    z.copy_(t.apply(z))
+
+
+def _in_place_to_dz(op):
+    def to_dz(z, bias, labels, lse, g, t, out):  # z is transformed, bias already added by the fold
+        op(z, labels, lse, g, t)
+        if out is not z:
+            out.copy_(z)
+
+    return to_dz
+
+
+def epilogues(backend: str) -> Epilogues:
+    """C++ (``native``), the torch specification (``torch``) or Triton (``triton``: GPUs, interpreter)."""
+    if backend == "native":
+        return Epilogues(native_fold, _in_place_to_dz(native_to_dz), True)
+    if backend == "triton":
+        from . import triton_engine
+
+        return Epilogues(triton_engine.fold, triton_engine.to_dz, False)
+    return Epilogues(torch_fold, _in_place_to_dz(torch_to_dz), True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the op's logits kept for its backward (linear_logprobs: 6 NHV instead of 8 when they fit)
+# ---------------------------------------------------------------------------------------------
+
+#: The backends whose op path can keep the logits: their epilogues exist for the device.
+_KEEPING_BACKENDS = {"cpu": ("native", "torch"), "cuda": ("triton", "torch")}
+
+
+def keeps_logits(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str) -> bool:
+    """Whether a ``linear_logprobs`` call of ``tokens`` rows keeps its logits for the backward pass: the
+    float32 logits (plus the 16-bit dz of a 16-bit head) fit the workspace, and the backend has the
+    epilogues (on the CPU: float32/float64 heads -- the CPU has no float32-output 16-bit GEMM)."""
+    from .triton_backend import INTERPRETING
+
+    if backend not in _KEEPING_BACKENDS.get(device.type, ()) and not (backend == "triton" and INTERPRETING):
+        return False
+    if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        return False
+    ld = G.logits_dtype(dtype, device)
+    per_token = vocab * (ld.itemsize + (dtype.itemsize if ld != dtype else 0))
+    return 0 < tokens * per_token <= workspace_bytes(device)
+
+
+def forward_keeping_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    t: LogitTransform,
+    with_stats: bool,
+    backend: str,
+) -> tuple[S.LogprobState, Tensor]:
+    """hidden [n, H], weight [V, H], labels [n] in ``[0, V)`` -> (the rows' state, the logits ``[n, V]``
+    as the fold left them: the input of :func:`backward_from_logits`). One GEMM for the whole call."""
+    z = torch.empty(
+        hidden.shape[0], weight.shape[0], dtype=G.logits_dtype(hidden.dtype, hidden.device), device=hidden.device
+    )
+    G.logits_into(z, hidden, weight)
+    b = None if bias is None else bias.to(z.dtype).contiguous()
+    return epilogues(backend).fold(z, b, labels, t, with_stats), z
+
+
+def backward_from_logits(
+    z: Tensor,
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    t: LogitTransform,
+    need: tuple[bool, bool, bool],
+    backend: str,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of ``sum_n grad_logp[n] logp[n]`` from the kept logits ``z`` (overwritten by dz):
+    ``dH = dz W``, ``dW = dz^T h``, ``db = sum dz`` -- no logit recomputed."""
+    b = None if bias is None else bias.to(z.dtype).contiguous()
+    dz = z if z.dtype == hidden.dtype else torch.empty(z.shape, dtype=hidden.dtype, device=z.device)
+    epilogues(backend).to_dz(z, b, labels, lse.to(z.dtype), grad_logp.to(z.dtype), t, dz)
+    need_h, need_w, need_b = need
+    d_hidden = dz @ weight if need_h else None
+    d_weight = dz.T @ hidden if need_w else None
+    d_bias = dz.sum(dim=0, dtype=z.dtype).to(bias.dtype) if need_b and bias is not None else None
+    return d_hidden, d_weight, d_bias
