@@ -218,8 +218,6 @@ def run_worker(spec: dict) -> dict:
             hn.error_fields(result, exc)
         return result
     try:
-        import torch
-
         if spec.get("workload") == "rrhf":
             return _rrhf_worker(spec, result)
         hidden, ref_hidden, weight, labels = make_dpo_inputs(
@@ -242,31 +240,39 @@ def run_worker(spec: dict) -> dict:
             weight.grad = None
             return step_fn(hidden, ref_hidden, weight, labels)
 
-        gc.collect()
-        result["baseline_rss_bytes"] = hn.current_rss_bytes()
-        result["peak_reset"] = hn.reset_peak_rss()
-        t0 = time.perf_counter()
-        step()
-        result["first_s"] = time.perf_counter() - t0
-        for _ in range(spec["warmup"]):
-            step()
-        times = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t0)
-        result["peak_rss_bytes"] = hn.maxrss_bytes()
-        result["times_s"] = times
-        result["median_s"] = statistics.median(times) if times else result["first_s"]
-        r = grad_probe(spec["hidden"], "cpu")
-        result["loss"] = float(loss)
-        result["dw_r"] = None if weight.grad is None else (weight.grad.float() @ r).tolist()
-        result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
-        result["threads"] = torch.get_num_threads()
-        result["status"] = "ok"
+        _time_steps(step, spec, result, hidden, weight)
     except BaseException as exc:  # noqa: BLE001 — any failure becomes an error row
         hn.error_fields(result, exc)
     return result
+
+
+def _time_steps(step, spec: dict, result: dict, hidden, weight) -> None:
+    """Baseline and peak RSS, the first call, warm-up, the timed calls, the loss and gradient probes."""
+    import torch
+
+    gc.collect()
+    result["baseline_rss_bytes"] = hn.current_rss_bytes()
+    result["peak_reset"] = hn.reset_peak_rss()
+    t0 = time.perf_counter()
+    step()
+    result["first_s"] = time.perf_counter() - t0
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    loss = None
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    result["peak_rss_bytes"] = hn.maxrss_bytes()
+    result["times_s"] = times
+    result["median_s"] = statistics.median(times) if times else result["first_s"]
+    r = grad_probe(spec["hidden"], "cpu")
+    result["loss"] = None if loss is None else float(loss)
+    result["dw_r"] = None if weight.grad is None else (weight.grad.float() @ r).tolist()
+    result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
+    result["threads"] = torch.get_num_threads()
+    result["status"] = "ok"
 
 
 def _rrhf_worker(spec: dict, result: dict) -> dict:
@@ -296,28 +302,7 @@ def _rrhf_worker(spec: dict, result: dict) -> dict:
         weight.grad = None
         return step_fn(hidden.view(*shape, spec["hidden"]), weight, labels.view(shape), rewards)
 
-    gc.collect()
-    result["baseline_rss_bytes"] = hn.current_rss_bytes()
-    result["peak_reset"] = hn.reset_peak_rss()
-    t0 = time.perf_counter()
-    step()
-    result["first_s"] = time.perf_counter() - t0
-    for _ in range(spec["warmup"]):
-        step()
-    times = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    result["peak_rss_bytes"] = hn.maxrss_bytes()
-    result["times_s"] = times
-    result["median_s"] = statistics.median(times) if times else result["first_s"]
-    r = grad_probe(spec["hidden"], "cpu")
-    result["loss"] = float(loss)
-    result["dw_r"] = (weight.grad.float() @ r).tolist()
-    result["dh_r"] = (hidden.grad.float().reshape(-1, spec["hidden"]) @ r).tolist()
-    result["threads"] = torch.get_num_threads()
-    result["status"] = "ok"
+    _time_steps(step, spec, result, hidden, weight)
     return result
 
 

@@ -155,7 +155,9 @@ def _run_training(name, rank, world):
     model = TinyLM()
     ref_model = copy.deepcopy(model)  # the frozen reference policy
     plain, plain_ref = copy.deepcopy(model), copy.deepcopy(model)  # trained unsharded on the global batch
-    for p in list(ref_model.parameters()) + list(plain_ref.parameters()):
+    # frozen by requires_grad=False, except in "expo-token": there the reference parameters keep
+    # requires_grad=True, as TRL's prepare_deepspeed leaves them (only eval()); the loss uses them detached
+    for p in list(ref_model.parameters()) * (name != "expo-token") + list(plain_ref.parameters()):
         p.requires_grad_(False)
     if name == "dpo":
         loss_fn = ek.FusedLinearPreferenceLoss("sigmoid", beta=0.5, backend="torch")
@@ -230,7 +232,7 @@ def _run_training(name, rank, world):
     return res
 
 
-def _trl_run(trainer_cls, config_cls, dataset, **kw):
+def _trl_run(trainer_cls, config_cls, dataset, config=None, **kw):
     """One trainer, 3 SGD steps under accelerate's DeepSpeed ZeRO-3 plugin: (logs, full parameters)."""
     import deepspeed
     import test_integration_trl as TI
@@ -245,6 +247,7 @@ def _trl_run(trainer_cls, config_cls, dataset, **kw):
     }
     # use_configured_state: keep the gloo PartialState made in _run_trl (see there)
     args = {**TI.TRAINER_ARGS, "use_cpu": False, "per_device_train_batch_size": 2, "deepspeed": ds_config}
+    args.update(config or {})
     args["accelerator_config"] = {"use_configured_state": True}
     torch.manual_seed(0)
     model = TI.llama()
@@ -287,16 +290,28 @@ def _run_trl(name, rank, world):
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
+    compared = None  # the logged values compared: all of TRL's
     if name == "trl-kto":
         runs = [_trl_run(cls, KTOConfig, TI.UNPAIRED) for cls in (KTOTrainer, FusedKTOTrainer)]
+    elif name == "trl-dpo-expo-token":
+        # TRL has no EXPO: the reference is tests/test_integration_trl.py's DPOTrainer that materializes
+        # the logits (exact token KL), under ZeRO-3 too; it logs the loss only
+        lam = TI.PlainLogitsEXPOTrainer.lam
+        ours = dict(config={"loss_type": ["expo"]}, loss_kwargs={"lam": lam, "kl_estimator": "token"})
+        runs = [
+            _trl_run(TI.PlainLogitsEXPOTrainer, DPOConfig, TI.PAIRS),
+            _trl_run(FusedDPOTrainer, DPOConfig, TI.PAIRS, **ours),
+        ]
+        compared = {"loss"}
     else:
         ours = {"registry_loss": True} if name == "trl-dpo-registry-loss" else {}
         runs = [_trl_run(DPOTrainer, DPOConfig, TI.PAIRS), _trl_run(FusedDPOTrainer, DPOConfig, TI.PAIRS, **ours)]
     (logs_a, params_a, part_a), (logs_b, params_b, part_b) = runs
     res = {"heads_partitioned": (0.0 if part_a and part_b else 1.0, 0.0), "three_logs": (abs(len(logs_b) - 3), 0)}
     for step, (la, lb) in enumerate(zip(logs_a, logs_b, strict=True)):
-        res[f"step{step}_metrics_missing"] = (len(set(la) - set(lb)), 0)
-        for k in set(la) & set(lb):  # TRL_RTOL relative, 1e-6 absolute (as tests/test_integration_trl.py)
+        compared_here = set(la) if compared is None else compared
+        res[f"step{step}_metrics_missing"] = (len(compared_here - set(lb)), 0)
+        for k in compared_here & set(lb):  # TRL_RTOL relative, 1e-6 absolute (as tests/test_integration_trl.py)
             res[f"step{step}:{k}"] = (abs(la[k] - lb[k]) / max(abs(la[k]), 1e-6 / TI.RTOL), TI.RTOL)
     for k in params_a:
         res[f"param:{k}"] = (float((params_a[k] - params_b[k]).abs().max()), TI.PARAM_TOL)
@@ -307,7 +322,7 @@ def _run_trl(name, rank, world):
     return res
 
 
-TRL_CASES = ["trl-dpo", "trl-dpo-registry-loss", "trl-kto"]
+TRL_CASES = ["trl-dpo", "trl-dpo-registry-loss", "trl-dpo-expo-token", "trl-kto"]
 CASES = os.environ.get("EK_DS_CASES", "dpo,expo-token,expo-token-shared-head,functional").split(",")
 
 

@@ -75,7 +75,7 @@ tail -n 40 "$OUT/info.txt"
 # --timeout per test only where pytest-timeout is installed. SIGINT first: pytest then still prints
 # its summary (-rfE: every failure and error in one line) and writes the JUnit XML.
 TESTS="tests/test_linear_logprobs.py tests/test_token_kl.py tests/test_engine.py tests/test_fused_module.py
-tests/test_kernel_options.py tests/test_triton_internals.py tests/test_reliability.py"
+tests/test_kernel_options.py tests/test_triton_internals.py tests/test_reliability.py tests/test_topk.py"
 TIMEOUT_ARGS=()
 if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then TIMEOUT_ARGS=(--timeout 120); fi
 if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then TIMEOUT_ARGS+=(--benchmark-disable); fi

@@ -17,10 +17,15 @@ whenever a head is a partitioned ZeRO-3 parameter) does, per call:
   (or makes) the head gathered until its ``AccumulateGrad`` ran: autograd accumulates a ``[V, H]``
   gradient only into a ``[V, H]`` parameter, and DeepSpeed's post-accumulate hook then
   reduce-scatters it into the owners' partitions (the same hook as for any ZeRO-3 layer). A
-  one-shot hook partitions the head right after.
+  one-shot hook partitions the head right after (at the latest at the end of the backward pass, for
+  a head that requires grad but was used detached, as TRL's reference model is).
 
 So a trainable head is all-gathered once in forward and once in backward, a frozen one once in
 forward and once in backward only if its weight was saved (the token KL's reference head).
+
+Not covered: tied input/output embeddings (DeepSpeed's embedding module would gather the same
+parameter), parameter offload to CPU/NVMe. A backward that raises between a head's re-gather and its
+gradient accumulation may leave that head gathered (the next gather of it then raises).
 
 Nothing here imports ``deepspeed`` unless a tensor is a ZeRO-3 parameter (which only exists when
 deepspeed is installed): the checks read attributes only.
@@ -69,7 +74,14 @@ _HELD: dict[int, Any] = {}
 _AWAITING_GRAD: dict[int, int] = {}
 
 
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
 def _gather_until_accumulated(param: Tensor) -> None:
+    """Gather ``param`` (called in backward) until its gradient is accumulated: released by the hook
+    of :class:`_GradToPartitioned`, at the latest at the end of this backward pass (a head that
+    required grad but whose gradient never arrived, e.g. a reference model's head used detached)."""
     import deepspeed
 
     if id(param) in _HELD or not _is_partitioned(param):
@@ -77,6 +89,7 @@ def _gather_until_accumulated(param: Tensor) -> None:
     gather = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     gather.__enter__()
     _HELD[id(param)] = gather
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: _release(param))
 
 
 def _release(param: Tensor) -> None:
@@ -119,16 +132,17 @@ class _Regather:
     """What the graph saves instead of a tensor aliasing a gathered ZeRO-3 head: the parameter and the
     alias's geometry, rebuilt from a fresh gather when backward needs it."""
 
-    __slots__ = ("param", "size", "stride", "offset")
+    __slots__ = ("param", "size", "stride", "offset", "requires_grad")
 
     def __init__(self, param: Tensor, t: Tensor) -> None:
         self.param, self.size, self.stride, self.offset = param, t.size(), t.stride(), t.storage_offset()
+        self.requires_grad = t.requires_grad  # the trainable head itself, not a detached alias of it
 
     def unpack(self) -> Tensor:
         import deepspeed
 
         p = self.param
-        if id(p) in _AWAITING_GRAD:
+        if self.requires_grad and id(p) in _AWAITING_GRAD and _in_backward():
             _gather_until_accumulated(p)  # the gradient's accumulation needs it gathered too: one gather
             full = p.data
         elif not _is_partitioned(p):
