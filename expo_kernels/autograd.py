@@ -210,6 +210,8 @@ def _setup_context(ctx, inputs, output):
     # Not a saved tensor: the first backward overwrites it with dz and drops it, and any later backward
     # (retain_graph=True) recomputes the logits. Detached, so that ctx does not hold its own output's graph.
     ctx.kept_logits = output[7].detach() if output[7].numel() > 0 else None
+    # no zero-filled gradients for the outputs nobody differentiates (the kept logits are [N, V])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logp, *_stat_grads):
