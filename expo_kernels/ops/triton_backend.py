@@ -111,6 +111,11 @@ def select_config(
         raise ValueError(f"unknown Triton kernel {kernel!r}; expected one of {KERNELS}")
     if arch is None:
         return SMALL_CONFIG
+    if kernel == "forward" and topk > 0 and dtype != torch.float32 and arch < 100:
+        # 16-bit on sm_80/sm_90: the running top-k next to a 64 x 128 logit tile, bias or softcap and
+        # statistics spills (sm_90 under Triton 3.6, sm_80 under 3.9: 6-13 spill instructions); 64-wide
+        # vocabulary tiles fit and keep the 64-row tiles sm_90's wgmma needs.
+        return GPU_CONFIG._replace(block_v=64)
     if kernel == "forward" and topk > 0 and (dtype == torch.float32 or arch >= 100):
         # The running top-k ([BLOCK_N, KP] values and int64 ids, twice while a tile merges) next to the
         # logit tile and the statistics spills at k = 32 with float32 tiles (sm_90) and with 16-bit
