@@ -140,8 +140,12 @@ def select_config(
             # sm_80 (mma.sync, accumulators in registers): the 64 x 128 logit tile plus a 64 x 64
             # gradient slice spill; 32-wide slices do not. sm_90 TF32 with both gradients: 3 stages
             # of 4-byte [64 x 64] + [64 x 128] operands for the logits and both gradient GEMMs take
-            # 241 KiB > 227 KiB; 32-wide slices take 153 KiB.
-            return GPU_CONFIG._replace(block_h=32)
+            # 241 KiB > 227 KiB; 32-wide slices take 153 KiB. On sm_80 Triton 3.6's ptxas caps some
+            # variants at 128 registers and spills 2-6 instructions: they fit under 255.
+            if kernel == "token_kl_backward" and tf32 and arch < 90:
+                # two heads' 4-byte tiles with softcap and bias: 32-wide slices still spill at 255
+                return GPU_CONFIG._replace(block_h=16, maxnreg=255)
+            return GPU_CONFIG._replace(block_h=32, maxnreg=255 if arch < 90 else None)
         if arch >= 100:
             # sm_100 (tcgen05, accumulators in tensor memory): ptxas's heuristic caps some variants (bias
             # gradient with the filter) at 128 registers and spills; they fit under 255.
@@ -150,6 +154,14 @@ def select_config(
         # sm_80 TF32 forward with statistics: the 4-byte operand slices of a 64-wide H step next to the
         # logit tile and seven per-row running sums reach 255 registers and spill; 32-wide slices fit.
         return GPU_CONFIG._replace(block_h=32)
+    elif kernel == "token_kl_forward" and arch >= 100 and dtype != torch.float32:
+        # sm_100 16-bit, two heads' logit tiles with a softcap: Triton 3.6's ptxas caps them at 128
+        # registers and spills; they fit under 255 (float32 tiles do better with ptxas's own choice).
+        return GPU_CONFIG._replace(maxnreg=255)
+    elif kernel == "token_kl_forward" and arch >= 100:
+        # sm_100 float32 (TF32), two heads' 4-byte operand slices: 64-wide H steps spill under
+        # Triton 3.9; 32-wide slices fit (with the register cap raised: 3.6's ptxas stops at 128).
+        return GPU_CONFIG._replace(block_h=32, maxnreg=255)
     return GPU_CONFIG
 
 
