@@ -154,14 +154,12 @@ def select_config(
         # sm_80 TF32 forward with statistics: the 4-byte operand slices of a 64-wide H step next to the
         # logit tile and seven per-row running sums reach 255 registers and spill; 32-wide slices fit.
         return GPU_CONFIG._replace(block_h=32)
-    elif kernel == "token_kl_forward" and arch >= 100 and dtype != torch.float32:
-        # sm_100 16-bit, two heads' logit tiles with a softcap: Triton 3.6's ptxas caps them at 128
-        # registers and spills; they fit under 255 (float32 tiles do better with ptxas's own choice).
-        return GPU_CONFIG._replace(maxnreg=255)
     elif kernel == "token_kl_forward" and arch >= 100:
-        # sm_100 float32 (TF32), two heads' 4-byte operand slices: 64-wide H steps spill under
-        # Triton 3.9; 32-wide slices fit (with the register cap raised: 3.6's ptxas stops at 128).
-        return GPU_CONFIG._replace(block_h=32, maxnreg=255)
+        # sm_100, two heads' logit tiles: Triton 3.6's ptxas caps some variants (16-bit with a softcap)
+        # at 128 registers and spills; they fit under 255. Float32 (TF32) 4-byte operand slices of a
+        # 64-wide H step also spill under Triton 3.9; 32-wide slices fit.
+        block_h = 32 if dtype == torch.float32 else GPU_CONFIG.block_h
+        return GPU_CONFIG._replace(block_h=block_h, maxnreg=255)
     return GPU_CONFIG
 
 
