@@ -17,22 +17,20 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
-from .ops import torch_backend
+from .ops import Backend, torch_backend
+from .ops.common import interpreting
 
 BACKENDS = V.BACKENDS
 BACKEND_ENV = "EXPO_KERNELS_BACKEND"
 
 
 def triton_importable() -> bool:
+    """Whether ``import triton`` works (it imports Triton: ask only where a Triton backend could run)."""
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def native_available(device: torch.device) -> bool:
@@ -52,7 +50,7 @@ def available_backends(device="cpu") -> list:
     names = []
     if native_available(device):
         names.append("native")
-    if triton_importable() and (device.type == "cuda" or interpreting()):
+    if (device.type == "cuda" or interpreting()) and triton_importable():  # no Triton import off CUDA
         names.append("triton")
     names.append("torch")
     return names
@@ -92,7 +90,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     return name
 
 
-def backend_module(name: str):
+def backend_module(name: str) -> Backend:
     """The module implementing backend ``name`` (the contract: ``expo_kernels.ops``)."""
     if name == "triton":
         from .ops import triton_backend
@@ -108,7 +106,7 @@ def backend_module(name: str):
 _WARNED_FILTER: set = set()
 
 
-def backward_module(name: str):
+def backward_module(name: str) -> Backend:
     """``backend_module`` for a backward pass; warns once per backend that ignores gradient filtering.
 
     ``kernel_options(grad_filter_eps=...)`` is a Triton option: the torch and native backends compute

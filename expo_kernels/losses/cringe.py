@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CringeLossOutput", "cringe_loss", "sample_positive"]
+__all__ = ["CringeLossOutput", "check_real", "cringe_loss", "sample_positive"]
 
 
 @dataclass
@@ -62,7 +62,9 @@ class CringeLossOutput:
     positive_ids: Tensor
 
 
-def _check_real(name: str, value, *, positive: bool = False) -> float:
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a finite float (> 0 when ``positive``): not a real number -> TypeError, a non-finite
+    or non-positive value -> ValueError, both naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
@@ -128,9 +130,9 @@ def cringe_loss(
     Returns:
         :class:`CringeLossOutput`; the loss is float32 (float64 for float64 inputs).
     """
-    alpha = _check_real("alpha", alpha)
-    margin = _check_real("margin", margin)
-    tau = _check_real("tau", tau, positive=True)
+    alpha = check_real("alpha", alpha)
+    margin = check_real("margin", margin)
+    tau = check_real("tau", tau, positive=True)
     if not isinstance(pairwise, bool):
         raise TypeError(f"pairwise must be a bool, got {type(pairwise).__name__} {pairwise!r}")
     if topk_values.shape != topk_indices.shape or topk_values.shape[:-1] != rejected_labels.shape:

@@ -24,6 +24,7 @@ __all__ = [
     "require_rows",
     "masked_mean",
     "is_unpaired_loss",
+    "positive_number",
 ]
 
 
@@ -76,7 +77,7 @@ def require_rows(name: str, x: Any, rows: int, dims: int) -> Tensor:
     return x
 
 
-def _positive_number(name: str, value: Any, allow_none: bool = False) -> float | None:
+def positive_number(name: str, value: Any, allow_none: bool = False) -> float | None:
     """A finite number > 0 (None too when ``allow_none``), as a float: wrong type -> TypeError, bad
     value -> ValueError, both naming ``name``."""
     if value is None and allow_none:
@@ -171,9 +172,9 @@ class FusedLinearLossBase(nn.Module):
                 raise ValueError(f"`ld_alpha` must be a number in [0, 1] or None; got {ld_alpha!r}.")
             ld_alpha = a
         check_ignore_index(ignore_index)
-        temperature = _positive_number("temperature", temperature)
-        logit_scale = _positive_number("logit_scale", logit_scale, allow_none=True)
-        softcap = _positive_number("softcap", softcap, allow_none=True)
+        temperature = positive_number("temperature", temperature)
+        logit_scale = positive_number("logit_scale", logit_scale, allow_none=True)
+        softcap = positive_number("softcap", softcap, allow_none=True)
         check_bool("use_weighting", use_weighting)
         check_bool("compute_metrics", compute_metrics)
         check_backend_name(backend)

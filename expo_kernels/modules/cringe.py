@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_linear_head, check_positive_finite
 from ..functional import linear_logprobs
-from ..losses.cringe import _check_real, cringe_loss
+from ..losses.cringe import check_real, cringe_loss
 from ..ops.common import LogitTransform, topk_logits
 from ._base import PreferenceLossOutput, masked_mean
 
@@ -65,9 +65,9 @@ class FusedLinearCRINGELoss(nn.Module):
         check_positive_finite("softcap", softcap, allow_none=True)
         check_backend_name(backend)
         self.k, self.pairwise, self.ignore_index, self.backend = k, pairwise, ignore_index, backend
-        self.alpha = _check_real("alpha", alpha)
-        self.margin = _check_real("margin", margin)
-        self.tau = _check_real("tau", tau, positive=True)
+        self.alpha = check_real("alpha", alpha)
+        self.margin = check_real("margin", margin)
+        self.tau = check_real("tau", tau, positive=True)
         self.transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
 
     def forward(

@@ -39,7 +39,7 @@ from .._validation import check_backend_name, check_bool, check_ignore_index
 from ..functional import linear_logprobs
 from ..losses.ranking import best_response_mask, check_rewards_and_mask, ranking_loss
 from ..losses.registry import HParamTypeError, as_real, describe
-from ._base import _positive_number, masked_mean
+from ._base import masked_mean, positive_number
 
 __all__ = ["FusedLinearRankingLoss", "RankingLossOutput", "RANKING_METHODS"]
 
@@ -117,9 +117,9 @@ class FusedLinearRankingLoss(nn.Module):
         self.reward_temperature = reward_temperature
         self.ignore_index = int(ignore_index)
         self.transform: dict[str, Any] = dict(
-            temperature=_positive_number("temperature", temperature),
-            logit_scale=_positive_number("logit_scale", logit_scale, allow_none=True),
-            softcap=_positive_number("softcap", softcap, allow_none=True),
+            temperature=positive_number("temperature", temperature),
+            logit_scale=positive_number("logit_scale", logit_scale, allow_none=True),
+            softcap=positive_number("softcap", softcap, allow_none=True),
         )
         self.compute_metrics = compute_metrics
         self.backend = backend

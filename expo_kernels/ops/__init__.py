@@ -31,6 +31,12 @@ class Backend(Protocol):
     global ids; ``lse``/``lse_p``/``lse_r``/``grad [N]`` float32 (float64 for float64 inputs).
     Partial states and accumulators are float32 (float64 for float64 inputs); gradients come back in
     the dtype of the tensor they belong to, None where not asked for.
+
+    ``topk=k`` (keyword; 0 for none): the forward's state also carries each token's k largest
+    transformed logits of the range and their global ids (``LogprobState.topk_values``/``topk_ids``).
+    A backend module may take further keyword options of its own after these (the Triton backend's
+    ``config``, ``vocab_splits``); ``_dispatch.backend_module`` returns a module typed as this
+    Protocol, so mypy checks each module against it.
     """
 
     def forward_partial(
@@ -42,6 +48,8 @@ class Backend(Protocol):
         transform: LogitTransform,
         with_stats: bool,
         vocab_start: int = 0,
+        *,
+        topk: int = 0,
     ) -> LogprobState: ...
 
     def backward(

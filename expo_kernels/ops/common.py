@@ -1,12 +1,23 @@
-"""Types shared by every backend: the logit transform, the per-token outputs, the public statistics."""
+"""Shared by every backend: the logit transform, the per-token outputs, the public statistics, and the
+one check for Triton's CPU interpreter."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``), read at call time.
+
+    The one place that reads the variable: it imports nothing from Triton, so CPU paths can ask
+    without Triton installed. ``triton.jit`` reads the same variable once, when a kernel module is
+    first imported: set it before that import (tests/conftest.py does) and leave it set."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)

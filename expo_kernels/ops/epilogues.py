@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import gemm as G
 from . import state as S
-from .common import LogitTransform
+from .common import LogitTransform, interpreting
 from .options import workspace_bytes
 
 __all__ = [
@@ -116,9 +116,7 @@ def keeps_logits(tokens: int, vocab: int, dtype: torch.dtype, device: torch.devi
     """Whether a ``linear_logprobs`` call of ``tokens`` rows keeps its logits for the backward pass: the
     float32 logits (plus the 16-bit dz of a 16-bit head) fit the workspace, and the backend has the
     epilogues (on the CPU: float32/float64 heads -- the CPU has no float32-output 16-bit GEMM)."""
-    from .triton_backend import INTERPRETING
-
-    if backend not in _KEEPING_BACKENDS.get(device.type, ()) and not (backend == "triton" and INTERPRETING):
+    if backend not in _KEEPING_BACKENDS.get(device.type, ()) and not (backend == "triton" and interpreting()):
         return False
     if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         return False

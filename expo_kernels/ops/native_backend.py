@@ -23,6 +23,7 @@ Build and control (see ``expo_kernels.ops._native_build``):
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import _native_build
 from . import state as S
@@ -59,7 +60,14 @@ def _t(transform: LogitTransform):
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def forward_partial(
-    hidden, weight, bias, labels, transform: LogitTransform, with_stats: bool, vocab_start: int = 0, topk: int = 0
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    transform: LogitTransform,
+    with_stats: bool,
+    vocab_start: int = 0,
+    topk: int = 0,
 ) -> S.LogprobState:
     """As ``torch_backend.forward_partial``. With ``topk=k`` each row of a logit tile, once folded, is
     scanned in id order into the token's running k best (an insertion into a sorted [k] list, entered
@@ -88,18 +96,18 @@ def _none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def backward(
-    grad_logp,
-    hidden,
-    weight,
-    bias,
-    labels,
-    lse,
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
     transform: LogitTransform,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
     vocab_start: int = 0,
-):
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     need_bias = bool(need_bias and bias is not None)
     d_h, d_w, d_b = _ops().logprobs_backward(
         grad_logp,
@@ -121,7 +129,13 @@ def backward(
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def token_kl_forward_partial(
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None,
+    transform: LogitTransform,
 ) -> S.TokenKLState:
     return S.TokenKLState(
         *_ops().token_kl_forward(
@@ -140,20 +154,20 @@ def token_kl_forward_partial(
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
 def token_kl_backward(
-    grad_kl,
-    hidden,
-    weight,
-    bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    lse_p,
-    lse_r,
+    grad_kl: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None,
+    lse_p: Tensor,
+    lse_r: Tensor,
     transform: LogitTransform,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-):
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     need_bias = bool(need_bias and bias is not None)
     d_h, d_w, d_b = _ops().token_kl_backward(
         grad_kl,

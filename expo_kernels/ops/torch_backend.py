@@ -216,7 +216,13 @@ def token_kl_tile_state(zp: torch.Tensor, zr: torch.Tensor) -> S.TokenKLState:
 
 
 def token_kl_forward_partial(
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, transform: LogitTransform
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None,
+    transform: LogitTransform,
 ) -> S.TokenKLState:
     """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the token-KL partial
     state of that vocabulary range ([N] tensors)."""
@@ -238,20 +244,20 @@ def token_kl_forward_partial(
 
 
 def token_kl_backward(
-    grad_kl,
-    hidden,
-    weight,
-    bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    lse_p,
-    lse_r,
+    grad_kl: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None,
+    lse_p: torch.Tensor,
+    lse_r: torch.Tensor,
     transform: LogitTransform,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-):
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     acc = _acc_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]

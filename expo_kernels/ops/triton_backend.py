@@ -29,7 +29,6 @@ without a GPU").
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -38,11 +37,10 @@ import triton.language as tl
 
 from . import state as S
 from . import torch_backend
-from .common import LogitTransform
+from .common import LogitTransform, interpreting
 from .options import get_kernel_options
 from .torch_backend import cast_grads, grad_buffers
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_jit import apply_transform, safe_shift, transform_args
 
 
 class TileConfig(NamedTuple):
@@ -84,7 +82,7 @@ N_KL_SLOTS = len(S.TokenKLState._fields)
 
 
 def default_config(device: torch.device) -> TileConfig:
-    return SMALL_CONFIG if INTERPRETING or device.type != "cuda" else GPU_CONFIG
+    return SMALL_CONFIG if interpreting() or device.type != "cuda" else GPU_CONFIG
 
 
 KERNELS = ("forward", "backward", "token_kl_forward", "token_kl_backward")
@@ -164,7 +162,7 @@ def select_config(
 
 
 def _device_arch(device: torch.device) -> int | None:
-    if INTERPRETING or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
@@ -228,28 +226,9 @@ def _logit_tile(
 
 
 @triton.jit
-def _safe_shift(m):
-    """The running max as a shift: 0 while only masked (-inf) logits were seen (see torch_backend)."""
-    return tl.where(m > float("-inf"), m, 0.0)
-
-
-@triton.jit
 def _masked_row_products(e, x):
     """Row sums of e * x where e > 0: a masked entry (e = 0, x = -inf) adds 0, not nan."""
     return tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=1)
-
-
-@triton.jit
-def _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap(raw * scale) / T and dz/draw (see LogitTransform)."""
-    x = raw * logit_scale
-    deriv = logit_scale * inv_temp
-    if HAS_SOFTCAP:
-        # tanh(u) = 2 sigmoid(2u) - 1: tl has no portable tanh across Triton 3.x versions.
-        t = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
-        x = softcap * t
-        deriv = deriv * (1.0 - t * t)
-    return x * inv_temp, deriv
 
 
 @triton.jit
@@ -439,10 +418,10 @@ def _forward_kernel(
             BLOCK_V,
             BLOCK_H,
         )
-        z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        z, _ = apply_transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
         z = tl.where(mask_v[None, :], z, float("-inf"))  # columns past the split count as masked
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        shift = _safe_shift(m_new)
+        shift = safe_shift(m_new)
         rescale = tl.exp(m - shift)
         e = tl.exp(z - shift[:, None])
         # a label on a later shard may fall on this tile's padding columns (past v_hi): mask them
@@ -553,7 +532,7 @@ def _backward_kernel(
         BLOCK_V,
         BLOCK_H,
     )
-    z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z, deriv = apply_transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
     p = tl.exp(tl.minimum(z - lse[:, None], 0.0))  # <= 1 even if the recomputed z rounds above lse
     hit = (offs_v[None, :] == y[:, None]) & mask_v[None, :]
     valid = mask_n[:, None] & mask_v[None, :]
@@ -596,19 +575,10 @@ def _kernel_flags(hidden: torch.Tensor) -> dict:
     fp64 = hidden.dtype == torch.float64
     low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
     return dict(
-        UPCAST=INTERPRETING and low_precision,
+        UPCAST=interpreting() and low_precision,
         # float32 inputs: exact fp32 products unless the user opted into TF32 for matmuls.
         IEEE_FP32=hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         ACC=tl.float64 if fp64 else tl.float32,
-    )
-
-
-def _transform_args(transform: LogitTransform) -> dict:
-    return dict(
-        logit_scale=float(transform.logit_scale),
-        softcap=float(transform.softcap or 1.0),
-        inv_temp=float(transform.inv_temperature),
-        HAS_SOFTCAP=transform.softcap is not None,
     )
 
 
@@ -645,7 +615,7 @@ def _on_library_gemms(hidden: torch.Tensor, config: TileConfig | None, *, splits
     options = get_kernel_options()
     return (
         hidden.device.type == "cuda"
-        and not INTERPRETING
+        and not interpreting()
         and options.engine
         and options.grad_filter_eps is None
         and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -674,7 +644,7 @@ def forward_partial(
     ``2NHV``), and the splits' top-k merge with the rest of the state (``state.select_topk``)."""
     # the top-k lives in the fused kernel only (the library-GEMM path has no top-k epilogue)
     if topk == 0 and _on_library_gemms(hidden, config, splits=vocab_splits):
-        from . import triton_engine  # it builds on this module's jit helpers: imported at call time
+        from . import triton_engine  # the op on library GEMMs (CUDA): loaded when first taken
 
         return triton_engine.forward_partial(hidden, weight, bias, labels, transform, with_stats, vocab_start)
     n_tokens, hid = hidden.shape
@@ -716,7 +686,7 @@ def forward_partial(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
-        **_transform_args(transform),
+        **transform_args(transform),
         **_kernel_flags(hidden),
     )
     fields = N_SLOTS if with_stats else 3  # m, s, z_label come first
@@ -788,7 +758,7 @@ def backward(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             maxnreg=cfg.maxnreg,
-            **_transform_args(transform),
+            **transform_args(transform),
             **_kernel_flags(hidden),
             **_filter_args(),
         )
@@ -838,7 +808,7 @@ def _two_head_logits(
 ):
     """Transformed policy and reference logit tiles over the same tokens and vocab columns:
     ``(zp, dzp/draw, zr)``."""
-    zp, deriv = _transform(
+    zp, deriv = apply_transform(
         _logit_tile(
             h_ptr,
             w_ptr,
@@ -865,7 +835,7 @@ def _two_head_logits(
         inv_temp,
         HAS_SOFTCAP,
     )
-    zr, _ = _transform(
+    zr, _ = apply_transform(
         _logit_tile(
             hr_ptr,
             wr_ptr,
@@ -983,8 +953,8 @@ def _token_kl_forward_kernel(
         zr = tl.where(mask_v[None, :], zr, float("-inf"))
         mp_new = tl.maximum(m_p, tl.max(zp, axis=1))
         mr_new = tl.maximum(m_r, tl.max(zr, axis=1))
-        shift_p = _safe_shift(mp_new)
-        shift_r = _safe_shift(mr_new)
+        shift_p = safe_shift(mp_new)
+        shift_r = safe_shift(mr_new)
         er = tl.exp(zr - shift_r[:, None])
         rescale_r = tl.exp(m_r - shift_r)
         # sum e^(zr - m_r)((zr - m_r) - (zp - m_p)) moved to the new maxima (see ops.state), with the
@@ -1175,7 +1145,7 @@ def token_kl_forward_partial(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg,
-        **_transform_args(transform),
+        **transform_args(transform),
         **_kernel_flags(hidden),
     )
     return S.merge_token_kl_states([S.TokenKLState(*parts[:, k]) for k in range(splits)])
@@ -1254,7 +1224,7 @@ def token_kl_backward(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             maxnreg=cfg.maxnreg,
-            **_transform_args(transform),
+            **transform_args(transform),
             **_kernel_flags(hidden),
             **_filter_args(),
         )

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from . import gemm as G
 from . import state as S
-from .common import LogitTransform
+from .common import LogitTransform, interpreting
 from .options import workspace_bytes
-from .triton_backend import _safe_shift, _transform
+from .triton_jit import apply_transform, safe_shift, transform_args
 
 __all__ = ["fold", "to_dz", "forward_partial", "backward", "FOLD_BLOCK_V", "DZ_BLOCK_V"]
 
@@ -57,12 +57,6 @@ FOLD_BLOCK_V, DZ_BLOCK_V = FOLD_CONFIG.block_v, DZ_CONFIG.block_v
 # The interpreter runs one program at a time in numpy: small blocks keep the tests quick and still
 # cross many block boundaries.
 _INTERPRET_BLOCK_V = 64
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -100,10 +94,10 @@ def _fold_rows_kernel(
         raw = tl.load(z_row + cols, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             raw += tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        z, _ = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+        z, _ = apply_transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
         z = tl.where(valid, z, neg_inf)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        shift = _safe_shift(m_new)
+        shift = safe_shift(m_new)
         w = tl.exp(m - shift)  # the old part moved to the new shift; 0 while nothing finite was seen
         e = tl.exp(z - shift)  # 0 at masked / padded entries
         z_label += tl.sum(tl.where((cols == y) & valid, z, 0.0), axis=0)
@@ -154,21 +148,12 @@ def _dz_rows_kernel(
     raw = tl.load(z_ptr + row.to(tl.int64) * stride_z + cols, mask=valid, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += tl.load(b_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-    z, deriv = _transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
+    z, deriv = apply_transform(raw, logit_scale, softcap, inv_temp, HAS_SOFTCAP)
     # clamped at 0: a recomputed logit may round above lse (docs/design.md, "Numerics")
     p = tl.exp(tl.minimum(z - lse, 0.0))
     dz = g * (tl.where(cols == y, 1.0, 0.0) - p) * deriv
     dz_row = dz_ptr + row.to(tl.int64) * stride_dz
     tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=valid)
-
-
-def _transform_args(t: LogitTransform) -> dict:
-    return dict(
-        logit_scale=float(t.logit_scale),
-        softcap=float(t.softcap) if t.softcap is not None else 1.0,
-        inv_temp=float(t.inv_temperature),
-        HAS_SOFTCAP=t.softcap is not None,
-    )
 
 
 def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
@@ -179,7 +164,7 @@ def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with
     out = torch.empty(slots, n, dtype=torch.float32, device=z.device)
     if n == 0:
         return S.LogprobState(*out)
-    block = _INTERPRET_BLOCK_V if _interpreting() else FOLD_BLOCK_V
+    block = _INTERPRET_BLOCK_V if interpreting() else FOLD_BLOCK_V
     _fold_rows_kernel[(n,)](
         z,
         z.stride(0),
@@ -192,7 +177,7 @@ def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with
         WITH_STATS=with_stats,
         BLOCK_V=block,
         num_warps=FOLD_CONFIG.num_warps,
-        **_transform_args(t),
+        **transform_args(t),
     )
     return S.LogprobState(*out)
 
@@ -205,7 +190,7 @@ def to_dz(
     n, vocab = z.shape
     if n == 0:
         return
-    block = _INTERPRET_BLOCK_V if _interpreting() else DZ_BLOCK_V
+    block = _INTERPRET_BLOCK_V if interpreting() else DZ_BLOCK_V
     _dz_rows_kernel[(n, triton.cdiv(vocab, block))](
         z,
         z.stride(0),
@@ -219,7 +204,7 @@ def to_dz(
         HAS_BIAS=bias is not None,
         BLOCK_V=block,
         num_warps=DZ_CONFIG.num_warps,
-        **_transform_args(t),
+        **transform_args(t),
     )
 
 
