@@ -6,7 +6,8 @@
 * memory: :func:`maxrss_bytes`, :func:`current_rss_bytes`, :func:`reset_peak_rss` (Linux RSS
   high-water mark);
 * environment record: :func:`environment` (device, versions, expo backends; imports torch),
-  :func:`probe` (the same in a subprocess), :func:`expo_impls`, :func:`git_commit`, :func:`git_dirty`;
+  :func:`probe` (the same in a subprocess), :func:`expo_impls`, :func:`git_commit`, :func:`git_dirty`
+  (from git, else from ``.whl/COMMIT`` written by ``benchmarks/gpu/fetch_wheels.sh``);
 * results: :func:`result_header` (the fields every results JSON starts with), :func:`command_line`,
   :func:`utc_timestamp`, :func:`write_json`;
 * tables: :func:`render_table` (console or Markdown), :func:`gib`, :func:`fmt_s`, :func:`fmt_e`.
@@ -101,9 +102,17 @@ def error_fields(result: dict, exc: BaseException) -> dict:
     return result
 
 
-def spawn_worker(module: str, spec: dict, timeout: float, tmp: str) -> dict:
+def _tail(text, lines: int) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return " | ".join((text or "").strip().splitlines()[-lines:])
+
+
+def spawn_worker(module: str, spec: dict, timeout: float, tmp: str, tail_lines: int = 3) -> dict:
     """Run ``python -m <module> --_worker <spec>`` in a fresh process; its JSON result, or an error
-    row (timeout, crash, out of memory) so the other rows still run."""
+    row (timeout, crash, out of memory) so the other rows still run. An error row has ``status
+    "error"``, ``error`` (why, with the last ``tail_lines`` lines of the child's output), and
+    ``timed_out: True`` when the child was killed at ``timeout`` seconds."""
     fd, out_path = tempfile.mkstemp(suffix=".json", dir=tmp)
     os.close(fd)
     cmd = [sys.executable, "-m", module, "--_worker", json.dumps(spec), "--_out", out_path]
@@ -111,17 +120,23 @@ def spawn_worker(module: str, spec: dict, timeout: float, tmp: str) -> dict:
         proc = subprocess.run(
             cmd, cwd=str(REPO_ROOT), env=_child_env(), capture_output=True, text=True, timeout=timeout
         )
-    except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "status": "error", "error": f"timed out after {timeout:.0f} s (--timeout)"}
+    except subprocess.TimeoutExpired as exc:
+        tail = _tail(exc.stderr or exc.stdout, tail_lines)
+        return {
+            "impl": spec["impl"],
+            "status": "error",
+            "timed_out": True,
+            "error": f"timeout: killed after {timeout:.0f} s" + (f": {tail}" if tail else ""),
+        }
     try:
         with open(out_path) as f:
             return json.load(f)
     except Exception:
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        tail = _tail(proc.stderr or proc.stdout, tail_lines)
         why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         if proc.returncode == -9:
             why += " (out of memory?)"
-        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {' | '.join(tail)}"}
+        return {"impl": spec["impl"], "status": "error", "error": f"worker {why}: {tail}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,29 +221,48 @@ def expo_impls(info: dict) -> list:
     return [f"expo-{b}" for b in backends if not (b == "triton" and info["device_type"] != "cuda")]
 
 
-def git_commit() -> str | None:
+#: Written by ``benchmarks/gpu/fetch_wheels.sh`` (two lines, ``commit <sha>`` and ``dirty true|false``):
+#: ``.git`` does not travel to a GPU machine, ``.whl/`` does, so the commit is read from there.
+COMMIT_FILE = REPO_ROOT / ".whl" / "COMMIT"
+
+
+def _commit_file() -> dict:
+    """``{"commit": str, "dirty": bool | None}`` from :data:`COMMIT_FILE`, or {} if it is absent/unreadable."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
+        fields = dict(line.split(None, 1) for line in COMMIT_FILE.read_text().splitlines() if " " in line.strip())
+    except OSError:
+        return {}
+    out = {}
+    if fields.get("commit", "").strip():
+        out["commit"] = fields["commit"].strip()
+    dirty = fields.get("dirty", "").strip().lower()
+    out["dirty"] = True if dirty == "true" else False if dirty == "false" else None
+    return out
+
+
+def _git(*args) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=10)
     except Exception:
         return None
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD``; where git or ``.git`` is missing (a GPU machine), the commit that
+    ``fetch_wheels.sh`` wrote to ``.whl/COMMIT``; None if neither is there."""
+    out = _git("rev-parse", "HEAD")
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    return _commit_file().get("commit")
 
 
 def git_dirty() -> bool | None:
-    """True when the working tree differs from the commit (uncommitted code was measured)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=str(REPO_ROOT),
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except Exception:
-        return None
+    """True when the working tree differs from the commit (uncommitted code was measured). Without git:
+    ``.whl/COMMIT``'s ``dirty`` line (the tree's state when ``fetch_wheels.sh`` ran)."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    if out is not None and out.returncode == 0:
+        return bool(out.stdout.strip())
+    return _commit_file().get("dirty")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 * :func:`make_dpo_inputs` — one DPO step's inputs, ``B`` pairs x ``T`` tokens with the first third of
   every row prompt, plus the reference's hidden states (``bench_dpo_cpu``, ``bench_long_context``);
 * :func:`build_impl` — ``fn(hidden, weight, labels) -> logp`` for ``expo-<backend>``, ``naive``,
-  ``trl``, ``cce``; :func:`trl_chunk_size`; :func:`dpo_sigmoid`; :func:`grad_probe`.
+  ``naive-masked``, ``trl``, ``cce``, ``cce-filtered``, ``torch-lce``; :func:`trl_chunk_size`;
+  :func:`dpo_sigmoid`; :func:`grad_probe`.
 
 torch is imported inside the functions only, so benchmark parents can import this module.
 """
@@ -16,7 +17,18 @@ from typing import NamedTuple
 
 IGNORE_INDEX = -100
 PROMPT_FRAC = 1.0 / 3.0  # first third of every DPO row is prompt (-100)
-PER_TOKEN_IMPLS = ("expo-triton", "expo-native", "expo-torch", "expo-native-recompute", "naive", "trl", "cce")
+PER_TOKEN_IMPLS = (
+    "expo-triton",
+    "expo-native",
+    "expo-torch",
+    "expo-native-recompute",
+    "naive",
+    "naive-masked",
+    "trl",
+    "cce",
+    "cce-filtered",
+    "torch-lce",
+)
 
 
 def torch_dtype(name: str):
@@ -135,20 +147,27 @@ def grad_probe(hidden_size, device, seed=0):
 def trl_chunk_size() -> int:
     """The vocab chunk TRL's trainers pass to ``ChunkedLogProbFunction`` (``add_fused_lm_head``).
 
-    ``trl.trainer.utils`` imports accelerate; where that import fails (a machine with only TRL's own
-    wheels), the constant is read from the module's source text instead."""
+    Read from ``trl/trainer/utils.py``'s source text first: importing that module imports accelerate
+    and transformers (~2 s and hundreds of MB in a fresh benchmark process, which would count in a
+    row's time and memory baseline), and fails where only TRL's own wheels are installed. Imported only
+    when the text does not have the constant (renamed in some release)."""
+    import importlib.util
     import re
+    from pathlib import Path
 
     try:
-        import trl.trainer.utils as tu
-    except Exception:  # noqa: BLE001 — e.g. no accelerate: read the file without importing it
-        import importlib.util
-        from pathlib import Path
-
         spec = importlib.util.find_spec("trl")
         src = Path(spec.origin).parent / "trainer" / "utils.py" if spec and spec.origin else None
         text = src.read_text() if src is not None and src.is_file() else ""
-        match = re.search(r"_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text) or re.search(r"_CHUNK\w*\s*=\s*(\d+)", text)
+    except Exception:  # noqa: BLE001
+        text = ""
+    match = re.search(r"_CHUNKED_LOGPROB_CHUNK_SIZE\s*=\s*(\d+)", text)
+    if match:
+        return int(match.group(1))
+    try:
+        import trl.trainer.utils as tu
+    except Exception:  # noqa: BLE001 — e.g. no accelerate: any chunk-size constant in the text, else TRL's 32768
+        match = re.search(r"_CHUNK\w*\s*=\s*(\d+)", text)
         return int(match.group(1)) if match else 32768
     size = getattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
     if size is None:  # renamed in some release: find it in the source of add_fused_lm_head
@@ -164,11 +183,18 @@ def build_impl(name: str, device, cce_impl: str | None = None):
 
     ``expo-<backend>``: ``expo_kernels.linear_logprobs`` (it keeps the logits for backward when they
     fit its workspace); ``expo-<backend>-recompute``: the same with ``kernel_options(engine=False)``
-    (the backward recomputes them); ``naive``: ``F.linear(h, W).float()`` ->
-    ``log_softmax`` -> ``gather``; ``trl``: TRL's ``ChunkedLogProbFunction`` on the valid tokens;
-    ``cce``: Cut Cross-Entropy, ``logp = -nll`` (``impl=cce_impl``, default ``"cce"`` on CUDA and
-    ``"torch_compile"`` elsewhere). All imports happen here, so a worker can measure its
-    baseline memory after calling this.
+    (the backward recomputes them); ``naive``: ``F.linear(h, W).float()`` -> ``log_softmax`` ->
+    ``gather`` on every token (what older TRL did); ``naive-masked``: the same on the counted tokens
+    only (gathered before the matmul, so its FLOPs are the counted tokens'); ``trl``: TRL's
+    ``ChunkedLogProbFunction`` on the counted tokens; ``cce``: Cut Cross-Entropy, ``logp = -nll``
+    (``impl=cce_impl``, default ``"cce"`` on CUDA and ``"torch_compile"`` elsewhere), exact
+    (``filter_eps=None``: every gradient tile is accumulated, as ours are); ``cce-filtered``: the same
+    with the library's default gradient filtering (``impl="cce"`` only: the ``torch_compile`` path has
+    none, so this raises there); ``torch-lce``: PyTorch's chunked
+    ``torch.nn.functional.linear_cross_entropy(..., reduction="none",
+    options=torch.nn.LinearCrossEntropyOptions())`` on the counted tokens (torch >= 2.13; raises
+    ``ImportError`` where the installed torch lacks it). All imports happen here, so a worker can
+    measure its baseline memory after calling this.
     """
     import torch
 
@@ -196,6 +222,36 @@ def build_impl(name: str, device, cce_impl: str | None = None):
 
         return fn
 
+    if name == "naive-masked":
+
+        def fn(hidden, weight, labels):
+            mask = labels != IGNORE_INDEX
+            h = hidden[mask]  # the counted tokens first: the matmul does only the FLOPs credited
+            logp = torch.nn.functional.linear(h, weight).float().log_softmax(-1)  # [N_valid, V]
+            picked = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+            return picked.new_zeros(labels.shape).masked_scatter(mask, picked)
+
+        return fn
+
+    if name == "torch-lce":
+        F = torch.nn.functional
+        options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        if not hasattr(F, "linear_cross_entropy") or options_cls is None:
+            raise ImportError(
+                f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy with "
+                "torch.nn.LinearCrossEntropyOptions (PyTorch >= 2.13)"
+            )
+        options = options_cls()  # the chunked path with its per-(device, dtype) automatic choices
+
+        def fn(hidden, weight, labels):
+            mask = labels != IGNORE_INDEX
+            nll = F.linear_cross_entropy(
+                hidden[mask], weight, labels[mask], reduction="none", ignore_index=IGNORE_INDEX, options=options
+            )
+            return nll.new_zeros(labels.shape, dtype=torch.float32).masked_scatter(mask, -nll.float())
+
+        return fn
+
     if name == "trl":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
@@ -211,13 +267,20 @@ def build_impl(name: str, device, cce_impl: str | None = None):
 
         return fn
 
-    if name == "cce":
+    if name in ("cce", "cce-filtered"):
         from cut_cross_entropy import linear_cross_entropy
 
         impl = cce_impl or ("cce" if device.type == "cuda" else "torch_compile")
+        if name == "cce-filtered" and impl != "cce":
+            raise ValueError(f"cce-filtered: gradient filtering exists only in impl='cce' (CUDA), not impl={impl!r}")
+        # exact: filter_eps=None (the library's default filters gradient tiles below ~2^-12; a keyword the
+        # torch_compile path does not take, so it is passed to impl="cce" only)
+        kw = {"filter_eps": None} if name == "cce" and impl == "cce" else {}
 
         def fn(hidden, weight, labels):
-            nll = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none", impl=impl)
+            nll = linear_cross_entropy(
+                hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="none", impl=impl, **kw
+            )
             return -nll.float()
 
         return fn

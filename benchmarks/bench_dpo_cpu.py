@@ -14,8 +14,9 @@ Implementations (``--impls``):
   (``expo_kernels.engine``: the logits of a chunk of pairs in a bounded workspace, the gradient formed
   while they are there: 8 NHV FLOPs);
 * ``expo-engine-frozen`` — the same with a frozen head (LoRA: no ``d_weight``, 6 NHV);
-* ``expo-previous`` — the same module with ``kernel_options(engine=False)``: the op's recompute path
-  (10 NHV);
+* ``expo-recompute`` — the same module with ``kernel_options(engine=False)``: the op's recompute path
+  (10 NHV). Named ``expo-previous`` in results files written before the rename; ``--impls expo-previous``
+  still selects it (:data:`IMPL_ALIASES`);
 * ``expo-native``, ``expo-torch`` — ``expo_kernels.linear_logprobs(..., backend=...)`` for both
   passes and the loss in PyTorch, one row per backend ``available_backends("cpu")`` lists;
 * ``naive`` — full ``[tokens, vocab]`` fp32 logits, ``log_softmax``, ``gather`` (older TRL);
@@ -23,7 +24,10 @@ Implementations (``--impls``):
 * ``liger`` — Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``compiled=True``, its default; chunks of
   one pair);
 * ``cce`` — Cut Cross-Entropy ``linear_cross_entropy(..., reduction="none", impl="torch_compile")``,
-  ``logp = -nll``.
+  ``logp = -nll`` (exact: on CUDA, ``impl="cce"`` with ``filter_eps=None``);
+* ``torch-lce`` — PyTorch's chunked ``torch.nn.functional.linear_cross_entropy(..., reduction="none",
+  options=torch.nn.LinearCrossEntropyOptions())`` on the counted tokens, ``logp = -nll`` (torch >= 2.13;
+  an error row where torch lacks it).
 
 The inputs (``make_dpo_inputs``), the per-token implementations and the DPO loss are those of
 ``benchmarks._workloads``, shared with ``bench_logprobs`` and ``bench_long_context``. Time: the first call (compilation included), ``--warmup`` untimed calls,
@@ -77,7 +81,7 @@ RESULTS_DIR = hn.RESULTS_DIR
 ALL_IMPLS = (
     "expo-engine",
     "expo-engine-frozen",
-    "expo-previous",
+    "expo-recompute",
     "expo-native",
     "expo-torch",
     "naive",
@@ -85,7 +89,11 @@ ALL_IMPLS = (
     "liger",
     "liger-api",
     "cce",
+    "torch-lce",
 )
+#: Old row names still accepted by ``--impls`` and :func:`build_dpo_step` (results JSON written before
+#: the rename say ``expo-previous``).
+IMPL_ALIASES = {"expo-previous": "expo-recompute"}
 # FLOPs a step needs per valid token x H x V: policy forward + d_hidden + d_weight + reference forward
 # (the frozen head skips d_weight). A path that recomputes the logits in backward does 10.
 FLOPS_PER_TOKEN_HV = {"expo-engine-frozen": 6}
@@ -102,18 +110,22 @@ RANK_NOTE = "Liger-Kernel 0.8.5 chunked_loss and TRL 1.16 have no RRHF/PRO/RAFT 
 # ----------------------------------------------------------------------------------------------
 
 
-def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
+def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None, liger_compiled: bool = True):
     """``step(hidden, ref_hidden, weight, labels) -> loss`` (runs backward itself). ``device`` picks
     the per-token implementations' device-specific variants (cce: ``cce`` on CUDA, ``torch_compile``
-    elsewhere, unless ``cce_impl`` names one); ``bench_dpo_gpu`` shares this builder."""
+    elsewhere, unless ``cce_impl`` names one); ``liger_compiled``: Liger's ``compiled`` flag (its
+    default, True). Per-token names (``naive``, ``naive-masked``, ``trl``, ``cce``, ``cce-filtered``,
+    ``torch-lce``, ``expo-<backend>``) are :func:`benchmarks._workloads.build_impl`'s, run for both
+    passes. ``bench_dpo_gpu`` shares this builder."""
     import torch
 
-    if name.startswith("expo-engine") or name == "expo-previous":
+    name = IMPL_ALIASES.get(name, name)
+    if name.startswith("expo-engine") or name == "expo-recompute":
         import expo_kernels as ek
 
         # the module users call; metrics off so that it does the same work as the other rows
         loss_fn = ek.FusedLinearDPOLoss(beta=BETA, compute_metrics=False)
-        engine = name != "expo-previous"  # expo-previous: the op's recompute path (10 NHV)
+        engine = name != "expo-recompute"  # expo-recompute: the op's recompute path (10 NHV)
 
         def step(hidden, ref_hidden, weight, labels):
             with ek.kernel_options(engine=engine):
@@ -130,7 +142,8 @@ def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
         else:
             from expo_kernels.integrations.liger import LigerFusedLinearDPOLoss
 
-        loss_fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, use_ref_model=True)
+        kw = {} if liger_compiled else {"compiled": False}
+        loss_fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, use_ref_model=True, **kw)
 
         def step(hidden, ref_hidden, weight, labels):
             out = loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=weight.detach())
@@ -140,7 +153,7 @@ def build_dpo_step(name: str, device="cpu", cce_impl: str | None = None):
 
         return step
 
-    # expo-*, naive, trl, cce: fn(h [N, H], W, labels [N]) -> logp [N]
+    # expo-<backend>, naive(-masked), trl, cce(-filtered), torch-lce: fn(h [N, H], W, labels [N]) -> logp [N]
     per_token = build_impl(name, device, cce_impl=cce_impl)
 
     def step(hidden, ref_hidden, weight, labels):
@@ -413,9 +426,12 @@ def main(argv=None):
     expo = hn.expo_impls(info)
     impls = []
     default = (
-        ["expo-engine", "expo-engine-frozen", "expo-previous"] + expo + ["naive", "trl", "liger", "liger-api", "cce"]
+        ["expo-engine", "expo-engine-frozen", "expo-recompute"]
+        + expo
+        + ["naive", "trl", "liger", "liger-api", "cce", "torch-lce"]
     )
     for name in args.impls or default:
+        name = IMPL_ALIASES.get(name, name)
         if name == "expo":
             impls += expo
         elif name in ALL_IMPLS:
@@ -511,6 +527,7 @@ def main(argv=None):
             "seed": args.seed,
             "impls": impls,
             "reference": "forward-only, own hidden states, shares the policy head (detached)",
+            "renamed": {old: new for old, new in IMPL_ALIASES.items()},
         },
         "mm_gflops": mm_gflops,
         "mm_shape": MM_SHAPE,

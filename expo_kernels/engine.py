@@ -18,7 +18,8 @@ and the returned loss carries these gradients (its backward scales them by the i
 Policy forward 2NHV + dH 2NHV + dW 2NHV, plus the forward-only reference pass 2NHV: 8NHV, where
 recomputing the logits in backward costs 10NHV. Memory: the workspace (one chunk: whole pairs up to
 ``CHUNK_TOKENS`` tokens, capped by ``workspace_bytes``; see the defaults below) and the gradients;
-never ``[N, V]``.
+never ``[N, V]``. ``dW`` accumulates in float32 for a 16-bit head (a [V, H] buffer of 2x the weight,
+as in every peer) and is rounded to the head's dtype once, at the end of the step.
 
 A pair longer than the workspace cannot be folded whole: the step then runs two passes over token
 chunks of the workspace's size (forward: the per-token results; the loss's ``g`` for every token;
@@ -30,13 +31,29 @@ the CPU (``csrc/expo_native.cpp``), Triton on CUDA (``ops/triton_engine.py``), t
 specification (``torch_fold``, ``torch_to_dz``). Calls the engine does not serve take the op's path
 (:func:`expo_kernels.linear_logprobs`): batch-coupled losses, EXPO's token KL, 16-bit heads on the
 CPU, no gradient, or ``kernel_options(engine=False)``.
+
+Host syncs of a step (each a device round trip on CUDA; none decides anything that shapes could):
+
+* planning: **1** -- the counted tokens per row and the number of out-of-range labels, read together
+  (:func:`_counted`). They size the chunks and say whether the pairs fit the workspace, stacked with a
+  shared head's reference rows or not: that choice is arithmetic on these host counts, and the second
+  plan (the unstacked one, when the stacked one does not fit) and the reference pass reuse them.
+  The token positions come from a stable sort, the chunks' token ranges from host offsets.
+* the inputs' finiteness: **1** per pass (hidden, weight, bias; the reference pass has its own).
+* the results' finiteness: **1** per chunk (lse and statistics; with a shared head, both models'
+  rows in the same check), so that an overflowing transform or a fully masked vocabulary is named
+  before its NaNs reach the loss.
+* outside the engine: whatever the loss callback syncs per chunk (``losses.api`` checks that the loss
+  is finite).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -116,11 +133,11 @@ class _Workspace:
 # ---------------------------------------------------------------------------------------------
 
 
-def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CHUNK_TOKENS["cpu"]):
+def pair_chunks(pair_tokens: Tensor | list[int], budget_tokens: int, target_tokens: int = CHUNK_TOKENS["cpu"]):
     """Consecutive ranges of pairs ``[p0, p1)``: each grows until it holds ``target_tokens`` counted
     tokens, never past ``budget_tokens``; None when a single pair does not fit the budget (then the step
-    recomputes the logits in token chunks)."""
-    counts = pair_tokens.tolist()
+    recomputes the logits in token chunks). ``pair_tokens``: host ints (a tensor is read once)."""
+    counts = pair_tokens.tolist() if isinstance(pair_tokens, Tensor) else list(pair_tokens)
     if counts and max(counts) > budget_tokens:
         return None
     chunks, start, used = [], 0, 0
@@ -134,11 +151,56 @@ def pair_chunks(pair_tokens: Tensor, budget_tokens: int, target_tokens: int = CH
     return chunks
 
 
+@dataclass(frozen=True)
+class _Counted:
+    """The counted tokens of ``labels [R, T]``: flat positions (ascending), their int64 labels, and each
+    row's count as host ints (the one host sync of the bookkeeping)."""
+
+    token_ids: Tensor
+    labels: Tensor
+    row_tokens: tuple[int, ...]
+
+
+# The last labels counted, keyed by the tensor itself and its version counter: a step plans the same
+# labels up to three times (the stacked plan, the unstacked one when that does not fit, the reference
+# pass), and the counts are the step's only bookkeeping sync.
+_LAST_COUNTED: tuple[weakref.ref, int, int, int, _Counted] | None = None
+
+
+def _counted(labels: Tensor, ignore_index: int, vocab: int) -> _Counted:
+    """:class:`_Counted` of ``labels [R, T]`` in one host sync (the per-row counts and the number of
+    out-of-range labels read together); out-of-range labels raise :func:`_dispatch.counted_rows`'s error.
+    The positions come from a stable sort, not ``nonzero`` (whose output size costs a sync of its own)."""
+    global _LAST_COUNTED
+    version = None if labels.is_inference() else labels._version  # inference tensors keep no version
+    last = _LAST_COUNTED
+    if version is not None and last is not None and last[0]() is labels and last[1:4] == (version, ignore_index, vocab):
+        return last[4]
+    rows, steps = labels.shape
+    flat = labels.reshape(-1).long()
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    stats = torch.cat([bad.sum().view(1), valid.view(rows, steps).sum(dim=1)]).tolist()
+    if stats[0]:
+        D.counted_rows(flat, ignore_index, vocab)  # raises, naming the first bad label
+    row_tokens = tuple(int(c) for c in stats[1:])
+    total = sum(row_tokens)
+    if total == rows * steps:
+        token_ids = torch.arange(rows * steps, device=labels.device)
+    else:  # counted positions first, each group in its original order
+        token_ids = torch.sort((~valid).to(torch.uint8), stable=True).indices[:total]
+    result = _Counted(token_ids, flat.index_select(0, token_ids), row_tokens)
+    if version is not None:
+        _LAST_COUNTED = (weakref.ref(labels), version, ignore_index, vocab, result)
+    return result
+
+
 @dataclass
 class PairPlan:
     """How a paired batch ``labels [R, T]`` is cut: the counted tokens (flat positions, int64 labels),
     each one's pair, the pairs' token counts, and the chunks of whole pairs (None when a pair is longer
-    than the workspace: the step then recomputes the logits in token chunks)."""
+    than the workspace: the step then recomputes the logits in token chunks). ``pair_tokens`` is a CPU
+    tensor and ``row_tokens`` host ints: the chunks' sizes and token ranges are read without a sync."""
 
     token_ids: Tensor
     labels: Tensor
@@ -147,6 +209,7 @@ class PairPlan:
     chunks: list | None
     budget_tokens: int
     stacked: bool = False
+    row_tokens: tuple[int, ...] = field(default=())
 
 
 def plan_pairs(
@@ -154,19 +217,59 @@ def plan_pairs(
 ) -> PairPlan | None:
     """The :class:`PairPlan` of ``labels [R, T]`` for a ``dtype`` head, or None without a pair (the op's
     path gives its clear error). Checks the label range. ``stacked``: the reference's rows share each
-    chunk's GEMM (a shared head), so a token takes twice the logits."""
+    chunk's GEMM (a shared head), so a token takes twice the logits.
+
+    Whether the pairs fit (stacked or not) is arithmetic on the per-row counts, which are read once per
+    ``labels`` (:func:`_counted`): planning a stacked step that does not fit and then the unstacked one
+    costs one host sync in all."""
     rows, steps = labels.shape
     b = rows // 2
     if b == 0:
         return None
-    counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
-    token_ids = counted if counted is not None else torch.arange(rows * steps, device=labels.device)
-    pair_of_token = torch.div(token_ids, steps, rounding_mode="floor") % b
-    pair_tokens = torch.bincount(pair_of_token, minlength=b)
+    counted = _counted(labels, ignore_index, vocab)
+    pair_of_token = torch.div(counted.token_ids, steps, rounding_mode="floor") % b
+    per_pair = [0] * b
+    for r, c in enumerate(counted.row_tokens):
+        per_pair[r % b] += c  # as _pair_counts
     per_token = _Workspace.bytes_per_token(vocab, dtype, labels.device, backward=True, stacked=stacked)
     budget = max(1, workspace_bytes(labels.device) // per_token)
-    chunks = pair_chunks(pair_tokens, budget, chunk_tokens(labels.device))
-    return PairPlan(token_ids, y_all, pair_of_token, pair_tokens, chunks, budget, stacked)
+    chunks = pair_chunks(per_pair, budget, chunk_tokens(labels.device))
+    pair_tokens = torch.tensor(per_pair, dtype=torch.long)
+    return PairPlan(
+        counted.token_ids, counted.labels, pair_of_token, pair_tokens, chunks, budget, stacked, counted.row_tokens
+    )
+
+
+def _pair_counts(plan: PairPlan) -> list[int]:
+    """Each pair's counted tokens, from the plan's host row counts (row ``r`` belongs to pair ``r % B``)."""
+    per_pair = [0] * len(plan.pair_tokens)
+    for r, c in enumerate(plan.row_tokens):
+        per_pair[r % len(per_pair)] += c
+    return per_pair
+
+
+def _chunk_positions(plan: PairPlan, p0: int, p1: int) -> tuple[Tensor, Tensor]:
+    """The flat positions and labels of the counted tokens of pairs ``[p0, p1)``, ascending, as slices
+    of the plan's tokens: a pair's tokens are whole rows (``r % B``), whose offsets are host sums."""
+    b = len(plan.pair_tokens)
+    segments: list[list[int]] = []
+    start = 0
+    for r, c in enumerate(plan.row_tokens):
+        if c and p0 <= r % b < p1:
+            if segments and segments[-1][1] == start:
+                segments[-1][1] = start + c
+            else:
+                segments.append([start, start + c])
+        start += c
+    if not segments:  # pairs without a counted token
+        return plan.token_ids[:0], plan.labels[:0]
+    if len(segments) == 1:
+        ((s0, s1),) = segments
+        return plan.token_ids[s0:s1], plan.labels[s0:s1]
+    return (
+        torch.cat([plan.token_ids[s0:s1] for s0, s1 in segments]),
+        torch.cat([plan.labels[s0:s1] for s0, s1 in segments]),
+    )
 
 
 @dataclass
@@ -202,10 +305,13 @@ class _Head:
         self.transform_args = dataclasses.asdict(transform)  # named in the overflow message
         need_h, need_w, need_b = need
         dev = hidden.device
-        # d_hidden in the input dtype (written once per token), d_weight in the head's dtype: a 16-bit head
-        # accumulates its chunks in place through cuBLAS (float32 inside each GEMM, one rounding a chunk)
+        # d_hidden in the input dtype: each token's row is written once. d_weight sums every chunk, so it
+        # accumulates in float32 (float64 for a float64 head) and is rounded to the head's dtype once, at
+        # the end: a 16-bit accumulator would round the running sum once per chunk (43 times on a 43-chunk
+        # step, ~1e-2 relative where one rounding is ~2e-3). The cost, as in every peer: a 16-bit head's
+        # float32 [V, H] buffer is 2x the weight, plus the 1x result cast from it at the end of the step.
         self.d_hidden = torch.zeros(rows * steps, h_size, dtype=hidden.dtype, device=dev) if need_h else None
-        self.d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
+        self.d_weight = torch.zeros(weight.shape, dtype=self.acc, device=dev) if need_w else None
         self.d_bias = torch.zeros(self.vocab, dtype=self.acc, device=dev) if need_b else None
         self.ws = _Workspace.make(
             workspace_tokens, self.vocab, hidden.dtype, dev, backward=any(need), stacked=ref_hidden is not None
@@ -220,14 +326,15 @@ class _Head:
         z_all, dz = self.ws.views(n, self.vocab, ref_rows)
         # one GEMM for both models' rows: the head is read once and the GEMM is twice as tall
         G.logits_into(z_all, h if self.ref_h is None else torch.cat([self.ref_h.index_select(0, idx), h]), self.w)
-        ref_logp = None
+        ref_logp = ref_lse = None
         if self.ref_h is not None:
             ref = S.finalize_logprobs(self.epi.fold(z_all[:n], self.bias, y, self.transform, False), self.vocab)
-            D.check_finite({}, {}, (ref.lse,), self.transform_args)
-            ref_logp = ref.logp
+            ref_logp, ref_lse = ref.logp, ref.lse
         z = z_all[ref_rows:]
         out = S.finalize_logprobs(self.epi.fold(z, self.bias, y, self.transform, self.with_stats), self.vocab)
-        results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
+        # one sync for both models' rows: the lse of both first (a -inf one names the masked vocabulary)
+        lse = out.lse if ref_lse is None else torch.cat([ref_lse, out.lse])
+        results = (lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
         D.check_finite({}, {}, results, self.transform_args)
         return out, h, z, dz, ref_logp
 
@@ -237,9 +344,39 @@ class _Head:
         if self.d_hidden is not None:
             self.d_hidden.index_copy_(0, idx, dz @ self.w.to(dz.dtype))
         if self.d_weight is not None:
-            self.d_weight.addmm_(dz.T, h.to(dz.dtype))
+            _accumulate_d_weight(self.d_weight, dz, h.to(dz.dtype), z)
         if self.d_bias is not None:
             self.d_bias.add_(dz.sum(dim=0, dtype=self.acc))
+
+
+@functools.cache
+def _addmm_writes_float32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates 16-bit operands into a
+    float32 ``acc`` on this device (cuBLAS does; the CPU has no such kernel). Probed once, on values
+    whose float32 and 16-bit results differ."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        acc = torch.full((2, 2), 1.0 + 2.0**-12, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 3.0 + 2.0**-12).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate_d_weight(d_weight: Tensor, dz: Tensor, h: Tensor, z: Tensor) -> None:
+    """``d_weight += dz^T h`` with ``d_weight`` in float32 (or the operands' own 32/64-bit dtype).
+
+    16-bit ``dz``/``h``: straight into float32 where the library can (``addmm`` with ``out_dtype``);
+    elsewhere through the chunk's float32 logits ``z``, dead once dz is formed, as an exact upcast of dz
+    (no new ``[n, V]`` buffer; bf16 x bf16 products are exact in float32), else an upcast copy."""
+    if dz.dtype == d_weight.dtype:
+        d_weight.addmm_(dz.T, h)
+    elif _addmm_writes_float32(dz.device.type, dz.dtype):
+        torch.addmm(d_weight, dz.T, h, out_dtype=d_weight.dtype, out=d_weight)
+    elif z.dtype == d_weight.dtype and z.shape == dz.shape and z.data_ptr() != dz.data_ptr():
+        d_weight.addmm_(z.copy_(dz).T, h.to(d_weight.dtype))
+    else:
+        d_weight.addmm_(dz.T.to(d_weight.dtype), h.to(d_weight.dtype))
 
 
 def run_pair_step(
@@ -277,7 +414,8 @@ def run_pair_step(
     if plan.stacked != stacked or (stacked and plan.chunks is None):
         raise ValueError("a reference through the shared head needs a stacked plan whose pairs fit the workspace")
     if plan.chunks is not None:
-        sizes = [int(plan.pair_tokens[p0:p1].sum()) for p0, p1 in plan.chunks]
+        per_pair = _pair_counts(plan)
+        sizes = [sum(per_pair[p0:p1]) for p0, p1 in plan.chunks]
     else:  # a pair longer than the workspace: token chunks, logits recomputed in the backward pass
         # (the chunk need not hold whole pairs here: the GEMM-friendly size, not the whole budget)
         sizes = [max(1, min(plan.budget_tokens, chunk_tokens(hidden.device), plan.token_ids.numel()))]
@@ -298,9 +436,7 @@ def run_pair_step(
     )
     if plan.chunks is not None:
         for p0, p1 in plan.chunks:
-            sel = ((plan.pair_of_token >= p0) & (plan.pair_of_token < p1)).nonzero().squeeze(1)
-            idx = plan.token_ids.index_select(0, sel)  # flat [R * T] positions of the chunk's counted tokens
-            y = plan.labels.index_select(0, sel)
+            idx, y = _chunk_positions(plan, p0, p1)  # flat [R * T] positions of the chunk's tokens
             out, h, z, dz, ref_chunk = head.forward(idx, y)
             for f in fields:
                 per_token[f].index_copy_(0, idx, getattr(out, f))
@@ -334,7 +470,7 @@ def run_pair_step(
         outputs=TokenOutputs(**shaped),
         ref_logp=None if ref_logp is None else ref_logp.view(rows, steps),
         d_hidden=None if head.d_hidden is None else head.d_hidden.view(hidden.shape),
-        d_weight=head.d_weight,
+        d_weight=None if head.d_weight is None else head.d_weight.to(weight.dtype),
         d_bias=None if head.d_bias is None or bias is None else head.d_bias.to(bias.dtype),
     )
 
@@ -353,8 +489,8 @@ def forward_logps(
     into a workspace of at most ``chunk_tokens`` tokens (the reference pass of a step)."""
     rows, steps, h_size = hidden.shape
     vocab = weight.shape[0]
-    counted, y_all, _ = D.counted_rows(labels.reshape(-1), ignore_index, vocab)
-    token_ids = counted if counted is not None else torch.arange(rows * steps, device=hidden.device)
+    counted = _counted(labels, ignore_index, vocab)  # the plan's counts: no sync when it made them
+    token_ids, y_all = counted.token_ids, counted.labels
     per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, hidden.device, backward=False)
     chunk = max(1, min(chunk_tokens(hidden.device), workspace_bytes(hidden.device) // per_token))
     head = _Head(hidden, weight, bias, transform, False, backend, (False, False, False), min(chunk, token_ids.numel()))

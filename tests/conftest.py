@@ -5,7 +5,10 @@ TRITON_INTERPRET must be set before ``triton.jit`` decorates our kernels, i.e. b
 
 Backends are resolved lazily: tests are parametrized over every backend *name*
 (``helpers.BACKEND_NAMES``) and one whose backend cannot run here is skipped when it is set up, so
-collecting the suite never compiles the native extension.
+collecting the suite never compiles the native extension. Where a backend runs is decided in one place,
+``helpers.device_for`` (native: CPU; triton: CUDA when present, else the CPU interpreter; torch:
+``DEVICE``); a test parametrized over ``backend`` (and ``dtype``) is skipped here, with the reason, when
+that backend cannot take that dtype on that device.
 """
 
 import functools
@@ -13,9 +16,14 @@ import os
 
 import pytest
 import torch
+from helpers import device_for, unsupported_reason
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # Deterministic cuBLAS needs a fixed workspace configuration, read when the first cuBLAS handle is
+    # made: set before any test touches CUDA (the GPU session exports the same value).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -29,10 +37,11 @@ def available(device: str = DEVICE.type) -> tuple:
 
 
 def triton_available() -> bool:
-    """Triton can run here (a CUDA device, or its CPU interpreter), decided without the native build."""
+    """Triton runs on ``device_for("triton")`` (a CUDA device, or the CPU interpreter), decided without the
+    native build."""
     from expo_kernels import _dispatch
 
-    return _dispatch.triton_importable() and (DEVICE.type == "cuda" or _dispatch.interpreting())
+    return _dispatch.triton_importable() and (device_for("triton").type == "cuda" or _dispatch.interpreting())
 
 
 def require_backend(name: str, device: str = DEVICE.type) -> None:
@@ -44,9 +53,14 @@ def require_backend(name: str, device: str = DEVICE.type) -> None:
 @pytest.fixture(autouse=True)
 def _skip_unavailable_backend(request):
     callspec = getattr(request.node, "callspec", None)
-    name = callspec.params.get("backend") if callspec is not None else None
+    params = callspec.params if callspec is not None else {}
+    name = params.get("backend")
     if isinstance(name, str):
-        require_backend(name)
+        require_backend(name, device_for(name).type)
+        dtype = params.get("dtype")
+        reason = unsupported_reason(name, dtype) if isinstance(dtype, torch.dtype) else None
+        if reason is not None:
+            pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

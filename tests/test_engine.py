@@ -4,7 +4,8 @@
 engine takes the pair-separable ones) against materialized float64 logits at 1e-9; here: the chunk
 boundaries (one pair per chunk, a pair longer than the workspace, pairs with no counted token), both
 epilogues (C++ and torch) against each other and against float64, frozen and shared heads, which calls
-take the engine, and the memory bound.
+take the engine, and the memory bound. Tensors live on ``helpers.device_for(backend)``; the CUDA-only
+tests compare against float64 references made on the CPU (``device="cpu"``, on purpose).
 """
 
 import copy
@@ -12,7 +13,8 @@ import copy
 import pytest
 import torch
 from conftest import require_backend
-from helpers import LargestTensor, rel_err
+from helpers import LargestTensor, backend_dtype_cases, device_for, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import expo_kernels as ek
 from expo_kernels import engine
@@ -23,13 +25,13 @@ DT = torch.float64
 B, T, H, V = 3, 7, 12, 53
 
 
-def batch(seed=0, dtype=DT, empty_pair=False):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2 * B, T, H, generator=g, dtype=dtype)
-    ref_hidden = hidden + 0.3 * torch.randn(2 * B, T, H, generator=g, dtype=dtype)
-    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
-    bias = torch.randn(V, generator=g, dtype=dtype) * 0.1
-    labels = torch.randint(0, V, (2 * B, T), generator=g)
+def batch(seed=0, dtype=DT, empty_pair=False, *, device):
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same numbers on every device
+    hidden = torch.randn(2 * B, T, H, generator=g, dtype=dtype).to(device)
+    ref_hidden = hidden + 0.3 * torch.randn(2 * B, T, H, generator=g, dtype=dtype).to(device)
+    weight = torch.randn(V, H, generator=g, dtype=dtype).to(device) * 0.5
+    bias = torch.randn(V, generator=g, dtype=dtype).to(device) * 0.1
+    labels = torch.randint(0, V, (2 * B, T), generator=g).to(device)
     labels[:, :2] = -100  # prompt
     labels[1, 5:] = -100  # padding
     if empty_pair:
@@ -91,7 +93,7 @@ def spy(monkeypatch):
 def test_chunk_boundaries_match_the_recompute_path(backend, workspace, chunks, spy):
     # float32 for Triton (no float64 kernels); float64 elsewhere
     dtype, tol = (torch.float32, 2e-5) if backend == "triton" else (DT, 1e-10)
-    data = batch(seed=1, dtype=dtype, empty_pair=True)
+    data = batch(seed=1, dtype=dtype, empty_pair=True, device=device_for(backend))
     loss_fn = ek.FusedLinearDPOLoss(beta=0.3, label_smoothing=0.1, backend=backend)
     if workspace is not None:
         workspace = workspace // 8 * dtype.itemsize
@@ -116,7 +118,7 @@ def test_chunk_boundaries_match_the_recompute_path(backend, workspace, chunks, s
 )
 @pytest.mark.parametrize("tf", [{}, dict(temperature=0.7, logit_scale=1.3, softcap=2.5)], ids=["plain", "softcap"])
 def test_losses_options_and_transforms(backend, loss, hp, tf, spy):
-    data = batch(seed=2)
+    data = batch(seed=2, device=device_for(backend))
     kw = {} if loss not in ("orpo",) else {}
     loss_fn = ek.FusedLinearPreferenceLoss(
         loss, backend=backend, ld_alpha=0.6 if loss == "sigmoid" else None, use_weighting=loss == "ipo", **tf, **hp
@@ -135,7 +137,7 @@ def test_losses_options_and_transforms(backend, loss, hp, tf, spy):
 
 
 def test_frozen_and_shared_head(spy):
-    hidden, ref_hidden, weight, _, labels = batch(seed=3)
+    hidden, ref_hidden, weight, _, labels = batch(seed=3, device=device_for("torch"))
     loss_fn = ek.FusedLinearDPOLoss(beta=0.1, backend="torch")
     grads = []
     for engine_on in (True, False):
@@ -149,7 +151,8 @@ def test_frozen_and_shared_head(spy):
 
 
 def test_calls_the_engine_does_not_serve_take_the_op(spy):
-    hidden, ref_hidden, weight, bias, labels = batch(seed=4)
+    dev = device_for("torch")  # the default backends of this device
+    hidden, ref_hidden, weight, bias, labels = batch(seed=4, device=dev)
     w = weight.clone().requires_grad_()
     for loss_fn in (
         ek.FusedLinearPreferenceLoss("aot", beta=0.1),
@@ -161,18 +164,19 @@ def test_calls_the_engine_does_not_serve_take_the_op(spy):
     ek.FusedLinearDPOLoss()(w.detach().float(), hidden.float().requires_grad_(), labels, ref_hidden=ref_hidden.float())
     ek.FusedLinearDPOLoss()(
         w.bfloat16(), hidden.bfloat16().requires_grad_(), labels, ref_hidden=ref_hidden.bfloat16()
-    )  # 16-bit head: the op's path
-    assert spy == [True]  # only the float32 DPO call
+    )  # 16-bit head: the op's path on the CPU (no float32-output 16-bit GEMM there), the engine on CUDA
+    assert spy == [True] + [True] * (dev.type == "cuda")  # the float32 DPO call (and the bf16 one on CUDA)
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_native_epilogues_match_the_torch_specification(softcap):
     require_backend("native", "cpu")
+    dev = device_for("native")
     g = torch.Generator().manual_seed(5)
-    z = torch.randn(9, 300, generator=g) * 4
-    bias = torch.randn(300, generator=g)
+    z = torch.randn(9, 300, generator=g).to(dev) * 4
+    bias = torch.randn(300, generator=g).to(dev)
     bias[[3, 77]] = -float("inf")  # masked ids
-    labels = torch.randint(0, 300, (9,), generator=g)
+    labels = torch.randint(0, 300, (9,), generator=g).to(dev)
     labels[labels == 3] = 4
     labels[labels == 77] = 78
     t = LogitTransform(1.7, softcap, 0.8)
@@ -182,7 +186,7 @@ def test_native_epilogues_match_the_torch_specification(softcap):
     torch.testing.assert_close(za, zb, rtol=1e-6, atol=1e-5)
     for f in sa._fields:
         torch.testing.assert_close(getattr(sa, f), getattr(sb, f), rtol=1e-5, atol=1e-5, msg=f)
-    grad = torch.randn(9, generator=g)
+    grad = torch.randn(9, generator=g).to(dev)
     engine.native_to_dz(za, labels, sa.lse, grad, t)
     engine.torch_to_dz(zb, labels, sa.lse, grad, t)
     # normwise: under a softcap dz/draw = 1 - tanh^2 comes from the transformed logit, which loses
@@ -201,10 +205,11 @@ def test_memory_is_bounded_by_the_workspace(monkeypatch):
     # N x V (2 x 40 x 640 = 51200 fp64 = 400 KiB) dwarfs the workspace (64 tokens x 640 x 8 = 320 KiB):
     # nothing larger than max(workspace, the [V, H] gradient) may be allocated.
     rows, steps, h, v = 8, 10, 8, 640
+    dev = device_for("torch")
     g = torch.Generator().manual_seed(6)
-    hidden = torch.randn(rows, steps, h, generator=g, dtype=DT, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, dtype=DT, requires_grad=True)
-    labels = torch.randint(0, v, (rows, steps), generator=g)
+    hidden = torch.randn(rows, steps, h, generator=g, dtype=DT).to(dev).requires_grad_()
+    weight = torch.randn(v, h, generator=g, dtype=DT).to(dev).requires_grad_()
+    labels = torch.randint(0, v, (rows, steps), generator=g).to(dev)
     budget = 64 * v * 8
     loss_fn = ek.FusedLinearSimPOLoss(backend="torch", compute_metrics=False)
     monkeypatch.setattr("expo_kernels.ops.torch_backend.VOCAB_CHUNK", 64)
@@ -227,15 +232,15 @@ def test_workspace_option_is_validated():
 
 
 def test_chunks_grow_to_the_target_within_the_budget():
-    counts = torch.tensor([300, 300, 100, 600, 50, 0, 700])
+    counts = torch.tensor([300, 300, 100, 600, 50, 0, 700], device=device_for("torch"))
     assert engine.pair_chunks(counts, budget_tokens=1000, target_tokens=512) == [(0, 2), (2, 4), (4, 7)]
     assert engine.pair_chunks(counts, budget_tokens=700, target_tokens=512) == [(0, 2), (2, 4), (4, 6), (6, 7)]
     assert engine.pair_chunks(counts, budget_tokens=699, target_tokens=512) is None  # pair 6 does not fit
-    assert engine.pair_chunks(torch.tensor([], dtype=torch.long), budget_tokens=10) == []
+    assert engine.pair_chunks(torch.tensor([], dtype=torch.long, device=counts.device), budget_tokens=10) == []
 
 
 def test_a_second_backward_is_refused():
-    hidden, ref_hidden, weight, _, labels = batch(seed=7)
+    hidden, ref_hidden, weight, _, labels = batch(seed=7, device=device_for("torch"))
     w = weight.clone().requires_grad_()
     out = ek.FusedLinearDPOLoss(backend="torch")(w, hidden, labels, ref_hidden=ref_hidden)
     out.loss.backward(retain_graph=True)
@@ -245,7 +250,7 @@ def test_a_second_backward_is_refused():
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_all_ignored_and_empty_batches(backend):
-    hidden, ref_hidden, weight, bias, labels = batch(seed=8)
+    hidden, ref_hidden, weight, bias, labels = batch(seed=8, device=device_for(backend))
     loss_fn = ek.FusedLinearDPOLoss(beta=0.1, backend=backend)
     ignored = torch.full_like(labels, -100)
     got = run(loss_fn, hidden, ref_hidden, weight, bias, ignored)
@@ -267,7 +272,7 @@ def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
         pytest.skip("Triton cannot run here")
     from expo_kernels.ops import triton_engine
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device_for("triton")
     g = torch.Generator().manual_seed(9)
     n, v = 7, 333  # several interpreter blocks of 64 and a ragged last one
     z = (torch.randn(n, v, generator=g) * 4).to(dev)
@@ -289,7 +294,7 @@ def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
         else:
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f)
     grad = torch.randn(n, generator=g).to(dev)
-    for out_dtype in (torch.float32, torch.bfloat16) if dev == "cuda" else (torch.float32,):
+    for out_dtype in (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32,):
         zz = z.clone()
         out = zz if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype, device=dev)
         triton_engine.to_dz(zz, bias, labels, got.lse, grad, t, out)
@@ -310,7 +315,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_engine_against_float64(dtype, tol, case, spy):
     """The CUDA engine (cuBLAS + Triton epilogues) for every GPU dtype against the float64 op path on the
     CPU, and bit-identical on a second run (no atomics)."""
-    data = batch(seed=10)
+    data = batch(seed=10, device="cpu")  # the float64 reference runs on the CPU
     hidden, ref_hidden, weight, bias, labels = data
     loss_fn = ek.FusedLinearDPOLoss(beta=0.3, compute_metrics=case == "metrics")
     workspace = None if case != "long pair" else 4 * V * 6  # 4 tokens: the token-chunk path
@@ -348,7 +353,7 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
         pytest.skip("Triton cannot run here")
     from expo_kernels.ops import torch_backend, triton_engine
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device_for("triton")
     g = torch.Generator().manual_seed(11)
     n, h, v = 23, 16, 97
     hidden = torch.randn(n, h, generator=g).to(dev)
@@ -392,7 +397,7 @@ def test_the_op_takes_library_gemms_only_on_cuda_when_nothing_else_is_asked():
     given tile config or vocabulary split, the gradient filter, float64 and ``engine=False``."""
     from expo_kernels.ops import triton_backend as TB
 
-    cpu = torch.zeros(2, 2)
+    cpu = torch.zeros(2, 2, device="cpu")  # the rule for CPU tensors, on every machine
     assert not TB._on_library_gemms(cpu, None)
     if not torch.cuda.is_available():
         return
@@ -420,12 +425,13 @@ def test_cuda_op_on_library_gemms_against_float64(dtype, tol, monkeypatch):
         monkeypatch.setattr(triton_engine, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     g = torch.Generator().manual_seed(5)
     n, h, v = 300, 64, 1000
-    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.2
-    bias = torch.randn(v, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, v, (n,), generator=g)
+    # the float64 reference on the CPU, the op under test on CUDA (below)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, device="cpu")
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, device="cpu") * 0.2
+    bias = torch.randn(v, generator=g, dtype=torch.float64, device="cpu")
+    labels = torch.randint(0, v, (n,), generator=g, device="cpu")
     labels[::7] = -100
-    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64, device="cpu")
 
     def grads(tensors, backend, workspace=None):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
@@ -458,10 +464,9 @@ def test_a_shared_head_runs_both_models_through_one_gemm(backend, ref_head, monk
     """A reference through the policy's own head joins each chunk's GEMM (the head read once); a copy of
     the head, or a workspace that holds one model's rows but not both, runs the reference apart. Every
     variant matches the op's path: loss, metrics (reference rewards included), gradients."""
-    require_backend(backend, "cpu")
     from expo_kernels.ops import gemm
 
-    hidden, ref_hidden, weight, bias, labels = batch(seed=21)
+    hidden, ref_hidden, weight, bias, labels = batch(seed=21, device=device_for(backend))
     rows_per_gemm = []
     real = gemm.logits_into
     monkeypatch.setattr(gemm, "logits_into", lambda z, h, w: rows_per_gemm.append(h.shape[0]) or real(z, h, w))
@@ -486,28 +491,25 @@ def test_a_shared_head_runs_both_models_through_one_gemm(backend, ref_head, monk
             assert sum(rows_per_gemm) == 2 * counted and max(rows_per_gemm) <= counted
 
 
-@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases([torch.float32, torch.float64]))
 def test_the_op_keeps_its_logits_when_they_fit(backend, dtype, monkeypatch):
     """``linear_logprobs`` with its logits kept for backward (one GEMM, no recompute) against float64
     materialized logits and against the recompute path: values, statistics, gradients; a second
     backward (retain_graph) recomputes; a workspace too small for them keeps nothing."""
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("Triton refuses float64")
-    require_backend(backend, "cpu")
     from expo_kernels.ops import epilogues
 
     kept_calls = []
     real = epilogues.forward_keeping_logits
     monkeypatch.setattr(epilogues, "forward_keeping_logits", lambda *a: kept_calls.append(1) or real(*a))
+    dev = device_for(backend)
     g = torch.Generator().manual_seed(8)
     n, h, v = 29, 16, 70
-    hidden = torch.randn(n, 2 * h, generator=g, dtype=torch.float64)[:, ::2]  # strided
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.4
-    bias = torch.randn(v, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, v, (n,), generator=g)
+    hidden = torch.randn(n, 2 * h, generator=g, dtype=torch.float64).to(dev)[:, ::2]  # strided
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64).to(dev) * 0.4
+    bias = torch.randn(v, generator=g, dtype=torch.float64).to(dev)
+    labels = torch.randint(0, v, (n,), generator=g).to(dev)
     labels[::4] = -100
-    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, generator=g, dtype=torch.float64).to(dev)
     tf = dict(softcap=3.0, temperature=0.7, logit_scale=1.3)
 
     z = (hidden @ weight.T + bias) * 1.3
@@ -546,10 +548,11 @@ def test_the_op_keeps_its_logits_when_they_fit(backend, dtype, monkeypatch):
 def test_kept_logits_are_bounded_and_refuse_a_double_backward():
     """The kept logits are the largest tensor (within the workspace), and ``create_graph=True`` still
     reaches the op's refusal of a double backward."""
+    dev = device_for("torch")
     g = torch.Generator().manual_seed(9)
-    hidden = torch.randn(40, 8, generator=g, requires_grad=True)
-    weight = torch.randn(50, 8, generator=g, requires_grad=True)
-    labels = torch.randint(0, 50, (40,), generator=g)
+    hidden = torch.randn(40, 8, generator=g).to(dev).requires_grad_()
+    weight = torch.randn(50, 8, generator=g).to(dev).requires_grad_()
+    labels = torch.randint(0, 50, (40,), generator=g).to(dev)
     with LargestTensor() as largest:
         ek.linear_logprobs(hidden, weight, labels, backend="torch").sum().backward()
     assert largest.largest <= 40 * 50 * 4
@@ -557,3 +560,156 @@ def test_kept_logits_are_bounded_and_refuse_a_double_backward():
     (gh,) = torch.autograd.grad(logp.sum(), hidden, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gh.sum().backward()
+
+
+@pytest.mark.parametrize("path", ["a pair per chunk", "token chunks"])
+def test_16bit_d_weight_accumulates_in_float32_across_chunks(path, monkeypatch):
+    """A bf16 head's ``d_weight`` summed over 64 chunks against float64 gradients of the same bf16 inputs.
+
+    The CPU has no float32-output bf16 GEMM (the engine leaves 16-bit CPU heads to the op), so the
+    GEMM provider is replaced by CUDA's contract: float32 logits from 16-bit operands. Everything else
+    is the CUDA pipeline: dz rounded to bf16, dH/dW GEMMs on bf16 operands. Measured: 1.6-1.8e-3
+    normwise with float32 accumulation (the bf16 rounding of dz and of the result, as for d_hidden);
+    8e-3 (pairs) and 1.2-1.5e-2 (token chunks) with a bf16 accumulator rounded once per chunk."""
+    from expo_kernels.ops import gemm
+
+    def logits_dtype(dtype, device):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def logits_into(z, h, w):  # float32 products of bf16 operands are exact, as in cuBLAS
+        torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z)
+
+    monkeypatch.setattr(gemm, "logits_dtype", logits_dtype)
+    monkeypatch.setattr(gemm, "logits_into", logits_into)
+    pairs, steps = (64, 8) if path == "a pair per chunk" else (1, 512)
+    h_size, vocab = 32, 48
+    g = torch.Generator().manual_seed(12)
+    hidden = (torch.randn(2 * pairs, steps, h_size, generator=g, device="cpu") + 1.0).bfloat16()
+    weight = (torch.randn(vocab, h_size, generator=g, device="cpu") * 0.3).bfloat16()
+    labels = torch.randint(0, vocab, (2 * pairs, steps), generator=g, device="cpu")
+    workspace = 16 * vocab * 6  # 16 tokens a chunk (float32 logits + bf16 dz: 6 bytes a logit): 64 chunks
+    with ek.kernel_options(workspace_bytes=workspace):
+        plan = engine.plan_pairs(labels, -100, vocab, torch.bfloat16)
+        step = engine.run_pair_step(
+            hidden,
+            weight,
+            None,
+            labels,
+            ignore_index=-100,
+            transform=LogitTransform(1.0, None, 1.0),
+            with_stats=False,
+            loss_of_tokens=lambda logp, log_sum_p2, ref: logp.sum(),  # separable: g = 1 on every token
+            backend="torch",
+            need=(True, True, False),
+            plan=plan,
+        )
+    assert (len(plan.chunks) if plan.chunks is not None else plan.token_ids.numel() // plan.budget_tokens) == 64
+    assert (plan.chunks is None) == (path == "token chunks")
+    h64 = hidden.double().reshape(-1, h_size).requires_grad_()
+    w64 = weight.double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w64.T, -1).gather(1, labels.reshape(-1, 1)).sum()
+    want_h, want_w = torch.autograd.grad(logp, (h64, w64))
+    assert step.d_weight is not None and step.d_hidden is not None
+    assert step.d_weight.dtype == torch.bfloat16
+    assert rel_err(step.d_hidden.reshape(-1, h_size), want_h) < 4e-3
+    assert rel_err(step.d_weight, want_w) < 4e-3, "d_weight lost precision across the chunks"
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts the ops that make CUDA wait for the host: reading a scalar (``.item()``, ``bool()``,
+    ``int()``) and the ops whose output size is data-dependent; ``Tensor.tolist`` is counted by a patch
+    (a CPU tensor's ``tolist`` dispatches nothing)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.unique", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNCING):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    counter = _SyncCounter()
+    real = torch.Tensor.tolist
+
+    def tolist(self):
+        counter.ops.append("tolist")
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return counter
+
+
+def test_a_shared_head_that_does_not_fit_is_planned_with_one_sync(syncs):
+    """The module's planning of a shared-head step whose stacked GEMM does not fit the workspace (as at
+    N = 8192, V = 128256 on CUDA): the stacked plan, the unstacked one, and the reference pass's tokens
+    cost one host read of the counts together (engine.py's docstring counts every sync of a step)."""
+    dev = device_for("torch")
+    hidden, ref_hidden, weight, bias, labels = batch(seed=22, empty_pair=True, device=dev)
+    per_pair = 2 * (T - 2)
+    engine._LAST_COUNTED = None
+    with ek.kernel_options(workspace_bytes=8 * V * per_pair), syncs:  # one pair's fp64 logits, not two
+        stacked = engine.plan_pairs(labels, -100, V, DT, stacked=True)
+        plain = engine.plan_pairs(labels, -100, V, DT)
+        ref_logp = engine.forward_logps(
+            ref_hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index=-100,
+            transform=LogitTransform(1.0, None, 1.0),
+            backend="torch",
+        )
+    assert stacked is not None and stacked.chunks is None  # two models' rows of a pair do not fit
+    assert plain is not None and plain.chunks is not None and len(plain.chunks) == B  # a pair per chunk
+    # tolist: the counts; the one scalar read: forward_logps's finiteness check of its inputs, and one a
+    # chunk for its results
+    chunks = -(-int(plain.token_ids.numel()) // min(engine.chunk_tokens(dev), per_pair))  # workspace-bound
+    assert syncs.ops == ["tolist"] + ["aten._local_scalar_dense.default"] * (1 + chunks), syncs.ops
+    # the plans' bookkeeping against a direct count
+    mask = labels != -100
+    assert torch.equal(plain.token_ids, mask.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(plain.labels, labels[mask])
+    assert plain.pair_tokens.tolist() == (mask[:B].sum(1) + mask[B:].sum(1)).tolist()
+    want = torch.log_softmax(ref_hidden @ weight.T + bias, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(ref_logp, torch.where(mask, want, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_syncs_once_for_its_inputs_and_once_per_chunk(syncs):
+    """``run_pair_step`` with a plan and a loss that reads nothing back: no sync to slice the chunks or to
+    size them; one for the inputs' finiteness, one per chunk for the results'."""
+    dev = device_for("torch")
+    hidden, ref_hidden, weight, bias, labels = batch(seed=23, device=dev)
+    with ek.kernel_options(workspace_bytes=8 * V * 2 * (T - 2)):
+        plan = engine.plan_pairs(labels, -100, V, DT)
+        assert plan is not None and plan.chunks is not None and len(plan.chunks) == B
+        syncs.ops.clear()  # the plan's own read of the counts
+        with syncs:
+            step = engine.run_pair_step(
+                hidden,
+                weight,
+                bias,
+                labels,
+                ignore_index=-100,
+                transform=LogitTransform(1.0, None, 1.0),
+                with_stats=True,
+                loss_of_tokens=lambda logp, log_sum_p2, ref: logp.sum(),
+                backend="torch",
+                need=(True, True, True),
+                plan=plan,
+            )
+    assert syncs.ops == ["aten._local_scalar_dense.default"] * (1 + B), syncs.ops
+    mask = labels != -100
+    h64, w64, b64 = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    logp = torch.log_softmax(h64 @ w64.T + b64, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logp = torch.where(mask, logp, 0.0)
+    torch.testing.assert_close(step.logp, logp.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(
+        (step.d_hidden, step.d_weight, step.d_bias), torch.autograd.grad(logp.sum(), (h64, w64, b64)), strict=True
+    ):
+        assert rel_err(got, want) < 1e-12

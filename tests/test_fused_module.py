@@ -4,13 +4,16 @@ Unfused = what a plain trainer does, in float64: materialize the logits ``hidden
 the transform, ``log_softmax``, gather the labels, sum over completion tokens per row, then call
 :func:`expo_kernels.preference_loss_and_metrics` on the per-sequence numbers (the losses themselves
 are checked against TRL and hand formulas in test_losses*.py). Loss, metrics and the gradients of
-hidden, weight and bias must agree.
+hidden, weight and bias must agree. Tensors live on ``helpers.device_for(backend)`` (CUDA for the torch
+and Triton backends on a GPU machine).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import triton_available
+from helpers import device_for
 
 import expo_kernels as ek
 from expo_kernels.losses import LOSSES, aggregate_pair_logps, preference_loss_and_metrics
@@ -19,6 +22,7 @@ DT = torch.float64
 B, T, H, V = 3, 6, 16, 37
 IGNORE = -100
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64 torch backend vs float64 materialized logits
+DEV = device_for("torch")  # the device of the tests that run the torch backend
 
 # hyperparameters per loss (non-defaults where a default would hide a mistake)
 HP = {
@@ -79,18 +83,18 @@ def naive_token_kl(pol_logp_full, ref_logp_full, labels):
     return torch.where(labels != IGNORE, kl, torch.zeros_like(kl))
 
 
-def make_batch(rows, seed=0, hr=H, dtype=DT):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, T, H, generator=g, dtype=dtype)
-    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
-    bias = torch.randn(V, generator=g, dtype=dtype) * 0.1
-    ref_weight = torch.randn(V, hr, generator=g, dtype=dtype) * 0.5
+def make_batch(rows, seed=0, hr=H, dtype=DT, *, device):
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same numbers on every device
+    hidden = torch.randn(rows, T, H, generator=g, dtype=dtype).to(device)
+    weight = torch.randn(V, H, generator=g, dtype=dtype).to(device) * 0.5
+    bias = torch.randn(V, generator=g, dtype=dtype).to(device) * 0.1
+    ref_weight = torch.randn(V, hr, generator=g, dtype=dtype).to(device) * 0.5
     if hr == H:  # a reference close to the policy, as at the start of training
-        ref_hidden = hidden + 0.3 * torch.randn(rows, T, H, generator=g, dtype=dtype)
+        ref_hidden = hidden + 0.3 * torch.randn(rows, T, H, generator=g, dtype=dtype).to(device)
         ref_weight = weight + 0.1 * ref_weight
     else:  # a different reference architecture
-        ref_hidden = torch.randn(rows, T, hr, generator=g, dtype=dtype)
-    labels = torch.randint(0, V, (rows, T), generator=g)
+        ref_hidden = torch.randn(rows, T, hr, generator=g, dtype=dtype).to(device)
+    labels = torch.randint(0, V, (rows, T), generator=g).to(device)
     for i in range(rows):  # prompt of 1-2 tokens, completion of >= 1 token, then padding
         p = int(torch.randint(1, 3, (1,), generator=g))
         n = int(torch.randint(1, T - p + 1, (1,), generator=g))
@@ -162,13 +166,14 @@ def unfused(
 def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, shared_head=False, hr=H, seed=0, dtype=DT):
     spec = LOSSES[name]
     rows = 2 * B
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(rows, seed=seed, hr=hr, dtype=dtype)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(rows, seed=seed, hr=hr, dtype=dtype, device=dev)
     extra = {}
     if not spec.paired:
-        extra["is_desirable"] = torch.tensor([True, False, True, True, False, False])
+        extra["is_desirable"] = torch.tensor([True, False, True, True, False, False], device=dev)
         extra["kl"] = 0.07
     if name == "odpo":
-        extra["offset"] = torch.tensor([0.1, 0.5, -0.2], dtype=DT)
+        extra["offset"] = torch.tensor([0.1, 0.5, -0.2], dtype=DT, device=dev)
 
     h1, w1, b1 = leaves(hidden, weight, bias)
     module = ek.FusedLinearPreferenceLoss(name, backend=backend, ld_alpha=ld_alpha, **(tf or {}), **hp)
@@ -231,7 +236,7 @@ def test_shared_head_reference_is_detached():
     "name,hp", [("sigmoid", HP["sigmoid"]), ("expo", dict(lam=0.4, kl_estimator="token")), ("kto", HP["kto"])]
 )
 def test_triton_backend_matches_unfused(name, hp):
-    if "triton" not in ek.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
+    if not triton_available():
         pytest.skip("triton backend unavailable")
     # float32: Triton refuses float64 (its scalars and GPU accumulators are float32); the unfused side
     # then runs in float32 as well
@@ -239,7 +244,7 @@ def test_triton_backend_matches_unfused(name, hp):
 
 
 def test_precomputed_reference_equals_reference_pass():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=3)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=3, device=DEV)
     m = ek.FusedLinearDPOLoss(beta=0.2, backend="torch")
     a = m(weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight)
     rc, rr = a.ref_logps.chunk(2)
@@ -254,7 +259,7 @@ def test_precomputed_reference_equals_reference_pass():
 )
 def test_reference_pass_keeps_no_graph(loss):
     """Reference tensors that require grad (a trainer's reference model) get no gradient."""
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=4)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=4, device=DEV)
     ref_hidden.requires_grad_(True)
     ref_weight.requires_grad_(True)
     h, w = leaves(hidden, weight)
@@ -269,7 +274,7 @@ def test_reference_pass_keeps_no_graph(loss):
 def test_shared_head_token_kl_gradient_is_policy_side_only():
     """EXPO token KL with ref_weight=None: the head gets the policy-side gradient only, as when the
     reference head is a separate frozen copy."""
-    hidden, weight, _, ref_hidden, _, labels = make_batch(2 * B, seed=15)
+    hidden, weight, _, ref_hidden, _, labels = make_batch(2 * B, seed=15, device=DEV)
     m = ek.FusedLinearEXPOLoss(lam=0.5, kl_estimator="token", backend="torch")
     h1, w1 = leaves(hidden, weight)
     m(w1, h1, labels, ref_hidden=ref_hidden).loss.backward()
@@ -280,7 +285,7 @@ def test_shared_head_token_kl_gradient_is_policy_side_only():
 
 
 def test_frozen_head_gets_no_gradient():
-    hidden, weight, _, ref_hidden, _, labels = make_batch(2 * B, seed=5)
+    hidden, weight, _, ref_hidden, _, labels = make_batch(2 * B, seed=5, device=DEV)
     (h,) = leaves(hidden)
     out = ek.FusedLinearDPOLoss(backend="torch")(weight, h, labels, ref_hidden=ref_hidden)
     out.loss.backward()
@@ -288,7 +293,7 @@ def test_frozen_head_gets_no_gradient():
 
 
 def test_token_metrics_match_materialized_logits():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=6)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=6, device=DEV)
     out = ek.FusedLinearDPOLoss(backend="torch")(
         weight, hidden, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight
     )
@@ -306,9 +311,9 @@ def test_token_metrics_match_materialized_logits():
 
 
 def test_kto_kl_baseline_from_mismatched_rows():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=7)
-    kh, _, _, rkh, _, kl_labels = make_batch(2 * B, seed=8)
-    des = torch.tensor([True, True, False, True, False, False])
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=7, device=DEV)
+    kh, _, _, rkh, _, kl_labels = make_batch(2 * B, seed=8, device=DEV)
+    des = torch.tensor([True, True, False, True, False, False], device=DEV)
     m = ek.FusedLinearKTOLoss(beta=0.3, backend="torch")
     out = m(
         weight,
@@ -331,7 +336,7 @@ def test_kto_kl_baseline_from_mismatched_rows():
 
 
 def test_use_weighting_matches_unfused_wpo():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=9)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=9, device=DEV)
     h1, w1 = leaves(hidden, weight)
     out = ek.FusedLinearDPOLoss(beta=0.3, use_weighting=True, backend="torch")(
         w1, h1, labels, ref_hidden=ref_hidden, ref_weight=ref_weight
@@ -356,7 +361,7 @@ def test_use_weighting_matches_unfused_wpo():
 
 def test_mpo_mix_fused():
     hp = dict(beta=0.3)
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=10)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=10, device=DEV)
     m = ek.FusedLinearPreferenceLoss(
         ["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], backend="torch", **hp
     )
@@ -371,7 +376,7 @@ def test_mpo_mix_fused():
 
 
 def test_presets_are_the_general_module():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=11)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=11, device=DEV)
     for preset, name, hp in [
         (ek.FusedLinearDPOLoss, "sigmoid", dict(beta=0.2)),
         (ek.FusedLinearSimPOLoss, "simpo", dict(beta=2.0, gamma=0.5)),
@@ -385,7 +390,7 @@ def test_presets_are_the_general_module():
 
 
 def test_compute_metrics_off_returns_same_loss_and_no_metrics():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=12)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=12, device=DEV)
     kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
     a = ek.FusedLinearDPOLoss(backend="torch")(weight, hidden, labels, **kw)
     b = ek.FusedLinearDPOLoss(backend="torch", compute_metrics=False)(weight, hidden, labels, **kw)
@@ -412,7 +417,7 @@ def test_bad_hyperparameters_fail_at_construction():
 
 
 def test_bad_inputs_name_the_argument():
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=13)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_batch(2 * B, seed=13, device=DEV)
     dpo = ek.FusedLinearDPOLoss(backend="torch")
     with pytest.raises(ValueError, match="needs the reference model"):
         dpo(weight, hidden, labels)
@@ -428,8 +433,8 @@ def test_bad_inputs_name_the_argument():
             hidden,
             labels,
             ref_hidden=ref_hidden,
-            ref_chosen_logps=torch.zeros(B, dtype=DT),
-            ref_rejected_logps=torch.zeros(B, dtype=DT),
+            ref_chosen_logps=torch.zeros(B, dtype=DT, device=DEV),
+            ref_rejected_logps=torch.zeros(B, dtype=DT, device=DEV),
         )
     with pytest.raises(ValueError, match="reference-free"):
         ek.FusedLinearSimPOLoss()(weight, hidden, labels, ref_hidden=ref_hidden)
@@ -443,7 +448,7 @@ def test_bad_inputs_name_the_argument():
             hidden[:1],
             labels[:1],
             ref_hidden=ref_hidden[:1],
-            is_desirable=torch.tensor([True]),
+            is_desirable=torch.tensor([True], device=DEV),
             kl_hidden=hidden[:1],
             kl_labels=labels[:1],
             ref_kl_hidden=ref_hidden[:1],
@@ -455,7 +460,7 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_expo_with_lam_zero_needs_no_reference():
-    hidden, weight, _, _, _, labels = make_batch(2 * B, seed=14)
+    hidden, weight, _, _, _, labels = make_batch(2 * B, seed=14, device=DEV)
     out = ek.FusedLinearEXPOLoss(lam=0.0, backend="torch")(weight, hidden, labels)
     lp, _ = naive_token_logps(hidden, weight, None, labels)
     c, r = lp.sum(1).chunk(2)

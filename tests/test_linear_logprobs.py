@@ -4,14 +4,24 @@ A new backend inherits the whole file by appearing in ``available_backends``.
 Tolerances: float32/float64 inputs are accumulated in float32 by the kernels (float64 for float64
 inputs), so values and gradients must match the float64 reference to ~1e-5 relative; bf16/fp16
 inputs round the outputs (gradients are returned in the input dtype) so we allow 2e-2 relative
-to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32/fp64 only
-(bf16 arithmetic is wrong in the interpreter, docs/design.md, "Testing Triton without a GPU"); a GPU runs it in bf16 too.
+to the gradient's norm there. With TRITON_INTERPRET=1 on CPU, Triton runs fp32 only here (bf16
+arithmetic is wrong in the interpreter, DESIGN.md section 6: those cases are skipped, with that reason);
+a GPU runs it in bf16 too. Every tensor is made on ``helpers.device_for(backend)``.
 """
 
 import pytest
 import torch
-from conftest import DEVICE, require_backend
-from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, LargestTensor, rel_err, shrink_native_tiles
+from conftest import require_backend
+from helpers import (
+    BACKEND_NAMES,
+    FP64_BACKEND_NAMES,
+    TRANSFORMS,
+    LargestTensor,
+    backend_dtype_cases,
+    device_for,
+    rel_err,
+    shrink_native_tiles,
+)
 from reference import reference_logprobs, reference_stats
 
 import expo_kernels as ek
@@ -21,18 +31,17 @@ from expo_kernels._dispatch import resolve_backend
 from expo_kernels.ops import LogitTransform, torch_backend
 
 BACKENDS = BACKEND_NAMES
-ON_GPU = DEVICE.type == "cuda"
 
 # (tokens, hidden, vocab): vocab not a multiple of any tile, hidden not a power of two, one token.
 SHAPES = [(37, 24, 100), (1, 8, 33), (70, 40, 257)]
 
 
-def make_inputs(n, h, v, dtype, *, bias=False, ignore_frac=0.25, scale=1.0):
-    hidden = (torch.randn(n, h, device=DEVICE) * scale).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=DEVICE) / h**0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(v, device=DEVICE) * 0.5).to(dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, v, (n,), device=DEVICE)
-    labels[torch.rand(n, device=DEVICE) < ignore_frac] = -100
+def make_inputs(n, h, v, dtype, device, *, bias=False, ignore_frac=0.25, scale=1.0):
+    hidden = (torch.randn(n, h, device=device) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h**0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v, device=device) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[torch.rand(n, device=device) < ignore_frac] = -100
     return hidden, weight, labels, b
 
 
@@ -41,8 +50,9 @@ def grads_of(out, inputs, upstream):
 
 
 def check_against_reference(backend, n, h, v, dtype, transform, *, bias, tol):
-    hidden, weight, labels, b = make_inputs(n, h, v, dtype, bias=bias)
-    g = torch.randn(n, dtype=torch.float64, device=DEVICE)
+    dev = device_for(backend)
+    hidden, weight, labels, b = make_inputs(n, h, v, dtype, dev, bias=bias)
+    g = torch.randn(n, dtype=torch.float64, device=dev)
     logp = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, **transform)
     assert logp.shape == labels.shape
     assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -74,23 +84,23 @@ def test_matches_reference_fp64(backend, bias):
 
 
 def test_triton_refuses_float64_and_the_default_routes_it_elsewhere():
-    require_backend("triton")
+    require_backend("triton", device_for("triton").type)
     # Triton scalars and (on GPUs) the kernels' accumulators are float32: a float64 call would be
     # silently ~1e-8 accurate, so an explicit request is refused and the default never picks Triton.
-    hidden, weight, labels, _ = make_inputs(5, 8, 20, torch.float64)
+    dev = device_for("triton")
+    hidden, weight, labels, _ = make_inputs(5, 8, 20, torch.float64, dev)
     with pytest.raises(ValueError, match="backend='triton' does not support float64"):
         ek.linear_logprobs(hidden, weight, labels, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' does not support float64"):
         ek.linear_token_kl(hidden, weight, hidden.detach(), weight.detach(), labels, backend="triton")
-    assert resolve_backend(None, DEVICE, torch.float64) != "triton"
+    assert resolve_backend(None, dev, torch.float64) != "triton"
 
 
-# The torch and native backends upcast bf16/fp16 tiles to float32 on any device.
-LOW_PRECISION_BACKENDS = [b for b in BACKENDS if b in ("torch", "native") or ON_GPU]
-
-
-@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+# The torch and native backends upcast bf16/fp16 tiles to float32 on any device; Triton's cases run on a
+# GPU (skipped in the interpreter, conftest.py).
+@pytest.mark.parametrize(
+    "backend,dtype", backend_dtype_cases([torch.bfloat16, torch.float16]), ids=lambda x: str(x).replace("torch.", "")
+)
 @pytest.mark.parametrize("transform", ["plain", "all"])
 def test_matches_reference_low_precision(backend, dtype, transform):
     # The reference sees the same rounded inputs, so only the op's own arithmetic is measured.
@@ -99,7 +109,7 @@ def test_matches_reference_low_precision(backend, dtype, transform):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stats_match_reference(backend):
-    hidden, weight, labels, b = make_inputs(50, 24, 130, torch.float32, bias=True)
+    hidden, weight, labels, b = make_inputs(50, 24, 130, torch.float32, device_for(backend), bias=True)
     # Make some labels the argmax, and add a tie: duplicate rows give equal logits, and only the
     # first of equal maxima counts as the argmax (torch.argmax's convention).
     with torch.no_grad():
@@ -122,11 +132,12 @@ def test_stats_match_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_tie_counts_only_first(backend):
-    hidden = torch.randn(4, 16, device=DEVICE)
-    weight = torch.randn(40, 16, device=DEVICE)
+    dev = device_for(backend)
+    hidden = torch.randn(4, 16, device=dev)
+    weight = torch.randn(40, 16, device=dev)
     weight[5] = hidden[0] * 3  # make row 5 the clear winner for token 0
     weight[20] = weight[5]  # and row 20 tie with it
-    labels = torch.tensor([5, 20, 1, 2], device=DEVICE)
+    labels = torch.tensor([5, 20, 1, 2], device=dev)
     _, stats = ek.linear_logprobs(hidden, weight, labels, backend=backend, return_stats=True)
     assert bool(stats.is_top1[0]) and not bool(stats.is_top1[1] and (hidden[1] @ weight.T).argmax() != 20)
     labels[0] = 20
@@ -136,7 +147,7 @@ def test_argmax_tie_counts_only_first(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_tokens_ignored(backend):
-    hidden, weight, labels, b = make_inputs(6, 8, 50, torch.float32, bias=True)
+    hidden, weight, labels, b = make_inputs(6, 8, 50, torch.float32, device_for(backend), bias=True)
     labels.fill_(-100)
     logp, stats = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)
     assert torch.equal(logp, torch.zeros_like(logp)) and not stats.is_top1.any()
@@ -147,7 +158,7 @@ def test_all_tokens_ignored(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index_and_zero_grad_at_ignored_rows(backend):
-    hidden, weight, labels, _ = make_inputs(20, 16, 64, torch.float32, ignore_frac=0.0)
+    hidden, weight, labels, _ = make_inputs(20, 16, 64, torch.float32, device_for(backend), ignore_frac=0.0)
     labels[::3] = 7  # 7 is a valid vocabulary id; as ignore_index it must be skipped
     logp = ek.linear_logprobs(hidden, weight, labels, ignore_index=7, backend=backend)
     ref = reference_logprobs(hidden, weight, labels, ignore_index=7)
@@ -158,10 +169,11 @@ def test_custom_ignore_index_and_zero_grad_at_ignored_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leading_dims_and_non_contiguous_hidden(backend):
-    base = torch.randn(24, 3, 2, device=DEVICE)  # [H, B, T] storage
+    dev = device_for(backend)
+    base = torch.randn(24, 3, 2, device=dev)  # [H, B, T] storage
     hidden = base.permute(1, 2, 0).requires_grad_()  # [B, T, H], non-contiguous view
-    weight = torch.randn(45, 24, device=DEVICE) * 0.3
-    labels = torch.randint(0, 45, (3, 2), device=DEVICE)
+    weight = torch.randn(45, 24, device=dev) * 0.3
+    labels = torch.randint(0, 45, (3, 2), device=dev)
     assert not hidden.is_contiguous()
     logp = ek.linear_logprobs(hidden, weight, labels, backend=backend)
     assert logp.shape == (3, 2)
@@ -175,7 +187,7 @@ def test_leading_dims_and_non_contiguous_hidden(backend):
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("transform", ["plain", "all"])
 def test_gradcheck_float64(backend, transform):
-    hidden, weight, labels, b = make_inputs(5, 6, 19, torch.float64, bias=True, ignore_frac=0.3)
+    hidden, weight, labels, b = make_inputs(5, 6, 19, torch.float64, device_for(backend), bias=True, ignore_frac=0.3)
     labels[0] = 3
 
     def fn(h, w, bias):
@@ -188,7 +200,7 @@ def test_gradcheck_float64(backend, transform):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_head_and_frozen_hidden(backend):
-    hidden, weight, labels, _ = make_inputs(30, 16, 80, torch.float32)
+    hidden, weight, labels, _ = make_inputs(30, 16, 80, torch.float32, device_for(backend))
     weight.requires_grad_(False)
     logp = ek.linear_logprobs(hidden, weight, labels, backend=backend)
     logp.sum().backward()
@@ -212,13 +224,19 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
     shrink_native_tiles(monkeypatch, 32, 64)
-    hidden, weight, labels, b = make_inputs(n, h, v, torch.float32, bias=True, ignore_frac=0.0)
+    dev = device_for(backend)
+    hidden, weight, labels, b = make_inputs(n, h, v, torch.float32, dev, bias=True, ignore_frac=0.0)
     module = _backend_module(backend)
     transform = LogitTransform(2.0, 4.0, 0.9)
-    with LargestTensor() as rec:
+    # The chunked paths' logit workspace (kept logits; on CUDA the whole Triton op, which runs on library
+    # GEMMs into it) is bounded by workspace_bytes, 1 GiB by default: capped at [V, H] here, below [N, V]
+    # (so nothing is kept either) and at least one row of logits
+    workspace = v * h * 4
+    assert v * 4 <= workspace < n * v * 4
+    with LargestTensor() as rec, ek.kernel_options(workspace_bytes=workspace):
         out = ops.forward(module, hidden.detach(), weight.detach(), b.detach(), labels, transform, True)
         module.backward(
-            torch.ones(n, device=DEVICE),
+            torch.ones(n, device=dev),
             hidden.detach(),
             weight.detach(),
             b.detach(),
@@ -230,16 +248,15 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
             True,
         )
         # ... and the public op end to end (the registered op is opaque to the mode, so its
-        # internals are covered by the two calls above), with a workspace too small to keep the logits
-        with ek.kernel_options(workspace_bytes=n * v * 4 - 1):
-            ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)[0].sum().backward()
+        # internals are covered by the two calls above), with the workspace too small to keep the logits
+        ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)[0].sum().backward()
     # Nothing may exceed the float32 weight gradient [V, H]; [N, V] float32 would be 7.5x that.
     assert rec.largest <= v * h * 4, f"{rec.op} made a {rec.largest}-byte tensor; [N, V] fp32 is {n * v * 4}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile(backend):
-    hidden, weight, labels, _ = make_inputs(20, 16, 50, torch.float32)
+    hidden, weight, labels, _ = make_inputs(20, 16, 50, torch.float32, device_for(backend))
 
     def step(h, w):
         return (ek.linear_logprobs(h, w, labels, backend=backend, softcap=4.0) * 0.5).sum()
@@ -262,13 +279,14 @@ def test_backend_selection(monkeypatch):
     assert resolve_backend(None, torch.device("cpu")) == (
         "native" if "native" in ek.available_backends("cpu") else "torch"
     )
+    dev = device_for("torch")
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "torch")
-    assert resolve_backend(None, DEVICE) == "torch"
+    assert resolve_backend(None, dev) == "torch"
     monkeypatch.setenv("EXPO_KERNELS_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="EXPO_KERNELS_BACKEND must be one of"):
-        resolve_backend(None, DEVICE)
+        resolve_backend(None, dev)
     with pytest.raises(ValueError, match="backend must be one of"):
-        resolve_backend("fast", DEVICE)
+        resolve_backend("fast", dev)
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):

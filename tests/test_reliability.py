@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, device_for
 from reference import logits64, reference_logprobs, reference_stats
 
 import expo_kernels as ek
@@ -18,16 +18,16 @@ BACKENDS = BACKEND_NAMES
 FP64_BACKENDS = FP64_BACKEND_NAMES
 
 
-def _hw(n=3, h=8, v=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+def _hw(device, n=3, h=8, v=20, seed=0):
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the same numbers on every device
+    return torch.randn(n, h, generator=g).to(device), torch.randn(v, h, generator=g).to(device)
 
 
 def _grads(backend, hidden, weight, labels, bias=None, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     b = leaves[2] if bias is not None else None
     logp = ek.linear_logprobs(leaves[0], leaves[1], labels, b, backend=backend, **kw)
-    g = torch.linspace(-1, 1, labels.numel()).view(labels.shape)
+    g = torch.linspace(-1, 1, labels.numel(), device=labels.device).view(labels.shape)
     return logp, torch.autograd.grad((logp * g).sum(), leaves)
 
 
@@ -35,7 +35,7 @@ def _ref_grads(hidden, weight, labels, bias=None, **kw):
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     b = leaves[2] if bias is not None else None
     logp = reference_logprobs(leaves[0], leaves[1], labels, b, **kw)
-    g = torch.linspace(-1, 1, labels.numel(), dtype=torch.float64).view(labels.shape)
+    g = torch.linspace(-1, 1, labels.numel(), dtype=torch.float64, device=labels.device).view(labels.shape)
     return logp, torch.autograd.grad((logp * g).sum(), leaves)
 
 
@@ -52,9 +52,10 @@ def _assert_matches_reference(backend, hidden, weight, labels, bias=None, tol=2e
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_labels_and_bias(backend):
-    h, w = _hw()
-    labels = torch.randint(0, 20, (3, 2), generator=torch.Generator().manual_seed(1))[:, 0]
-    bias = torch.randn(40, generator=torch.Generator().manual_seed(2))[::2]
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.randint(0, 20, (3, 2), generator=torch.Generator().manual_seed(1)).to(dev)[:, 0]
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(2)).to(dev)[::2]
     assert not labels.is_contiguous() and not bias.is_contiguous()
     _assert_matches_reference(backend, h, w, labels, bias)
     _assert_matches_reference(backend, h, w.T.contiguous().T, labels, bias)  # column-major weight
@@ -62,9 +63,10 @@ def test_non_contiguous_labels_and_bias(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_bias_in_token_kl(backend):
-    h, w = _hw()
-    labels = torch.tensor([1, 2, 3])
-    bias = torch.randn(40, generator=torch.Generator().manual_seed(2))[::2]
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(2)).to(dev)[::2]
     kl = ek.linear_token_kl(h, w, h, w + 0.1, labels, bias, backend=backend)
     logp = torch.log_softmax(logits64(h, w, bias), -1)
     logq = torch.log_softmax(logits64(h, w + 0.1), -1)
@@ -83,8 +85,9 @@ def test_non_contiguous_bias_in_token_kl(backend):
 def test_small_integer_labels(backend, dtype, vocab, label):
     # uint8 156 == -100 mod 256 must not be ignored; int8 104 with V = 300 (300 wraps to 44 in int8)
     # and int16 5 with V = 40000 are in range.
-    h, w = _hw(v=vocab)
-    labels = torch.tensor([label, 1, 2], dtype=dtype)
+    dev = device_for(backend)
+    h, w = _hw(dev, v=vocab)
+    labels = torch.tensor([label, 1, 2], dtype=dtype, device=dev)
     logp = ek.linear_logprobs(h, w, labels, backend=backend)
     torch.testing.assert_close(logp.double(), reference_logprobs(h, w, labels.long()), rtol=2e-5, atol=2e-5)
     assert logp[0] != 0
@@ -95,18 +98,20 @@ def test_small_integer_labels(backend, dtype, vocab, label):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_kl_without_ignored_labels(backend):
-    h, w = _hw()
-    kl = ek.linear_token_kl(h, w, h, w, torch.tensor([1, 2, 3]), backend=backend)
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    kl = ek.linear_token_kl(h, w, h, w, torch.tensor([1, 2, 3], device=dev), backend=backend)
     assert kl.shape == (3,) and kl.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=["N0", "B2T0"])
 def test_empty_batch(backend, shape):
-    w = torch.randn(20, 8, requires_grad=True)
-    b = torch.randn(20, requires_grad=True)
-    h = torch.randn(shape, requires_grad=True)
-    labels = torch.zeros(shape[:-1], dtype=torch.long)
+    dev = device_for(backend)
+    w = torch.randn(20, 8, device=dev, requires_grad=True)
+    b = torch.randn(20, device=dev, requires_grad=True)
+    h = torch.randn(shape, device=dev, requires_grad=True)
+    labels = torch.zeros(shape[:-1], dtype=torch.long, device=dev)
     logp, stats = ek.linear_logprobs(h, w, labels, b, backend=backend, return_stats=True)
     assert logp.shape == labels.shape and stats.entropy.shape == labels.shape
     logp.sum().backward()
@@ -121,10 +126,11 @@ def test_empty_batch(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_entries(backend):
-    h, w = _hw(n=6, v=50)
-    bias = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    dev = device_for(backend)
+    h, w = _hw(dev, n=6, v=50)
+    bias = torch.randn(50, generator=torch.Generator().manual_seed(3)).to(dev)
     bias[[3, 17, 49]] = -math.inf
-    labels = torch.tensor([0, 1, 2, 4, 18, -100])
+    labels = torch.tensor([0, 1, 2, 4, 18, -100], device=dev)
     logp, stats = ek.linear_logprobs(h, w, labels, bias, backend=backend, return_stats=True)
     z = logits64(h, w, bias)
     logq = torch.log_softmax(z, -1)
@@ -141,9 +147,11 @@ def test_masked_vocabulary_entries(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_vocabulary_is_a_clear_error(backend):
-    h, w = _hw()
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels, bias = torch.tensor([1, 2, 3], device=dev), torch.full((20,), -math.inf, device=dev)
     with pytest.raises(ValueError, match="every vocabulary entry is masked"):
-        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), torch.full((20,), -math.inf), backend=backend)
+        ek.linear_logprobs(h, w, labels, bias, backend=backend)
 
 
 # 8: non-finite hidden/weight are refused even where a softcap would hide them from the forward -----------
@@ -152,24 +160,25 @@ def test_fully_masked_vocabulary_is_a_clear_error(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where,value", [("hidden", math.inf), ("weight", -math.inf), ("weight", math.nan)])
 def test_non_finite_inputs_refused_under_softcap(backend, where, value):
-    h, w = _hw()
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
     (h if where == "hidden" else w)[0, 0] = value
     with pytest.raises(ValueError, match=f"^{where} contains NaN or inf"):
-        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), softcap=30.0, backend=backend)
+        ek.linear_logprobs(h, w, labels, softcap=30.0, backend=backend)
     with pytest.raises(ValueError, match=f"^{where} contains NaN or inf"):
-        ek.linear_token_kl(
-            h, w, h.abs().clamp(max=1), w.abs().clamp(max=1), torch.tensor([1, 2, 3]), softcap=30.0, backend=backend
-        )
+        ek.linear_token_kl(h, w, h.abs().clamp(max=1), w.abs().clamp(max=1), labels, softcap=30.0, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_nan_or_positive_inf_refused(backend):
-    h, w = _hw()
+    dev = device_for(backend)
+    h, w = _hw(dev)
     for value in (math.nan, math.inf):
-        b = torch.zeros(20)
+        b = torch.zeros(20, device=dev)
         b[5] = value
         with pytest.raises(ValueError, match="bias contains NaN or \\+inf"):
-            ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), b, backend=backend)
+            ek.linear_logprobs(h, w, torch.tensor([1, 2, 3], device=dev), b, backend=backend)
 
 
 # 9: extreme temperatures: finite where the reference is, a named error where float32 overflows --------
@@ -177,8 +186,9 @@ def test_bias_nan_or_positive_inf_refused(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_temperature_gives_finite_gradients(backend):
-    h, w = _hw()
-    labels = torch.tensor([1, 2, 3])
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
     logp, grads = _grads(backend, h, w, labels, temperature=1e-30)
     ref, ref_grads = _ref_grads(h, w, labels, temperature=1e-30)
     assert torch.isfinite(logp).all() and all(torch.isfinite(g).all() for g in grads)
@@ -189,9 +199,11 @@ def test_tiny_temperature_gives_finite_gradients(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflowing_temperature_is_a_named_error(backend):
-    h, w = _hw()
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
     with pytest.raises(ValueError, match="overflow.*temperature=1e-38"):
-        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), temperature=1e-38, return_stats=True, backend=backend)
+        ek.linear_logprobs(h, w, labels, temperature=1e-38, return_stats=True, backend=backend)
 
 
 # 11: entropy at |z| ~ 1e4 is no worse than PyTorch's own float32 log_softmax (within the logits' rounding)
@@ -199,10 +211,11 @@ def test_overflowing_temperature_is_a_named_error(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_at_large_logits(backend):
+    dev = device_for(backend)
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(48, 32, generator=g), torch.randn(257, 32, generator=g)
+    h, w = torch.randn(48, 32, generator=g).to(dev), torch.randn(257, 32, generator=g).to(dev)
     h = h * (1e4 / (h @ w.T).abs().max())
-    labels = torch.randint(0, 257, (48,), generator=g)
+    labels = torch.randint(0, 257, (48,), generator=g).to(dev)
     want = reference_stats(h, w, labels)["entropy"]
     logq32 = torch.log_softmax(h @ w.T, -1)
     torch_fp32 = -(logq32.exp() * logq32).sum(-1)
@@ -232,27 +245,30 @@ def test_entropy_at_large_logits(backend):
     ids=["process_group", "ignore_index", "return_stats-str", "return_stats-int", "backend-type"],
 )
 def test_argument_errors_name_the_argument(kwargs, exc, match):
-    h, w = _hw()
+    dev = device_for("torch")
+    h, w = _hw(dev)
     with pytest.raises(exc, match=match):
-        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), **kwargs)
+        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3], device=dev), **kwargs)
 
 
 def test_zero_hidden_size_is_named():
+    dev = device_for("torch")
+    h, w, labels = torch.randn(3, 0, device=dev), torch.randn(20, 0, device=dev), torch.tensor([1, 2, 3], device=dev)
     with pytest.raises(ValueError, match="hidden must have a hidden size H"):
-        ek.linear_logprobs(torch.randn(3, 0), torch.randn(20, 0), torch.tensor([1, 2, 3]))
+        ek.linear_logprobs(h, w, labels)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_is_a_clear_not_implemented(backend):
-    h, w = _hw()
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
     h.requires_grad_()
-    (g,) = torch.autograd.grad(
-        ek.linear_logprobs(h, w, torch.tensor([1, 2, 3]), backend=backend).sum(), h, create_graph=True
-    )
+    (g,) = torch.autograd.grad(ek.linear_logprobs(h, w, labels, backend=backend).sum(), h, create_graph=True)
     with pytest.raises(NotImplementedError, match="expo_kernels::linear_logprobs has no double backward"):
         g.sum().backward()
     (g,) = torch.autograd.grad(
-        ek.linear_token_kl(h, w, h.detach(), w + 1, torch.tensor([1, 2, 3]), backend=backend).sum(),
+        ek.linear_token_kl(h, w, h.detach(), w + 1, labels, backend=backend).sum(),
         h,
         create_graph=True,
     )
@@ -263,7 +279,7 @@ def test_double_backward_is_a_clear_not_implemented(backend):
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_float64_is_float64_throughout(backend):
     # 60 of 446 fuzzed float64 cases were ~1e-8 off on Triton; float64 now never runs there
-    h, w = _hw()
-    _assert_matches_reference(
-        backend, h.double(), w.double(), torch.tensor([1, 2, 3]), tol=1e-12, temperature=0.7, softcap=3.0
-    )
+    dev = device_for(backend)
+    h, w = _hw(dev)
+    labels = torch.tensor([1, 2, 3], device=dev)
+    _assert_matches_reference(backend, h.double(), w.double(), labels, tol=1e-12, temperature=0.7, softcap=3.0)

@@ -2,8 +2,16 @@
 
 import pytest
 import torch
-from conftest import DEVICE
-from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, LargestTensor, rel_err, shrink_native_tiles
+from helpers import (
+    BACKEND_NAMES,
+    FP64_BACKEND_NAMES,
+    TRANSFORMS,
+    LargestTensor,
+    backend_dtype_cases,
+    device_for,
+    rel_err,
+    shrink_native_tiles,
+)
 from reference import logits64
 
 import expo_kernels as ek
@@ -22,26 +30,29 @@ def reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=None
     return torch.where(labels.reshape(-1) != -100, kl, torch.zeros_like(kl)).view(labels.shape)
 
 
-def make(n, h, hr, v, dtype, bias=True):
-    hidden = torch.randn(n, h, device=DEVICE, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(v, h, device=DEVICE, dtype=dtype) / h**0.5).requires_grad_()
-    b = (torch.randn(v, device=DEVICE, dtype=dtype) * 0.3).requires_grad_() if bias else None
-    ref_hidden = torch.randn(n, hr, device=DEVICE, dtype=dtype)
-    ref_weight = torch.randn(v, hr, device=DEVICE, dtype=dtype) / hr**0.5
-    ref_bias = torch.randn(v, device=DEVICE, dtype=dtype) * 0.3 if bias else None
-    labels = torch.randint(0, v, (n,), device=DEVICE)
+def make(n, h, hr, v, dtype, device, bias=True):
+    hidden = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h, device=device, dtype=dtype) / h**0.5).requires_grad_()
+    b = (torch.randn(v, device=device, dtype=dtype) * 0.3).requires_grad_() if bias else None
+    ref_hidden = torch.randn(n, hr, device=device, dtype=dtype)
+    ref_weight = torch.randn(v, hr, device=device, dtype=dtype) / hr**0.5
+    ref_bias = torch.randn(v, device=device, dtype=dtype) * 0.3 if bias else None
+    labels = torch.randint(0, v, (n,), device=device)
     labels[::4] = -100
     return hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+# float64 is not parametrized for Triton (test_linear_logprobs.test_triton_refuses_float64...)
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases(TOL), ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("transform", ["plain", "all"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
-def test_token_kl_matches_reference(backend, transform, dtype, tol):
-    if dtype == torch.float64 and backend == "triton":
-        pytest.skip("Triton refuses float64 (test_linear_logprobs.test_triton_refuses_float64...)")
+def test_token_kl_matches_reference(backend, transform, dtype):
+    tol = TOL[dtype]
+    dev = device_for(backend)
     # Reference head with a different hidden size (a smaller reference model is allowed).
-    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(37, 24, 20, 100, dtype)
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(37, 24, 20, 100, dtype, dev)
     kl = ek.linear_token_kl(
         hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, backend=backend, **TRANSFORMS[transform]
     )
@@ -49,7 +60,7 @@ def test_token_kl_matches_reference(backend, transform, dtype, tol):
     assert kl.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert (kl[labels != -100] > 0).all() and (kl[labels == -100] == 0).all()
     torch.testing.assert_close(kl.double(), ref, rtol=tol, atol=tol)
-    g = torch.randn(37, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(37, dtype=torch.float64, device=dev)
     got = torch.autograd.grad((kl.double() * g).sum(), (hidden, weight, b))
     want = torch.autograd.grad((ref * g).sum(), (hidden, weight, b))
     for name, x, y in zip(("hidden", "weight", "bias"), got, want, strict=False):
@@ -58,7 +69,7 @@ def test_token_kl_matches_reference(backend, transform, dtype, tol):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_kl_is_zero_for_identical_heads(backend):
-    hidden, weight, _, _, _, _, labels = make(20, 16, 16, 64, torch.float32, bias=False)
+    hidden, weight, _, _, _, _, labels = make(20, 16, 16, 64, torch.float32, device_for(backend), bias=False)
     kl = ek.linear_token_kl(hidden, weight, hidden.detach(), weight.detach(), labels, backend=backend)
     assert kl.abs().max() < 1e-5
     (grad,) = torch.autograd.grad(kl.sum(), hidden)
@@ -67,7 +78,7 @@ def test_token_kl_is_zero_for_identical_heads(backend):
 
 @pytest.mark.parametrize("backend", FP64_BACKEND_NAMES)  # float64: not on Triton
 def test_token_kl_gradcheck(backend):
-    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(5, 6, 4, 17, torch.float64)
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(5, 6, 4, 17, torch.float64, device_for(backend))
 
     def fn(h, w, bias):
         return ek.linear_token_kl(h, w, ref_hidden, ref_weight, labels, bias, ref_bias, backend=backend, softcap=3.0)
@@ -83,18 +94,21 @@ def test_token_kl_never_allocates_tokens_by_vocab(backend, monkeypatch):
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
     shrink_native_tiles(monkeypatch, 32, 64)
-    hidden, weight, b, ref_hidden, ref_weight, ref_bias, _ = make(n, h, h, v, torch.float32)
+    dev = device_for(backend)
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, _ = make(n, h, h, v, torch.float32, dev)
     args = (hidden.detach(), weight.detach(), b.detach(), ref_hidden, ref_weight, ref_bias)
     module = backend_module(backend)
     transform = LogitTransform(1.0, 5.0, 1.0)
     with LargestTensor() as rec:
         kl, lse_p, lse_r = ops.token_kl_forward(module, *args, transform)
-        module.token_kl_backward(torch.ones(n, device=DEVICE), *args, lse_p, lse_r, transform, True, True, True)
+        module.token_kl_backward(torch.ones(n, device=dev), *args, lse_p, lse_r, transform, True, True, True)
     assert rec.largest <= v * h * 4, f"{rec.op} made a {rec.largest}-byte tensor; [N, V] fp32 is {n * v * 4}"
 
 
 def test_token_kl_bad_input():
-    hidden, weight, _, ref_hidden, ref_weight, _, labels = make(6, 8, 8, 30, torch.float32, bias=False)
+    hidden, weight, _, ref_hidden, ref_weight, _, labels = make(
+        6, 8, 8, 30, torch.float32, device_for("torch"), bias=False
+    )
     with pytest.raises(ValueError, match="ref_weight must have shape"):
         ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight[:, :5], labels)
     with pytest.raises(ValueError, match="ref_weight must have the policy's vocabulary size V = 30"):

@@ -8,8 +8,8 @@ only the selected rows of the head. Shapes stay tiny: Triton runs in its CPU int
 
 import pytest
 import torch
-from conftest import DEVICE
-from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, rel_err, shrink_native_tiles
+from conftest import triton_available
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, TRANSFORMS, device_for, rel_err, shrink_native_tiles
 from reference import logits64
 
 import expo_kernels as ek
@@ -37,12 +37,12 @@ def reference_topk(hidden, weight, bias, labels, k, ignore_index=-100, **transfo
     return values.view(*labels.shape, k), ids.view(*labels.shape, k)
 
 
-def make_inputs(n, h, v, dtype=torch.float32, bias=False):
-    hidden = torch.randn(n, h, device=DEVICE).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=DEVICE) / h**0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(v, device=DEVICE) * 0.5).to(dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, v, (n,), device=DEVICE)
-    labels[torch.rand(n, device=DEVICE) < 0.25] = -100
+def make_inputs(n, h, v, device, dtype=torch.float32, bias=False):
+    hidden = torch.randn(n, h, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=device) / h**0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v, device=device) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[torch.rand(n, device=device) < 0.25] = -100
     return hidden, weight, labels, b
 
 
@@ -63,24 +63,25 @@ def check(backend, hidden, weight, labels, b, k, tol, **transform):
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("transform", ["plain", "all"])
 def test_topk_matches_sorted_logits(backend, transform):
-    hidden, weight, labels, b = make_inputs(37, 24, 100, bias=True)
+    hidden, weight, labels, b = make_inputs(37, 24, 100, device_for(backend), bias=True)
     check(backend, hidden, weight, labels, b, 5, 2e-5, **TRANSFORMS[transform])
 
 
 @pytest.mark.parametrize("backend", FP64_BACKEND_NAMES)
 @pytest.mark.parametrize("transform", ["temperature", "logit_scale", "softcap"])
 def test_topk_float64_transforms(backend, transform):
-    hidden, weight, labels, b = make_inputs(21, 16, 70, torch.float64)
+    hidden, weight, labels, b = make_inputs(21, 16, 70, device_for(backend), torch.float64)
     check(backend, hidden, weight, labels, b, 9, 1e-12, **TRANSFORMS[transform])
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_topk_ties_lower_id_first(backend):
     # small integers: every logit is exact, many values repeat, so the tie order is all that decides
-    hidden = torch.randint(-2, 3, (19, 8), device=DEVICE).float()
-    weight = torch.randint(-1, 2, (50, 8), device=DEVICE).float()
+    dev = device_for(backend)
+    hidden = torch.randint(-2, 3, (19, 8), device=dev).float()
+    weight = torch.randint(-1, 2, (50, 8), device=dev).float()
     weight[7] = weight[40]  # whole duplicated rows too
-    labels = torch.randint(0, 50, (19,), device=DEVICE)
+    labels = torch.randint(0, 50, (19,), device=dev)
     stats = check(backend, hidden, weight, labels, None, 7, 0.0)
     v = stats.topk_values
     assert bool((v[:, :-1] == v[:, 1:]).any()), "the test needs ties inside the top-k"
@@ -88,9 +89,12 @@ def test_topk_ties_lower_id_first(backend):
 
 def test_triton_vocab_splits_merge_ties():
     """Triton's per-split top-k merged across splits keeps the order (ties spanning splits)."""
-    hidden = torch.randint(-2, 3, (18, 16), device=DEVICE).float()
-    weight = torch.randint(-1, 2, (90, 16), device=DEVICE).float()
-    labels = torch.zeros(18, dtype=torch.long, device=DEVICE)
+    if not triton_available():
+        pytest.skip("Triton cannot run here")
+    dev = device_for("triton")
+    hidden = torch.randint(-2, 3, (18, 16), device=dev).float()
+    weight = torch.randint(-1, 2, (90, 16), device=dev).float()
+    labels = torch.zeros(18, dtype=torch.long, device=dev)
     _, want_i = reference_topk(hidden, weight, None, labels, 6)
     st = triton_backend.forward_partial(hidden, weight, None, labels, LogitTransform(), False, vocab_splits=3, topk=6)
     assert torch.equal(st.topk_ids, want_i)
@@ -98,23 +102,25 @@ def test_triton_vocab_splits_merge_ties():
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_topk_k_equals_v_masked_entries_and_strided_hidden(backend):
-    base = torch.randn(3, 9, 2 * 12, device=DEVICE)
+    dev = device_for(backend)
+    base = torch.randn(3, 9, 2 * 12, device=dev)
     hidden = base[..., ::2]  # strided [3, 9, 12]
-    weight = torch.randn(11, 12, device=DEVICE)
-    b = torch.randn(11, device=DEVICE)
+    weight = torch.randn(11, 12, device=dev)
+    b = torch.randn(11, device=dev)
     b[[2, 5]] = -float("inf")  # masked ids: last, in id order
-    labels = torch.randint(0, 11, (3, 9), device=DEVICE)
+    labels = torch.randint(0, 11, (3, 9), device=dev)
     labels[1, 4] = -100
     stats = check(backend, hidden, weight, labels, b, 11, 2e-5, softcap=4.0)
-    assert torch.equal(stats.topk_indices[0, 0, -2:], torch.tensor([2, 5], device=DEVICE))
+    assert torch.equal(stats.topk_indices[0, 0, -2:], torch.tensor([2, 5], device=dev))
     assert torch.all(stats.topk_values[1, 4] == 0) and torch.all(stats.topk_indices[1, 4] == -1)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_topk_empty_batch(backend):
-    hidden = torch.randn(0, 8, device=DEVICE, requires_grad=True)
-    weight = torch.randn(40, 8, device=DEVICE, requires_grad=True)
-    labels = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    dev = device_for(backend)
+    hidden = torch.randn(0, 8, device=dev, requires_grad=True)
+    weight = torch.randn(40, 8, device=dev, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=dev)
     _, stats = ek.linear_logprobs(hidden, weight, labels, return_stats=True, topk=3, backend=backend)
     assert stats.topk_values.shape == (0, 3) and stats.topk_indices.shape == (0, 3)
     stats.topk_values.sum().backward()
@@ -123,10 +129,11 @@ def test_topk_empty_batch(backend):
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_topk_gradients_sparse_and_exact(backend):
-    hidden, weight, labels, b = make_inputs(23, 16, 60, bias=True)
+    dev = device_for(backend)
+    hidden, weight, labels, b = make_inputs(23, 16, 60, dev, bias=True)
     transform = TRANSFORMS["all"]
     _, stats = ek.linear_logprobs(hidden, weight, labels, b, return_stats=True, topk=4, backend=backend, **transform)
-    g = torch.randn(stats.topk_values.shape, dtype=torch.float64, device=DEVICE)
+    g = torch.randn(stats.topk_values.shape, dtype=torch.float64, device=dev)
     got = torch.autograd.grad((stats.topk_values.double() * g).sum(), (hidden, weight, b))
     # materialized float64 logits gathered at the same ids
     ids = stats.topk_indices
@@ -136,7 +143,7 @@ def test_topk_gradients_sparse_and_exact(backend):
     want = torch.autograd.grad((want_vals * g).sum(), (hidden, weight, b))
     for name, x, y in zip(("hidden", "weight", "bias"), got, want, strict=True):
         assert rel_err(x, y) < 2e-5, f"d_{name}: {rel_err(x, y):.2e}"
-    selected = torch.zeros(60, dtype=torch.bool, device=DEVICE)
+    selected = torch.zeros(60, dtype=torch.bool, device=dev)
     selected[ids[ids >= 0]] = True
     assert torch.all(got[1][~selected] == 0) and torch.all(got[2][~selected] == 0)
     assert bool((got[1][selected].abs().sum(1) > 0).all())
@@ -144,8 +151,9 @@ def test_topk_gradients_sparse_and_exact(backend):
 
 
 def test_topk_argument_errors(monkeypatch):
-    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
-    labels = torch.randint(0, 10, (4,))
+    dev = device_for("torch")
+    hidden, weight = torch.randn(4, 8, device=dev), torch.randn(10, 8, device=dev)
+    labels = torch.randint(0, 10, (4,), device=dev)
     for bad, err in ((0, ValueError), (33, ValueError), (11, ValueError), (True, TypeError), (2.0, TypeError)):
         with pytest.raises(err, match="topk"):
             ek.linear_logprobs(hidden, weight, labels, return_stats=True, topk=bad, backend="torch")

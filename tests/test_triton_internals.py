@@ -2,11 +2,14 @@
 
 import pytest
 import torch
-from conftest import DEVICE, triton_available
+from conftest import triton_available
+from helpers import device_for
 from reference import reference_stats
 
 if not triton_available():
     pytest.skip("triton backend not available", allow_module_level=True)
+
+DEVICE = device_for("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
