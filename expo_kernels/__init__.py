@@ -4,7 +4,7 @@ Layers, each importing only the ones before it (docs/design.md, "Backends and di
 
 * ``expo_kernels.ops``          — the kernels on plain tensors (torch spec, native C++, Triton) and the
   shared partial state of the online softmax (``ops.state``).
-* ``expo_kernels._dispatch``    — backend choice, argument checks, token compaction.
+* ``expo_kernels._dispatch``    — the plan (backend + execution ``Path``), argument checks, token compaction.
 * ``expo_kernels.autograd``     — the registered torch ops and their autograd formulas.
 * ``expo_kernels.functional``   — the public ops ``linear_logprobs`` and ``linear_token_kl``.
 * ``expo_kernels.distributed``  — vocabulary-parallel ops and FSDP2 heads.
@@ -13,7 +13,7 @@ Layers, each importing only the ones before it (docs/design.md, "Backends and di
 * ``expo_kernels.integrations`` — Hugging Face models and TRL trainers.
 """
 
-from ._dispatch import available_backends
+from ._dispatch import Path, Plan, available_backends, plan
 from ._version import __version__
 from .functional import TokenStats, linear_logprobs, linear_token_kl
 from .losses import LOSSES, preference_loss, preference_loss_and_metrics, ranking_loss
@@ -38,6 +38,9 @@ __all__ = [
     "TokenStats",
     "available_backends",
     "kernel_options",
+    "Path",
+    "Plan",
+    "plan",
     "__version__",
     "preference_loss",
     "preference_loss_and_metrics",

@@ -1,9 +1,12 @@
-"""Dispatch: which backend runs a call, and the checks and token bookkeeping around every backend call.
+"""Dispatch: which backend and which execution path run a call, and the checks and token bookkeeping
+around every backend call.
 
 Everything between the public functions (``expo_kernels.functional``) and the kernels
-(``expo_kernels.ops``) that is not autograd lives here: backend choice, scalar checks, compaction of
-the counted tokens, and the guards on what a backend returns (finite, not aliased). The registered
-ops (``expo_kernels.autograd``) and the vocab-parallel path (``expo_kernels.distributed``) both use it.
+(``expo_kernels.ops``) that is not autograd lives here: the plan (backend + :class:`Path` + why:
+:func:`plan` and :func:`plan_pair_step`, the only place that chooses a path), backend choice, scalar
+checks, compaction of the counted tokens, and the guards on what a backend returns (finite, not
+aliased). The registered ops (``expo_kernels.autograd``) and the vocab-parallel path
+(``expo_kernels.distributed``) both use it.
 """
 
 from __future__ import annotations
@@ -12,13 +15,17 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import _validation as V
 from .ops import Backend, torch_backend
+from .ops import gemm as G
 from .ops.common import interpreting
+from .ops.options import KernelOptions, Path, get_kernel_options, workspace_bytes
 
 BACKENDS = V.BACKENDS
 BACKEND_ENV = "EXPO_KERNELS_BACKEND"
@@ -122,6 +129,22 @@ def backward_module(name: str) -> Backend:
             stacklevel=3,
         )
     return backend_module(name)
+
+
+def library_gemm_module() -> ModuleType:
+    """``ops.triton_engine``: the op on library GEMMs + Triton epilogues (``Path.LIBRARY_GEMM``), imported
+    when first taken (it imports Triton)."""
+    from .ops import triton_engine
+
+    return triton_engine
+
+
+def recompute_module(backend: str, device: torch.device, dtype: torch.dtype, vocab: int) -> ModuleType | Backend:
+    """The module whose ``forward_partial`` / ``backward`` run a pass that recomputes its logits (the
+    vocab-parallel op keeps none): the library-GEMM path where :func:`plan` takes it for such a call,
+    else the backend's fused kernels."""
+    chosen = plan(device, dtype, tokens=0, vocab=vocab, needs_grad=False, backend=backend)
+    return library_gemm_module() if chosen.path is Path.LIBRARY_GEMM else backend_module(chosen.backend)
 
 
 def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -270,3 +293,279 @@ def check_finite(inputs: dict, biases: dict, results: tuple[Tensor, ...], transf
         f"the transformed logits overflow the accumulation precision ({shown}): a temperature this "
         "small or a scale this large leaves no finite log-sum-exp; rescale the head or the transform"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: which backend and which execution path run a call (docs/design.md, "Execution paths").
+# The only place that chooses a path: the registered ops run the path they are handed, the modules
+# ask plan_pair_step, and kernel_options(path=...) forces one (checked here).
+# ---------------------------------------------------------------------------------------------
+
+#: The paths of one ``linear_logprobs`` call, and those of a paired preference module's step.
+OP_PATHS = (Path.FUSED, Path.LIBRARY_GEMM, Path.KEPT_LOGITS)
+PAIR_PATHS = (Path.PAIR_ENGINE, Path.LONG_PAIR_CHUNKS)
+#: The backends whose fold/dz epilogues run on a device type (kept logits, the pair engine); Triton's
+#: also on the CPU under the interpreter.
+EPILOGUE_BACKENDS = {"cpu": ("native", "torch"), "cuda": ("triton", "torch")}
+#: The head dtypes of the library-GEMM path (float64: Triton refuses it).
+LIBRARY_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs a call: the backend, the execution :class:`Path`, and why (one sentence)."""
+
+    backend: str
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"backend={self.backend} path={self.path.value}: {self.reason}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def logits_bytes_per_token(
+    vocab: int, dtype: torch.dtype, device: torch.device, backward: bool = True, stacked: bool = False
+) -> int:
+    """Workspace bytes per token: its logits (float32; float64 for a float64 head; twice when a reference's
+    rows share the GEMM) and, for a 16-bit head with a backward pass, its dz in the head's dtype.
+
+    Decided without a GPU: on a machine with none, a 16-bit CUDA head counts float32 logits (what
+    cuBLAS writes through ``out_dtype``); with one, ``ops.gemm.logits_dtype`` asks the device."""
+    if device.type == "cuda" and dtype.itemsize < 4 and not torch.cuda.is_available():
+        ld = torch.float32
+    else:
+        ld = G.logits_dtype(dtype, device)
+    return vocab * ((2 if stacked else 1) * ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
+
+
+def pair_budget_tokens(
+    vocab: int, dtype: torch.dtype, device: torch.device, options: KernelOptions | None = None, stacked: bool = False
+) -> int:
+    """The counted tokens of one pair-engine chunk the workspace holds (at least 1)."""
+    per_token = logits_bytes_per_token(vocab, dtype, device, backward=True, stacked=stacked)
+    return max(1, workspace_bytes(device, options) // per_token)
+
+
+def _has_epilogues(backend: str, device: torch.device) -> bool:
+    return backend in EPILOGUE_BACKENDS.get(device.type, ()) or (backend == "triton" and interpreting())
+
+
+def _why_not(
+    path: Path,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    tokens: int,
+    vocab: int,
+    topk: int,
+    compiling: bool,
+    options: KernelOptions,
+) -> str | None:
+    """Why an op path cannot run this call (None: it can). Shared by the default choice and the check
+    of a forced path."""
+    if path is Path.FUSED:
+        return None
+    if topk:
+        return "a top-k is asked for (it lives in the fused forward kernels only)"
+    if options.grad_filter_eps is not None:
+        return "kernel_options(grad_filter_eps=...) is set (the filter belongs to the fused Triton backward)"
+    if path is Path.LIBRARY_GEMM:
+        if backend != "triton":
+            return f"library GEMMs run with the Triton epilogues: the backend is {backend!r}, not 'triton'"
+        if device.type != "cuda" and not interpreting():
+            return "CPU tensors without the Triton interpreter (TRITON_INTERPRET=1)"
+        if dtype not in LIBRARY_GEMM_DTYPES:
+            return f"a {dtype} head (library GEMMs take float32/bfloat16/float16)"
+        return None
+    # Path.KEPT_LOGITS
+    if compiling:
+        return "torch.compile is tracing the call (the kept logits have a data-dependent shape)"
+    if not _has_epilogues(backend, device):
+        return f"the {backend} backend has no fold/dz epilogues for {device.type} tensors"
+    if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        return f"a {dtype} head on the CPU (no float32-output 16-bit GEMM there)"
+    need, ws = tokens * logits_bytes_per_token(vocab, dtype, device), workspace_bytes(device, options)
+    if need > ws:
+        return (
+            f"the [{tokens}, {vocab}] logits ({_mib(need)}) exceed the workspace ({_mib(ws)}, "
+            "kernel_options(workspace_bytes=...))"
+        )
+    return None
+
+
+def _forced_error(path: Path, what: str, why: str) -> ValueError:
+    return ValueError(f"kernel_options(path={path.value!r}) cannot run {what}: {why}")
+
+
+def plan(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    tokens: int,
+    vocab: int,
+    needs_grad: bool,
+    topk: int = 0,
+    compiling: bool = False,
+    backend: str | None = None,
+    options: KernelOptions | None = None,
+) -> Plan:
+    """The backend and execution path of one ``linear_logprobs`` call: ``tokens`` rows (all of them,
+    ignored ones included, so that no device sync decides) of a ``[vocab, H]`` ``dtype`` head on
+    ``device``. ``needs_grad``: a backward follows (grad mode on and an input requires grad);
+    ``compiling``: ``torch.compile`` traces the call; ``backend``: the requested name (None:
+    ``$EXPO_KERNELS_BACKEND``, else the device's default); ``options``: the ``kernel_options`` (default:
+    those in force).
+
+    Rules, first match: ``kernel_options(path=...)`` (raises when the call cannot take it);
+    ``engine=False`` -> FUSED; a gradient follows and the logits fit the workspace (and no top-k, no
+    gradient filter, not compiling, the backend has epilogues for the device, not a 16-bit CPU head) ->
+    KEPT_LOGITS; Triton on CUDA (not the interpreter), 16/32-bit, no top-k, no gradient filter ->
+    LIBRARY_GEMM; else FUSED. Needs no GPU: ``torch.device("cuda")`` decides as on a GPU machine."""
+    device = torch.device(device)
+    options = options or get_kernel_options()
+    name = resolve_backend(backend, device, dtype)
+    forced = options.path
+    if forced is not None:
+        if forced in PAIR_PATHS:
+            raise _forced_error(
+                forced,
+                "linear_logprobs",
+                "it is a path of the paired preference modules' step (FusedLinearPreferenceLoss); the op takes "
+                f"one of {[p.value for p in OP_PATHS]}",
+            )
+        why = _why_not(forced, name, device, dtype, tokens, vocab, topk, compiling, options)
+        if why is not None:
+            raise _forced_error(forced, f"this linear_logprobs call ({name} backend, {device.type}, {dtype})", why)
+        return Plan(name, forced, f"kernel_options(path={forced.value!r})")
+    if not options.engine:
+        return Plan(name, Path.FUSED, f"kernel_options(engine=False): the {name} backend's fused kernels")
+    if not needs_grad:
+        not_kept: str | None = "no gradient follows"
+    elif tokens == 0:
+        not_kept = "no tokens"
+    else:
+        not_kept = _why_not(Path.KEPT_LOGITS, name, device, dtype, tokens, vocab, topk, compiling, options)
+    if not_kept is None:
+        need, ws = tokens * logits_bytes_per_token(vocab, dtype, device), workspace_bytes(device, options)
+        return Plan(
+            name,
+            Path.KEPT_LOGITS,
+            f"a gradient follows and the [{tokens}, {vocab}] logits ({_mib(need)}) fit the workspace ({_mib(ws)}): "
+            "one GEMM, the logits kept for the backward (6NHV instead of 8NHV)",
+        )
+    if device.type != "cuda":
+        not_gemm: str | None = f"{device.type} tensors (library GEMMs + Triton epilogues run on CUDA)"
+    elif interpreting():
+        not_gemm = "the Triton interpreter runs the fused kernels"
+    else:
+        not_gemm = _why_not(Path.LIBRARY_GEMM, name, device, dtype, tokens, vocab, topk, compiling, options)
+    if not_gemm is None:
+        return Plan(
+            name,
+            Path.LIBRARY_GEMM,
+            f"Triton on CUDA: cuBLAS GEMMs into the workspace + Triton fold/dz epilogues, logits recomputed "
+            f"vocabulary-chunk-major in the backward (no atomics); not kept: {not_kept}",
+        )
+    return Plan(
+        name,
+        Path.FUSED,
+        f"the {name} backend's fused kernels; not kept logits: {not_kept}; not library GEMMs: {not_gemm}",
+    )
+
+
+def plan_linear_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, topk: int | None = None, backend: str | None = None
+) -> Plan:
+    """:func:`plan` of ``linear_logprobs(hidden, weight, labels, bias, topk=..., backend=...)`` from its
+    tensors, in the current grad mode and ``kernel_options``."""
+    return plan(
+        hidden.device,
+        hidden.dtype,
+        tokens=math.prod(hidden.shape[:-1]),
+        vocab=weight.shape[0],
+        needs_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
+        topk=topk or 0,
+        compiling=torch.compiler.is_compiling(),
+        backend=backend,
+    )
+
+
+def pair_path(max_pair_tokens: int, budget_tokens: int, options: KernelOptions | None = None) -> Path:
+    """The pair step's path for a batch whose longest pair counts ``max_pair_tokens`` tokens, with
+    ``budget_tokens`` (:func:`pair_budget_tokens`) per chunk: PAIR_ENGINE when every pair fits, else
+    LONG_PAIR_CHUNKS; a forced ``kernel_options(path=...)`` wins (a forced PAIR_ENGINE whose longest pair
+    does not fit raises). A pure function of its arguments: ``engine.pair_chunks`` cuts exactly then."""
+    forced = (options or get_kernel_options()).path
+    fits = max_pair_tokens <= budget_tokens
+    if forced is Path.LONG_PAIR_CHUNKS:
+        return forced
+    if forced is Path.PAIR_ENGINE and not fits:
+        raise _forced_error(
+            forced,
+            "this batch",
+            f"a pair of {max_pair_tokens} counted tokens exceeds the workspace's {budget_tokens} tokens "
+            "(kernel_options(workspace_bytes=...), or path='long_pair_chunks')",
+        )
+    return Path.PAIR_ENGINE if fits else Path.LONG_PAIR_CHUNKS
+
+
+def plan_pair_step(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    tokens: int,
+    vocab: int,
+    needs_grad: bool,
+    backend: str | None = None,
+    not_separable: str | None = None,
+    max_pair_tokens: int | None = None,
+    options: KernelOptions | None = None,
+) -> Plan:
+    """The plan of a paired preference module's step (``FusedLinearPreferenceLoss``): the pair engine
+    (PAIR_ENGINE; LONG_PAIR_CHUNKS when the longest pair, ``max_pair_tokens`` counted tokens, exceeds the
+    workspace; None = not known yet), or, where the engine does not serve the call, the op's plan
+    (:func:`plan`) of its policy pass over ``tokens`` rows. ``not_separable``: why the loss is not
+    pair-separable (batch-coupled, EXPO's token KL), None when it is.
+
+    The engine serves: a separable loss, a gradient to compute, a float head on CPU or CUDA (32/64-bit on
+    the CPU: no float32-output 16-bit GEMM there), a backend with epilogues for the device, and
+    ``engine=True``. A forced pair path the call cannot take raises; a forced op path runs the op."""
+    device = torch.device(device)
+    options = options or get_kernel_options()
+    name = resolve_backend(backend, device, dtype)
+    forced = options.path
+    why: str | None = None
+    if not_separable is not None:
+        why = not_separable
+    elif not needs_grad:
+        why = "no gradient follows (one forward pass is all there is)"
+    elif device.type not in EPILOGUE_BACKENDS or not dtype.is_floating_point:
+        why = f"{device.type} tensors of {dtype}"
+    elif device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        why = f"a {dtype} head on the CPU (no float32-output 16-bit GEMM there)"
+    elif not _has_epilogues(name, device):
+        why = f"the {name} backend has no fold/dz epilogues for {device.type} tensors"
+    if forced in PAIR_PATHS and why is not None:
+        raise _forced_error(forced, f"this step ({name} backend, {device.type}, {dtype})", why)
+    if why is None and (forced in PAIR_PATHS or (forced is None and options.engine)):
+        budget = pair_budget_tokens(vocab, dtype, device, options)
+        if max_pair_tokens is None:
+            path = forced if forced is not None else Path.PAIR_ENGINE
+            size = "" if forced is not None else f"; a pair over {budget} counted tokens takes long_pair_chunks"
+        else:
+            path = pair_path(max_pair_tokens, budget, options)
+            size = f"; longest pair {max_pair_tokens} counted tokens, workspace {budget} tokens"
+        lead = f"kernel_options(path={forced.value!r})" if forced is not None else "a separable loss with a gradient"
+        return Plan(name, path, f"{lead}: the {name} epilogues on library GEMMs, chunks of whole pairs{size}")
+    op = plan(device, dtype, tokens=tokens, vocab=vocab, needs_grad=needs_grad, backend=backend, options=options)
+    if forced is not None:
+        lead = f"kernel_options(path={forced.value!r})"
+    elif not options.engine:
+        lead = "kernel_options(engine=False)"
+    else:
+        lead = f"no pair engine: {why}"
+    return Plan(op.backend, op.path, f"the op's path ({lead}); {op.reason}")

@@ -2,8 +2,11 @@
 
 Each op is registered with ``torch.library.custom_op`` so that ``torch.compile`` treats it as one
 opaque node (with shape-only fake implementations); its backward is another registered op that
-recomputes logits tile by tile from the saved ``lse``. Backend choice and the checks around a backend
-call are in ``expo_kernels._dispatch``; the public functions in ``expo_kernels.functional``.
+recomputes logits tile by tile from the saved ``lse``. ``linear_logprobs`` runs the execution path it is
+handed (``_dispatch.plan`` chose it; ``Path`` values as strings): the backend's fused kernels, library
+GEMMs + Triton epilogues (``ops.triton_engine``), or one GEMM whose logits are kept for the backward
+(``ops.epilogues``). Backend and path choice and the checks around a backend call are in
+``expo_kernels._dispatch``; the public functions in ``expo_kernels.functional``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from torch import Tensor
 from . import _dispatch as D
 from . import ops
 from .ops import LogitTransform, TokenOutputs, epilogues
+from .ops.options import Path
 from .ops.state import finalize_logprobs
+
+_LIBRARY_GEMM, _KEPT_LOGITS = Path.LIBRARY_GEMM.value, Path.KEPT_LOGITS.value
 
 
 def _no_double_backward(op_name: str):
@@ -50,21 +56,24 @@ def linear_logprobs_op(
     with_stats: bool,
     topk: int,
     backend: str,
-    keep_logits: bool,
+    path: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], labels [N] -> (logp, lse, entropy, mean_logit, is_top1, log_sum_p2), each [N]
     (the four statistics are empty tensors when ``with_stats`` is False), and ``topk_indices [N, topk]``
     int64 (-1 at ignored tokens; ``[N, 0]`` for ``topk = 0``). The top-k values are re-evaluated
-    differentiably from the ids outside the op (``ops.common.topk_logits``). ``keep_logits``: one GEMM
-    for the call, and the counted tokens' logits ``[N_counted, V]`` returned last for the backward
-    (``ops.epilogues``; the caller checked that they fit the workspace), else an empty tensor."""
+    differentiably from the ids outside the op (``ops.common.topk_logits``). ``path`` (a ``Path`` value,
+    checked by ``_dispatch.plan``): ``"fused"`` the backend's kernels; ``"library_gemm"`` library GEMMs +
+    Triton epilogues; ``"kept_logits"`` one GEMM for the call, and the counted tokens' logits
+    ``[N_counted, V]`` returned last for the backward (``ops.epilogues``), else an empty tensor."""
     n = labels.shape[0]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
     kept = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
-    if keep_logits and topk == 0 and h.shape[0] > 0:
+    if path == _KEPT_LOGITS and h.shape[0] > 0:  # (no counted token: nothing to keep, any path returns empty)
         state, kept = epilogues.forward_keeping_logits(h, weight, bias, y, transform, with_stats, backend)
+    elif path == _LIBRARY_GEMM:
+        state = D.library_gemm_module().forward_partial(h, weight, bias, y, transform, with_stats)
     else:
         state = D.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
     out: TokenOutputs = finalize_logprobs(state, weight.shape[0])
@@ -108,7 +117,7 @@ def _(
     with_stats,
     topk,
     backend,
-    keep_logits,
+    path,
 ):
     n = labels.shape[0]
     dtype = D.result_dtype(hidden.dtype)
@@ -124,7 +133,9 @@ def _(
         stat.clone(),
         hidden.new_empty((n, topk), dtype=torch.long),
         # the counted tokens' logits: a data-dependent row count (the caller keeps none under torch.compile)
-        hidden.new_empty((torch.library.get_ctx().new_dynamic_size(), weight.shape[0]) if keep_logits else (0,)),
+        hidden.new_empty(
+            (torch.library.get_ctx().new_dynamic_size(), weight.shape[0]) if path == _KEPT_LOGITS else (0,)
+        ),
     )
 
 
@@ -141,13 +152,17 @@ def linear_logprobs_backward_op(
     softcap: Optional[float],
     temperature: float,
     backend: str,
+    path: str,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(d_hidden [N, H], d_weight [V, H], d_bias [V]); an empty tensor for each gradient not needed."""
+    """(d_hidden [N, H], d_weight [V, H], d_bias [V]); an empty tensor for each gradient not needed.
+    Recomputes the logits: on library GEMMs for ``path="library_gemm"``, else with the backend's fused
+    kernels (also after ``"kept_logits"``: a second backward, or ``create_graph=True``)."""
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
-    d_h, d_w, d_b = D.backward_module(backend).backward(
+    module = D.library_gemm_module() if path == _LIBRARY_GEMM else D.backward_module(backend)
+    d_h, d_w, d_b = module.backward(
         pick(grad_logp).to(D.result_dtype(hidden.dtype)).contiguous(),
         pick(hidden).contiguous(),
         weight,
@@ -196,6 +211,7 @@ def _(
     softcap,
     temperature,
     backend,
+    path,
     need_hidden,
     need_weight,
     need_bias,
@@ -204,9 +220,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, _topk, backend, _keep = inputs
+    hidden, weight, bias, labels, ignore_index, logit_scale, softcap, temperature, _, _topk, backend, path = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.params = (ignore_index, logit_scale, softcap, temperature, backend)
+    ctx.params = (ignore_index, logit_scale, softcap, temperature, backend, path)
     # Not a saved tensor: the first backward overwrites it with dz and drops it, and any later backward
     # (retain_graph=True) recomputes the logits. Detached, so that ctx does not hold its own output's graph.
     ctx.kept_logits = output[7].detach() if output[7].numel() > 0 else None
@@ -232,7 +248,7 @@ def _backward(ctx, grad_logp, *_stat_grads):
 def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, lse, params, ctx):
     """The backward from the forward's logits (overwritten by dz): plain eager code in the autograd
     formula, as the logits are kept only outside ``torch.compile``."""
-    ignore_index, logit_scale, softcap, temperature, backend = params
+    ignore_index, logit_scale, softcap, temperature, backend, _path = params
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     d_h, d_w, d_b = epilogues.backward_from_logits(

@@ -110,9 +110,8 @@ class _Workspace:
         vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool = False
     ) -> int:
         """Bytes per counted token: its logits (twice when the reference's rows share the GEMM) and, for a
-        16-bit head with a backward pass, its dz."""
-        ld = G.logits_dtype(dtype, device)
-        return vocab * ((2 if stacked else 1) * ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
+        16-bit head with a backward pass, its dz (the planner's formula, :func:`_dispatch.logits_bytes_per_token`)."""
+        return D.logits_bytes_per_token(vocab, dtype, device, backward=backward, stacked=stacked)
 
     @staticmethod
     def make(
@@ -228,11 +227,10 @@ def plan_pairs(
         return None
     counted = _counted(labels, ignore_index, vocab)
     pair_of_token = torch.div(counted.token_ids, steps, rounding_mode="floor") % b
-    per_pair = [0] * b
-    for r, c in enumerate(counted.row_tokens):
-        per_pair[r % b] += c  # as _pair_counts
-    per_token = _Workspace.bytes_per_token(vocab, dtype, labels.device, backward=True, stacked=stacked)
-    budget = max(1, workspace_bytes(labels.device) // per_token)
+    per_pair = _per_pair(counted.row_tokens, b)
+    # the planner's budget: _dispatch.pair_path takes the same numbers to tell PAIR_ENGINE from
+    # LONG_PAIR_CHUNKS, and pair_chunks returns None exactly where it says LONG_PAIR_CHUNKS
+    budget = D.pair_budget_tokens(vocab, dtype, labels.device, stacked=stacked)
     chunks = pair_chunks(per_pair, budget, chunk_tokens(labels.device))
     pair_tokens = torch.tensor(per_pair, dtype=torch.long)
     return PairPlan(
@@ -240,12 +238,17 @@ def plan_pairs(
     )
 
 
-def _pair_counts(plan: PairPlan) -> list[int]:
-    """Each pair's counted tokens, from the plan's host row counts (row ``r`` belongs to pair ``r % B``)."""
-    per_pair = [0] * len(plan.pair_tokens)
-    for r, c in enumerate(plan.row_tokens):
-        per_pair[r % len(per_pair)] += c
+def _per_pair(row_tokens: tuple[int, ...], pairs: int) -> list[int]:
+    """Each pair's counted tokens from the host row counts (row ``r`` belongs to pair ``r % pairs``)."""
+    per_pair = [0] * pairs
+    for r, c in enumerate(row_tokens):
+        per_pair[r % pairs] += c
     return per_pair
+
+
+def _pair_counts(plan: PairPlan) -> list[int]:
+    """Each pair's counted tokens, from the plan's host row counts."""
+    return _per_pair(plan.row_tokens, len(plan.pair_tokens))
 
 
 def _chunk_positions(plan: PairPlan, p0: int, p1: int) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """The public fused ops: ``linear_logprobs`` and ``linear_token_kl``.
 
-Each checks its arguments (errors name the argument), picks the backend (``expo_kernels._dispatch``)
-and calls the registered op (``expo_kernels.autograd``), or the vocab-parallel path when the head is
+Each checks its arguments (errors name the argument), asks ``expo_kernels._dispatch.plan`` for the
+backend and execution path and calls the registered op (``expo_kernels.autograd``), or the vocab-parallel path when the head is
 sharded over a process group (``expo_kernels.distributed``).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal, overload
 
-import torch
 from torch import Tensor
 
 from . import _dispatch as D
@@ -17,8 +16,6 @@ from . import _validation as V
 from .autograd import linear_logprobs_op, linear_token_kl_op
 from .distributed.zero3 import gathers_zero3_heads
 from .ops.common import LogitTransform, TokenStats, topk_logits
-from .ops.epilogues import keeps_logits
-from .ops.options import get_kernel_options
 
 __all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
 
@@ -116,6 +113,8 @@ def linear_logprobs(
             with a vocab-parallel ``process_group``.
         backend: ``"triton"``, ``"native"`` or ``"torch"``; default from ``$EXPO_KERNELS_BACKEND`` or the
             device (Triton for CUDA tensors, the native C++ backend for CPU tensors when it builds).
+            The execution path (fused kernels, library GEMMs, kept logits) is ``expo_kernels.plan``'s
+            choice (``kernel_options(path=...)`` forces one; docs/design.md, "Execution paths").
         process_group: a ``torch.distributed`` group over which the head is sharded along the
             vocabulary: ``weight``/``bias`` are then this rank's ``torch.chunk(W, world_size)[rank]``
             rows, ``hidden``/``labels`` replicated, labels global ids (see
@@ -154,7 +153,7 @@ def linear_logprobs(
     V.check_topk(topk, weight.shape[0], return_stats)
     D.check_scalars(temperature, logit_scale, softcap, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    resolved = D.resolve_backend(backend, hidden.device, hidden.dtype)
+    plan = D.plan_linear_logprobs(hidden_2d, weight, bias, topk=topk, backend=backend)
     out = linear_logprobs_op(
         hidden_2d,
         weight,
@@ -163,8 +162,8 @@ def linear_logprobs(
         *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
         return_stats,
         topk or 0,
-        resolved,
-        _keeps_logits(hidden_2d, weight, bias, resolved, topk),
+        plan.backend,
+        plan.path.value,
     )
     logp = out[0].view(labels.shape)
     if not return_stats:
@@ -256,18 +255,3 @@ def linear_token_kl(
         D.resolve_backend(backend, hidden.device, hidden.dtype),
     )
     return kl.view(labels.shape)
-
-
-def _keeps_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, backend: str, topk: int | None) -> bool:
-    """Whether this call keeps its logits for the backward pass instead of recomputing them (6 NHV in
-    all instead of 8): a gradient will be asked for, no gradient filter, they fit the workspace (``kernel_options``; counted
-    on all rows, so no device sync), no top-k, not under ``torch.compile`` (a data-dependent shape), and
-    the backend has the epilogues (``ops.epilogues.keeps_logits``)."""
-    options = get_kernel_options()
-    if topk or not torch.is_grad_enabled() or not options.engine or options.grad_filter_eps is not None:
-        return False  # (the gradient filter belongs to the recomputing Triton backward)
-    if not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return keeps_logits(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device, backend)

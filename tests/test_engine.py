@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import require_backend
 from helpers import LargestTensor, backend_dtype_cases, device_for, rel_err
+from reference import reference_module_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import expo_kernels as ek
@@ -69,6 +70,23 @@ def assert_same(a, b, tol):
         assert rel_err(x, y) <= tol, (rel_err(x, y), tol)
 
 
+def assert_matches_reference(got, name, hp, data, tol, *, ref=True, **options):
+    """A step's loss, logged metrics and gradients against the hand-written float64 reference
+    (tests/reference.py: materialized logits and the paper's formula; never the library's losses). The
+    reference model runs through the policy's head (``run`` passes no ``ref_weight``)."""
+    out, grads = got
+    hidden, ref_hidden, weight, bias, labels = (t.double() if t.is_floating_point() else t for t in data)
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    ref_kw = dict(ref_hidden=ref_hidden, ref_weight=w.detach(), ref_bias=b.detach()) if ref else {}
+    loss, _, metrics = reference_module_loss(name, hp, h, w, b, labels, **ref_kw, **options)
+    loss.backward()
+    torch.testing.assert_close(out.loss.double(), loss, rtol=tol, atol=tol)
+    for k, v in metrics.items():
+        torch.testing.assert_close(out.metrics[k].double(), v, rtol=tol, atol=tol, msg=k)
+    for x, y in zip(grads, (h.grad, w.grad, b.grad), strict=True):
+        assert rel_err(x, y) <= tol, (rel_err(x, y), tol)
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Records whether each call ran the engine to the end (True) or fell back (None result)."""
@@ -103,6 +121,7 @@ def test_chunk_boundaries_match_the_recompute_path(backend, workspace, chunks, s
     assert spy == [True]
     want = run(loss_fn, *[t.double() if t.is_floating_point() else t for t in data], engine_on=False, backend_=None)
     assert_same(got, want, tol)
+    assert_matches_reference(got, "sigmoid", dict(beta=0.3, label_smoothing=0.1), data, tol)
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])
@@ -134,6 +153,17 @@ def test_losses_options_and_transforms(backend, loss, hp, tf, spy):
         outs.append((out, (hh.grad, ww.grad, bb.grad)))
     assert spy == [True]
     assert_same(*outs, 1e-10)
+    assert_matches_reference(
+        outs[0],
+        loss,
+        hp,
+        data,
+        1e-10,
+        ref=loss != "orpo",
+        ld_alpha=0.6 if loss == "sigmoid" else None,
+        use_weighting=loss == "ipo",
+        transform=tf,
+    )
 
 
 def test_frozen_and_shared_head(spy):
@@ -390,26 +420,6 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
         assert (a is None) == (b is None)
         if a is not None:
             assert rel_err(a, b) < 1e-5
-
-
-def test_the_op_takes_library_gemms_only_on_cuda_when_nothing_else_is_asked():
-    """The routing rule of the Triton backend: the fused kernels stay the path for the interpreter, a
-    given tile config or vocabulary split, the gradient filter, float64 and ``engine=False``."""
-    from expo_kernels.ops import triton_backend as TB
-
-    cpu = torch.zeros(2, 2, device="cpu")  # the rule for CPU tensors, on every machine
-    assert not TB._on_library_gemms(cpu, None)
-    if not torch.cuda.is_available():
-        return
-    gpu = cpu.cuda()
-    assert TB._on_library_gemms(gpu, None) is not TB.INTERPRETING
-    assert not TB._on_library_gemms(gpu, TB.default_config(gpu.device))
-    assert not TB._on_library_gemms(gpu, None, splits=2)
-    assert not TB._on_library_gemms(gpu.double(), None)
-    with ek.kernel_options(engine=False):
-        assert not TB._on_library_gemms(gpu, None)
-    with ek.kernel_options(grad_filter_eps=2.0**-12):
-        assert not TB._on_library_gemms(gpu, None)
 
 
 @CUDA

@@ -192,7 +192,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         n = labels.shape[0]
         rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
-        mod = D.backend_module(backend)
+        mod = D.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0])
         out = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
         finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
         D.check_finite(
@@ -226,7 +226,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
         acc = D.result_dtype(hidden.dtype)
         # the single-process backward restricted to this shard's rows: labels elsewhere add no one-hot term
-        d_h, d_w, d_b = D.backend_module(backend).backward(
+        d_h, d_w, d_b = D.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0]).backward(
             pick(grad_logp).to(acc).contiguous(),
             pick(hidden).contiguous(),
             weight,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._dispatch import Plan, plan_linear_logprobs
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_positive_finite
 from ..distributed.zero3 import zero3_gathered
 from ..functional import TokenStats, linear_logprobs, linear_token_kl
@@ -215,6 +216,14 @@ class FusedLinearLossBase(nn.Module):
             return super().__call__(lm_head_weight, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
+    def plan_for(
+        self, weight: Tensor, hidden: Tensor, bias: Tensor | None = None, labels: Tensor | None = None
+    ) -> Plan:
+        """The backend and execution path of this module's policy pass over the LM head for these inputs,
+        and why (``_dispatch.plan``), in the current grad mode and ``kernel_options``. The paired module
+        overrides it with the step's plan (the pair engine or the op's path); ``labels`` serve it there."""
+        return plan_linear_logprobs(hidden, weight, bias, backend=self.backend)
+
     def _logps(self, hidden, weight, bias, labels, stats: bool):
         return linear_logprobs(
             hidden,

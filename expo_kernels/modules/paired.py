@@ -7,16 +7,20 @@ the same order (TRL's layout).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
 
-from .._dispatch import interpreting, resolve_backend
+from .._dispatch import PAIR_PATHS, Path, Plan, pair_path, plan_pair_step
 from .._validation import check_linear_head
 from ..engine import attach_gradients, forward_logps, plan_pairs, run_pair_step
 from ..functional import TokenStats
 from ..losses import aggregate_pair_logps, preference_loss
 from ..ops.common import LogitTransform
-from ..ops.options import get_kernel_options
+from ..ops.options import get_kernel_options, kernel_options
 from ._base import FusedLinearLossBase, PreferenceLossOutput, is_unpaired_loss, masked_mean
 from .unpaired import FusedLinearUnpairedLoss
 
@@ -85,10 +89,10 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
                 instead of ``ref_hidden``.
             offset: ODPO's per-pair offset, ``[B]`` or scalar.
         """
-        engine_backend = self._engine_backend(lm_head_weight, hidden, bias)
-        if engine_backend is not None:
+        step = self.plan_for(lm_head_weight, hidden, bias)
+        if step.path in PAIR_PATHS:
             out = self._engine_forward(
-                engine_backend,
+                step.backend,
                 lm_head_weight,
                 hidden,
                 labels,
@@ -171,26 +175,53 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
     # ---------------------------------------------------------------------------------------------
     # the chunked engine (expo_kernels.engine): no logit recompute for pair-separable losses
     # ---------------------------------------------------------------------------------------------
-    def _engine_backend(self, weight: Tensor, hidden: Tensor, bias: Tensor | None) -> str | None:
-        """The backend of the engine's epilogues when this call can take the engine, else None."""
-        if not get_kernel_options().engine or self.token_kl or any(s.batch_coupled for s in self.specs):
-            return None
+    def plan_for(
+        self, weight: Tensor, hidden: Tensor, bias: Tensor | None = None, labels: Tensor | None = None
+    ) -> Plan:
+        """The backend and execution path ``forward(weight, hidden, labels, bias=bias)`` takes, and why
+        (``_dispatch.plan_pair_step``: the pair engine, or the op's path for the policy pass), in the
+        current grad mode and ``kernel_options``. With ``labels`` the longest pair is counted (one device
+        sync) to tell ``Path.PAIR_ENGINE`` from ``Path.LONG_PAIR_CHUNKS``; without, the plan says the
+        engine and its reason the workspace's pair size."""
         tensors = [t for t in (weight, hidden, bias) if t is not None]
-        if not all(isinstance(t, Tensor) for t in tensors) or not torch.is_grad_enabled():
-            return None  # bad input gets the op's errors; no gradient: one forward pass is all there is
-        if not any(t.requires_grad for t in tensors):
-            return None
-        if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
-            return None
-        device, dtype = hidden.device, hidden.dtype
-        if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-            return None  # 16-bit heads on the CPU: the op's path (no float32-output GEMM there)
-        if device.type not in ("cpu", "cuda") or not dtype.is_floating_point:
-            return None
-        backend = resolve_backend(self.backend, device, dtype)
-        if backend == "triton" and device.type == "cpu" and not interpreting():
-            return None
-        return backend
+        if (
+            not all(isinstance(t, Tensor) for t in tensors)
+            or len({t.dtype for t in tensors}) != 1
+            or len({t.device for t in tensors}) != 1
+            or weight.dim() != 2
+            or hidden.dim() < 1
+        ):
+            return Plan(str(self.backend), Path.FUSED, "inputs the op's checks reject: the op's path raises")
+        coupled = [s.name for s in self.specs if s.batch_coupled]
+        if self.token_kl:
+            not_separable: str | None = "EXPO's token KL (two heads per chunk)"
+        elif coupled:
+            not_separable = f"batch-coupled loss {coupled}"
+        else:
+            not_separable = None
+        longest = None
+        if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[0] % 2 == 0 and labels.shape[0] > 0:
+            counts = (labels != self.ignore_index).sum(dim=1)
+            b = labels.shape[0] // 2
+            longest = int((counts[:b] + counts[b:]).max())
+        return plan_pair_step(
+            hidden.device,
+            hidden.dtype,
+            tokens=math.prod(hidden.shape[:-1]),
+            vocab=weight.shape[0],
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+            backend=self.backend,
+            not_separable=not_separable,
+            max_pair_tokens=longest,
+        )
+
+    def _engine_backend(self, weight: Tensor, hidden: Tensor, bias: Tensor | None) -> str | None:
+        """The engine's backend when this call takes the pair engine, else None.
+
+        Kept only because benchmarks/bench_dpo_gpu.py calls it; the benchmark is being switched to
+        :meth:`plan_for` (another change), then this wrapper goes. It decides nothing itself."""
+        step = self.plan_for(weight, hidden, bias)
+        return step.backend if step.path in PAIR_PATHS else None
 
     def _logit_transform(self) -> LogitTransform:
         t = self.transform
@@ -215,7 +246,8 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         ref_rejected_logps: Tensor | None,
         offset: Tensor | float | None,
     ) -> PreferenceLossOutput | None:
-        """The step through the engine; None when a pair does not fit the workspace."""
+        """The step through the engine (``Path.PAIR_ENGINE``, or ``LONG_PAIR_CHUNKS`` for a pair longer than
+        the workspace); None without a pair (the op's path then gives its errors)."""
         has_ref_numbers = ref_chosen_logps is not None or ref_rejected_logps is not None
         ref_weight, ref_bias = self._check_head_inputs(
             weight,
@@ -237,6 +269,15 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
         if plan is None:
             return None  # before the reference pass: the op's path runs its own
+        longest = int(plan.pair_tokens.max()) if plan.pair_tokens.numel() else 0
+        # the path: _dispatch.pair_path (a forced PAIR_ENGINE whose longest pair does not fit raises there)
+        if pair_path(longest, plan.budget_tokens) is Path.LONG_PAIR_CHUNKS:
+            if stacked:  # token chunks hold one model's rows
+                stacked = False
+                plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
+                assert plan is not None
+            if plan.chunks is not None:  # forced: token chunks although the pairs fit
+                plan = dataclasses.replace(plan, chunks=None)
         mask = labels != self.ignore_index
         transform = self._logit_transform()
         ref_tok = None
@@ -258,7 +299,10 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
                     backend=backend,
                 )
             else:
-                ref_tok = self._reference_logps(ref_hidden, ref_weight, ref_bias, labels)
+                # the op's path (a forced pair path is this step's, not the reference pass's)
+                forced_pair = get_kernel_options().path in PAIR_PATHS
+                with kernel_options(path=None) if forced_pair else contextlib.nullcontext():
+                    ref_tok = self._reference_logps(ref_hidden, ref_weight, ref_bias, labels)
 
         def loss_of_tokens(logp: Tensor, log_sum_p2: Tensor | None, ref_chunk: Tensor | None) -> Tensor:
             ref = ref_chunk if stacked else None if ref_tok is None else ref_tok.to(logp.dtype)

@@ -1,7 +1,8 @@
 """Epilogues on a tile of logits a library GEMM wrote: ``fold`` (the tile's log-softmax state) and
 ``to_dz`` (the logits' gradient in place), per provider -- the torch specification, the native C++ ops
 (``csrc/expo_native.cpp``) and Triton (``ops/triton_engine.py``) -- and the op's path that keeps one
-call's logits for its backward when they fit the workspace (docs/design.md, "Engine").
+call's logits for its backward (``Path.KEPT_LOGITS``; ``_dispatch.plan`` decides when: docs/design.md,
+"Execution paths").
 
 A tile ``z [n, V]`` holds raw logits ``h W^T`` (contiguous rows, float32 for 16-bit heads).
 """
@@ -16,8 +17,7 @@ from torch import Tensor
 
 from . import gemm as G
 from . import state as S
-from .common import LogitTransform, interpreting
-from .options import workspace_bytes
+from .common import LogitTransform
 
 __all__ = [
     "Epilogues",
@@ -27,7 +27,6 @@ __all__ = [
     "native_fold",
     "native_to_dz",
     "transform_in_place",
-    "keeps_logits",
     "forward_keeping_logits",
     "backward_from_logits",
 ]
@@ -107,22 +106,6 @@ def epilogues(backend: str) -> Epilogues:
 # ---------------------------------------------------------------------------------------------
 # the op's logits kept for its backward (linear_logprobs: 6 NHV instead of 8 when they fit)
 # ---------------------------------------------------------------------------------------------
-
-#: The backends whose op path can keep the logits: their epilogues exist for the device.
-_KEEPING_BACKENDS = {"cpu": ("native", "torch"), "cuda": ("triton", "torch")}
-
-
-def keeps_logits(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backend: str) -> bool:
-    """Whether a ``linear_logprobs`` call of ``tokens`` rows keeps its logits for the backward pass: the
-    float32 logits (plus the 16-bit dz of a 16-bit head) fit the workspace, and the backend has the
-    epilogues (on the CPU: float32/float64 heads -- the CPU has no float32-output 16-bit GEMM)."""
-    if backend not in _KEEPING_BACKENDS.get(device.type, ()) and not (backend == "triton" and interpreting()):
-        return False
-    if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        return False
-    ld = G.logits_dtype(dtype, device)
-    per_token = vocab * (ld.itemsize + (dtype.itemsize if ld != dtype else 0))
-    return 0 < tokens * per_token <= workspace_bytes(device)
 
 
 def forward_keeping_logits(

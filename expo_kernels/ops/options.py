@@ -1,11 +1,13 @@
-"""Process-wide switches of the kernels: speed/exactness trades (off by default) and the engine's
-workspace.
+"""Process-wide switches of the kernels: speed/exactness trades (off by default), the engine's
+workspace, and an explicit execution path.
 
 >>> import expo_kernels as ek
 >>> with ek.kernel_options(grad_filter_eps=2.0**-12):   # bf16 training: skip negligible vocab tiles
 ...     loss.backward()
 >>> with ek.kernel_options(workspace_bytes=64 << 20):   # a smaller logit workspace for the engine
 ...     out = loss_fn(weight, hidden, labels, ref_hidden=ref_hidden)
+>>> with ek.kernel_options(path="fused"):               # force one execution path (``Path``)
+...     loss.backward()
 
 Deterministic results: ``torch.use_deterministic_algorithms(True)`` makes the Triton backend run its
 backward as bounded-chunk GEMMs (the torch backend's schedule) instead of float32 atomics, whose
@@ -18,8 +20,57 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
+from enum import Enum
 
-__all__ = ["DEFAULT_WORKSPACE_BYTES", "KernelOptions", "get_kernel_options", "kernel_options", "workspace_bytes"]
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "KernelOptions",
+    "PATH_NAMES",
+    "Path",
+    "as_path",
+    "get_kernel_options",
+    "kernel_options",
+    "workspace_bytes",
+]
+
+
+class Path(str, Enum):
+    """The execution paths of a call (docs/design.md, "Execution paths"); ``_dispatch.plan`` picks one.
+
+    Defined here, with the option that can force one, because ``ops`` sits below ``_dispatch``; the
+    dispatch layer re-exports it (``expo_kernels.Path``)."""
+
+    #: the backend's fused streaming kernels (native C++, Triton, or the torch chunked specification):
+    #: logits recomputed tile by tile in the backward
+    FUSED = "fused"
+    #: library GEMMs (cuBLAS) into a bounded workspace + the Triton fold/dz epilogues, the backward
+    #: vocabulary-chunk-major with the logits recomputed (``ops.triton_engine``; deterministic)
+    LIBRARY_GEMM = "library_gemm"
+    #: one GEMM for the call, its folded logits kept for the backward (``ops.epilogues``)
+    KEPT_LOGITS = "kept_logits"
+    #: the preference modules' chunked pair step (``expo_kernels.engine``): chunks of whole pairs, the
+    #: gradient formed while a chunk's logits are in the workspace
+    PAIR_ENGINE = "pair_engine"
+    #: the pair step's two passes over token chunks, for a pair longer than the workspace
+    LONG_PAIR_CHUNKS = "long_pair_chunks"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PATH_NAMES = tuple(p.value for p in Path)
+
+
+def as_path(value, name: str = "path") -> Path | None:
+    """``value`` (a :class:`Path`, its string name, or None) as a Path; a clear error for anything else."""
+    if value is None or isinstance(value, Path):
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for p in Path:
+            if key in (p.value, p.name.lower()):
+                return p
+    raise ValueError(f"{name} must be None or one of {list(PATH_NAMES)} (or an expo_kernels.Path); got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,21 +82,27 @@ class KernelOptions:
     (default) = exact: every tile is accumulated. The torch and native backends are always exact and
     warn once when the option is set.
 
-    engine: let the fused preference-loss modules run the chunked engine (``expo_kernels.engine``: no
-    logit recompute for pair-separable losses) where it applies, let ``linear_logprobs`` keep a call's
-    logits for its backward when they fit the workspace, and run the op on CUDA through library GEMMs
-    and Triton epilogues; False = the op's recompute path everywhere (on CUDA its fused Triton kernels).
+    engine: let ``_dispatch.plan`` choose the engine's paths where they apply (``Path.PAIR_ENGINE`` /
+    ``LONG_PAIR_CHUNKS`` for the fused preference-loss modules, ``KEPT_LOGITS`` and, on CUDA,
+    ``LIBRARY_GEMM`` for ``linear_logprobs``); False = ``Path.FUSED`` everywhere: the backends' fused
+    recompute kernels (an alias of ``path="fused"``).
 
     workspace_bytes: the cap on the logit workspace of the chunked paths (``None`` = the device's
     ``DEFAULT_WORKSPACE_BYTES``: 512 MiB on the CPU, 1 GiB on CUDA): the engine's chunk of whole pairs
     grows to ``engine.CHUNK_TOKENS`` tokens but never past ``workspace_bytes / (bytes per logit * V)``
     (float32 logits, plus the 16-bit dz of a 16-bit head); a pair beyond the cap is processed in token
     chunks with the logits recomputed. On CUDA the op's forward and backward run through the same
-    workspace (library GEMMs + Triton epilogues)."""
+    workspace (library GEMMs + Triton epilogues).
+
+    path: force one execution path (a :class:`Path` or its name; ``None`` = let ``_dispatch.plan``
+    choose). A path the call cannot take (library GEMMs on the CPU without the Triton interpreter, kept
+    logits with a top-k, a pair path for ``linear_logprobs``, ...) raises instead of running another one.
+    ``engine=False`` is the alias of "the fused kernels wherever a choice exists" (``path="fused"``)."""
 
     grad_filter_eps: float | None = None
     engine: bool = True
     workspace_bytes: int | None = None
+    path: Path | None = None
 
 
 _current = KernelOptions()
@@ -56,9 +113,10 @@ _current = KernelOptions()
 DEFAULT_WORKSPACE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
 
 
-def workspace_bytes(device) -> int:
-    """The workspace cap in force on ``device`` (a ``torch.device``)."""
-    chosen = _current.workspace_bytes
+def workspace_bytes(device, options: KernelOptions | None = None) -> int:
+    """The workspace cap in force on ``device`` (a ``torch.device``), under ``options`` (default: the
+    options in force)."""
+    chosen = (options or _current).workspace_bytes
     return int(chosen) if chosen else DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
 
 
@@ -87,8 +145,16 @@ def kernel_options(**changes) -> Iterator[KernelOptions]:
     ws = changes.get("workspace_bytes")
     if ws is not None and (isinstance(ws, bool) or not isinstance(ws, int) or ws < 1):
         raise ValueError(f"workspace_bytes must be None (the default) or a positive int; got {ws!r}.")
+    if "path" in changes:
+        changes["path"] = as_path(changes["path"])
+    new = dataclasses.replace(_current, **changes)
+    if not new.engine and new.path not in (None, Path.FUSED):
+        raise ValueError(
+            f"kernel_options(engine=False) means the fused kernels; it contradicts path={new.path.value!r} "
+            "(drop engine=False, or use path='fused')"
+        )
     saved = _current
-    _current = dataclasses.replace(_current, **changes)
+    _current = new
     try:
         yield _current
     finally:

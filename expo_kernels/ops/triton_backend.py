@@ -604,26 +604,6 @@ def _split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
     return n_blocks, triton.cdiv(vocab, per_split), per_split
 
 
-def _on_library_gemms(hidden: torch.Tensor, config: TileConfig | None, *, splits: int | None = None) -> bool:
-    """Whether the op runs through ``ops.triton_engine`` (cuBLAS GEMMs into a bounded workspace, Triton
-    epilogues; deterministic, no atomics) instead of this module's fused kernels.
-
-    CUDA only (the interpreter tests the fused kernels; the engine's epilogues have their own tests),
-    16/32-bit heads (cuBLAS float64 and the fused kernels' float64 are both slow: the fused kernels stay
-    the reference there), and only when the caller asked for nothing the engine does not have: a tile
-    config, a vocabulary split, the gradient filter, or ``kernel_options(engine=False)``."""
-    options = get_kernel_options()
-    return (
-        hidden.device.type == "cuda"
-        and not interpreting()
-        and options.engine
-        and options.grad_filter_eps is None
-        and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and config is None
-        and splits is None
-    )
-
-
 def forward_partial(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -642,11 +622,6 @@ def forward_partial(
     ``topk=k``: each program also keeps its split's k best logits, merging tile after tile inside the
     forward kernel (``_topk_merge_tile``; no second pass over the head, which would cost another
     ``2NHV``), and the splits' top-k merge with the rest of the state (``state.select_topk``)."""
-    # the top-k lives in the fused kernel only (the library-GEMM path has no top-k epilogue)
-    if topk == 0 and _on_library_gemms(hidden, config, splits=vocab_splits):
-        from . import triton_engine  # the op on library GEMMs (CUDA): loaded when first taken
-
-        return triton_engine.forward_partial(hidden, weight, bias, labels, transform, with_stats, vocab_start)
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -712,12 +687,6 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_logp[n] * logp[n]`` w.r.t. this vocabulary range's head (labels
     global ids, ``lse`` the global one), accumulated in float32 buffers."""
-    if _on_library_gemms(hidden, config):
-        from . import triton_engine
-
-        return triton_engine.backward(
-            grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias, vocab_start
-        )
     if torch.are_deterministic_algorithms_enabled():
         return torch_backend.backward(
             grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias, vocab_start

@@ -15,8 +15,9 @@ accumulated; 16-bit only where the library cannot write float32):
 Both take one program per (row, vocabulary block group); rows are independent, so there are no
 atomics and the result does not depend on the launch order (deterministic).
 
-:func:`forward_partial` and :func:`backward` are the op's forward and backward on CUDA built from
-the same pieces (the ``Backend`` contract of ``ops``): the forward in token chunks (GEMM, fold), the
+:func:`forward_partial` and :func:`backward` are the op's forward and backward on library GEMMs
+(``Path.LIBRARY_GEMM``: ``_dispatch.plan`` chooses it, the registered op calls them; the signatures of
+the ``Backend`` contract of ``ops``), built from the same pieces: the forward in token chunks (GEMM, fold), the
 backward vocabulary-chunk-major (recompute ``Z = h W_c^T`` for all tokens, dz in place, ``dW_c = dz^T h``
 written once, ``dH += dz W_c`` in float32), so no atomics anywhere and two runs are bit-identical.
 """
