@@ -60,9 +60,9 @@ same-run ``torch.matmul`` rate at ``[N_valid, H] x [H, V]`` in the input dtype. 
 ``d_hidden`` and ``d_weight`` of the last step against the exact reference, as relative errors
 (Frobenius norms). Rerun: two more steps on the same inputs, ``torch.equal`` on ``d_hidden`` and
 ``d_weight`` (every row). Host syncs (CUDA): one step under ``torch.cuda.set_sync_debug_mode("warn")``
-with the warnings recorded (``n/a (cpu)`` on the CPU). Path (our rows): what the module's engine check
-says (``FusedLinearDPOLoss._engine_backend``, a private method: an unreadable answer is recorded as
-unknown) and the engine plan ``benchmarks.roofline.engine_plan`` derives from the workspace rules.
+with the warnings recorded (``n/a (cpu)`` on the CPU). Path (our rows): the module's own plan
+(``FusedLinearDPOLoss.plan_for``: backend, ``expo_kernels.Path`` and the reason) and the engine plan
+``benchmarks.roofline.engine_plan`` derives from the workspace rules.
 ``model ms``: ``benchmarks.roofline.predict_step`` on that path at the same-run matmul rate, the
 measured copy bandwidth and the device's L2 size.
 
@@ -450,17 +450,18 @@ def reference_worker(spec):
     return result
 
 
-def _engine_backend(impl, hidden, weight):
-    """What the module's engine check says for this call (None: the op's path); private API, so
-    any failure is recorded as unknown."""
+def _expo_plan(impl, hidden, weight, labels):
+    """The plan our module makes for this call (``FusedLinearDPOLoss.plan_for``): backend, path and
+    reason; a failure to plan is recorded, not raised (the row's step then shows what happens)."""
     try:
         import expo_kernels as ek
 
         mod = ek.FusedLinearDPOLoss(beta=BETA, compute_metrics=False)
         with ek.kernel_options(engine=impl != "expo-recompute"):
-            return str(mod._engine_backend(weight, hidden, None))
+            plan = mod.plan_for(weight, hidden, labels=labels)
+        return {"backend": plan.backend, "path": plan.path.value, "reason": plan.reason}
     except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
+        return {"backend": None, "path": "unknown", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 def count_host_syncs(dev, step):
@@ -520,7 +521,7 @@ def _run_row(dev, spec):
     )
     row["build_s"] = time.perf_counter() - t_build
     if impl in EXPO_ROWS:
-        row["engine_backend"] = _engine_backend(impl, hidden, weight)
+        row["plan"] = _expo_plan(impl, hidden, weight, labels)
 
     def step():
         hidden.grad = None
@@ -626,20 +627,16 @@ def _syncs_cell(r):
 
 
 def path_cell(r):
-    """Our rows: what the engine check said (``_engine_backend``: None = the op's path) and, for the
-    engine, the plan (``engine`` with its chunks, or ``two-pass``); ``-`` for the peers."""
+    """Our rows: the module's plan (``backend: path``, ``expo_kernels.Path`` values) and, for the pair
+    engine, the roofline's chunking of it (chunks x tokens, stacked reference); ``-`` for the peers."""
     if r["impl"] not in EXPO_ROWS:
         return "-"
-    backend = r.get("engine_backend")
-    if r["impl"] == "expo-recompute":
-        return "op, recompute (engine=False)"
-    if backend in (None, "None"):
-        return "op (engine check: None)"
-    plan = (r.get("model") or {}).get("plan") or {}
-    how = plan.get("path", "?")
-    if how == "engine":
-        how += f" {plan.get('chunks')}x{plan.get('chunk')} tok" + (", stacked ref" if plan.get("stacked") else "")
-    return f"{backend}: {how}"
+    plan = r.get("plan") or {}
+    cell = f"{plan.get('backend')}: {plan.get('path', '?')}"
+    model = (r.get("model") or {}).get("plan") or {}
+    if plan.get("path") == "pair_engine" and model.get("path") == "engine":
+        cell += f" {model.get('chunks')}x{model.get('chunk')} tok" + (", stacked ref" if model.get("stacked") else "")
+    return cell
 
 
 def table_lines(rows):
@@ -714,7 +711,7 @@ def notes(payload):
         "- inputs; TFLOP/s on the FLOPs needed (8 x counted tokens x H x V, 6 with the frozen head); % matmul = "
         "over the same-run matmul rate; rel errs vs the exact reference (Frobenius); rerun == : two more steps "
         "give bit-identical d_hidden and d_weight; host syncs: one step under torch.cuda.set_sync_debug_mode"
-        "('warn'); path: FusedLinearDPOLoss._engine_backend and benchmarks.roofline.engine_plan; model ms = "
+        "('warn'); path: FusedLinearDPOLoss.plan_for and benchmarks.roofline.engine_plan; model ms = "
         "benchmarks.roofline.predict_step on that path at the same-run matmul rate, copy bandwidth and L2; "
         "naive gathers the counted tokens before its matmul; every row ran in its own process"
     )

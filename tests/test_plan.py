@@ -177,19 +177,18 @@ def test_pair_path_is_a_pure_function_of_the_longest_pair():
     assert D.pair_budget_tokens(128256, BF16, torch.device("cuda"), KernelOptions()) == (1 << 30) // (6 * 128256)
 
 
-def test_module_plan_for_and_the_benchmark_wrapper():
+def test_module_plan_for():
     torch.manual_seed(0)
     w = torch.randn(40, 8, dtype=F64, requires_grad=True)
     h = torch.randn(4, 6, 8, dtype=F64, requires_grad=True)
     labels = torch.randint(0, 40, (4, 6))
     dpo = ek.FusedLinearDPOLoss(backend="torch")
     assert dpo.plan_for(w, h, labels=labels).path is ENGINE
-    assert dpo._engine_backend(w, h, None) == "torch"
+    assert dpo.plan_for(w, h, labels=labels).backend == "torch"
     with ek.kernel_options(workspace_bytes=8 * 40 * 5):  # 5 tokens; a pair counts 12
         assert dpo.plan_for(w, h, labels=labels).path is LONG
     with torch.no_grad():
         assert dpo.plan_for(w, h).path is FUSED
-        assert dpo._engine_backend(w, h, None) is None
     aot = ek.FusedLinearPreferenceLoss("aot", backend="torch")
     got = aot.plan_for(w, h, labels=labels)
     assert got.path is KEPT and "batch-coupled" in got.reason

@@ -215,14 +215,6 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             max_pair_tokens=longest,
         )
 
-    def _engine_backend(self, weight: Tensor, hidden: Tensor, bias: Tensor | None) -> str | None:
-        """The engine's backend when this call takes the pair engine, else None.
-
-        Kept only because benchmarks/bench_dpo_gpu.py calls it; the benchmark is being switched to
-        :meth:`plan_for` (another change), then this wrapper goes. It decides nothing itself."""
-        step = self.plan_for(weight, hidden, bias)
-        return step.backend if step.path in PAIR_PATHS else None
-
     def _logit_transform(self) -> LogitTransform:
         t = self.transform
         return LogitTransform(
