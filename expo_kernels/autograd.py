@@ -24,7 +24,7 @@ from .ops import LogitTransform, TokenOutputs, epilogues
 from .ops.options import Path
 from .ops.state import finalize_logprobs
 
-_LIBRARY_GEMM, _KEPT_LOGITS = Path.LIBRARY_GEMM.value, Path.KEPT_LOGITS.value
+_FUSED, _LIBRARY_GEMM, _KEPT_LOGITS = Path.FUSED.value, Path.LIBRARY_GEMM.value, Path.KEPT_LOGITS.value
 
 
 def _no_double_backward(op_name: str):
@@ -236,9 +236,9 @@ def _backward(ctx, grad_logp, *_stat_grads):
     if grad_logp is None or not (need_h or need_w or need_b):
         return (None,) * 12
     kept, ctx.kept_logits = ctx.kept_logits, None
-    if kept is not None and not torch.is_grad_enabled():
+    if ctx.params[5] == _KEPT_LOGITS and not torch.is_grad_enabled():
         d_h, d_w, d_b = _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, lse, ctx.params, ctx)
-    else:  # recompute (also a second backward, and create_graph=True: the op refuses a double backward)
+    else:  # recompute (create_graph=True too: the op refuses a double backward)
         d_h, d_w, d_b = linear_logprobs_backward_op(
             grad_logp, hidden, weight, bias, labels, lse, *ctx.params, need_h, need_w, need_b
         )
@@ -247,19 +247,32 @@ def _backward(ctx, grad_logp, *_stat_grads):
 
 def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, lse, params, ctx):
     """The backward from the forward's logits (overwritten by dz): plain eager code in the autograd
-    formula, as the logits are kept only outside ``torch.compile``."""
+    formula, as the logits are kept only outside ``torch.compile``.
+
+    ``kept`` is None on a second backward of the same graph (``retain_graph=True``, ``gradcheck``'s
+    reentrancy check): the logits are then formed again by the forward's own single GEMM, so that every
+    backward of one graph gives the same bits (a recompute by the fused kernels would sum in another
+    order and differ in the last bits)."""
     ignore_index, logit_scale, softcap, temperature, backend, _path = params
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
+    h = pick(hidden).contiguous()
+    transform = LogitTransform(logit_scale, softcap, temperature)
+    if kept is None:
+        if h.shape[0] == 0:  # no counted token: nothing was kept, and every gradient is zero
+            return linear_logprobs_backward_op(
+                grad_logp, hidden, weight, bias, labels, lse, *params[:5], _FUSED, need_h, need_w, need_b
+            )
+        _, kept = epilogues.forward_keeping_logits(h, weight, bias, y, transform, False, backend)
     d_h, d_w, d_b = epilogues.backward_from_logits(
         kept,
         pick(grad_logp).contiguous(),
-        pick(hidden).contiguous(),
+        h,
         weight,
         bias,
         y,
         pick(lse).contiguous(),
-        LogitTransform(logit_scale, softcap, temperature),
+        transform,
         (need_h, need_w, need_b and bias is not None),
         backend,
     )
