@@ -8,7 +8,7 @@ from .vocab_parallel import (
     vocab_parallel_linear_token_kl,
     vocab_shard_bounds,
 )
-from .zero3 import gathers_zero3_heads, is_zero3_param, zero3_gathered
+from .zero3 import gathers_zero3_heads, is_zero3_param, release_zero3_heads, zero3_gathered
 
 __all__ = [
     "vocab_parallel_linear_logprobs",
@@ -20,4 +20,5 @@ __all__ = [
     "zero3_gathered",
     "is_zero3_param",
     "gathers_zero3_heads",
+    "release_zero3_heads",
 ]

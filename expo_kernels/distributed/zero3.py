@@ -23,9 +23,14 @@ whenever a head is a partitioned ZeRO-3 parameter) does, per call:
 So a trainable head is all-gathered once in forward and once in backward, a frozen one once in
 forward and once in backward only if its weight was saved (the token KL's reference head).
 
+A backward that raises between a head's re-gather and its gradient accumulation ends without its
+end-of-backward callbacks, so nothing released that gather then. Each hold remembers the backward
+(graph task) that made it; any hold of an earlier backward is released before this module gathers
+anything again (the next forward through a fused call, or the next backward that needs the head),
+and :func:`release_zero3_heads` releases them at once (for a trainer's ``except`` block).
+
 Not covered: tied input/output embeddings (DeepSpeed's embedding module would gather the same
-parameter), parameter offload to CPU/NVMe. A backward that raises between a head's re-gather and its
-gradient accumulation may leave that head gathered (the next gather of it then raises).
+parameter), parameter offload to CPU/NVMe.
 
 Nothing here imports ``deepspeed`` unless a tensor is a ZeRO-3 parameter (which only exists when
 deepspeed is installed): the checks read attributes only.
@@ -42,7 +47,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["is_zero3_param", "any_zero3_partitioned", "zero3_gathered", "gathers_zero3_heads"]
+__all__ = ["is_zero3_param", "any_zero3_partitioned", "zero3_gathered", "gathers_zero3_heads", "release_zero3_heads"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,9 +72,10 @@ def any_zero3_partitioned(*tensors: Any) -> bool:
 
 
 # -- backward: gathers that last until a trainable head's gradient is accumulated ----------------
-# id(param) -> the GatheredParameters context holding it gathered in backward (exited by the hook on
-# the parameter's AccumulateGrad, after DeepSpeed's reduce-scatter hook)
-_HELD: dict[int, Any] = {}
+# id(param) -> (the GatheredParameters context holding it gathered in backward, the graph task that
+# gathered it); exited by the hook on the parameter's AccumulateGrad (after DeepSpeed's reduce-scatter
+# hook), else at the end of that backward, else -- that backward raised -- by _release_stale
+_HELD: dict[int, tuple[Any, int]] = {}
 # id(param) of the trainable heads whose gradient a pending backward will accumulate
 _AWAITING_GRAD: dict[int, int] = {}
 
@@ -84,18 +90,38 @@ def _gather_until_accumulated(param: Tensor) -> None:
     required grad but whose gradient never arrived, e.g. a reference model's head used detached)."""
     import deepspeed
 
+    _release_stale()
     if id(param) in _HELD or not _is_partitioned(param):
         return
     gather = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     gather.__enter__()
-    _HELD[id(param)] = gather
+    _HELD[id(param)] = (gather, torch._C._current_graph_task_id())
     torch.autograd.Variable._execution_engine.queue_callback(lambda: _release(param))
 
 
 def _release(param: Tensor) -> None:
-    gather = _HELD.pop(id(param), None)
-    if gather is not None:
-        gather.__exit__(None, None, None)
+    held = _HELD.pop(id(param), None)
+    if held is not None:
+        held[0].__exit__(None, None, None)
+
+
+def _release_stale() -> None:
+    """Partition again every head held gathered by a backward other than the running one (none runs
+    in forward): a backward that raised left it, as its end-of-backward callback never ran."""
+    task = torch._C._current_graph_task_id()
+    for key, (gather, held_by) in list(_HELD.items()):
+        if held_by != task:
+            del _HELD[key]
+            gather.__exit__(None, None, None)
+
+
+def release_zero3_heads() -> int:
+    """Partition every ZeRO-3 head a backward still holds gathered; returns how many. Called outside a
+    backward (e.g. in the ``except`` block around a failed ``loss.backward()``); a successful backward
+    needs no call, and the next fused call releases what a failed one left in any case."""
+    count = len(_HELD)
+    _release_stale()
+    return count - len(_HELD)
 
 
 class _GradToPartitioned(torch.autograd.Function):
@@ -186,6 +212,8 @@ def zero3_gathered(*tensors: Tensor | None) -> Iterator[tuple[Tensor | None, ...
     again what it needs (see the module docstring). Every rank must enter with the same parameters
     (the gathers are collectives).
     """
+    if _HELD:
+        _release_stale()  # a backward that raised left a head gathered: partition it before gathering
     params: list[Tensor] = []
     for t in tensors:
         if t is not None and _is_partitioned(t) and all(t is not p for p in params):
