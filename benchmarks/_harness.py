@@ -271,7 +271,7 @@ def git_dirty() -> bool | None:
 
 
 def utc_timestamp() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def command_line(module: str, argv=None) -> str:

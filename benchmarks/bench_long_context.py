@@ -454,7 +454,7 @@ def main(argv=None):
         else:
             msg = "ERROR " + (row.get("error") or "?").splitlines()[0][:200]
         print(
-            f"[T={T}] {impl}: {msg} ({row['wall_s']:.1f} s wall, {_dt.datetime.now(_dt.timezone.utc):%H:%M:%S} UTC)",
+            f"[T={T}] {impl}: {msg} ({row['wall_s']:.1f} s wall, {_dt.datetime.now(_dt.UTC):%H:%M:%S} UTC)",
             flush=True,
         )
         return row

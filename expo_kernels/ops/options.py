@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class Path(str, Enum):
+class Path(StrEnum):
     """The execution paths of a call (docs/design.md, "Execution paths"); ``_dispatch.plan`` picks one.
 
     Defined here, with the option that can force one, because ``ops`` sits below ``_dispatch``; the
