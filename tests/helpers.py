@@ -125,3 +125,166 @@ def shrink_native_tiles(monkeypatch, token_block, vocab_tile):
 
     monkeypatch.setattr(native_backend, "TOKEN_BLOCK", token_block)
     monkeypatch.setattr(native_backend, "VOCAB_TILE", vocab_tile)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tolerances: the one rule every accuracy test against the float64 reference uses.
+# ----------------------------------------------------------------------------------------------------
+#: log-probs and statistics (float32 outputs) of the CPU backends for 16-bit inputs: they upcast the
+#: rounded inputs and compute in float32, measured <= 3e-7 against float64 of the same rounded inputs.
+_CPU_16BIT_VALUES = 1e-5
+_QUANTITIES = ("logprobs", "stats", "grad")
+
+
+def tolerance(dtype: torch.dtype, backend: str, quantity: str, *, naive_error: float | None = None) -> float:
+    """Relative tolerance of ``quantity`` ("logprobs", "stats" or "grad"; gradients normwise) of ``backend``
+    on ``dtype`` inputs, against float64 computed from the *same* (rounded) inputs.
+
+    The rule, stated once:
+
+    * float64 (torch, native): 1e-10 — float64 throughout.
+    * float32: 2e-5 — float32 accumulation over the hidden size and the vocabulary.
+    * bf16/fp16 on the torch and native backends: values 1e-5 (they are float32 arithmetic on the
+      upcast inputs, measured <= 3e-7), gradients ``finfo(dtype).eps`` normwise (2^-7 for bf16, 2^-10
+      for fp16): the gradient is returned in the input dtype, one rounding of unit roundoff eps/2 on top
+      of float32 arithmetic (measured <= 4e-5 before that rounding).
+    * bf16/fp16 on Triton (a GPU: the interpreter's 16-bit arithmetic is wrong, ``unsupported_reason``):
+      no worse than the naive computation in that dtype (logits materialized in ``dtype``, then
+      log-softmax; ``reference.naive_logprobs``), whose error against the same float64 reference the
+      caller measures and passes as ``naive_error``; never tighter than the CPU backends' bound.
+    """
+    if quantity not in _QUANTITIES:
+        raise ValueError(f"quantity must be one of {_QUANTITIES}; got {quantity!r}")
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 2e-5
+    if dtype not in _LOW_PRECISION:
+        raise ValueError(f"no tolerance for {dtype}")
+    cpu = torch.finfo(dtype).eps if quantity == "grad" else _CPU_16BIT_VALUES
+    if backend == "triton":
+        if naive_error is None:
+            raise ValueError("Triton's 16-bit tolerance is relative to the naive same-dtype error: pass naive_error")
+        return max(cpu, naive_error)
+    return cpu
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRL end-to-end fixtures, shared by test_integration_trl.py and test_deepspeed.py (test modules never
+# import one another). Built lazily: importing helpers must not need trl / transformers / datasets.
+# ----------------------------------------------------------------------------------------------------
+TRL_RTOL = 2e-5  # logged values (fp32 model; the two heads tile the vocabulary differently)
+TRL_PARAM_TOL = 1e-5  # max |difference| of any parameter after the steps
+TRL_SKIP_LOG = frozenset(
+    {
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "total_flos",
+        "epoch",
+        "step",
+        "learning_rate",
+    }
+)
+# What every TRL trainer of the tests shares: 3 SGD steps on the CPU, fp32, logging each step, no saving.
+# No output_dir: each caller passes one under its tmp_path (trainer_output_dir).
+TRL_TRAINER_ARGS = dict(
+    per_device_train_batch_size=4,
+    max_steps=3,
+    learning_rate=0.1,
+    optim="sgd",
+    logging_steps=1,
+    report_to=[],
+    seed=0,
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    disable_tqdm=True,
+    gradient_checkpointing=False,
+)
+
+
+def trl_tokenizer():
+    """A character-level tokenizer: one token per character, no download."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz .?!:")
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def trl_datasets():
+    """``(pairs, unpaired)``: the tiny preference data sets of the TRL tests."""
+    from datasets import Dataset
+
+    prompts = ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"]
+    pairs = Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [" all good", " hi there", " one two", " blue", " up", " yes", " going", " because"],
+            "rejected": [" no", " go away", " zero", " the sky is a color", " down", " no way", " stop", " dunno"],
+        }
+    )
+    unpaired = Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "completion": [" all good", " go away", " one two", " the sky", " up", " no way", " going", " dunno"],
+            "label": [True, False, True, False, True, False, True, False],
+        }
+    )
+    return pairs, unpaired
+
+
+def tiny_llama(vocab_size):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def plain_logits_expo_trainer_class():
+    """A ``trl.DPOTrainer`` whose loss is EXPO on materialized logits (exact token KL) with the hand formula
+    of ``reference.loss_expo``: the reference of the fused EXPO trainer (TRL has no EXPO)."""
+    from reference import loss_expo
+    from trl import DPOTrainer
+
+    class PlainLogitsEXPOTrainer(DPOTrainer):
+        lam = 0.5
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            mask = inputs["completion_mask"][:, 1:].bool()
+            kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            labels = inputs["input_ids"][:, 1:]
+            logp_all = model(**kwargs).logits[:, :-1].float().log_softmax(-1)
+            with torch.no_grad():
+                ref_all = self.ref_model(**kwargs).logits[:, :-1].float().log_softmax(-1)
+            tok = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            seq = torch.where(mask, tok, torch.zeros_like(tok)).sum(1)
+            kl = (ref_all.exp() * (ref_all - logp_all)).sum(-1)
+            kl = torch.where(mask, kl, torch.zeros_like(kl)).sum(1)
+            c, r = seq.chunk(2)
+            return loss_expo(dict(c=c, r=r, token_kl=kl), self.lam, "token").mean()
+
+    return PlainLogitsEXPOTrainer
+
+
+def missing_external_input(reason: str):
+    """A test whose external input (a download, an optional package) is missing: skipped with ``reason``
+    on a developer machine, failed under CI (``CI=true``), where a skip would hide that it never ran."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and this test cannot run: {reason}")
+    pytest.skip(reason)

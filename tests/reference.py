@@ -369,3 +369,16 @@ def reference_module_loss(
     if name == "expo":
         metrics["bt_loss"] = torch.log1p(torch.exp(-(s["c"] - s["r"]))).detach().mean()
     return terms.mean(), s, metrics
+
+
+def naive_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, **transform):
+    """The naive computation in the inputs' own dtype (logits materialized in it, then log_softmax in it):
+    the yardstick of Triton's 16-bit tolerance (helpers.tolerance). Returned in float64, 0 at ignored."""
+    z = hidden.reshape(-1, hidden.shape[-1]) @ weight.T
+    if bias is not None:
+        z = z + bias
+    logp = torch.log_softmax(transform_logits(z, **transform), dim=-1)
+    y = labels.reshape(-1).long()
+    valid = y != ignore_index
+    picked = logp.gather(1, torch.where(valid, y, 0)[:, None])[:, 0].double()
+    return torch.where(valid, picked, torch.zeros_like(picked)).view(labels.shape)

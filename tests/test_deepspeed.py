@@ -24,15 +24,15 @@ Skipped when deepspeed is not installed.
 
 import copy
 import datetime
+import functools
 import gc
 import importlib
 import importlib.util
 import logging
 import os
-import socket
-import tempfile
 import time
 import traceback
+import types
 
 import pytest
 import torch
@@ -123,23 +123,46 @@ def _counting_gather_class():
             cls.calls, cls.storages = 0, []
 
         @classmethod
-        def alive(cls, patience_s=5.0):
-            """How many storages gathered since the last reset are still referenced. Polled for up to
-            ``patience_s``: the all-gather's bookkeeping sometimes lets go of its output buffer a few
-            tenths of a second after the call (seen on gloo); a tensor the autograd graph keeps stays
-            alive until backward, so it still fails the check."""
-            deadline = time.monotonic() + patience_s
-            while True:
-                gc.collect()
-                n = sum(not w.expired() for w in cls.storages)
-                if n == 0 or time.monotonic() > deadline:
-                    return n
-                time.sleep(0.02)
+        def alive(cls):
+            """How many storages gathered since the last reset are still referenced. The all-gather's
+            bookkeeping (gloo's in-flight work) may hold its output buffer until that work completes: a
+            barrier waits for every outstanding collective of the process group (ProcessGroupGloo's
+            barrier joins the queued and running work; every rank calls this at the same point), then
+            nothing but a real reference keeps a storage. A tensor the autograd graph keeps stays alive
+            until backward, so it still fails the check."""
+            torch.distributed.barrier()
+            gc.collect()
+            return sum(not w.expired() for w in cls.storages)
 
     return CountingGather
 
 
 _CountingGather = None  # the class above, in the ranks
+_OUT_DIR = None  # the ranks' output directory (under the test's tmp_path), set by _worker
+
+
+@functools.cache
+def _trl_fixtures():
+    """The TRL test fixtures of tests/helpers.py (shared with test_integration_trl.py), built in the ranks."""
+    from helpers import (
+        TRL_PARAM_TOL,
+        TRL_RTOL,
+        TRL_SKIP_LOG,
+        plain_logits_expo_trainer_class,
+        trl_datasets,
+        trl_tokenizer,
+    )
+
+    pairs, unpaired = trl_datasets()
+    return types.SimpleNamespace(
+        TOK=trl_tokenizer(),
+        PAIRS=pairs,
+        UNPAIRED=unpaired,
+        PlainLogitsEXPOTrainer=plain_logits_expo_trainer_class(),
+        SKIP_LOG=TRL_SKIP_LOG,
+        RTOL=TRL_RTOL,
+        PARAM_TOL=TRL_PARAM_TOL,
+    )
 
 
 def _partitioned(p):
@@ -235,8 +258,10 @@ def _run_training(name, rank, world):
 def _trl_run(trainer_cls, config_cls, dataset, config=None, **kw):
     """One trainer, 3 SGD steps under accelerate's DeepSpeed ZeRO-3 plugin: (logs, full parameters)."""
     import deepspeed
-    import test_integration_trl as TI
     from accelerate.state import AcceleratorState
+    from helpers import TRL_TRAINER_ARGS, tiny_llama
+
+    TI = _trl_fixtures()
 
     ds_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -246,13 +271,16 @@ def _trl_run(trainer_cls, config_cls, dataset, config=None, **kw):
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
     # use_configured_state: keep the gloo PartialState made in _run_trl (see there)
-    args = {**TI.TRAINER_ARGS, "use_cpu": False, "per_device_train_batch_size": 2, "deepspeed": ds_config}
+    # output_dir: under the test's tmp_path (handed to the ranks), never the working directory
+    out = os.path.join(_OUT_DIR, f"trainer_output_{trainer_cls.__name__}")
+    args = {**TRL_TRAINER_ARGS, "output_dir": out, "use_cpu": False, "per_device_train_batch_size": 2}
+    args["deepspeed"] = ds_config
     args.update(config or {})
     args["accelerator_config"] = {"use_configured_state": True}
     torch.manual_seed(0)
-    model = TI.llama()
+    model = tiny_llama(len(TI.TOK))
     torch.manual_seed(1)
-    ref = TI.llama()
+    ref = tiny_llama(len(TI.TOK))
     tr = trainer_cls(
         model=model, ref_model=ref, args=config_cls(**args), train_dataset=dataset, processing_class=TI.TOK, **kw
     )
@@ -263,7 +291,7 @@ def _trl_run(trainer_cls, config_cls, dataset, config=None, **kw):
     # both heads are ZeRO-3 partitioned outside the calls (the fused head gathered them for each call)
     head, ref_head = model.get_output_embeddings().weight, tr.ref_model.module.get_output_embeddings().weight
     partitioned = _partitioned(head) and _partitioned(ref_head)
-    logs = [{k: v for k, v in e.items() if k not in TI._SKIP_LOG} for e in tr.state.log_history if "loss" in e]
+    logs = [{k: v for k, v in e.items() if k not in TI.SKIP_LOG} for e in tr.state.log_history if "loss" in e]
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
     return logs, params, partitioned
@@ -282,12 +310,13 @@ def _run_trl(name, rank, world):
     ``DistributedType.DEEPSPEED``; from there TRL's own code runs unchanged (``prepare_deepspeed`` of
     the reference model, ZeRO-3 engines, the optimizer step through DeepSpeed).
     """
-    import test_integration_trl as TI
     from accelerate import PartialState
+    from helpers import tiny_llama
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from expo_kernels.integrations.trl import FusedDPOTrainer, FusedKTOTrainer
 
+    TI = _trl_fixtures()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     compared = None  # the logged values compared: all of TRL's
@@ -316,7 +345,7 @@ def _run_trl(name, rank, world):
     for k in params_a:
         res[f"param:{k}"] = (float((params_a[k] - params_b[k]).abs().max()), TI.PARAM_TOL)
     torch.manual_seed(0)
-    initial = TI.llama()
+    initial = tiny_llama(len(TI.TOK))
     moved = max(float((params_b[k] - p).abs().max()) for k, p in initial.named_parameters())
     res["params_moved"] = (0.0 if moved > 1e-3 else 1.0, 0.0)
     return res
@@ -326,20 +355,33 @@ TRL_CASES = ["trl-dpo", "trl-dpo-registry-loss", "trl-dpo-expo-token", "trl-kto"
 CASES = os.environ.get("EK_DS_CASES", "dpo,expo-token,expo-token-shared-head,functional").split(",")
 
 
-def _worker(rank, world, port, out_dir):
-    global _CountingGather
+def _worker(rank, world, out_dir):
+    global _CountingGather, _OUT_DIR
     import deepspeed
 
+    _OUT_DIR = out_dir
+    # anything written relative to the working directory (transformers' default output_dir, caches) lands
+    # under the test's tmp_path, not in the repository
+    os.chdir(out_dir)
     torch.set_num_threads(1)
+    # The ranks meet through a FileStore in the test's tmp_path (init_method file://): no TCP port is
+    # picked, so none can be taken by another process between picking and binding. The MASTER_* variables
+    # only keep DeepSpeed's launcher check from falling back to MPI discovery; nothing listens on them.
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="0"
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (C++, minutes on a clean
     # 2-core CI machine) in init_distributed; gloo does the collectives without it
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     torch.autograd.set_detect_anomaly(bool(os.environ.get("EK_DS_ANOMALY")))
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
+    deepspeed.init_distributed(
+        dist_backend="gloo",
+        init_method="file://" + os.path.join(out_dir, "rendezvous"),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     _CountingGather = _counting_gather_class()
     deepspeed.zero.GatheredParameters = _CountingGather  # zero3.py looks it up at call time
     results, times = {}, {}
@@ -356,15 +398,10 @@ def _worker(rank, world, port, out_dir):
     torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(fn, world, *args, timeout=TIMEOUT_S):
-    """Run ``fn(rank, world, port, *args)`` in ``world`` spawned processes; kill them all after ``timeout``."""
-    ctx = mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes, waiting on their joins (``ctx.join``
+    returns when a process exits); kill them all after ``timeout``."""
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -374,19 +411,16 @@ def spawn_ranks(fn, world, *args, timeout=TIMEOUT_S):
             raise TimeoutError(f"ranks still running after {timeout} s")
 
 
-_CACHE = {}
+@pytest.fixture(scope="module")
+def ds_results(tmp_path_factory):
+    """Both ranks' results, run once for the module; everything they write is under a tmp_path."""
+    d = str(tmp_path_factory.mktemp("deepspeed"))
+    spawn_ranks(_worker, WORLD, d)
+    return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
 
 
-def _results():
-    if "r" not in _CACHE:
-        with tempfile.TemporaryDirectory() as d:
-            spawn_ranks(_worker, WORLD, d)
-            _CACHE["r"] = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(WORLD)]
-    return _CACHE["r"]
-
-
-def _check(name):
-    for rank, results in enumerate(_results()):
+def _check(name, all_results):
+    for rank, results in enumerate(all_results):
         assert name in results, f"rank {rank} did not run {name}"
         res = results[name]
         assert res, f"rank {rank} {name}: no checks recorded"
@@ -396,14 +430,14 @@ def _check(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_zero3_training_matches_unsharded(name):
-    _check(name)
+def test_zero3_training_matches_unsharded(name, ds_results):
+    _check(name, ds_results)
 
 
 @pytest.mark.parametrize("name", TRL_CASES)
-def test_trl_trainers_under_zero3_match_trl(name):
+def test_trl_trainers_under_zero3_match_trl(name, ds_results):
     pytest.importorskip("trl")
-    _check(name)
+    _check(name, ds_results)
 
 
 def test_deepspeed_is_not_imported_without_zero3_parameters():

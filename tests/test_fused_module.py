@@ -1,9 +1,9 @@
 """FusedLinearPreferenceLoss against the unfused path, for every registered loss.
 
 Unfused = what a plain trainer does, in float64: materialize the logits ``hidden @ W.T + b``, apply
-the transform, ``log_softmax``, gather the labels, sum over completion tokens per row, then call
-:func:`expo_kernels.preference_loss_and_metrics` on the per-sequence numbers (the losses themselves
-are checked against TRL and hand formulas in test_losses*.py). Loss, metrics and the gradients of
+the transform, ``log_softmax``, gather the labels, sum over completion tokens per row, then apply
+the paper's formula written by hand in float64 (``tests/reference.py``; never the library's own loss
+functions, so a mistake in a formula cannot cancel). Loss, metrics and the gradients of
 hidden, weight and bias must agree. Tensors live on ``helpers.device_for(backend)`` (CUDA for the torch
 and Triton backends on a GPU machine).
 """
@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import triton_available
 from helpers import device_for
+from reference import REFERENCE_LOSSES, reference_module_loss
 
 import expo_kernels as ek
-from expo_kernels.losses import LOSSES, aggregate_pair_logps, preference_loss_and_metrics
+from expo_kernels.losses import LOSSES
 
 DT = torch.float64
 B, T, H, V = 3, 6, 16, 37
@@ -56,6 +57,7 @@ HP = {
 
 def test_every_registered_loss_has_a_case():
     assert set(HP) == set(LOSSES)
+    assert set(REFERENCE_LOSSES) == set(LOSSES), "every loss needs a hand-written formula in tests/reference.py"
 
 
 def _transform(z, temperature=1.0, logit_scale=None, softcap=None):
@@ -75,12 +77,6 @@ def naive_token_logps(hidden, weight, bias, labels, **tf):
     mask = labels != IGNORE
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked)), logp
-
-
-def naive_token_kl(pol_logp_full, ref_logp_full, labels):
-    q = ref_logp_full.exp()
-    kl = (q * (ref_logp_full - pol_logp_full)).sum(-1)
-    return torch.where(labels != IGNORE, kl, torch.zeros_like(kl))
 
 
 def make_batch(rows, seed=0, hr=H, dtype=DT, *, device):
@@ -108,59 +104,13 @@ def leaves(*ts):
 
 
 def unfused(
-    name,
-    hp,
-    hidden,
-    weight,
-    bias,
-    ref_hidden,
-    ref_weight,
-    labels,
-    *,
-    ref_bias=None,
-    is_desirable=None,
-    kl=None,
-    offset=None,
-    tf=None,
-    ld_alpha=None,
+    name, hp, hidden, weight, bias, ref_hidden, ref_weight, labels, *, ref_bias=None, tf=None, ld_alpha=None, **extra
 ):
-    tf = tf or {}
-    spec = LOSSES[name]
-    lp, full = naive_token_logps(hidden, weight, bias, labels, **tf)
-    mask = labels != IGNORE
-    ref_lp, ref_full = naive_token_logps(ref_hidden, ref_weight, ref_bias, labels, **tf)
-    ref_lp = ref_lp.detach()
-    if not spec.paired:
-        return preference_loss_and_metrics(
-            name, policy_logps=lp.sum(1), ref_logps=ref_lp.sum(1), is_desirable=is_desirable, kl=kl, **hp
-        )
-    if ld_alpha is None:
-        sums, ref_sums, lengths = lp.sum(1), ref_lp.sum(1), mask.sum(1)
-        c, r = sums.chunk(2)
-        rc, rr = ref_sums.chunk(2)
-        lc, lr = lengths.chunk(2)
-    else:
-        agg, ragg = (
-            aggregate_pair_logps(lp, mask, ld_alpha=ld_alpha),
-            aggregate_pair_logps(ref_lp, mask, ld_alpha=ld_alpha),
-        )
-        c, r, rc, rr, lc, lr = (
-            agg.chosen_logps,
-            agg.rejected_logps,
-            ragg.chosen_logps,
-            ragg.rejected_logps,
-            agg.chosen_lengths,
-            agg.rejected_lengths,
-        )
-    nll = -lp[:B].sum() / mask[:B].sum()
-    kw = dict(chosen_lengths=lc, rejected_lengths=lr, offset=offset)
-    if spec.needs_nll:
-        kw["chosen_nll"] = nll
-    if spec.reference == "none":
-        rc = rr = None
-    if name == "expo" and hp.get("kl_estimator") == "token":
-        kw["token_kl"] = naive_token_kl(full, ref_full.detach(), labels).sum(1)
-    return preference_loss_and_metrics(name, c, r, rc, rr, **kw, **hp)
+    """The plain trainer's loss, by hand (tests/reference.py): float64 logits and the paper's formula."""
+    ref = {} if LOSSES[name].reference == "none" else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    return reference_module_loss(
+        name, hp, hidden, weight, bias, labels, **ref, ld_alpha=ld_alpha, transform=tf, ignore_index=IGNORE, **extra
+    )
 
 
 def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, shared_head=False, hr=H, seed=0, dtype=DT):
@@ -187,12 +137,13 @@ def compare(name, hp, *, backend="torch", tol=TOL, tf=None, ld_alpha=None, share
     # a shared head runs the reference through the policy's weight and bias (the unfused path detaches
     # the reference log-probs, so no gradient flows through that pass on either side)
     ref_w, ref_b = (w2, b2) if shared_head else (ref_weight, None)
-    loss2, metrics2 = unfused(
+    loss2, _, metrics2 = unfused(
         name, hp, h2, w2, b2, ref_hidden, ref_w, labels, ref_bias=ref_b, tf=tf, ld_alpha=ld_alpha, **extra
     )
     loss2.backward()
 
     torch.testing.assert_close(out.loss, loss2.to(out.loss.dtype), **tol)
+    assert metrics2, name
     for k, v in metrics2.items():
         torch.testing.assert_close(out.metrics[k], v.to(out.metrics[k].dtype), **tol, msg=f"metric {k}")
     torch.testing.assert_close(h1.grad, h2.grad, **tol)

@@ -20,9 +20,16 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from helpers import (  # noqa: E402
+    TRL_PARAM_TOL,
+    TRL_RTOL,
+    TRL_SKIP_LOG,
+    TRL_TRAINER_ARGS,
+    plain_logits_expo_trainer_class,
+    tiny_llama,
+    trl_datasets,
+    trl_tokenizer,
+)
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 
 from expo_kernels.integrations import hf as ek_hf  # noqa: E402
@@ -31,19 +38,10 @@ from expo_kernels.integrations.trl import (  # noqa: E402
     FusedKTOTrainer,
     enable_fused_lm_head,
 )
-from expo_kernels.losses import preference_loss  # noqa: E402
 
-RTOL = 2e-5  # logged values (fp32 model; the two heads tile the vocabulary differently)
-PARAM_TOL = 1e-5  # max |difference| of any parameter after the steps
-_SKIP_LOG = {
-    "train_runtime",
-    "train_samples_per_second",
-    "train_steps_per_second",
-    "total_flos",
-    "epoch",
-    "step",
-    "learning_rate",
-}
+RTOL = TRL_RTOL
+PARAM_TOL = TRL_PARAM_TOL
+_SKIP_LOG = TRL_SKIP_LOG
 
 
 @pytest.fixture(autouse=True)
@@ -53,45 +51,12 @@ def _quiet():
         yield
 
 
-def tokenizer():
-    chars = list("abcdefghijklmnopqrstuvwxyz .?!:")
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")  # one token per character
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
-TOK = tokenizer()
-PAIRS = Dataset.from_dict(
-    {
-        "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
-        "chosen": [" all good", " hi there", " one two", " blue", " up", " yes", " going", " because"],
-        "rejected": [" no", " go away", " zero", " the sky is a color", " down", " no way", " stop", " dunno"],
-    }
-)
-UNPAIRED = Dataset.from_dict(
-    {
-        "prompt": ["what is up?", "say hi.", "count: ", "name a color.", "sky?", "ok?", "go.", "why?"],
-        "completion": [" all good", " go away", " one two", " the sky", " up", " no way", " going", " dunno"],
-        "label": [True, False, True, False, True, False, True, False],
-    }
-)
+TOK = trl_tokenizer()
+PAIRS, UNPAIRED = trl_datasets()
 
 
 def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(TOK),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(len(TOK))
 
 
 def gemma2():
@@ -119,21 +84,7 @@ def _per_test_cwd(tmp_path, monkeypatch):
 
 
 # What every trainer of these tests shares: 3 SGD steps on the CPU, fp32, logging each step, no saving.
-TRAINER_ARGS = dict(
-    output_dir="trainer_output",  # relative: inside the per-test tmp_path (see _per_test_cwd)
-    per_device_train_batch_size=4,
-    max_steps=3,
-    learning_rate=0.1,
-    optim="sgd",
-    logging_steps=1,
-    report_to=[],
-    seed=0,
-    save_strategy="no",
-    use_cpu=True,
-    bf16=False,
-    disable_tqdm=True,
-    gradient_checkpointing=False,
-)
+TRAINER_ARGS = dict(TRL_TRAINER_ARGS, output_dir="trainer_output")  # relative: inside the tmp_path
 
 
 def dpo_args(**kw):
@@ -225,24 +176,8 @@ def test_our_path_reproduces_trl_sigmoid():
 
 
 # ---------------------------------------------------------------------------------------------- EXPO
-class PlainLogitsEXPOTrainer(DPOTrainer):
-    """Reference for EXPO: materialized logits, log_softmax, exact token KL, then the registry's loss."""
-
-    lam = 0.5
-
-    def _compute_loss(self, model, inputs, return_outputs):
-        mask = inputs["completion_mask"][:, 1:].bool()
-        kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        labels = inputs["input_ids"][:, 1:]
-        logp_all = model(**kwargs).logits[:, :-1].float().log_softmax(-1)
-        with torch.no_grad():
-            ref_all = self.ref_model(**kwargs).logits[:, :-1].float().log_softmax(-1)
-        tok = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        seq = torch.where(mask, tok, torch.zeros_like(tok)).sum(1)
-        kl = (ref_all.exp() * (ref_all - logp_all)).sum(-1)
-        kl = torch.where(mask, kl, torch.zeros_like(kl)).sum(1)
-        c, r = seq.chunk(2)
-        return preference_loss("expo", c, r, token_kl=kl, lam=self.lam, kl_estimator="token")
+# materialized logits, exact token KL, EXPO's hand formula (tests/reference.py)
+PlainLogitsEXPOTrainer = plain_logits_expo_trainer_class()
 
 
 @pytest.mark.parametrize("make_model", [llama, gemma2], ids=["llama", "gemma2"])
