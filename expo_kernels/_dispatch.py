@@ -132,11 +132,11 @@ def backward_module(name: str) -> Backend:
 
 
 def library_gemm_module() -> ModuleType:
-    """``ops.triton_engine``: the op on library GEMMs + Triton epilogues (``Path.LIBRARY_GEMM``), imported
-    when first taken (it imports Triton)."""
-    from .ops import triton_engine
+    """``ops.library_gemm``: the op on library GEMMs + Triton epilogues (``Path.LIBRARY_GEMM``), imported
+    when first taken (its epilogues import Triton when they first run)."""
+    from .ops import library_gemm
 
-    return triton_engine
+    return library_gemm
 
 
 def recompute_module(backend: str, device: torch.device, dtype: torch.dtype, vocab: int) -> ModuleType | Backend:

@@ -4,8 +4,8 @@ Each op is registered with ``torch.library.custom_op`` so that ``torch.compile``
 opaque node (with shape-only fake implementations); its backward is another registered op that
 recomputes logits tile by tile from the saved ``lse``. ``linear_logprobs`` runs the execution path it is
 handed (``_dispatch.plan`` chose it; ``Path`` values as strings): the backend's fused kernels, library
-GEMMs + Triton epilogues (``ops.triton_engine``), or one GEMM whose logits are kept for the backward
-(``ops.epilogues``). Backend and path choice and the checks around a backend call are in
+GEMMs + Triton epilogues, or one GEMM whose logits are kept for the backward (both in
+``ops.library_gemm``). Backend and path choice and the checks around a backend call are in
 ``expo_kernels._dispatch``; the public functions in ``expo_kernels.functional``.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _dispatch as D
 from . import ops
-from .ops import LogitTransform, TokenOutputs, epilogues
+from .ops import LogitTransform, TokenOutputs, library_gemm
 from .ops.options import Path
 from .ops.state import finalize_logprobs
 
@@ -64,14 +64,14 @@ def linear_logprobs_op(
     differentiably from the ids outside the op (``ops.common.topk_logits``). ``path`` (a ``Path`` value,
     checked by ``_dispatch.plan``): ``"fused"`` the backend's kernels; ``"library_gemm"`` library GEMMs +
     Triton epilogues; ``"kept_logits"`` one GEMM for the call, and the counted tokens' logits
-    ``[N_counted, V]`` returned last for the backward (``ops.epilogues``), else an empty tensor."""
+    ``[N_counted, V]`` returned last for the backward (``ops.library_gemm``), else an empty tensor."""
     n = labels.shape[0]
     rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
     kept = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
     if path == _KEPT_LOGITS and h.shape[0] > 0:  # (no counted token: nothing to keep, any path returns empty)
-        state, kept = epilogues.forward_keeping_logits(h, weight, bias, y, transform, with_stats, backend)
+        state, kept = library_gemm.forward_keeping_logits(h, weight, bias, y, transform, with_stats, backend)
     elif path == _LIBRARY_GEMM:
         state = D.library_gemm_module().forward_partial(h, weight, bias, y, transform, with_stats)
     else:
@@ -263,8 +263,8 @@ def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, ls
             return linear_logprobs_backward_op(
                 grad_logp, hidden, weight, bias, labels, lse, *params[:5], _FUSED, need_h, need_w, need_b
             )
-        _, kept = epilogues.forward_keeping_logits(h, weight, bias, y, transform, False, backend)
-    d_h, d_w, d_b = epilogues.backward_from_logits(
+        _, kept = library_gemm.forward_keeping_logits(h, weight, bias, y, transform, False, backend)
+    d_h, d_w, d_b = library_gemm.backward_from_logits(
         kept,
         pick(grad_logp).contiguous(),
         h,

@@ -300,7 +300,7 @@ def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
 
     if not triton_available():
         pytest.skip("Triton cannot run here")
-    from expo_kernels.ops import triton_engine
+    from expo_kernels.ops.triton import epilogues as triton_epilogues
 
     dev = device_for("triton")
     g = torch.Generator().manual_seed(9)
@@ -312,7 +312,7 @@ def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
         bias[[3, 77]] = -float("inf")  # masked ids (never a label)
         labels[(labels == 3) | (labels == 77)] = 5
     t = LogitTransform(1.7, softcap, 0.8)
-    got = finalize_logprobs(triton_engine.fold(z, bias, labels, t, True), v)
+    got = finalize_logprobs(triton_epilogues.fold(z, bias, labels, t, True), v)
     z64 = z.double()
     want = finalize_logprobs(engine.torch_fold(z64, None if bias is None else bias.double(), labels, t, True), v)
     for f in want._fields:
@@ -327,12 +327,12 @@ def test_triton_epilogues_match_the_torch_specification(softcap, with_bias):
     for out_dtype in (torch.float32, torch.bfloat16) if dev.type == "cuda" else (torch.float32,):
         zz = z.clone()
         out = zz if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype, device=dev)
-        triton_engine.to_dz(zz, bias, labels, got.lse, grad, t, out)
+        triton_epilogues.to_dz(zz, bias, labels, got.lse, grad, t, out)
         want_dz = z64.clone()
         engine.torch_to_dz(want_dz, labels, want.lse, grad.double(), t)
         assert rel_err(out, want_dz) < (1e-5 if out_dtype == torch.float32 else 1e-2)
     # an empty chunk is a no-op
-    empty = triton_engine.fold(z[:0], bias, labels[:0], t, False)
+    empty = triton_epilogues.fold(z[:0], bias, labels[:0], t, False)
     assert all(f is None or f.numel() == 0 for f in empty)
 
 
@@ -381,7 +381,7 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
 
     if not triton_available():
         pytest.skip("Triton cannot run here")
-    from expo_kernels.ops import torch_backend, triton_engine
+    from expo_kernels.ops import library_gemm, torch_backend
 
     dev = device_for("triton")
     g = torch.Generator().manual_seed(11)
@@ -392,7 +392,7 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
     labels = torch.randint(vocab_start, vocab_start + v + 30, (n,), generator=g).to(dev)  # some outside
     t = LogitTransform(1.2, 4.0, 0.9)
     with ek.kernel_options(workspace_bytes=5 * v * 4):  # 5 tokens / ~9 columns per chunk
-        got = triton_engine.forward_partial(hidden, weight, bias, labels, t, True, vocab_start)
+        got = library_gemm.forward_partial(hidden, weight, bias, labels, t, True, vocab_start)
         want = torch_backend.forward_partial(
             hidden.double(), weight.double(), None if bias is None else bias.double(), labels, t, True, vocab_start
         )
@@ -404,7 +404,7 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
         lse = finalize_logprobs(want, v).lse
         grad = torch.randn(n, generator=g, dtype=torch.float64).to(dev)
         need = (True, True, with_bias)
-        got_g = triton_engine.backward(grad.float(), hidden, weight, bias, labels, lse.float(), t, *need, vocab_start)
+        got_g = library_gemm.backward(grad.float(), hidden, weight, bias, labels, lse.float(), t, *need, vocab_start)
         want_g = torch_backend.backward(
             grad,
             hidden.double(),
@@ -427,12 +427,12 @@ def test_gemm_op_matches_the_torch_backend(with_bias, vocab_start):
 def test_cuda_op_on_library_gemms_against_float64(dtype, tol, monkeypatch):
     """``linear_logprobs`` on CUDA (library GEMMs + Triton epilogues by default) against the float64
     torch backend on the CPU: log-probs, statistics and all gradients; bit-identical on a rerun."""
-    from expo_kernels.ops import triton_engine
+    from expo_kernels.ops import library_gemm
 
     calls = []
     for name in ("forward_partial", "backward"):
-        real = getattr(triton_engine, name)
-        monkeypatch.setattr(triton_engine, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+        real = getattr(library_gemm, name)
+        monkeypatch.setattr(library_gemm, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     g = torch.Generator().manual_seed(5)
     n, h, v = 300, 64, 1000
     # the float64 reference on the CPU, the op under test on CUDA (below)
@@ -505,12 +505,12 @@ def test_a_shared_head_runs_both_models_through_one_gemm(backend, ref_head, monk
 def test_the_op_keeps_its_logits_when_they_fit(backend, dtype, monkeypatch):
     """``linear_logprobs`` with its logits kept for backward (one GEMM, no recompute) against float64
     materialized logits and against the recompute path: values, statistics, gradients; a second
-    backward (retain_graph) recomputes; a workspace too small for them keeps nothing."""
-    from expo_kernels.ops import epilogues
+    backward (retain_graph) forms the logits again by one GEMM; a workspace too small keeps nothing."""
+    from expo_kernels.ops import library_gemm
 
     kept_calls = []
-    real = epilogues.forward_keeping_logits
-    monkeypatch.setattr(epilogues, "forward_keeping_logits", lambda *a: kept_calls.append(1) or real(*a))
+    real = library_gemm.forward_keeping_logits
+    monkeypatch.setattr(library_gemm, "forward_keeping_logits", lambda *a: kept_calls.append(1) or real(*a))
     dev = device_for(backend)
     g = torch.Generator().manual_seed(8)
     n, h, v = 29, 16, 70
@@ -534,15 +534,17 @@ def test_the_op_keeps_its_logits_when_they_fit(backend, dtype, monkeypatch):
             )
         (logp * grad.to(dtype)).sum().backward(retain_graph=True)
         first = [t.grad.clone() for t in leaves]
-        (logp * grad.to(dtype)).sum().backward()  # the logits are gone: this one recomputes
+        # the kept logits were consumed: this one forms them again by the same single GEMM (so that
+        # repeated backwards agree to the bit; tests/test_gradcheck.py checks that)
+        (logp * grad.to(dtype)).sum().backward()
         second = [t.grad - f for t, f in zip(leaves, first, strict=True)]
         return logp, stats, first, second
 
     tol = 1e-10 if dtype == torch.float64 else 5e-5
     kept = run(None)
-    assert kept_calls == [1]
+    assert kept_calls == [1, 1]  # the forward's GEMM, then the second backward's
     recomputed = run(n * v * 4 - 1)  # float32 logits of every row do not fit: nothing kept
-    assert kept_calls == [1]
+    assert kept_calls == [1, 1]
     w64 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     zz = ((w64[0] @ w64[1].T + w64[2]) * 1.3 / 3.0).tanh() * 3.0 / 0.7
     lp = torch.where(labels >= 0, zz.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)

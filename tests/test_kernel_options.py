@@ -5,7 +5,7 @@ schedule.
 In the CPU interpreter the kernels run in float64 (the interpreter takes it), so the comparisons are
 tight; a GPU compiles them in float32 only (Triton refuses float64 there), against float64 references
 of the same float32 inputs. ``engine=False`` keeps every call on the fused kernels: on CUDA the op
-otherwise runs on library GEMMs (``ops.triton_engine``), which have no filter switch to test."""
+otherwise runs on library GEMMs (``ops.library_gemm``), which have no filter switch to test."""
 
 import warnings
 
@@ -21,6 +21,7 @@ from expo_kernels.ops import LogitTransform, torch_backend
 if not triton_available():
     pytest.skip("triton backend unavailable", allow_module_level=True)
 from expo_kernels.ops import triton_backend  # noqa: E402
+from expo_kernels.ops.triton import configs as triton_configs  # noqa: E402
 
 N, H, V = 40, 24, 200
 PLAIN = LogitTransform(1.0, None, 1.0)
@@ -68,7 +69,7 @@ def test_filter_drops_exactly_the_negligible_label_free_tiles():
         d_h, d_w, _ = _backward(hidden, weight, labels, grad, lse)
     # float64 reference with the kernel's tiling: zero dz on (token block, vocab tile) pairs whose
     # probabilities are all < eps and that hold no label of the block
-    cfg = triton_backend._launch_config("backward", hidden, need_hidden=True, need_weight=True, need_bias=False)
+    cfg = triton_configs.launch_config("backward", hidden, need_hidden=True, need_weight=True, need_bias=False)
     h64, w64, g64, lse64 = _f64(hidden, weight, grad, lse)
     p = torch.exp(h64 @ w64.T - lse64[:, None])
     onehot = torch.nn.functional.one_hot(labels, V).to(p.dtype)

@@ -15,7 +15,7 @@ from reference import reference_logprobs
 
 import expo_kernels as ek
 from expo_kernels import _dispatch as D
-from expo_kernels.ops import epilogues
+from expo_kernels.ops import library_gemm
 from expo_kernels.ops.options import KernelOptions
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -323,7 +323,7 @@ def test_a_forced_op_path_runs_that_path_and_matches_float64(backend, path, monk
         for name in ("forward_partial", "backward"):
             _spy(monkeypatch, engine_ops, name, calls)
     for name in ("forward_keeping_logits", "backward_from_logits"):
-        _spy(monkeypatch, epilogues, name, calls)
+        _spy(monkeypatch, library_gemm, name, calls)
 
     leaves = [t.to(dev, dtype).detach().clone().requires_grad_() for t in (hidden, weight, bias)]
     with ek.kernel_options(path=path):
@@ -334,8 +334,8 @@ def test_a_forced_op_path_runs_that_path_and_matches_float64(backend, path, monk
     backend_mod = module.__name__.rsplit(".", 1)[-1]
     want_calls = {
         "fused": [f"{backend_mod}.forward_partial", f"{backend_mod}.backward"],
-        "kept_logits": ["epilogues.forward_keeping_logits", "epilogues.backward_from_logits"],
-        "library_gemm": ["triton_engine.forward_partial", "triton_engine.backward"],
+        "kept_logits": ["library_gemm.forward_keeping_logits", "library_gemm.backward_from_logits"],
+        "library_gemm": ["library_gemm.forward_partial", "library_gemm.backward"],
     }[path]
     assert calls == want_calls
 
@@ -350,7 +350,7 @@ def test_a_forced_op_path_runs_that_path_and_matches_float64(backend, path, monk
 def test_engine_false_is_the_fused_alias(monkeypatch):
     calls: list = []
     for name in ("forward_keeping_logits", "backward_from_logits"):
-        _spy(monkeypatch, epilogues, name, calls)
+        _spy(monkeypatch, library_gemm, name, calls)
     h = torch.randn(6, 8, dtype=F64, requires_grad=True)
     w = torch.randn(20, 8, dtype=F64, requires_grad=True)
     y = torch.randint(0, 20, (6,))
@@ -359,7 +359,7 @@ def test_engine_false_is_the_fused_alias(monkeypatch):
         ek.linear_logprobs(h, w, y, backend="torch").sum().backward()
     assert calls == []
     ek.linear_logprobs(h, w, y, backend="torch").sum().backward()  # the default keeps them
-    assert calls == ["epilogues.forward_keeping_logits", "epilogues.backward_from_logits"]
+    assert calls == ["library_gemm.forward_keeping_logits", "library_gemm.backward_from_logits"]
 
 
 def _dpo_reference(hidden, weight, labels, ref_hidden, beta):
@@ -401,7 +401,7 @@ def test_a_forced_module_path_runs_that_path_and_matches_float64(backend, path, 
     monkeypatch.setattr(paired, "run_pair_step", run_pair_step)
     calls: list = []
     for name in ("forward_keeping_logits", "backward_from_logits"):
-        _spy(monkeypatch, epilogues, name, calls)
+        _spy(monkeypatch, library_gemm, name, calls)
 
     loss_fn = ek.FusedLinearDPOLoss(beta=0.5, backend=backend, compute_metrics=False)
     h_leaf, w_leaf = (t.to(dev, dtype).detach().clone().requires_grad_() for t in (hidden, weight))
@@ -411,7 +411,7 @@ def test_a_forced_module_path_runs_that_path_and_matches_float64(backend, path, 
         out.loss.backward()
     assert steps_run == ([path] if path in ("pair_engine", "long_pair_chunks") else [])
     # the policy pass keeps its logits on the kept path only (the reference pass runs without a gradient)
-    assert ("epilogues.backward_from_logits" in calls) == (path == "kept_logits")
+    assert ("library_gemm.backward_from_logits" in calls) == (path == "kept_logits")
 
     h64, w64 = (t.detach().clone().requires_grad_() for t in (hidden, weight))
     want = _dpo_reference(h64, w64, labels, ref_hidden, 0.5)

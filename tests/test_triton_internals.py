@@ -16,13 +16,14 @@ import triton.language as tl  # noqa: E402
 
 from expo_kernels.ops import LogitTransform, triton_backend  # noqa: E402
 from expo_kernels.ops.state import finalize_logprobs  # noqa: E402
+from expo_kernels.ops.triton import jit as triton_jit  # noqa: E402
 
 
 @triton.jit
 def _offsets_probe(out_ptr, row0, stride_r, BLOCK: tl.constexpr):
     rows = row0 + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK)
-    offs = triton_backend.offsets_2d(rows, cols, stride_r, 1)
+    offs = triton_jit.offsets_2d(rows, cols, stride_r, 1)
     tl.store(out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], offs)
 
 

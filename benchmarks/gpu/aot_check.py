@@ -4,7 +4,7 @@ Each registered kernel is compiled with ``triton.compile(ASTSource(...), target=
 for sm_80, sm_90 and sm_100, for every supported dtype (bf16, fp16, fp32 with TF32, fp32 IEEE; fp64
 never reaches Triton, see ``expo_kernels._dispatch``) and for every combination of the constexpr
 flags its launcher can produce, with the tile config the launcher would pick on that GPU
-(``triton_backend.select_config``: the single source of truth). The cubin is then inspected with
+(``ops/triton/configs.select_config``: the single source of truth). The cubin is then inspected with
 ``cuobjdump -res-usage`` / ``-sass`` (shipped in the Triton wheel) and a variant fails on:
 
 * a compile error;
@@ -27,7 +27,7 @@ Run::
 Exit status 0 when every variant passes (or is a known failure), 1 otherwise.
 
 Adding a kernel: one ``KernelEntry`` in ``_backend_entries`` (or in an ``aot_entries()`` function of
-another module listed in ``ENTRY_MODULES``: ``expo_kernels.ops.triton_engine`` is picked up when it
+another module listed in ``ENTRY_MODULES``: ``expo_kernels.ops.triton.epilogues`` is picked up when it
 defines one).
 """
 
@@ -67,7 +67,7 @@ ARCHS = (80, 90, 100)
 DTYPES = ("bf16", "fp16", "fp32_tf32", "fp32_ieee")
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32_tf32": torch.float32, "fp32_ieee": torch.float32}
 TRITON_TYPE = {"bf16": "bf16", "fp16": "fp16", "fp32_tf32": "fp32", "fp32_ieee": "fp32"}
-ENTRY_MODULES = ("expo_kernels.ops.triton_engine",)
+ENTRY_MODULES = ("expo_kernels.ops.triton.epilogues",)
 
 # Variants allowed to fail: (kernel, dtype, arch, variant name as printed, or "*" for every
 # variant) -> the reason, printed next to it in the table with status KNOWN. Such a variant is still
@@ -115,11 +115,11 @@ def _grad_sets(has_bias: bool) -> Iterator[dict[str, bool]]:
 
 
 def _backend_entries() -> list[KernelEntry]:
-    from expo_kernels.ops import triton_backend as tb
+    from expo_kernels.ops.triton import configs, logprobs, token_kl
 
     def cfg_of(kernel: str, topk: int = 0) -> Callable[[str, int, dict[str, bool]], object]:
         def pick(dtype: str, arch: int, flags: dict[str, bool]) -> object:
-            return tb.select_config(
+            return configs.select_config(
                 kernel,
                 TORCH_DTYPE[dtype],
                 arch,
@@ -177,7 +177,7 @@ def _backend_entries() -> list[KernelEntry]:
     return [
         KernelEntry(
             name="forward",
-            fn=tb._forward_kernel,
+            fn=logprobs._forward_kernel,
             args=forward_args,
             flag_space=forward_flags,
             config=cfg_of("forward"),
@@ -189,7 +189,7 @@ def _backend_entries() -> list[KernelEntry]:
         # holds the most registers
         KernelEntry(
             name="forward_topk",
-            fn=tb._forward_kernel,
+            fn=logprobs._forward_kernel,
             args=forward_args,
             flag_space=forward_flags,
             config=cfg_of("forward", topk=32),
@@ -199,7 +199,7 @@ def _backend_entries() -> list[KernelEntry]:
         ),
         KernelEntry(
             name="backward",
-            fn=tb._backward_kernel,
+            fn=logprobs._backward_kernel,
             args={
                 **head,
                 "y_ptr": "*i64:16",
@@ -221,7 +221,7 @@ def _backend_entries() -> list[KernelEntry]:
         ),
         KernelEntry(
             name="token_kl_forward",
-            fn=tb._token_kl_forward_kernel,
+            fn=token_kl._token_kl_forward_kernel,
             args={
                 **head,
                 **ref,
@@ -243,7 +243,7 @@ def _backend_entries() -> list[KernelEntry]:
         ),
         KernelEntry(
             name="token_kl_backward",
-            fn=tb._token_kl_backward_kernel,
+            fn=token_kl._token_kl_backward_kernel,
             args={
                 **head,
                 **ref,

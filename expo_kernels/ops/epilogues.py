@@ -1,6 +1,6 @@
 """Epilogues on a tile of logits a library GEMM wrote: ``fold`` (the tile's log-softmax state) and
 ``to_dz`` (the logits' gradient in place), per provider -- the torch specification, the native C++ ops
-(``csrc/expo_native.cpp``) and Triton (``ops/triton_engine.py``) -- and the op's path that keeps one
+(``csrc/expo_native.cpp``) and Triton (``ops/triton/epilogues.py``) -- and the op's path that keeps one
 call's logits for its backward (``Path.KEPT_LOGITS``; ``_dispatch.plan`` decides when: docs/design.md,
 "Execution paths").
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import gemm as G
 from . import state as S
 from .common import LogitTransform
 
@@ -27,8 +26,6 @@ __all__ = [
     "native_fold",
     "native_to_dz",
     "transform_in_place",
-    "forward_keeping_logits",
-    "backward_from_logits",
 ]
 
 
@@ -97,55 +94,7 @@ def epilogues(backend: str) -> Epilogues:
     if backend == "native":
         return Epilogues(native_fold, _in_place_to_dz(native_to_dz), True)
     if backend == "triton":
-        from . import triton_engine
+        from .triton import epilogues as triton_epilogues
 
-        return Epilogues(triton_engine.fold, triton_engine.to_dz, False)
+        return Epilogues(triton_epilogues.fold, triton_epilogues.to_dz, False)
     return Epilogues(torch_fold, _in_place_to_dz(torch_to_dz), True)
-
-
-# ---------------------------------------------------------------------------------------------
-# the op's logits kept for its backward (linear_logprobs: 6 NHV instead of 8 when they fit)
-# ---------------------------------------------------------------------------------------------
-
-
-def forward_keeping_logits(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    t: LogitTransform,
-    with_stats: bool,
-    backend: str,
-) -> tuple[S.LogprobState, Tensor]:
-    """hidden [n, H], weight [V, H], labels [n] in ``[0, V)`` -> (the rows' state, the logits ``[n, V]``
-    as the fold left them: the input of :func:`backward_from_logits`). One GEMM for the whole call."""
-    z = torch.empty(
-        hidden.shape[0], weight.shape[0], dtype=G.logits_dtype(hidden.dtype, hidden.device), device=hidden.device
-    )
-    G.logits_into(z, hidden, weight)
-    b = None if bias is None else bias.to(z.dtype).contiguous()
-    return epilogues(backend).fold(z, b, labels, t, with_stats), z
-
-
-def backward_from_logits(
-    z: Tensor,
-    grad_logp: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    lse: Tensor,
-    t: LogitTransform,
-    need: tuple[bool, bool, bool],
-    backend: str,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The gradients of ``sum_n grad_logp[n] logp[n]`` from the kept logits ``z`` (overwritten by dz):
-    ``dH = dz W``, ``dW = dz^T h``, ``db = sum dz`` -- no logit recomputed."""
-    b = None if bias is None else bias.to(z.dtype).contiguous()
-    dz = z if z.dtype == hidden.dtype else torch.empty(z.shape, dtype=hidden.dtype, device=z.device)
-    epilogues(backend).to_dz(z, b, labels, lse.to(z.dtype), grad_logp.to(z.dtype), t, dz)
-    need_h, need_w, need_b = need
-    d_hidden = dz @ weight if need_h else None
-    d_weight = dz.T @ hidden if need_w else None
-    d_bias = dz.sum(dim=0, dtype=z.dtype).to(bias.dtype) if need_b and bias is not None else None
-    return d_hidden, d_weight, d_bias

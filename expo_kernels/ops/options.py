@@ -44,7 +44,7 @@ class Path(StrEnum):
     #: logits recomputed tile by tile in the backward
     FUSED = "fused"
     #: library GEMMs (cuBLAS) into a bounded workspace + the Triton fold/dz epilogues, the backward
-    #: vocabulary-chunk-major with the logits recomputed (``ops.triton_engine``; deterministic)
+    #: vocabulary-chunk-major with the logits recomputed (``ops.library_gemm``; deterministic)
     LIBRARY_GEMM = "library_gemm"
     #: one GEMM for the call, its folded logits kept for the backward (``ops.epilogues``)
     KEPT_LOGITS = "kept_logits"

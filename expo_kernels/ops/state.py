@@ -96,6 +96,14 @@ class TokenKLState(NamedTuple):
     cross: Tensor
 
 
+# The slot counts of a kernel's ``[slots, ..., N]`` state buffer, whose slot order is the field order: the
+# ``[N]`` fields of a LogprobState without statistics (m, s, z_label) and with them (the top-k fields
+# have buffers of their own), and of a TokenKLState.
+LOGPROB_SLOTS = LogprobState._fields.index("sz")
+LOGPROB_STATS_SLOTS = LogprobState._fields.index("topk_values")
+TOKEN_KL_SLOTS = len(TokenKLState._fields)
+
+
 def safe_shift(m: Tensor) -> Tensor:
     """The max as a shift for ``exp(z - shift)``: 0 where no finite logit was seen, so masked entries
     (``-inf``) give ``exp(-inf) = 0`` instead of ``exp(-inf - (-inf)) = nan``."""

@@ -12,26 +12,27 @@ Same constructor and call signatures, same ``(loss, aux_outputs)`` as Liger-Kern
 Liger's order; the log-probs come from :func:`expo_kernels.linear_logprobs` and the losses from the
 registry (:data:`expo_kernels.LOSSES`). Modules, one job each:
 
-* :mod:`._core`: option checks, the policy/reference passes, aggregation, NLL, logit statistics.
-* :mod:`._fast`: DPO through :class:`expo_kernels.FusedLinearPreferenceLoss` (the CPU engine).
-* :mod:`.paired`: DPO, ORPO, CPO, SimPO.  :mod:`.unpaired`: KTO.  :mod:`.patch`: ``patch``/``unpatch``.
+* :mod:`.base`: the table of Liger's losses (:data:`~.base.SPECS`: names, arguments, defaults, the
+  registry hyperparameters they map onto, outputs) and the two bases every class is built from.
+* :mod:`._core`: option checks, the policy/reference passes, aggregation, NLL, logit statistics, the
+  paired step.
+* :mod:`.dpo`: DPO (with its fast path through :class:`expo_kernels.FusedLinearPreferenceLoss`).
+  :mod:`.cpo_orpo_simpo`: ORPO, CPO, SimPO.  :mod:`.kto`: KTO.  :mod:`.patch`: ``patch``/``unpatch``.
 
 The supported options and the differences from Liger: README, "Liger users".
 """
 
-from .paired import (
-    DPO_LOSS_TYPES,
+from .cpo_orpo_simpo import (
     LigerFusedLinearCPOFunction,
     LigerFusedLinearCPOLoss,
-    LigerFusedLinearDPOFunction,
-    LigerFusedLinearDPOLoss,
     LigerFusedLinearORPOFunction,
     LigerFusedLinearORPOLoss,
     LigerFusedLinearSimPOFunction,
     LigerFusedLinearSimPOLoss,
 )
+from .dpo import DPO_LOSS_TYPES, LigerFusedLinearDPOFunction, LigerFusedLinearDPOLoss
+from .kto import LigerFusedLinearKTOFunction, LigerFusedLinearKTOLoss
 from .patch import is_patched, patch, unpatch
-from .unpaired import LigerFusedLinearKTOFunction, LigerFusedLinearKTOLoss
 
 __all__ = [
     "DPO_LOSS_TYPES",

@@ -1,6 +1,6 @@
-"""The pieces every Liger-compatible loss shares: option checks, the policy/reference passes through
-:func:`expo_kernels.linear_logprobs`, per-sequence aggregation (summed or averaged), the chosen NLL
-and the logit sums Liger reports.
+"""The computations the Liger-compatible losses share: option checks, the policy/reference passes
+through :func:`expo_kernels.linear_logprobs`, per-sequence aggregation (summed or averaged), the chosen
+NLL, the logit statistics Liger reports, and the step of the paired losses (:func:`paired_step`).
 
 Nothing here imports ``liger_kernel``: the classes work without it installed.
 """
@@ -8,6 +8,8 @@ Nothing here imports ``liger_kernel``: the classes work without it installed.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
@@ -17,12 +19,16 @@ from ...functional import linear_logprobs
 from ...losses.registry import get_loss_spec
 
 __all__ = [
+    "Batch",
     "check_options",
     "check_registry_hparams",
     "SequenceLogps",
     "policy_and_reference",
     "row_logit_sums",
     "chosen_nll",
+    "logit_means",
+    "Preference",
+    "paired_step",
 ]
 
 
@@ -54,6 +60,25 @@ def check_registry_hparams(owner: str, loss: str, **hparams: Any) -> None:
         raise type(err)(f"{owner}: {err}") from None
 
 
+class Batch(NamedTuple):
+    """A call's tensors under Liger's names (``hidden`` is Liger's ``_input``, ``weight`` its
+    ``lin_weight``); the reference ones None for a loss that takes none."""
+
+    hidden: Tensor  # [R, T, H]
+    weight: Tensor  # [V, H]
+    target: Tensor  # [R, T]
+    bias: Tensor | None  # [V]
+    ref_input: Tensor | None = None  # [R, T, H]
+    ref_weight: Tensor | None = None
+    ref_bias: Tensor | None = None
+
+    @classmethod
+    def of(cls, args: SimpleNamespace) -> Batch:
+        """The tensors of a call's arguments (a step's ``args``)."""
+        refs = (getattr(args, name, None) for name in ("ref_input", "ref_weight", "ref_bias"))
+        return cls(args._input, args.weight, args.target, args.bias, *refs)
+
+
 class SequenceLogps(NamedTuple):
     """Per-row log-probs of a batch (``[R]`` float32), as Liger's ``average_log_prob`` defines them."""
 
@@ -65,24 +90,14 @@ class SequenceLogps(NamedTuple):
 
 
 def policy_and_reference(
-    owner: str,
-    _input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    *,
-    ignore_index: int,
-    average_log_prob: bool,
-    use_ref_model: bool,
-    ref_input: Tensor | None,
-    ref_weight: Tensor | None,
-    ref_bias: Tensor | None,
+    owner: str, batch: Batch, *, ignore_index: int, average_log_prob: bool, use_ref_model: bool
 ) -> SequenceLogps:
     """One fused policy pass and (with ``use_ref_model``) one forward-only reference pass.
 
     Without ``ref_weight`` the reference shares the policy head (detached), as for a LoRA model whose
     head is frozen; Liger would fail there.
     """
+    _input, weight, target, bias, ref_input, ref_weight, ref_bias = batch
     if not isinstance(_input, Tensor) or _input.dim() != 3:
         raise ValueError(f"{owner}: `_input` must be a [batch, seq, hidden] tensor; got {_shape(_input)}.")
     if not isinstance(target, Tensor) or tuple(target.shape) != tuple(_input.shape[:2]):
@@ -138,20 +153,11 @@ def row_logit_sums(_input: Tensor, weight: Tensor, bias: Tensor | None, row_weig
     return out.to(torch.float32)
 
 
-def chosen_nll(
-    owner: str,
-    seq: SequenceLogps,
-    _input: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    bias: Tensor | None,
-    nll_target: Tensor | None,
-    *,
-    ignore_index: int,
-) -> Tensor:
+def chosen_nll(owner: str, seq: SequenceLogps, batch: Batch, nll_target: Tensor | None, *, ignore_index: int) -> Tensor:
     """Liger's NLL term: ``-sum log p`` over the counted tokens of the chosen rows (the first half),
     divided by their count; labels from ``nll_target`` (its first half) when given. With ``nll_target``
     the chosen rows take one more fused pass; otherwise the policy pass's log-probs serve."""
+    _input, weight, target, bias = batch[:4]
     n_chosen = target.shape[0] // 2
     if nll_target is None:
         count = (target[:n_chosen] != ignore_index).sum()
@@ -163,3 +169,56 @@ def chosen_nll(
     labels = nll_target[:n_chosen]
     logp = linear_logprobs(_input[:n_chosen], weight, labels, bias, ignore_index=ignore_index)
     return -logp.sum() / (labels != ignore_index).sum()
+
+
+def logit_means(_input: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Liger's ``chosen_logits_mean`` / ``rejected_logits_mean``: the sum of every logit of the chosen
+    (rejected) rows, all positions, divided by ``B * T * V``."""
+    n = _input.shape[0] // 2
+    ones = torch.ones(n, device=_input.device)
+    zeros = torch.zeros(_input.shape[0] - 2 * n, device=_input.device)  # an odd last row counts in neither
+    denom = n * _input.shape[1] * weight.shape[0]
+    chosen = row_logit_sums(_input, weight, bias, torch.cat([ones, 0 * ones, zeros])) / denom
+    rejected = row_logit_sums(_input, weight, bias, torch.cat([0 * ones, ones, zeros])) / denom
+    return chosen, rejected
+
+
+#: ``preference(chosen, rejected, ref_chosen, ref_rejected, seq, nll) -> (loss, extra aux, nll_included)``
+Preference = Callable[[Tensor, Tensor, Tensor, Tensor, SequenceLogps, Tensor], tuple[Tensor, tuple[Tensor, ...], bool]]
+
+
+def paired_step(
+    owner: str,
+    batch: Batch,
+    preference: Preference,
+    *,
+    ignore_index: int,
+    alpha: float,
+    compute_nll_loss: bool,
+    average_log_prob: bool,
+    nll_target: Tensor | None = None,
+    use_ref_model: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """A paired loss's ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean,
+    nll_loss, *extras))`` for rows laid out as Liger's, ``B`` chosen then ``B`` rejected. ``preference``
+    gives the preference term and the extra aux outputs; the NLL is added with weight ``alpha`` unless
+    the preference term already holds it (``nll_included``). The aux outputs carry no gradient."""
+    seq = policy_and_reference(
+        owner, batch, ignore_index=ignore_index, average_log_prob=average_log_prob, use_ref_model=use_ref_model
+    )
+    _input, weight, target, bias = batch[:4]
+    n = target.shape[0] // 2
+    if compute_nll_loss:
+        nll = chosen_nll(owner, seq, batch, nll_target, ignore_index=ignore_index)
+    else:
+        nll = torch.zeros((), device=_input.device)
+    c, r = seq.policy[:n], seq.policy[n : 2 * n]
+    if seq.reference is None:
+        rc = rr = torch.zeros((), device=c.device, dtype=c.dtype)
+    else:
+        rc, rr = seq.reference[:n], seq.reference[n : 2 * n]
+    pref, extras, nll_included = preference(c, r, rc, rr, seq, nll)
+    loss = pref if nll_included or not compute_nll_loss else alpha * nll + pref
+    chosen_mean, rejected_mean = logit_means(_input, weight, bias)
+    aux = (c.detach(), r.detach(), chosen_mean, rejected_mean, nll.detach().float())
+    return loss, aux + tuple(x.detach() for x in extras)

@@ -14,19 +14,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import paired, unpaired
+from . import cpo_orpo_simpo, dpo, kto
+from .base import SPECS
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
-# (short name, Liger module defining it, our module)
-_LOSSES = (
-    ("DPO", "dpo_loss", paired),
-    ("ORPO", "orpo_loss", paired),
-    ("CPO", "cpo_loss", paired),
-    ("SimPO", "simpo_loss", paired),
-    ("KTO", "kto_loss", unpaired),
-)
+_FAMILIES = (dpo, cpo_orpo_simpo, kto)
 _saved: dict[tuple[str, str], Any] = {}
+
+
+def _ours(name: str) -> Any:
+    return next(getattr(module, name) for module in _FAMILIES if hasattr(module, name))
 
 
 def _targets():
@@ -40,15 +38,14 @@ def _targets():
         ) from err
     functional = importlib.import_module("liger_kernel.chunked_loss.functional")
     out = []
-    for short, mod_name, ours in _LOSSES:
-        mod = importlib.import_module(f"liger_kernel.chunked_loss.{mod_name}")
-        loss_cls = getattr(ours, f"LigerFusedLinear{short}Loss")
-        fn_cls = getattr(ours, f"LigerFusedLinear{short}Function")
+    for spec in SPECS.values():
+        mod = importlib.import_module(f"liger_kernel.chunked_loss.{spec.liger_module}")
+        loss_cls, fn_cls = _ours(spec.loss_class), _ours(spec.function_class)
         out += [
-            (pkg, f"LigerFusedLinear{short}Loss", loss_cls),
-            (mod, f"LigerFusedLinear{short}Loss", loss_cls),
-            (mod, f"LigerFusedLinear{short}Function", fn_cls),
-            (functional, f"liger_fused_linear_{short.lower()}", fn_cls.apply),
+            (pkg, spec.loss_class, loss_cls),
+            (mod, spec.loss_class, loss_cls),
+            (mod, spec.function_class, fn_cls),
+            (functional, spec.functional, fn_cls.apply),
         ]
     return out
 

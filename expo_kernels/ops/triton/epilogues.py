@@ -1,8 +1,9 @@
-"""Triton epilogues of the chunked engine (``expo_kernels.engine``) on a logit workspace.
+"""The Triton epilogues on a logit workspace a library GEMM wrote (``ops/library_gemm.py``; the engine,
+``expo_kernels.engine``, through ``ops.epilogues``).
 
-The engine's GEMMs run in the vendor library (cuBLAS through ``torch.mm``); these two kernels do
-the memory-bound work between them, on a workspace ``z [n, V]`` of *raw* logits (``h @ W^T``, float32
-accumulated; 16-bit only where the library cannot write float32):
+The GEMMs run in the vendor library (cuBLAS through ``torch.mm``); these two kernels do the memory-bound
+work between them, on a workspace ``z [n, V]`` of *raw* logits (``h @ W^T``, float32 accumulated; 16-bit
+only where the library cannot write float32):
 
 * :func:`fold` — one read of each row: bias, logit transform, then the online softmax state of
   ``ops.state`` (``m, s, z_label`` and, with statistics, ``sz, s2, z_sum, max_before``), merged block
@@ -14,12 +15,6 @@ accumulated; 16-bit only where the library cannot write float32):
 
 Both take one program per (row, vocabulary block group); rows are independent, so there are no
 atomics and the result does not depend on the launch order (deterministic).
-
-:func:`forward_partial` and :func:`backward` are the op's forward and backward on library GEMMs
-(``Path.LIBRARY_GEMM``: ``_dispatch.plan`` chooses it, the registered op calls them; the signatures of
-the ``Backend`` contract of ``ops``), built from the same pieces: the forward in token chunks (GEMM, fold), the
-backward vocabulary-chunk-major (recompute ``Z = h W_c^T`` for all tokens, dz in place, ``dW_c = dz^T h``
-written once, ``dH += dz W_c`` in float32), so no atomics anywhere and two runs are bit-identical.
 """
 
 from __future__ import annotations
@@ -31,13 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import gemm as G
-from . import state as S
-from .common import LogitTransform, interpreting
-from .options import workspace_bytes
-from .triton_jit import apply_transform, safe_shift, transform_args
+from .. import state as S
+from ..common import LogitTransform, interpreting
+from .jit import apply_transform, safe_shift, transform_args
 
-__all__ = ["fold", "to_dz", "forward_partial", "backward", "FOLD_BLOCK_V", "DZ_BLOCK_V"]
+__all__ = ["fold", "to_dz", "FOLD_BLOCK_V", "DZ_BLOCK_V"]
 
 
 class EpilogueConfig(NamedTuple):
@@ -77,7 +70,7 @@ def _fold_rows_kernel(
     WITH_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """out[slot, row] = the LogprobState fields of row ``row`` of the raw logits ``z``."""
+    """Grid (rows,): one program streams row ``row`` of the raw logits ``z`` into out[slot, row], its LogprobState."""
     row = tl.program_id(0)
     y = tl.load(y_ptr + row)
     z_row = z_ptr + row.to(tl.int64) * stride_z
@@ -139,7 +132,7 @@ def _dz_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """dz[row, block] = g (onehot - p) dz/draw from the raw logits (may alias ``z``: same elements)."""
+    """Grid (rows, vocab blocks): one program writes dz[row, block] = g (onehot - p) dz/draw (may alias ``z``)."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     valid = cols < V
@@ -161,7 +154,7 @@ def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with
     """Raw logits ``z [n, V]`` (unit column stride), ``bias [V] | None``, ``labels [n]`` int64 in
     ``[0, V)`` -> the rows' ``LogprobState`` (float32 ``[n]`` fields). ``z`` is left as it is."""
     n, vocab = z.shape
-    slots = 7 if with_stats else 3
+    slots = S.LOGPROB_STATS_SLOTS if with_stats else S.LOGPROB_SLOTS
     out = torch.empty(slots, n, dtype=torch.float32, device=z.device)
     if n == 0:
         return S.LogprobState(*out)
@@ -206,97 +199,6 @@ def to_dz(
         BLOCK_V=block,
         num_warps=DZ_CONFIG.num_warps,
         **transform_args(t),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# the op on library GEMMs (the Backend contract: ops/__init__.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def forward_partial(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    transform: LogitTransform,
-    with_stats: bool,
-    vocab_start: int = 0,
-) -> S.LogprobState:
-    """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), labels [N] global ids -> the
-    range's partial state, through token chunks of the workspace: ``z = h W^T`` (cuBLAS), then the fold."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    ld = G.logits_dtype(hidden.dtype, hidden.device)
-    if n == 0 or vocab == 0:
-        return S.empty_logprob_state(n, with_stats, torch.float32, hidden.device)
-    chunk = max(1, min(n, workspace_bytes(hidden.device) // (vocab * ld.itemsize)))
-    workspace = torch.empty(chunk * vocab, dtype=ld, device=hidden.device)
-    local = labels - vocab_start  # outside [0, V_s) for labels of other ranges: no hit, as the contract says
-    b = None if bias is None else bias.contiguous()
-    parts = []
-    for t0 in range(0, n, chunk):
-        h = hidden[t0 : t0 + chunk]
-        z = workspace[: h.shape[0] * vocab].view(h.shape[0], vocab)
-        G.logits_into(z, h, weight)
-        parts.append(fold(z, b, local[t0 : t0 + chunk], transform, with_stats))
-    if len(parts) == 1:
-        return parts[0]
-    merged = [None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)]
-    return S.LogprobState(*merged)  # type: ignore[arg-type]
-
-
-def backward(
-    grad_logp: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    lse: Tensor,
-    transform: LogitTransform,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-    vocab_start: int = 0,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``sum_n grad_logp[n] logp[n]`` w.r.t. this vocabulary range's head, vocabulary-chunk
-    by chunk: each ``dW_c`` (and ``db_c``) written once in the head's dtype; ``dH`` summed in float32."""
-    n, h_size = hidden.shape
-    vocab = weight.shape[0]
-    dev = hidden.device
-    d_hidden = torch.zeros(n, h_size, dtype=torch.float32, device=dev) if need_hidden else None
-    d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
-    if n > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
-        ld = G.logits_dtype(hidden.dtype, dev)
-        # float32 logits, plus a 16-bit dz buffer when the head is 16-bit (the dW/dH GEMMs' operand)
-        per_column = n * (ld.itemsize + (hidden.dtype.itemsize if ld != hidden.dtype else 0))
-        cols = max(1, min(vocab, workspace_bytes(dev) // per_column))
-        logits = torch.empty(n * cols, dtype=ld, device=dev)
-        dz_buf = torch.empty(n * cols, dtype=hidden.dtype, device=dev) if ld != hidden.dtype else None
-        y, g, lse32 = labels - vocab_start, grad_logp.float().contiguous(), lse.float().contiguous()
-        for v0 in range(0, vocab, cols):
-            w = weight[v0 : v0 + cols]
-            c = w.shape[0]
-            b = None if bias is None else bias[v0 : v0 + c].contiguous()
-            z = logits[: n * c].view(n, c)
-            dz = z if dz_buf is None else dz_buf[: n * c].view(n, c)
-            G.logits_into(z, hidden, w)
-            to_dz(z, b, y - v0, lse32, g, transform, dz)
-            if d_hidden is not None:
-                if dz.dtype == torch.float32:
-                    d_hidden.addmm_(dz, w)
-                elif dz_buf is not None:  # the device's mm writes float32 for 16-bit operands
-                    d_hidden.add_(torch.mm(dz, w, out_dtype=torch.float32))
-                else:
-                    d_hidden.add_(dz @ w)
-            if d_weight is not None:
-                torch.mm(dz.T, hidden, out=d_weight[v0 : v0 + c])
-            if d_bias is not None:
-                d_bias[v0 : v0 + c] = dz.sum(dim=0, dtype=torch.float32)
-    return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
-        d_weight,
-        None if d_bias is None or bias is None else d_bias.to(bias.dtype),
     )
 
 
