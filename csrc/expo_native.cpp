@@ -804,26 +804,33 @@ void logits_to_dz_(Tensor z, const Tensor& labels, int64_t vocab_start, const Te
 }  // namespace
 }  // namespace expo_native
 
+// Schemas here, the kernels under the CPU key (TORCH_LIBRARY_IMPL below): a kernel registered with the
+// schema would be CompositeImplicitAutograd, which tracing (torch.compile's fake tensors) decomposes by
+// calling it on tensors without data; as CPU kernels, the Python fake implementations
+// (expo_kernels/ops/_native_build.py, register_fakes) describe their outputs instead.
 TORCH_LIBRARY(expo_native, m) {
   m.def("logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, float scale, float? softcap, "
-        "float inv_temp, bool with_stats, int vocab_start, int token_block, int vocab_tile, int topk=0) -> Tensor[]",
-        &expo_native::logprobs_forward);
+        "float inv_temp, bool with_stats, int vocab_start, int token_block, int vocab_tile, int topk=0) -> Tensor[]");
   m.def("logprobs_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
         "float scale, float? softcap, float inv_temp, bool need_hidden, bool need_weight, bool need_bias, "
-        "int vocab_start, int token_block, int vocab_tile) -> Tensor[]",
-        &expo_native::logprobs_backward);
+        "int vocab_start, int token_block, int vocab_tile) -> Tensor[]");
   m.def("token_kl_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
-        "Tensor? ref_bias, float scale, float? softcap, float inv_temp, int token_block, int vocab_tile) -> Tensor[]",
-        &expo_native::kl_forward);
+        "Tensor? ref_bias, float scale, float? softcap, float inv_temp, int token_block, int vocab_tile) -> Tensor[]");
   m.def("fold_logits_(Tensor(a!) z, Tensor? bias, Tensor labels, int vocab_start, float scale, float? softcap, "
-        "float inv_temp, bool with_stats) -> Tensor[]",
-        &expo_native::fold_logits_);
+        "float inv_temp, bool with_stats) -> Tensor[]");
   m.def("logits_to_dz_(Tensor(a!) z, Tensor labels, int vocab_start, Tensor lse, Tensor g, float scale, "
-        "float? softcap, float inv_temp) -> ()",
-        &expo_native::logits_to_dz_);
+        "float? softcap, float inv_temp) -> ()");
   m.def("token_kl_backward(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "
         "Tensor ref_weight, Tensor? ref_bias, Tensor lse_p, Tensor lse_r, float scale, float? softcap, "
         "float inv_temp, bool need_hidden, bool need_weight, bool need_bias, int token_block, int vocab_tile) "
-        "-> Tensor[]",
-        &expo_native::kl_backward);
+        "-> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(expo_native, CPU, m) {
+  m.impl("logprobs_forward", &expo_native::logprobs_forward);
+  m.impl("logprobs_backward", &expo_native::logprobs_backward);
+  m.impl("token_kl_forward", &expo_native::kl_forward);
+  m.impl("fold_logits_", &expo_native::fold_logits_);
+  m.impl("logits_to_dz_", &expo_native::logits_to_dz_);
+  m.impl("token_kl_backward", &expo_native::kl_backward);
 }

@@ -45,6 +45,13 @@ Host syncs of a step (each a device round trip on CUDA; none decides anything th
   before its NaNs reach the loss.
 * outside the engine: whatever the loss callback syncs per chunk (``losses.api`` checks that the loss
   is finite).
+
+torch.compile: a step is host-driven (the chunks come from host counts, each chunk checks its
+results), so it is not traced. The modules call it through :func:`eager_region`
+(``torch.compiler.disable``): in the default mode the compiled graph breaks once around the step,
+which runs eagerly as here (the loss it returns carries the step's gradients into the compiled
+backward). Under ``fullgraph=True`` (:func:`tracing_fullgraph`) no break is possible, and the modules
+take the op's path instead (``linear_logprobs``: a registered custom op, traced by shape).
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ __all__ = [
     "run_pair_step",
     "forward_logps",
     "attach_gradients",
+    "eager_region",
+    "tracing_fullgraph",
 ]
 
 #: A chunk grows pair by pair until it holds this many tokens (or the cap). CPU: GEMMs with >= 512 rows
@@ -125,6 +134,70 @@ class _Workspace:
         """The logits ``[ref_rows + n, V]`` (reference rows first) and the policy rows' dz ``[n, V]``."""
         z = self.logits[: (ref_rows + n) * vocab].view(ref_rows + n, vocab)
         return z, z[ref_rows:] if self.dz is None else self.dz[: n * vocab].view(n, vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the step runs as one eager region
+# ---------------------------------------------------------------------------------------------
+
+_EAGER_REASON = (
+    "expo_kernels' pair engine (FusedLinearPreferenceLoss) is host-driven: its chunk plan reads the label "
+    "counts on the host, so the step runs eagerly, as one region the compiled graph breaks around. Under "
+    "fullgraph=True the module takes the op's path (linear_logprobs) instead; if this region is reached "
+    "there, kernel_options(path=...) forced the pair engine: use kernel_options(engine=False) for a "
+    "fullgraph compile, or compile without fullgraph=True"
+)
+
+
+def eager_region(fn: Callable) -> Callable:
+    """``fn`` as one eager region under ``torch.compile``: ``torch.compiler.disable(fn)`` (with the reason
+    it gives a ``fullgraph=True`` error), built when first traced; wrapping at import time would import
+    ``torch._dynamo`` (about 1 s) for every user of the package. Outside ``torch.compile`` it costs one
+    call."""
+    disabled: list[Callable] = []
+
+    def build() -> bool:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn, reason=_EAGER_REASON))
+        return True
+
+    # dynamo runs a function so marked while tracing (as torch._dynamo.assume_constant_result does):
+    # the disabled function exists before the trace reads ``disabled``, and calling it is the only break
+    build._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        build()
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+def _fullgraph_probe() -> bool:
+    """Whether the frame dynamo is tracing now may not break its graph (``fullgraph=True``, or
+    ``torch._dynamo.error_on_graph_break(True)``). Run by dynamo at trace time (below), on its tracer's
+    state: torch has no public query for it. False when that state cannot be read (the engine's region
+    then reports itself through ``torch.compiler.disable``'s reason)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return bool(getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False))
+    except Exception:  # noqa: BLE001 - a torch without this state: assume a break is allowed
+        return False
+
+
+# What torch._dynamo.assume_constant_result(_fullgraph_probe) does, without importing torch._dynamo here:
+# dynamo calls the function while tracing and takes its result as a constant of the graph.
+_fullgraph_probe._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def tracing_fullgraph() -> bool:
+    """True while ``torch.compile`` traces with ``fullgraph=True`` (where :func:`eager_region` cannot
+    break the graph); False in eager mode and in the default compile mode."""
+    return torch.compiler.is_compiling() and _fullgraph_probe()
 
 
 # ---------------------------------------------------------------------------------------------

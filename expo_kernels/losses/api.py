@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._common import F_DIVERGENCE_LOSSES, F_DIVERGENCE_TYPES, LossTerms, PreferenceBatch
-from .registry import HParamTypeError, LossSpec, as_real, describe, get_loss_spec, loss_names
+from .registry import HParamTypeError, LossSpec, as_real, checks_values, describe, get_loss_spec, loss_names
 
 Tensor = torch.Tensor
 Number = int | float
@@ -67,7 +67,7 @@ def _check_is_desirable(x: Any, n: int, device) -> Tensor:
     if x.dtype != torch.bool:
         if x.dtype not in _INT_DTYPES:
             raise HParamTypeError(f"`is_desirable` must be a bool tensor (True = desirable); got dtype {x.dtype}.")
-        if not bool(((x == 0) | (x == 1)).all()):
+        if checks_values() and not bool(((x == 0) | (x == 1)).all()):
             raise ValueError("`is_desirable` must hold 0/1 (or True/False) labels; got other integers.")
     return x.to(device).bool()
 
@@ -76,8 +76,9 @@ def _check_finite(result: Tensor, names: Sequence[str], hparams: dict[str, Any],
     """A NaN / inf loss is an error, not a number to train on: name the input that caused it.
 
     One device sync on the (reduced) result; the inputs are only looked at once it is non-finite.
+    Skipped under ``torch.compile`` (:func:`~.registry.checks_values`).
     """
-    if bool(torch.isfinite(result.detach()).all()):
+    if not checks_values() or bool(torch.isfinite(result.detach()).all()):
         return
     for key, t in inputs.items():
         if (

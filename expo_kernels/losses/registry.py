@@ -64,6 +64,17 @@ class _Required:
 REQUIRED: Any = _Required()
 
 
+def checks_values() -> bool:
+    """Whether the checks on tensor *values* (a finite loss, finite rewards, ...) run: each reads a flag
+    on the host (a device sync), which ``torch.compile`` could only trace by breaking its graph
+    (``fullgraph=True``: an error). Under ``torch.compile`` they are skipped; the argument checks
+    (types, shapes, hyperparameters) run at trace time, and the fused ops check labels and finiteness
+    inside their registered op at run time."""
+    import torch
+
+    return not torch.compiler.is_compiling()
+
+
 # --------------------------------------------------------------------------------------------------
 # Range checks. Each returns None when the value is valid, else the text "expected ..." used in the
 # ValueError raised by the spec.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._common import BETA, LossTerms, PreferenceBatch
-from .registry import HParam, non_negative, register_loss
+from .registry import HParam, checks_values, non_negative, register_loss
 
 _WEIGHTS = (
     HParam("desirable_weight", 1.0, "weight of the desirable examples' losses (TRL default 1.0)", non_negative),
@@ -51,6 +51,16 @@ def _metrics(pol, h, lab, beta, kl):
         with torch.no_grad():
             out = {"kl": kl.detach().reshape(())}
             h_d, pol_d = h.detach(), pol.detach()
+            if not checks_values():
+                # torch.compile: which keys exist cannot depend on the data; a side without examples
+                # gets NaN (the mean of nothing) instead of no key
+                des, und = lab.to(h_d.dtype), (~lab).to(h_d.dtype)
+                out["rewards/chosen"] = beta * (h_d * des).sum() / des.sum()
+                out["logps/chosen"] = (pol_d * des).sum() / des.sum()
+                out["rewards/rejected"] = beta * (h_d * und).sum() / und.sum()
+                out["logps/rejected"] = (pol_d * und).sum() / und.sum()
+                out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+                return out
             n_des = int(lab.sum())
             n_und = int(lab.numel() - n_des)
             if n_des > 0:

@@ -14,9 +14,16 @@ import math
 import torch
 from torch import Tensor
 
-from .._dispatch import PAIR_PATHS, Path, Plan, pair_path, plan_pair_step
+from .._dispatch import PAIR_PATHS, Path, Plan, pair_path, plan_linear_logprobs, plan_pair_step
 from .._validation import check_linear_head
-from ..engine import attach_gradients, forward_logps, plan_pairs, run_pair_step
+from ..engine import (
+    attach_gradients,
+    eager_region,
+    forward_logps,
+    plan_pairs,
+    run_pair_step,
+    tracing_fullgraph,
+)
 from ..functional import TokenStats
 from ..losses import aggregate_pair_logps, preference_loss
 from ..ops.common import LogitTransform
@@ -91,7 +98,9 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         """
         step = self.plan_for(lm_head_weight, hidden, bias)
         if step.path in PAIR_PATHS:
-            out = self._engine_forward(
+            # host-driven: under torch.compile, one eager region the graph breaks around (engine.eager_region)
+            out = _engine_forward_eager(
+                self,
                 step.backend,
                 lm_head_weight,
                 hidden,
@@ -192,6 +201,20 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             or hidden.dim() < 1
         ):
             return Plan(str(self.backend), Path.FUSED, "inputs the op's checks reject: the op's path raises")
+        if tracing_fullgraph():
+            # the pair engine is host-driven and runs outside the graph: no graph break is allowed here
+            forced = get_kernel_options().path
+            if forced is not None and forced in PAIR_PATHS:
+                raise RuntimeError(
+                    f"{type(self).__name__}: kernel_options(path={forced.value!r}) forces the pair "
+                    "engine, which torch.compile(fullgraph=True) cannot capture (its chunk plan is read on the host); "
+                    "drop the forced path (under fullgraph=True the module takes the op's path, linear_logprobs) "
+                    "or compile without fullgraph=True"
+                )
+            op = plan_linear_logprobs(hidden, weight, bias, backend=self.backend)
+            return Plan(
+                op.backend, op.path, f"the op's path (torch.compile(fullgraph=True): no pair engine); {op.reason}"
+            )
         coupled = [s.name for s in self.specs if s.batch_coupled]
         if self.token_kl:
             not_separable: str | None = "EXPO's token KL (two heads per chunk)"
@@ -353,6 +376,14 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             out["logits/rejected"] = masked_mean(lr, mr)
             out["mean_token_accuracy"] = masked_mean(stats.is_top1.chunk(2, dim=0)[0].to(lc.dtype), mc)
         return out
+
+
+def _engine_forward(module: FusedLinearPreferenceLoss, *args, **kwargs) -> PreferenceLossOutput | None:
+    return module._engine_forward(*args, **kwargs)
+
+
+#: the module's engine step as one eager region under torch.compile (a graph break in the default mode)
+_engine_forward_eager = eager_region(_engine_forward)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .._validation import check_backend_name, check_bool, check_ignore_index
 from ..functional import linear_logprobs
 from ..losses.ranking import best_response_mask, check_rewards_and_mask, ranking_loss
-from ..losses.registry import HParamTypeError, as_real, describe
+from ..losses.registry import HParamTypeError, as_real, checks_values, describe
 from ._base import masked_mean, positive_number
 
 __all__ = ["FusedLinearRankingLoss", "RankingLossOutput", "RANKING_METHODS"]
@@ -145,10 +145,10 @@ class FusedLinearRankingLoss(nn.Module):
         # the log-probs are float64 for float64 heads, else float32: the rewards are compared in that dtype
         dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         r, mask = check_rewards_and_mask(rewards, mask, (batch, k), hidden.device, dt, shape_of="hidden")
-        if not bool(mask.any(dim=1).all()):
+        if checks_values() and not bool(mask.any(dim=1).all()):
             raise ValueError("`mask` leaves a prompt without any response: every prompt needs one (its SFT target).")
         lengths = (labels != self.ignore_index).sum(dim=-1)
-        if bool((mask & (lengths == 0)).any()):
+        if checks_values() and bool((mask & (lengths == 0)).any()):
             raise ValueError(
                 "`labels` has a valid response without any completion token (all `ignore_index`); "
                 "mark empty slots False in `mask`."
@@ -196,10 +196,18 @@ class FusedLinearRankingLoss(nn.Module):
 
         if self.loss == "raft":
             # only the selected responses go through the head: [M, T, H] rows, M = number of best responses
-            out = self._logps(hidden[best], lm_head_weight, labels[best], bias)
-            tok, stats = out if isinstance(out, tuple) else (out, None)
-            token_mask = labels[best] != self.ignore_index
-            seq_best = tok.sum(dim=-1)
+            if checks_values():
+                out = self._logps(hidden[best], lm_head_weight, labels[best], bias)
+                tok, stats = out if isinstance(out, tuple) else (out, None)
+                token_mask = labels[best] != self.ignore_index
+                seq_best = tok.sum(dim=-1)
+            else:
+                # torch.compile: rows picked by a mask have a data-dependent count; the others' labels are
+                # ignored instead (the op compacts ignored tokens away: the same 1/K of the work)
+                out = self._logps(hidden, lm_head_weight, labels.masked_fill(~best[..., None], self.ignore_index), bias)
+                tok, stats = out if isinstance(out, tuple) else (out, None)
+                token_mask = (labels != self.ignore_index) & best[..., None]
+                seq_best = tok.sum(dim=-1)[best]
             logps = torch.full_like(r, float("nan")).masked_scatter(best, seq_best.detach().to(r.dtype))
             seq = None
         else:
@@ -238,8 +246,11 @@ class FusedLinearRankingLoss(nn.Module):
             metrics = self._metrics(rank, sft, scores_detached, r, mask, best, stats, token_mask)
         return RankingLossOutput(loss, metrics, scores_detached, logps, best)
 
-    @torch.no_grad()
     def _metrics(self, rank, sft, scores, r, mask, best, stats, token_mask) -> dict[str, Tensor]:
+        with torch.no_grad():  # (a block, not a decorator: dynamo traces it on a module built in the trace)
+            return self._metrics_of(rank, sft, scores, r, mask, best, stats, token_mask)
+
+    def _metrics_of(self, rank, sft, scores, r, mask, best, stats, token_mask) -> dict[str, Tensor]:
         m = {"loss/rank": rank.detach(), "loss/sft": sft.detach()}
         m["logps/best"] = scores[best].mean()
         m["rewards/best"] = r[best].mean()

@@ -10,7 +10,11 @@ per-machine cache directory and loaded from there afterwards:
 * ``EXPO_KERNELS_NATIVE=0`` disables the backend (no build is attempted, no warning);
 * if the build or the load fails (no compiler, no ninja, ...), the backend is reported missing
   with the error text (``python -m expo_kernels.info`` prints it), CPU tensors fall back to the
-  torch backend and one ``RuntimeWarning`` is emitted.
+  torch backend and one ``RuntimeWarning`` is emitted;
+* once loaded, every ``expo_native`` op gets a fake (meta) implementation
+  (:func:`register_fakes`): ``torch.compile`` and ``FakeTensorMode`` then trace them by shape, and the
+  two engine epilogues (``fold_logits_``, ``logits_to_dz_``) are seen as mutating their ``z`` (their
+  schemas say ``Tensor(a!) z``).
 
 The build happens at most once per process; concurrent processes are serialized by the lock
 file ``torch.utils.cpp_extension`` keeps in the build directory.
@@ -24,7 +28,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 NATIVE_ENV = "EXPO_KERNELS_NATIVE"
 BUILD_DIR_ENV = "EXPO_KERNELS_BUILD_DIR"
@@ -90,7 +94,7 @@ def build_dir_for(src: Path, cflags: list) -> Path:
     return Path(root) / tag.replace("+", "_")
 
 
-def _load():
+def _load() -> None:
     import time
 
     import torch
@@ -134,6 +138,73 @@ def _load():
         raise RuntimeError("the extension loaded but registered no expo_native ops")
 
 
+_fakes_registered = False
+
+
+def register_fakes() -> None:
+    """Fake (meta) implementations of the ``expo_native`` ops, from their C++ shapes: results in the
+    accumulation dtype (float64 for float64 inputs, else float32), gradients in the inputs' dtypes, an
+    empty ``[0]`` tensor for a gradient not asked for. Registered once, right after the library loads."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    import torch
+
+    # (the C++ schemas' arguments, positionally: the tensors first, then scalars; see csrc/expo_native.cpp)
+    def acc(t: Any) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def state(like: Any, n: int, dtype: torch.dtype, with_stats: bool) -> list:
+        return [like.new_empty(n, dtype=dtype) for _ in range(7 if with_stats else 3)]
+
+    def grads(hidden: Any, weight: Any, bias: Any, need: tuple) -> list:
+        need_h, need_w, need_b = need
+        need_b = need_b and bias is not None
+        return [
+            hidden.new_empty(hidden.shape if need_h else (0,)),
+            weight.new_empty(weight.shape if need_w else (0,)),
+            weight.new_empty((weight.shape[0],) if need_b else (0,), dtype=bias.dtype if need_b else weight.dtype),
+        ]
+
+    def logprobs_forward(hidden: Any, weight: Any, bias: Any, labels: Any, *args: Any) -> list:
+        # args: scale, softcap, inv_temp, with_stats, vocab_start, token_block, vocab_tile[, topk]
+        with_stats, topk = args[3], (args[7] if len(args) > 7 else 0)
+        n, dtype = hidden.shape[0], acc(hidden)
+        out = state(hidden, n, dtype, with_stats)
+        if topk > 0:
+            out += [hidden.new_empty((n, topk), dtype=dtype), hidden.new_empty((n, topk), dtype=torch.long)]
+        return out
+
+    def logprobs_backward(grad: Any, hidden: Any, weight: Any, bias: Any, *args: Any) -> list:
+        # args: labels, lse, scale, softcap, inv_temp, need_hidden, need_weight, need_bias, ...
+        return grads(hidden, weight, bias, tuple(args[5:8]))
+
+    def token_kl_forward(hidden: Any, *_: Any) -> list:
+        return [hidden.new_empty(hidden.shape[0], dtype=acc(hidden)) for _ in range(5)]
+
+    def token_kl_backward(grad: Any, hidden: Any, weight: Any, bias: Any, *args: Any) -> list:
+        # args: ref_hidden, ref_weight, ref_bias, lse_p, lse_r, scale, softcap, inv_temp, need_hidden, ...
+        return grads(hidden, weight, bias, tuple(args[8:11]))
+
+    def fold_logits_(z: Any, bias: Any, labels: Any, *args: Any) -> list:
+        # args: vocab_start, scale, softcap, inv_temp, with_stats
+        return state(z, z.shape[0], z.dtype, args[4])
+
+    def logits_to_dz_(*_: Any) -> None:
+        return None
+
+    for name, fn in (
+        ("logprobs_forward", logprobs_forward),
+        ("logprobs_backward", logprobs_backward),
+        ("token_kl_forward", token_kl_forward),
+        ("token_kl_backward", token_kl_backward),
+        ("fold_logits_", fold_logits_),
+        ("logits_to_dz_", logits_to_dz_),
+    ):
+        torch.library.register_fake(f"expo_native::{name}", fn)
+    _fakes_registered = True
+
+
 def ensure_loaded(warn: bool = True) -> bool:
     """Builds/loads the extension once; True when ``torch.ops.expo_native`` is usable."""
     if disabled_by_env():
@@ -143,11 +214,17 @@ def ensure_loaded(warn: bool = True) -> bool:
         return True
     if _state["tried"] and (_state["warned"] or not warn):
         return False
+    return _load_once(warn)
+
+
+def _load_once(warn: bool) -> bool:
+    """The build/load itself, under the lock (once per process), and its one warning."""
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True
             try:
                 _load()
+                register_fakes()
                 _state["ok"] = True
             except Exception as exc:  # noqa: BLE001 - any build/load failure means "not available"
                 text = f"{type(exc).__name__}: {exc}".strip()
@@ -160,9 +237,15 @@ def ensure_loaded(warn: bool = True) -> bool:
                 f"torch backend. ({first[0][:300] if first else 'unknown error'}; full text: "
                 f"python -m expo_kernels.info; set {NATIVE_ENV}=0 to silence)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     return _state["ok"]
+
+
+# A first use inside torch.compile: dynamo runs the build at trace time and takes its result as a constant
+# (what torch._dynamo.assume_constant_result marks; set here without importing torch._dynamo), instead of
+# tracing the lock -- a graph break, an error under fullgraph=True.
+_load_once._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def status() -> dict:
