@@ -71,8 +71,10 @@ def _worker(opts) -> dict:
         num_key_value_heads=4,
         max_position_embeddings=opts.seq_len + 1,
     )
-    policy = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-    ref = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    # transformers wraps `PreTrainedModel.to` in functools.wraps(nn.Module.to), whose typeshed type does
+    # not bind `self`: mypy sees the call as missing it
+    policy = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)  # type: ignore[call-arg]
+    ref = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)  # type: ignore[call-arg]
     ref.load_state_dict(policy.state_dict())
     ref.requires_grad_(False)
     rows = 2 * opts.pairs
@@ -190,7 +192,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def main(argv: list[str] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
     if opts.device is None:
         import torch

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 from importlib import metadata
+from typing import Any
 
 
 def _version(dist: str):
@@ -33,7 +34,7 @@ def collect() -> dict:
     from expo_kernels import _dispatch as ag
     from expo_kernels.ops import _native_build
 
-    info = {
+    info: dict[str, Any] = {
         "versions": {
             "expo_kernels": ek.__version__,
             "python": platform.python_version(),
@@ -59,7 +60,7 @@ def collect() -> dict:
         except Exception as exc:  # noqa: BLE001
             triton_why = f"triton not importable: {type(exc).__name__}: {exc}"
     for dev in ("cpu", "cuda"):
-        entry = {"available": [], "missing": {}}
+        entry: dict[str, Any] = {"available": [], "missing": {}}
         if dev == "cuda" and not torch.cuda.is_available():
             entry["missing"] = {name: "no CUDA device (torch.cuda.is_available() is False)" for name in ag.BACKENDS}
             info["devices"][dev] = entry

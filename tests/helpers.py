@@ -6,6 +6,7 @@ from one another.
 """
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -167,6 +168,172 @@ def tolerance(dtype: torch.dtype, backend: str, quantity: str, *, naive_error: f
             raise ValueError("Triton's 16-bit tolerance is relative to the naive same-dtype error: pass naive_error")
         return max(cpu, naive_error)
     return cpu
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conformance: one input builder, one comparison against float64, and the execution paths a backend can be
+# forced onto (tests/test_conformance.py, tests/test_fuzz.py, tests/test_linear_logprobs.py).
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_logprob_inputs(
+    n: int,
+    h: int,
+    v: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    seed: int = 0,
+    ignore_frac: float = 0.25,
+    bias: bool = False,
+    strided: bool = False,
+    scale: float = 1.0,
+    lead: tuple = (),
+    ignore_index: int = -100,
+    requires_grad: bool = True,
+):
+    """``(hidden [*lead, n, h], weight [v, h], labels [*lead, n], bias [v] | None)`` of one ``linear_logprobs``
+    call, as leaves that require grad (``requires_grad``).
+
+    Values are drawn in float64 on the CPU from a generator seeded ``seed``, then rounded to ``dtype`` and
+    moved to ``device``: the same inputs (up to rounding) for every backend, device and dtype. ``hidden``
+    has standard normal entries times ``scale``; ``weight`` ``N(0, 4 / h)`` (logits of spread ~2); ``bias``
+    ``N(0, 0.25)``. About ``ignore_frac`` of the labels are ``ignore_index``. ``strided``: ``hidden`` is a
+    non-contiguous view (every second column of a ``[..., 2h]`` tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(lead) + (n,)
+    hidden = torch.randn(shape + (2 * h if strided else h,), generator=g, dtype=torch.float64) * scale
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5 * 2
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    labels = torch.randint(0, v, shape, generator=g) if v > 0 else torch.zeros(shape, dtype=torch.long)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = ignore_index
+    hidden = hidden.to(device, dtype)
+    if strided:
+        hidden = hidden[..., ::2]  # a view of a tensor that requires no grad: itself a leaf
+    leaves = [hidden, weight.to(device, dtype), None if b is None else b.to(device, dtype)]
+    if requires_grad:
+        leaves = [None if t is None else t.requires_grad_() for t in leaves]
+    return leaves[0], leaves[1], labels.to(device), leaves[2]
+
+
+def _worst_elements(got: torch.Tensor, want: torch.Tensor, count: int) -> str:
+    """The ``count`` elements of largest absolute error, one line each: index, got, want, abs and rel error."""
+    err = (got - want).abs()
+    err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+    flat = err.reshape(-1)
+    k = min(count, flat.numel())
+    lines = []
+    for i in flat.topk(k).indices.tolist():
+        index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), err.shape)) if err.dim() else ()
+        a, b = got.reshape(-1)[i].item(), want.reshape(-1)[i].item()
+        rel = abs(a - b) / max(abs(b), 1e-30)
+        lines.append(f"    at {index}: got {a:.10g}, want {b:.10g}, abs err {abs(a - b):.3e}, rel err {rel:.3e}")
+    return "\n".join(lines)
+
+
+def assert_close_to_reference(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+    quantity: str,
+    *,
+    name: str = "",
+    naive_error: float | None = None,
+    worst: int = 5,
+) -> None:
+    """``got`` (any dtype and device) against the float64 reference ``want`` within
+    ``tolerance(dtype, backend, quantity)``: elementwise ``|got - want| <= tol (1 + |want|)`` for "logprobs"
+    and "stats", normwise ``|got - want| <= tol |want|`` for "grad" (the rule's gradients are normwise).
+    Non-finite reference entries (a masked label's ``-inf``) must be matched exactly; a bool quantity
+    (``is_top1``) exactly everywhere.
+
+    On failure the message names the quantity and lists the ``worst`` elements (index, got, want, absolute
+    and relative error), not just a norm."""
+    label = f"{name or quantity} ({backend}, {str(dtype).replace('torch.', '')})"
+    got = got.detach().cpu()
+    want = want.detach().cpu()
+    assert got.shape == want.shape, f"{label}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+    if want.dtype == torch.bool or got.dtype == torch.bool:
+        wrong = got.bool() != want.bool()
+        if bool(wrong.any()):
+            where = [tuple(i) for i in wrong.nonzero().tolist()[:worst]]
+            raise AssertionError(f"{label}: {int(wrong.sum())} of {wrong.numel()} entries differ, first at {where}")
+        return
+    got, want = got.double(), want.double()
+    tol = tolerance(dtype, backend, quantity, naive_error=naive_error)
+    finite = torch.isfinite(want)
+    if not torch.equal(got[~finite], want[~finite]):
+        raise AssertionError(
+            f"{label}: entries where the reference is not finite differ\n{_worst_elements(got, want, worst)}"
+        )
+    g, w = got[finite], want[finite]
+    if quantity == "grad":
+        err, ref = (g - w).norm().item(), w.norm().item()
+        ok = math.isfinite(err) and err <= tol * max(ref, 1e-30)
+        summary = f"normwise relative error {err / max(ref, 1e-30):.3e} > tol {tol:g}"
+    else:
+        excess = (g - w).abs() - tol * (1 + w.abs())
+        ok = bool((excess <= 0).all()) and bool(torch.isfinite(g).all())
+        bad = int((~(excess <= 0)).sum())
+        summary = f"{bad} of {g.numel()} entries exceed tol {tol:g} * (1 + |want|)"
+    if not ok:
+        shown = torch.where(finite, got, torch.zeros_like(got)), torch.where(finite, want, torch.zeros_like(want))
+        raise AssertionError(f"{label}: {summary}; worst elements:\n{_worst_elements(*shown, worst)}")
+
+
+@contextlib.contextmanager
+def _backend_taken_by_name():
+    """``_dispatch.resolve_backend`` returning the requested name: the plan's rules without building the
+    native extension or asking which backends this machine has (conftest skips what cannot run)."""
+    from unittest import mock
+
+    from expo_kernels import _dispatch
+
+    with mock.patch.object(_dispatch, "resolve_backend", lambda name, device, dtype=None: name):
+        yield _dispatch
+
+
+def forced_path_refusal(
+    backend: str,
+    path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    *,
+    tokens: int = 16,
+    vocab: int = 64,
+) -> str | None:
+    """Why ``_dispatch`` refuses ``kernel_options(path=path)`` for a call of ``backend`` on ``dtype`` tensors
+    on ``device`` (``device_for(backend)`` by default; on the CPU under the Triton interpreter conftest.py
+    sets up), or None when it takes it. An op path (``_dispatch.OP_PATHS``) is asked of ``plan`` for
+    ``linear_logprobs`` with a gradient; a pair path of ``plan_pair_step`` for a pair-separable loss with a
+    gradient. The backend is taken by name: whether this machine runs it is conftest's business."""
+    from expo_kernels.ops.options import KernelOptions, as_path
+
+    path = as_path(path)
+    device = device_for(backend) if device is None else torch.device(device)
+    if backend == "triton" and dtype == torch.float64:
+        return "Triton refuses float64 (resolve_backend)"
+    options = KernelOptions(path=path)
+    shape = dict(tokens=tokens, vocab=vocab, needs_grad=True, backend=backend, options=options)
+    with _backend_taken_by_name() as D:
+        try:
+            if path in D.PAIR_PATHS:
+                got = D.plan_pair_step(device, dtype, max_pair_tokens=tokens, **shape)
+            else:
+                got = D.plan(device, dtype, **shape)
+        except ValueError as e:
+            return str(e)
+    if got.path is not path:  # a forced path the plan does not take, nor refuses
+        return f"the plan took {got.path.value}: {got.reason}"
+    return None
+
+
+def accepted_op_paths(backend: str, dtype: torch.dtype, device: torch.device | None = None, **shape) -> list:
+    """The op paths (``_dispatch.OP_PATHS``, as names) ``kernel_options(path=...)`` can force for this call."""
+    from expo_kernels import _dispatch
+
+    return [p.value for p in _dispatch.OP_PATHS if forced_path_refusal(backend, p, dtype, device, **shape) is None]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,21 @@ def reference_stats(hidden, weight, labels, bias=None, *, ignore_index=-100, **t
     return {k: torch.where(valid, v, torch.zeros_like(v)).view(labels.shape) for k, v in out.items()}
 
 
+def reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=None, ref_bias=None, **transform):
+    """float64 [...] exact per-token ``KL(pi_ref || pi_theta) = sum_v q_v (log q_v - log p_v)`` (``q``
+    the reference's softmax, ``p`` the policy's), 0 where ``labels == -100``. The sum runs over the
+    reference's support ``q_v > 0``: a vocabulary entry masked (a ``-inf`` logit) in the reference adds
+    nothing, whatever the policy gives it; one the policy masks but the reference does not (``p_v = 0 < q_v``)
+    makes the KL ``+inf``. No NaN is formed anywhere (the gradient of a finite KL is finite)."""
+    zp = logits64(hidden.reshape(-1, hidden.shape[-1]), weight, bias, **transform)
+    zr = logits64(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, **transform)
+    log_q, log_p = torch.log_softmax(zr, -1), torch.log_softmax(zp, -1)
+    support = log_q > -math.inf
+    lq, lp = torch.where(support, log_q, 0.0), torch.where(support, log_p, 0.0)
+    kl = (torch.where(support, lq.exp(), 0.0) * (lq - lp)).sum(-1)
+    return torch.where(labels.reshape(-1) != -100, kl, torch.zeros_like(kl)).view(labels.shape)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Loss formulas, by hand, in float64: the independent reference of the fused module and the engine.
 #
@@ -63,6 +78,19 @@ def _logsig(x):
 
 def _sig(x):
     return torch.sigmoid(x)
+
+
+def one_minus_sigmoid(x):
+    """``1 - sigma(x)`` written as ``1 / (1 + e^x)`` (the same number, from ``sigma(x) = 1 / (1 + e^-x)``):
+    subtracting from 1 would leave ``sigma(-x)``'s relative precision at ``eps / sigma(-x)``, 1e-5 already
+    at x = 25 in float64; this form keeps float64's 1e-16 for every x (``e^x = inf`` gives exactly 0)."""
+    return 1 / (1 + torch.exp(x))
+
+
+def log_one_minus_exp(a):
+    """``log(1 - e^a)`` for ``a <= 0`` with ``1 - e^a`` as ``-expm1(a)``: written naively, ``1 - e^a``
+    loses ``eps / |a|`` relative precision near ``a = 0`` (1e-7 at a = -1e-9 even in float64)."""
+    return torch.log(-torch.expm1(a))
 
 
 def _margin(s):
@@ -202,8 +230,8 @@ def loss_orpo(s, beta):
     """ORPO (Hong et al. 2024, eq. 6-7): ``NLL(chosen) - lambda log sigma(logodds(cbar) - logodds(rbar))``,
     ``logodds(a) = a - log(1 - e^a)``, ``lambda`` = TRL's ``beta``."""
 
-    def logodds(a):
-        return a - torch.log(1 - torch.exp(a))
+    def logodds(a):  # a - log(1 - e^a); +inf at a = 0 (a probability of 1), where log sigma(+inf) = 0
+        return a - log_one_minus_exp(a)
 
     return s["nll"] - beta * _logsig(logodds(s["c"] / s["lc"]) - logodds(s["r"] / s["lr"]))
 
@@ -229,17 +257,22 @@ def loss_kto(s, beta, desirable_weight=1.0, undesirable_weight=1.0):
     """KTO (Ethayarajh et al. 2024, eq. 8) per example, ``h = logp - ref_logp``, ``z0`` = ``s["kl"]``:
     desirable ``w_D (1 - sigma(beta (h - z0)))``, undesirable ``w_U (1 - sigma(beta (z0 - h)))``."""
     h, z0 = s["pol"] - s["ref"], s["kl"]
-    des = desirable_weight * (1 - _sig(beta * (h - z0)))
-    und = undesirable_weight * (1 - _sig(beta * (z0 - h)))
+    des = desirable_weight * one_minus_sigmoid(beta * (h - z0))
+    und = undesirable_weight * one_minus_sigmoid(beta * (z0 - h))
     return torch.where(s["is_desirable"], des, und)
+
+
+def kto_kl_baseline(kl_logps, ref_kl_logps):
+    """KTO's reference point ``z0`` (Ethayarajh et al. 2024, sec. 4.1; TRL's ``KTOTrainer``): the mean of
+    ``kl_logps - ref_kl_logps`` over the batch's mismatched (prompt, completion) pairs, clamped at 0 and
+    detached (no gradient reaches it)."""
+    return torch.clamp((kl_logps - ref_kl_logps).detach().double().mean(), min=0.0)
 
 
 def loss_apo_zero_unpaired(s, beta, desirable_weight=1.0, undesirable_weight=1.0):
     """APO-zero, unpaired: desirable ``w_D (1 - sigma(beta h))``, undesirable ``w_U sigma(beta h)``."""
     h = s["pol"] - s["ref"]
-    return torch.where(
-        s["is_desirable"], desirable_weight * (1 - _sig(beta * h)), undesirable_weight * _sig(beta * h)
-    )
+    return torch.where(s["is_desirable"], desirable_weight * (1 - _sig(beta * h)), undesirable_weight * _sig(beta * h))
 
 
 REFERENCE_LOSSES = {

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import BACKEND_NAMES, rel_err
+from helpers import BACKEND_NAMES, FP64_BACKEND_NAMES, device_for, rel_err, tolerance
 from reference import logits64
 
 import expo_kernels as ek
@@ -60,11 +60,11 @@ def reference_cringe(hidden, weight, bias, labels, k, alpha, pairwise, margin, t
     return total / count
 
 
-def make_batch(dtype=torch.float32, bias=True):
-    hidden = torch.randn(2 * B, T, H, device=DEVICE).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, device=DEVICE) / H**0.5 * 3).to(dtype).requires_grad_()
-    b = (torch.randn(V, device=DEVICE) * 0.5).to(dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, V, (2 * B, T), device=DEVICE)
+def make_batch(dtype=torch.float32, bias=True, device=DEVICE):
+    hidden = torch.randn(2 * B, T, H, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=device) / H**0.5 * 3).to(dtype).requires_grad_()
+    b = (torch.randn(V, device=device) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, V, (2 * B, T), device=device)
     labels[:, 0] = -100  # the prompt
     labels[1, -1] = labels[3, -2:-1] = -100  # padding
     labels[2, 1] = torch.topk(logits64(hidden[2, 1], weight, b), 1).indices  # a negative inside the top-k
@@ -74,7 +74,7 @@ def make_batch(dtype=torch.float32, bias=True):
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("pairwise", [False, True], ids=["binary", "pairwise"])
 def test_fused_module_matches_reference(backend, pairwise):
-    hidden, weight, b, labels = make_batch()
+    hidden, weight, b, labels = make_batch(device=device_for(backend))
     hp = dict(k=3, alpha=0.7, pairwise=pairwise, margin=0.5, tau=2.0)
     transform = dict(temperature=0.9, softcap=6.0)
     fn = ek.FusedLinearCRINGELoss(**hp, backend=backend, **transform)
@@ -89,12 +89,33 @@ def test_fused_module_matches_reference(backend, pairwise):
     assert ("gate" in out.metrics) == pairwise
 
 
-def test_float64_binary_exact_on_torch_backend():
-    hidden, weight, b, labels = make_batch(torch.float64)
-    fn = ek.FusedLinearCRINGELoss(k=5, backend="torch")
+@pytest.mark.parametrize("backend", FP64_BACKEND_NAMES)
+@pytest.mark.parametrize(
+    "hp,transform",
+    [
+        (dict(k=5, alpha=1.0, pairwise=False, margin=0.0, tau=1.0), {}),
+        (dict(k=5, alpha=0.7, pairwise=True, margin=0.5, tau=2.0), dict(temperature=0.9, softcap=6.0)),
+        (dict(k=1, alpha=2.5, pairwise=True, margin=-1.0, tau=0.5), dict(logit_scale=1.5)),
+    ],
+    ids=["binary", "pairwise-transform", "pairwise-k1"],
+)
+def test_float64_exact_with_gradients(backend, hp, transform):
+    """float64 end to end: the loss and the gradients of hidden, weight and bias equal float64 autograd
+    through the hand-written reference (``reference_cringe``, the equations on materialized logits) to 1e-10
+    normwise (``helpers.tolerance``): the NLL term, both CRINGE logits s+ (the sampled top-k row) and s-
+    (the negative's row), and in the pairwise form the gate's gradient through the sequence log-probs."""
+    hidden, weight, b, labels = make_batch(torch.float64, device=device_for(backend))
+    fn = ek.FusedLinearCRINGELoss(**hp, backend=backend, **transform)
     out = fn(weight, hidden, labels, bias=b, generator=torch.Generator().manual_seed(3))
-    want = reference_cringe(hidden, weight, b, labels, 5, 1.0, False, 0.0, 1.0, 3)
+    want = reference_cringe(hidden, weight, b, labels, seed=3, **hp, **transform)
+    assert out.loss.dtype == torch.float64
     assert math.isclose(out.loss.item(), want.item(), rel_tol=1e-12)
+    tol = tolerance(torch.float64, backend, "grad")
+    got_g = torch.autograd.grad(out.loss, (hidden, weight, b))
+    want_g = torch.autograd.grad(want, (hidden, weight, b))
+    for name, x, y in zip(("hidden", "weight", "bias"), got_g, want_g, strict=True):
+        assert y.abs().max() > 0, f"d_{name} of the reference is 0: nothing is compared"
+        assert rel_err(x, y) < tol, f"d_{name}: {rel_err(x, y):.2e}"
 
 
 def test_sampling_is_deterministic_and_excludes_the_negative():

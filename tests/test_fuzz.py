@@ -4,9 +4,15 @@ Hypothesis draws the whole input space of the public ops: shapes (N including 0 
 V including 1 and primes), dtypes (fp32, fp64, bf16, fp16), layouts (contiguous, transposed, strided
 views of every tensor argument, leading batch dims), the logit transform, ignore indices (including
 ones inside ``[0, V)``), label dtypes, bias on/off (with masked ``-inf`` entries), statistics on/off,
-which gradients are required, and tiles smaller than the problem. Each example is checked for values,
+which gradients are required, tiles smaller than the problem, and the execution path of
+``linear_logprobs``: one of the op paths (``_dispatch.OP_PATHS``) the plan accepts for the drawn backend,
+dtype and shape (``helpers.accepted_op_paths``), forced with ``kernel_options(path=...)``; library GEMMs
+with small tiles run through a workspace of a few tokens. Each example is checked for values,
 every statistic and every gradient against float64 logits materialized here (``logits64`` from
 ``reference.py``, nothing of the package).
+
+The report (``-s``, and the tests' JUnit properties) counts the examples per dtype and per path; with
+enough examples every path the backend accepts must have been drawn.
 
 Examples: 200 per backend for ``linear_logprobs`` and 100 for ``linear_token_kl`` by default (the
 Triton interpreter a quarter of that), about a minute on the 2-core CI machine; ``EXPO_FUZZ_EXAMPLES``
@@ -32,7 +38,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import BACKEND_NAMES, rel_err, tolerance, unsupported_reason
+from helpers import BACKEND_NAMES, accepted_op_paths, device_for, rel_err, tolerance, unsupported_reason
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import logits64, naive_logprobs, transform_logits
@@ -90,11 +96,14 @@ def cases(draw, backend: str):
         for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
         if not (backend == "triton" and d == torch.float64) and unsupported_reason(backend, d) is None
     ]
+    dtype = draw(st.sampled_from(dtypes))
     trivial = draw(st.integers(1, TRIVIAL_EVERY)) == TRIVIAL_EVERY  # no counted token, on purpose
     if trivial:
         lead = draw(st.sampled_from([(0,), (2, 0), (5,), (2, 3)]))
     else:
         lead = draw(st.one_of(st.tuples(st.integers(1, 40)), st.tuples(st.integers(1, 3), st.integers(1, 12))))
+    # linear_logprobs' execution path: one the plan takes, forced, for this backend, dtype and shape
+    path = draw(st.sampled_from(accepted_op_paths(backend, dtype, tokens=math.prod(lead), vocab=vocab)))
     # uint8 cannot hold -100: nothing is ignored then; with V = 1 an id "inside" would ignore every label
     ignore_index = draw(st.sampled_from([-100, "inside"])) if vocab > 1 else -100
     with_bias = draw(st.booleans())
@@ -103,7 +112,8 @@ def cases(draw, backend: str):
         lead=lead,
         hidden_size=draw(st.sampled_from([1, 2, 3, 8, 16, 24, 33, 40])),
         vocab=vocab,
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=dtype,
+        path=path,
         label_dtype=label_dtype,
         ignore_index=ignore_index,  # "inside": a vocabulary id, drawn in build()
         ignore_frac=1.0 if trivial and lead[-1] else draw(st.sampled_from([0.0, 0.3, 0.7])),
@@ -179,6 +189,21 @@ def build(spec):
     return hidden, weight, bias, labels, ignore_index
 
 
+#: with small tiles, library GEMMs run through a workspace of this many tokens' logits (token chunks in the
+#: forward, vocabulary chunks in the backward)
+GEMM_WORKSPACE_TOKENS = 3
+
+
+@contextlib.contextmanager
+def forced_path(spec):
+    """``kernel_options(path=spec["path"])`` for ``linear_logprobs`` (its forward and backward)."""
+    options = {"path": spec["path"]}
+    if spec["path"] == "library_gemm" and spec["small_tiles"]:
+        options["workspace_bytes"] = GEMM_WORKSPACE_TOKENS * 4 * max(1, spec["vocab"])
+    with ek.kernel_options(**options):
+        yield
+
+
 @contextlib.contextmanager
 def tiles(backend: str, spec):
     """Tiles smaller than the problem, so every chunk-boundary path runs."""
@@ -242,11 +267,17 @@ def reference(hidden, weight, bias, labels, ignore_index, transform):
 
 #: per backend, how many examples ran, by (dtype, whether any token was counted)
 RUN: dict[str, Counter] = defaultdict(Counter)
+#: per backend, how many linear_logprobs examples ran on each forced path, by (path, whether any token counted)
+PATHS: dict[str, Counter] = defaultdict(Counter)
+#: with at least this many examples per accepted path, every path a backend accepts must have been drawn
+PATH_EXAMPLES = 10
 
 
 def _report_and_check(op, backend, record_property):
     """Print (visible with -s) and record (the test's user properties, in JUnit XML) what ran, and
-    require that most examples counted a token: an all-ignored example checks almost nothing."""
+    require that most examples counted a token: an all-ignored example checks almost nothing. For
+    linear_logprobs also the examples per path, and (with enough examples) that every op path the backend
+    accepts for float32 ran."""
     runs = RUN[backend]
     total = sum(runs.values())
     counted = sum(n for (_, c), n in runs.items() if c)
@@ -256,10 +287,20 @@ def _report_and_check(op, backend, record_property):
     line = f"{op}[{backend}]: {total} examples, {counted} with counted tokens; per dtype " + ", ".join(
         f"{d} {n} ({runs[(d, True)]} counted)" for d, n in sorted(by_dtype.items())
     )
+    paths = PATHS[backend] if op == "linear_logprobs" else Counter()
+    if paths:
+        by_path = Counter()
+        for (p, _), n in paths.items():
+            by_path[p] += n
+        line += "; per path " + ", ".join(f"{p} {n} ({paths[(p, True)]} counted)" for p, n in sorted(by_path.items()))
     print(line)
     record_property(f"{op}[{backend}]", line)
     assert total > 0
     assert counted >= NONTRIVIAL_SHARE * total, line
+    if paths:
+        accepted = accepted_op_paths(backend, torch.float32, device_for(backend), tokens=8, vocab=16)
+        if total >= PATH_EXAMPLES * len(accepted):
+            assert set(by_path) == set(accepted), f"paths drawn {sorted(by_path)}, accepted {accepted}: {line}"
 
 
 def _lin(h, w, b):
@@ -311,7 +352,7 @@ def check_logprobs(backend, spec):
     hidden, weight, bias, labels, ignore_index = build(spec)
     transform = spec["transform"]
     dtype = spec["dtype"]
-    with tiles(backend, spec):
+    with tiles(backend, spec), forced_path(spec):
         res = ek.linear_logprobs(
             hidden,
             weight,
@@ -330,6 +371,7 @@ def check_logprobs(backend, spec):
         assert logp.dtype == (torch.float64 if spec["dtype"] == torch.float64 else torch.float32)
         flat = logp.reshape(-1)
         RUN[backend][(str(dtype).replace("torch.", ""), bool(ref["valid"].any()))] += 1
+        PATHS[backend][(spec["path"], bool(ref["valid"].any()))] += 1
         assert torch.all(flat[~ref["valid"]] == 0), "logp must be exactly 0 at ignored tokens"
         naive = _naive_logprob_errors(backend, spec, hidden, weight, bias, labels, ignore_index, ref, leaves)
         tol = tolerance(dtype, backend, "logprobs", naive_error=naive.get("logprobs"))
@@ -368,6 +410,7 @@ def test_fuzz_linear_logprobs(backend, record_property):
         check_logprobs(backend, spec)
 
     RUN[backend].clear()
+    PATHS[backend].clear()
     run()
     _report_and_check("linear_logprobs", backend, record_property)
 

@@ -185,6 +185,9 @@ def test_dpo_frozen_head(weight_trainable, bias_trainable):
     close(la, lb, atol=2e-5, rtol=1e-4, what="loss")
     close(a["x"].grad, b["x"].grad, atol=2e-5, rtol=1e-4, what="grad x")
     assert (a["w"].grad is None) == (not weight_trainable) and (a["b"].grad is None) == (not bias_trainable)
+    assert (b["w"].grad is None) == (not weight_trainable) and (b["b"].grad is None) == (not bias_trainable)
+    if weight_trainable:
+        close(a["w"].grad, b["w"].grad, atol=2e-5, rtol=1e-4, what="grad w")
     if bias_trainable:
         close(a["b"].grad, b["b"].grad, atol=2e-5, rtol=1e-4, what="grad b")
 

@@ -19,6 +19,7 @@ from helpers import (
     LargestTensor,
     backend_dtype_cases,
     device_for,
+    make_logprob_inputs,
     rel_err,
     shrink_native_tiles,
     tolerance,
@@ -37,15 +38,6 @@ BACKENDS = BACKEND_NAMES
 SHAPES = [(37, 24, 100), (1, 8, 33), (70, 40, 257)]
 
 
-def make_inputs(n, h, v, dtype, device, *, bias=False, ignore_frac=0.25, scale=1.0):
-    hidden = (torch.randn(n, h, device=device) * scale).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, device=device) / h**0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(v, device=device) * 0.5).to(dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, v, (n,), device=device)
-    labels[torch.rand(n, device=device) < ignore_frac] = -100
-    return hidden, weight, labels, b
-
-
 def grads_of(out, inputs, upstream):
     return torch.autograd.grad((out.double() * upstream).sum(), [t for t in inputs if t is not None])
 
@@ -54,7 +46,7 @@ def check_against_reference(backend, n, h, v, dtype, transform, *, bias):
     """Log-probs elementwise and gradients normwise against float64 of the same (rounded) inputs, within
     ``helpers.tolerance`` (for Triton's 16-bit cases: relative to the naive same-dtype computation's error)."""
     dev = device_for(backend)
-    hidden, weight, labels, b = make_inputs(n, h, v, dtype, dev, bias=bias)
+    hidden, weight, labels, b = make_logprob_inputs(n, h, v, dtype, dev, bias=bias)
     g = torch.randn(n, dtype=torch.float64, device=dev)
     logp = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, **transform)
     assert logp.shape == labels.shape
@@ -98,7 +90,7 @@ def test_triton_refuses_float64_and_the_default_routes_it_elsewhere():
     # Triton scalars and (on GPUs) the kernels' accumulators are float32: a float64 call would be
     # silently ~1e-8 accurate, so an explicit request is refused and the default never picks Triton.
     dev = device_for("triton")
-    hidden, weight, labels, _ = make_inputs(5, 8, 20, torch.float64, dev)
+    hidden, weight, labels, _ = make_logprob_inputs(5, 8, 20, torch.float64, dev)
     with pytest.raises(ValueError, match="backend='triton' does not support float64"):
         ek.linear_logprobs(hidden, weight, labels, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' does not support float64"):
@@ -129,7 +121,7 @@ def test_stats_match_reference(backend, monkeypatch):
         from expo_kernels.ops.triton import configs as triton_configs
 
         monkeypatch.setattr(triton_configs, "_choose_splits", lambda *a: 3)
-    hidden, weight, labels, b = make_inputs(50, 24, 300, torch.float32, device_for(backend), bias=True)
+    hidden, weight, labels, b = make_logprob_inputs(50, 24, 300, torch.float32, device_for(backend), bias=True)
     # Make some labels the argmax, and add a tie: duplicate rows give equal logits, and only the
     # first of equal maxima counts as the argmax (torch.argmax's convention).
     with torch.no_grad():
@@ -168,7 +160,7 @@ def test_argmax_tie_counts_only_first(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_tokens_ignored(backend):
-    hidden, weight, labels, b = make_inputs(6, 8, 50, torch.float32, device_for(backend), bias=True)
+    hidden, weight, labels, b = make_logprob_inputs(6, 8, 50, torch.float32, device_for(backend), bias=True)
     labels.fill_(-100)
     logp, stats = ek.linear_logprobs(hidden, weight, labels, b, backend=backend, return_stats=True)
     assert torch.equal(logp, torch.zeros_like(logp)) and not stats.is_top1.any()
@@ -179,7 +171,7 @@ def test_all_tokens_ignored(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index_and_zero_grad_at_ignored_rows(backend):
-    hidden, weight, labels, _ = make_inputs(20, 16, 64, torch.float32, device_for(backend), ignore_frac=0.0)
+    hidden, weight, labels, _ = make_logprob_inputs(20, 16, 64, torch.float32, device_for(backend), ignore_frac=0.0)
     labels[::3] = 7  # 7 is a valid vocabulary id; as ignore_index it must be skipped
     logp = ek.linear_logprobs(hidden, weight, labels, ignore_index=7, backend=backend)
     ref = reference_logprobs(hidden, weight, labels, ignore_index=7)
@@ -208,7 +200,9 @@ def test_leading_dims_and_non_contiguous_hidden(backend):
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("transform", ["plain", "all"])
 def test_gradcheck_float64(backend, transform):
-    hidden, weight, labels, b = make_inputs(5, 6, 19, torch.float64, device_for(backend), bias=True, ignore_frac=0.3)
+    hidden, weight, labels, b = make_logprob_inputs(
+        5, 6, 19, torch.float64, device_for(backend), bias=True, ignore_frac=0.3
+    )
     labels[0] = 3
 
     def fn(h, w, bias):
@@ -221,7 +215,7 @@ def test_gradcheck_float64(backend, transform):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_head_and_frozen_hidden(backend):
-    hidden, weight, labels, _ = make_inputs(30, 16, 80, torch.float32, device_for(backend))
+    hidden, weight, labels, _ = make_logprob_inputs(30, 16, 80, torch.float32, device_for(backend))
     weight.requires_grad_(False)
     logp = ek.linear_logprobs(hidden, weight, labels, backend=backend)
     logp.sum().backward()
@@ -246,7 +240,7 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
     shrink_native_tiles(monkeypatch, 32, 64)
     dev = device_for(backend)
-    hidden, weight, labels, b = make_inputs(n, h, v, torch.float32, dev, bias=True, ignore_frac=0.0)
+    hidden, weight, labels, b = make_logprob_inputs(n, h, v, torch.float32, dev, bias=True, ignore_frac=0.0)
     module = _backend_module(backend)
     transform = LogitTransform(2.0, 4.0, 0.9)
     # The chunked paths' logit workspace (kept logits; on CUDA the whole Triton op, which runs on library
@@ -277,7 +271,7 @@ def test_never_allocates_tokens_by_vocab(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile(backend):
-    hidden, weight, labels, _ = make_inputs(20, 16, 50, torch.float32, device_for(backend))
+    hidden, weight, labels, _ = make_logprob_inputs(20, 16, 50, torch.float32, device_for(backend))
 
     def step(h, w):
         return (ek.linear_logprobs(h, w, labels, backend=backend, softcap=4.0) * 0.5).sum()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import kto_kl_baseline, loss_kto, loss_orpo
 
 from expo_kernels.losses import (
     LOSSES,
@@ -659,35 +660,68 @@ def test_discopop_matches_float64_plain_formula(m, tau):
     torch.testing.assert_close(g32[0].double(), gwant, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("pc", [-1e-9, -1e-6, -0.3, -0.69, -0.7, -5.0, -120.0])
-def test_orpo_log_odds_float32_matches_float64(pc):
-    """log(1 - exp(a)) near a = 0 and very negative: finite value and gradient, as float64 gives."""
+def _orpo_f32_and_reference(c_sum, r_sum, lc, lr, nll=0.0, beta=0.1):
+    """ORPO in float32 (value, d/dc, d/dr) and ``reference.loss_orpo`` in float64 (value, d/dc, d/dr) of the
+    same float32-rounded inputs: the library's float32 against the independent hand formula."""
+    lengths = torch.tensor([lc]), torch.tensor([lr])
+    c32 = torch.tensor([c_sum], dtype=torch.float32, requires_grad=True)
+    r32 = torch.tensor([r_sum], dtype=torch.float32, requires_grad=True)
+    nll32 = torch.tensor(nll, dtype=torch.float32)
+    v32 = preference_loss(
+        "orpo", c32, r32, chosen_lengths=lengths[0], rejected_lengths=lengths[1], chosen_nll=nll32, beta=beta
+    )
+    g32 = torch.autograd.grad(v32, (c32, r32))
+    c64, r64 = (x.detach().double().requires_grad_(True) for x in (c32, r32))
+    s = dict(c=c64, r=r64, lc=lengths[0].double(), lr=lengths[1].double(), nll=nll32.double())
+    v64 = loss_orpo(s, beta).mean()
+    g64 = torch.autograd.grad(v64, (c64, r64))
+    return (v32.detach(), g32), (v64.detach(), g64)
 
-    def ours(c):
-        n = torch.ones(1, dtype=torch.long)
-        return preference_loss(
-            "orpo",
-            c.reshape(1),
-            torch.full((1,), -2.0, dtype=c.dtype),
-            chosen_lengths=n,
-            rejected_lengths=n,
-            chosen_nll=torch.zeros((), dtype=c.dtype),
-        )
 
-    (v32, g32), (v64, g64) = _grad_pair(ours, pc)
-    assert torch.isfinite(v32) and torch.isfinite(g32[0])
-    torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g32[0].double(), g64[0], rtol=1e-3, atol=1e-6)
+@pytest.mark.parametrize(
+    "pc,pr",
+    [
+        (-1e-30, -2.0),  # float32's normal range: log-odds ~ 69
+        (-1e-9, -2.0),
+        (-1e-6, -2.0),
+        (-0.3, -2.0),
+        (-0.69, -2.0),  # either side of log1mexp's switch at -log 2
+        (-0.7, -2.0),
+        (-5.0, -2.0),
+        (-120.0, -2.0),  # log(1 - e^a) ~ -e^a underflows
+        (-2.0, -1e-7),  # the rejected side near probability 1
+        (-1e-7, -3e-7),  # both near 1: a difference of two large log-odds
+        (-150.0, -100.0),  # both far out: log-odds ~ the averages themselves
+    ],
+)
+@pytest.mark.parametrize("lc,lr", [(1, 1), (7, 3)])
+def test_orpo_log_odds_float32_matches_float64_hand_formula(pc, pr, lc, lr):
+    """log(1 - exp(a)) near a = 0 and very negative: the float32 value and both gradients equal the float64
+    hand formula (``reference.loss_orpo``) at relative precision, however small they are (no atol: the odds
+    term is 1e-32 at pc = -1e-30)."""
+    (v32, (gc32, gr32)), (v64, (gc64, gr64)) = _orpo_f32_and_reference(pc * lc, pr * lr, lc, lr)
+    assert torch.isfinite(v32) and torch.isfinite(gc32).all() and torch.isfinite(gr32).all()
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gc32.double(), gc64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(gr32.double(), gr64, rtol=1e-4, atol=0)
 
 
 def test_orpo_probability_one_is_finite():
-    """An average log-prob of exactly 0 (float32 reaches it): saturated, not NaN."""
+    """An average log-prob of exactly 0 (float32 reaches it): saturated, not NaN. The hand formula's
+    log-odds is +inf there and its log sigma 0: the loss is the NLL alone (the gradient is saturated to a
+    finite value by the library; the formula's own is 0 * inf there, so only finiteness is asserted)."""
     for dt in (torch.float32, torch.float64):
         c = torch.zeros(1, dtype=dt, requires_grad=True)
         n = torch.ones(1, dtype=torch.long)
-        loss = preference_loss("orpo", c, torch.full((1,), -1.0, dtype=dt), chosen_lengths=n, rejected_lengths=n)
+        nll = torch.tensor(0.25, dtype=dt)
+        r = torch.full((1,), -1.0, dtype=dt)
+        loss = preference_loss("orpo", c, r, chosen_lengths=n, rejected_lengths=n, chosen_nll=nll)
         (g,) = torch.autograd.grad(loss, c)
         assert torch.isfinite(loss) and torch.isfinite(g)
+        s = dict(c=c.detach().double(), r=r.double(), lc=n.double(), lr=n.double(), nll=nll.double())
+        want = loss_orpo(s, 0.1).mean()
+        assert want.item() == 0.25
+        torch.testing.assert_close(loss.double(), want, rtol=1e-7, atol=1e-30)
 
 
 def test_forward_kl_saturated_scores_do_not_cancel_to_nan():
@@ -734,17 +768,84 @@ def test_apo_small_terms_keep_relative_precision(name, c, r):
     torch.testing.assert_close(g32[0].double(), gwant, rtol=1e-4, atol=0)
 
 
-def test_kto_small_terms_keep_relative_precision():
-    def ours(p):
-        return preference_loss(
-            "kto",
-            policy_logps=p.reshape(1),
-            ref_logps=torch.zeros(1, dtype=p.dtype),
-            is_desirable=torch.tensor([True]),
-            kl=0.0,
-            beta=1.0,
+def _kto_f32_and_reference(pol, ref, lab, beta, *, kl=None, kl_logps=None, ref_kl_logps=None, wd=1.0, wu=1.0):
+    """KTO in float32 (value, d/d policy_logps, d/d kl_logps) and ``reference.loss_kto`` in float64 of the same
+    float32-rounded inputs, the baseline ``z0`` from ``reference.kto_kl_baseline`` when ``kl_logps`` is given."""
+    f32 = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    lab = torch.as_tensor(lab)
+    p32 = f32(pol).clone().requires_grad_(True)
+    ref32 = f32(ref)
+    hp = dict(beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    if kl_logps is None:
+        v32 = preference_loss("kto", policy_logps=p32, ref_logps=ref32, is_desirable=lab, kl=kl, **hp)
+        (gp32,) = torch.autograd.grad(v32, p32)
+        gk32 = None
+        z0 = torch.tensor(kl, dtype=torch.float64)
+    else:
+        k32 = f32(kl_logps).clone().requires_grad_(True)
+        kr32 = f32(ref_kl_logps)
+        v32 = preference_loss(
+            "kto", policy_logps=p32, ref_logps=ref32, is_desirable=lab, kl_logps=k32, ref_kl_logps=kr32, **hp
         )
+        gp32, gk32 = torch.autograd.grad(v32, (p32, k32), allow_unused=True)
+        z0 = kto_kl_baseline(k32.detach().double(), kr32.double())
+    p64 = p32.detach().double().requires_grad_(True)
+    s = dict(pol=p64, ref=ref32.double(), is_desirable=lab, kl=z0)
+    v64 = loss_kto(s, beta, wd, wu).mean()
+    (gp64,) = torch.autograd.grad(v64, p64)
+    return (v32.detach(), gp32, gk32), (v64.detach(), gp64), z0
 
-    (v32, g32), (v64, g64) = _grad_pair(ours, 25.0)
+
+@pytest.mark.parametrize(
+    "h,desirable,z0",
+    [
+        (25.0, True, 0.0),  # 1 - sigma(25) = 1.4e-11: rounds to 0 if formed as 1 - sigma in float32
+        (60.0, True, 0.0),  # 9e-27
+        (60.0, True, 3.5),
+        (-25.0, False, 0.0),  # undesirable: 1 - sigma(z0 - h)
+        (-60.0, False, 2.0),
+        (0.0, True, 0.0),
+        (1e-6, False, 0.0),
+    ],
+)
+def test_kto_small_terms_keep_relative_precision(h, desirable, z0):
+    """The float32 loss and policy gradient of a saturated KTO term equal the float64 hand formula
+    (``reference.loss_kto``) at relative precision, without an absolute floor."""
+    (v32, gp32, _), (v64, gp64), _ = _kto_f32_and_reference([h], [0.0], [desirable], 1.0, kl=z0)
     torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=0)
-    torch.testing.assert_close(g32[0].double(), g64[0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(gp32.double(), gp64, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kl_shift",
+    [
+        -3.0,  # the mismatched pairs' policy below the reference: mean < 0, z0 clamped to 0
+        -1e-4,  # just below 0: still clamped
+        1e-4,  # just above: kept
+        0.8,
+        40.0,  # a large z0: every desirable term saturates toward 1, every undesirable one toward 0
+    ],
+)
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["short", "long"])  # long: large summed log-probs
+def test_kto_batch_kl_baseline_matches_hand_formula(kl_shift, scale):
+    """KTO with the baseline estimated from ``kl_logps``/``ref_kl_logps`` (``z0 = max(0, mean(kl - ref_kl))``,
+    detached), float32 against the float64 hand formula with ``reference.kto_kl_baseline``: value, policy
+    gradient, and no gradient into ``kl_logps``."""
+    g = torch.Generator().manual_seed(int(kl_shift * 10) % 97 + int(scale))
+    n, k = 8, 6
+    pol = -torch.rand(n, generator=g, dtype=torch.float64) * 20 * scale
+    ref = pol + torch.randn(n, generator=g, dtype=torch.float64) * 2
+    lab = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    klr = -torch.rand(k, generator=g, dtype=torch.float64) * 20 * scale
+    klp = klr + kl_shift + torch.randn(k, generator=g, dtype=torch.float64) * 0.01 * abs(kl_shift)
+    (v32, gp32, gk32), (v64, gp64), z0 = _kto_f32_and_reference(
+        pol, ref, lab, 0.3, kl_logps=klp, ref_kl_logps=klr, wd=1.2, wu=0.7
+    )
+    assert (z0 == 0) == (kl_shift < 0)
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-5, atol=0)
+    # Same float32-rounded inputs, no atol. At z0 = 40 every desirable term saturates toward 1: its gradient
+    # w beta s (1 - s) comes from torch's sigmoid backward on a float32 s = sigma(beta (z0 - h)) ~ sigma(12),
+    # whose 1 - s = 6e-6 keeps only eps / 6e-6 = 1e-2 relative precision: what float32 resolves there.
+    rtol = 5e-2 if kl_shift > 10 else 1e-4
+    torch.testing.assert_close(gp32.double(), gp64, rtol=rtol, atol=0)
+    assert gk32 is None or gk32.abs().max() == 0

@@ -1,5 +1,7 @@
 """The fused two-head token KL(pi_ref || pi_theta) against a float64 materialized reference."""
 
+import math
+
 import pytest
 import torch
 from helpers import (
@@ -12,7 +14,7 @@ from helpers import (
     rel_err,
     shrink_native_tiles,
 )
-from reference import logits64
+from reference import reference_token_kl
 
 import expo_kernels as ek
 from expo_kernels import ops
@@ -20,14 +22,6 @@ from expo_kernels._dispatch import backend_module
 from expo_kernels.ops import LogitTransform
 
 BACKENDS = BACKEND_NAMES
-
-
-def reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=None, ref_bias=None, **transform):
-    zp = logits64(hidden.reshape(-1, hidden.shape[-1]), weight, bias, **transform)
-    zr = logits64(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias, **transform)
-    log_q, log_p = torch.log_softmax(zr, -1), torch.log_softmax(zp, -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return torch.where(labels.reshape(-1) != -100, kl, torch.zeros_like(kl)).view(labels.shape)
 
 
 def make(n, h, hr, v, dtype, device, bias=True):
@@ -64,6 +58,56 @@ def test_token_kl_matches_reference(backend, transform, dtype):
     got = torch.autograd.grad((kl.double() * g).sum(), (hidden, weight, b))
     want = torch.autograd.grad((ref * g).sum(), (hidden, weight, b))
     for name, x, y in zip(("hidden", "weight", "bias"), got, want, strict=False):
+        assert rel_err(x, y) < tol, f"d_{name}: {rel_err(x, y):.2e}"
+
+
+MASKED = [3, 17, 49]  # vocabulary ids with a -inf bias (e.g. tokens a tokenizer never emits)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases(TOL), ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("masked", ["both", "reference_only", "policy_only"])
+def test_token_kl_masked_vocabulary_matches_reference(backend, dtype, masked):
+    """``-inf`` bias entries, the value against float64 (``reference.reference_token_kl``):
+
+    * both heads mask the same ids: those carry q = p = 0 and add nothing; the KL over the rest is finite
+      and equals float64, gradients included (the masked bias entries get exactly 0);
+    * the reference masks ids the policy keeps (q = 0 < p): finite, equals float64, gradients included;
+    * the policy masks an id the reference keeps (p = 0 < q): KL = +inf at every counted token (0 at
+      ignored ones), as float64 says.
+    """
+    tol = TOL[dtype]
+    dev = device_for(backend)
+    hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = make(13, 24, 20, 60, dtype, dev)
+    with torch.no_grad():
+        if masked in ("both", "policy_only"):
+            b[MASKED] = -math.inf
+        if masked in ("both", "reference_only"):
+            ref_bias[MASKED] = -math.inf
+        if masked == "policy_only":
+            b[7] = -math.inf  # one more than the reference masks
+    tf = dict(temperature=1.3, logit_scale=2.0)  # no softcap: it maps a -inf logit to -softcap, unmasking it
+    kl = ek.linear_token_kl(hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, backend=backend, **tf)
+    ref = reference_token_kl(hidden, weight, ref_hidden, ref_weight, labels, b, ref_bias, **tf)
+    counted = labels != -100
+    assert (kl[~counted] == 0).all() and (ref[~counted] == 0).all()
+    if masked == "policy_only":
+        assert (ref[counted] == math.inf).all()  # the reference itself says +inf
+        assert (kl[counted] == math.inf).all(), kl
+    else:
+        _assert_finite_kl_matches(kl, ref, (hidden, weight, b), counted, tol, dev)
+    if masked == "both":
+        assert (torch.autograd.grad(kl.sum(), b)[0][MASKED] == 0).all()  # p = q = 0 there: p - q = 0
+
+
+def _assert_finite_kl_matches(kl, ref, leaves, counted, tol, dev):
+    """A finite KL equals the float64 reference, and so do its gradients (normwise)."""
+    assert torch.isfinite(ref).all() and (ref[counted] > 0).all()
+    torch.testing.assert_close(kl.double(), ref, rtol=tol, atol=tol)
+    g = torch.randn(kl.shape, dtype=torch.float64, device=dev)
+    got = torch.autograd.grad((kl.double() * g).sum(), leaves, retain_graph=True)
+    want = torch.autograd.grad((ref * g).sum(), leaves)
+    for name, x, y in zip(("hidden", "weight", "bias"), got, want, strict=True):
+        assert torch.isfinite(x).all(), f"d_{name} is not finite"
         assert rel_err(x, y) < tol, f"d_{name}: {rel_err(x, y):.2e}"
 
 

@@ -14,6 +14,9 @@ The fused op needs three things a ``*ForCausalLM`` keeps inside its ``forward``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -49,7 +52,7 @@ def _divide(attr: str):
 
 # model_type -> reader of the transform from the (text) config. Each entry was checked against the
 # family's modeling_*.py in transformers 5.x: what happens between `lm_head(hidden_states)` and the loss.
-_TRANSFORMS = {
+_TRANSFORMS: dict[str, Callable[[Any], dict]] = {
     **{
         t: _plain
         for t in (
@@ -107,7 +110,7 @@ def logit_transform(model_or_config, *, temperature: float = 1.0, override: dict
         found = dict(override)
     else:
         model_type = getattr(cfg, "model_type", None)
-        reader = _TRANSFORMS.get(model_type)
+        reader = _TRANSFORMS.get(model_type) if isinstance(model_type, str) else None
         if reader is None:
             raise UnknownLogitTransform(
                 f"expo_kernels does not know what model_type={model_type!r} does to its LM-head output "
@@ -122,7 +125,8 @@ def logit_transform(model_or_config, *, temperature: float = 1.0, override: dict
 def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [V, H], bias [V] | None)`` of the output layer, read at call time (PEFT and FSDP
     replace modules after construction)."""
-    head = model.get_output_embeddings()
+    get_head = getattr(model, "get_output_embeddings", None)  # a transformers model's method
+    head = get_head() if callable(get_head) else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__} has no output embedding (LM head) with a `weight`.")
     return head.weight, getattr(head, "bias", None)

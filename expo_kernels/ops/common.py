@@ -43,7 +43,7 @@ class LogitTransform:
             z = self.softcap * torch.tanh(z / self.softcap)
         return z * self.inv_temperature if self.temperature != 1.0 else z
 
-    def apply_with_derivative(self, raw: torch.Tensor):
+    def apply_with_derivative(self, raw: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Returns ``(z, dz/draw)``; the derivative is a python float when it is constant."""
         z = raw * self.logit_scale
         deriv: float | torch.Tensor = self.logit_scale * self.inv_temperature

@@ -80,8 +80,10 @@ def transform_in_place(z: Tensor, bias: Tensor | None, t: LogitTransform) -> Non
     z.copy_(t.apply(z))
 
 
-def _in_place_to_dz(op):
-    def to_dz(z, bias, labels, lse, g, t, out):  # z is transformed, bias already added by the fold
+def _in_place_to_dz(op: Callable[[Tensor, Tensor, Tensor, Tensor, LogitTransform], None]) -> Callable[..., None]:
+    def to_dz(  # z is transformed, bias already added by the fold
+        z: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform, out: Tensor
+    ) -> None:
         op(z, labels, lse, g, t)
         if out is not z:
             out.copy_(z)

@@ -22,6 +22,8 @@ Build and control (see ``expo_kernels.ops._native_build``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,8 @@ def available(warn: bool = True) -> bool:
     return _native_build.ensure_loaded(warn=warn)
 
 
-def _ops():
+def _ops() -> Any:
+    """``torch.ops.expo_native`` (the C++ ops), building or loading the extension first."""
     if not _native_build.ensure_loaded():
         raise RuntimeError("expo_kernels native backend is not available: " + str(_native_build.status()["reason"]))
     return torch.ops.expo_native
@@ -54,7 +57,8 @@ def _vocab_tile(weight: torch.Tensor) -> int:
     return int(tile)
 
 
-def _t(transform: LogitTransform):
+def _transform_scalars(transform: LogitTransform) -> tuple[float, float | None, float]:
+    """The transform as the C++ ops take it: (logit_scale, softcap or None, 1 / temperature)."""
     return float(transform.logit_scale), transform.softcap, float(transform.inv_temperature)
 
 
@@ -77,7 +81,7 @@ def forward_partial(
         weight,
         bias,
         labels,
-        *_t(transform),
+        *_transform_scalars(transform),
         bool(with_stats),
         int(vocab_start),
         TOKEN_BLOCK,
@@ -90,7 +94,9 @@ def forward_partial(
     return S.LogprobState(*out[:-2])._replace(topk_values=out[-2], topk_ids=out[-1])
 
 
-def _none_if_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+def _wanted_grad(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+    """A gradient the C++ op returns (an empty tensor when not computed) as the backend contract wants it:
+    None when it was not asked for."""
     return t if wanted else None
 
 
@@ -116,7 +122,7 @@ def backward(
         bias,
         labels,
         lse,
-        *_t(transform),
+        *_transform_scalars(transform),
         bool(need_hidden),
         bool(need_weight),
         need_bias,
@@ -124,7 +130,7 @@ def backward(
         TOKEN_BLOCK,
         _vocab_tile(weight),
     )
-    return _none_if_empty(d_h, need_hidden), _none_if_empty(d_w, need_weight), _none_if_empty(d_b, need_bias)
+    return _wanted_grad(d_h, need_hidden), _wanted_grad(d_w, need_weight), _wanted_grad(d_b, need_bias)
 
 
 @torch.no_grad()  # the C++ ops are plain kernels; autograd lives in expo_kernels.autograd
@@ -145,7 +151,7 @@ def token_kl_forward_partial(
             ref_hidden,
             ref_weight,
             ref_bias,
-            *_t(transform),
+            *_transform_scalars(transform),
             TOKEN_BLOCK,
             min(_vocab_tile(weight), _vocab_tile(ref_weight)),
         )
@@ -179,11 +185,11 @@ def token_kl_backward(
         ref_bias,
         lse_p,
         lse_r,
-        *_t(transform),
+        *_transform_scalars(transform),
         bool(need_hidden),
         bool(need_weight),
         need_bias,
         TOKEN_BLOCK,
         min(_vocab_tile(weight), _vocab_tile(ref_weight)),
     )
-    return _none_if_empty(d_h, need_hidden), _none_if_empty(d_w, need_weight), _none_if_empty(d_b, need_bias)
+    return _wanted_grad(d_h, need_hidden), _wanted_grad(d_w, need_weight), _wanted_grad(d_b, need_bias)

@@ -21,6 +21,10 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the annotations only: the options need no torch at run time
+    import torch
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -61,7 +65,7 @@ class Path(StrEnum):
 PATH_NAMES = tuple(p.value for p in Path)
 
 
-def as_path(value, name: str = "path") -> Path | None:
+def as_path(value: object, name: str = "path") -> Path | None:
     """``value`` (a :class:`Path`, its string name, or None) as a Path; a clear error for anything else."""
     if value is None or isinstance(value, Path):
         return value
@@ -113,7 +117,7 @@ _current = KernelOptions()
 DEFAULT_WORKSPACE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}
 
 
-def workspace_bytes(device, options: KernelOptions | None = None) -> int:
+def workspace_bytes(device: torch.device, options: KernelOptions | None = None) -> int:
     """The workspace cap in force on ``device`` (a ``torch.device``), under ``options`` (default: the
     options in force)."""
     chosen = (options or _current).workspace_bytes
@@ -129,7 +133,7 @@ def get_kernel_options() -> KernelOptions:
 
 
 @contextlib.contextmanager
-def kernel_options(**changes) -> Iterator[KernelOptions]:
+def kernel_options(**changes: Any) -> Iterator[KernelOptions]:
     """Set options for the duration of a ``with`` block (the backward pass must run inside it)."""
     global _current
     eps = changes.get("grad_filter_eps")

@@ -115,7 +115,9 @@ def _moved(m: Tensor, shift: Tensor, s: Tensor) -> Tensor:
     return torch.where(s > 0, m - shift, torch.zeros_like(m)) * s
 
 
-def empty_logprob_state(n: int, with_stats: bool, dtype, device, topk: int = 0) -> LogprobState:
+def empty_logprob_state(
+    n: int, with_stats: bool, dtype: torch.dtype, device: torch.device, topk: int = 0
+) -> LogprobState:
     """The state of an empty vocabulary range (the identity of the merge)."""
     neg = torch.full((n,), -math.inf, dtype=dtype, device=device)
     zero = torch.zeros(n, dtype=dtype, device=device)
@@ -131,7 +133,7 @@ def empty_logprob_state(n: int, with_stats: bool, dtype, device, topk: int = 0) 
     return state
 
 
-def empty_token_kl_state(n: int, dtype, device) -> TokenKLState:
+def empty_token_kl_state(n: int, dtype: torch.dtype, device: torch.device) -> TokenKLState:
     neg = torch.full((n,), -math.inf, dtype=dtype, device=device)
     zero = torch.zeros(n, dtype=dtype, device=device)
     return TokenKLState(neg, zero, neg.clone(), zero.clone(), zero.clone())

@@ -66,7 +66,9 @@ def probabilities(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.clamp_max(z - lse, 0.0))
 
 
-def grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+def grad_buffers(
+    hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool, need_weight: bool, need_bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Zeroed accumulators (float32; float64 for float64 inputs) for the gradients asked for."""
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -76,12 +78,19 @@ def grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
     )
 
 
-def cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias):
+def cast_grads(
+    d_hidden: torch.Tensor | None,
+    d_weight: torch.Tensor | None,
+    d_bias: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Accumulators back to the inputs' dtypes."""
     return (
         None if d_hidden is None else d_hidden.to(hidden.dtype),
         None if d_weight is None else d_weight.to(weight.dtype),
-        None if d_bias is None else d_bias.to(bias.dtype),
+        None if d_bias is None or bias is None else d_bias.to(bias.dtype),  # no bias: no gradient
     )
 
 
@@ -187,11 +196,11 @@ def backward(
             rows = torch.nonzero((local >= 0) & (local < w.shape[0])).squeeze(1)
             dz[rows, local[rows]] += g[rows]
             dz = dz * dz_draw
-            if need_hidden:
+            if d_hidden is not None:
                 d_hidden[t0 : t0 + TOKEN_CHUNK] += dz @ w.to(acc)
-            if need_weight:
+            if d_weight is not None:
                 d_weight[v0 : v0 + VOCAB_CHUNK] += dz.T @ h_acc
-            if need_bias:
+            if d_bias is not None:
                 d_bias[v0 : v0 + VOCAB_CHUNK] += dz.sum(dim=0)
             del raw, z, dz
     return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)
@@ -274,10 +283,10 @@ def token_kl_backward(
             p = probabilities(zp, lse_p[ts].to(acc)[:, None])
             q = probabilities(zr, lse_r[ts].to(acc)[:, None])
             dz = (p - q) * g[:, None] * dzp_draw
-            if need_hidden:
+            if d_hidden is not None:
                 d_hidden[ts] += dz @ weight[sl].to(acc)
-            if need_weight:
+            if d_weight is not None:
                 d_weight[sl] += dz.T @ h.to(acc)
-            if need_bias:
+            if d_bias is not None:
                 d_bias[sl] += dz.sum(dim=0)
     return cast_grads(d_hidden, d_weight, d_bias, hidden, weight, bias)

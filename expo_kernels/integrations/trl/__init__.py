@@ -19,14 +19,12 @@ kernels.
 Tested with TRL 1.16 (``tests/test_integration_trl.py``).
 """
 
-from ._trl_compat import TRLCPOTrainer, TRLORPOTrainer
+from ._trl_compat import HAS_TRL_CPO_ORPO
 from .dpo_kto import TRL_DPO_LOSS_TYPES, FusedDPOTrainer, FusedKTOTrainer, enable_fused_lm_head
 from .fused_head import add_fused_lm_head, call_with_lm_head
 
-if TRLCPOTrainer is not None:
-    from .cpo_orpo import FusedCPOTrainer
-if TRLORPOTrainer is not None:
-    from .cpo_orpo import FusedORPOTrainer
+if HAS_TRL_CPO_ORPO:
+    from .cpo_orpo import FusedCPOTrainer, FusedORPOTrainer
 
 __all__ = [
     "add_fused_lm_head",

@@ -10,8 +10,9 @@ Relied on:
 * ``trl.trainer.utils.FusedCausalLMOutput`` (the patched forward's return type) and its fields
   :data:`FUSED_OUTPUT_STATS`; ``trl.trainer.utils.use_adapter``;
   ``trl.models.utils.disable_gradient_checkpointing``;
-* ``trl.experimental.cpo.CPOTrainer`` / ``trl.experimental.orpo.ORPOTrainer`` (None when absent) and
-  their ``concatenated_forward`` / ``concatenated_inputs`` methods (:class:`ConcatenatedForwardHook`);
+* ``trl.experimental.cpo.CPOTrainer`` / ``trl.experimental.orpo.ORPOTrainer`` (defined only when
+  :data:`HAS_TRL_CPO_ORPO`) and their ``concatenated_forward`` / ``concatenated_inputs`` methods
+  (:class:`ConcatenatedForwardHook`);
 * ``DPOTrainer._compute_loss`` (:class:`DPOComputeLossHook`) and the metric state
   ``_metrics`` / ``_total_train_tokens`` / ``_tp_size`` (:func:`log_metrics`);
 * the ``loss_type`` values and hyperparameter fields (with defaults) of TRL 1.16's ``DPOConfig``
@@ -22,7 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
 try:  # the integration needs TRL; the rest of the package does not
@@ -35,16 +39,23 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "expo_kernels.integrations.trl needs `trl>=1.16` (pip install trl); its import failed: " + str(e)
     ) from e
 
-try:  # TRL's CPO / ORPO trainers moved to trl.experimental; absent in some versions
+#: whether TRL has its CPO / ORPO trainers (moved to trl.experimental; absent in some versions):
+#: ``TRLCPOTrainer`` / ``TRLORPOTrainer`` exist only then
+HAS_TRL_CPO_ORPO = True
+try:
     from trl.experimental.cpo import CPOTrainer as TRLCPOTrainer
     from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
 except ImportError:  # pragma: no cover
-    TRLCPOTrainer = TRLORPOTrainer = None
+    HAS_TRL_CPO_ORPO = False
 
+#: the PEFT model classes, for ``isinstance`` (empty without PEFT installed)
+PEFT_MODEL_TYPES: tuple[type, ...] = ()
 try:
     from peft import PeftModel
+
+    PEFT_MODEL_TYPES = (PeftModel,)
 except ImportError:  # pragma: no cover
-    PeftModel = ()
+    pass
 
 __all__ = [
     "trl_dpo",
@@ -52,9 +63,10 @@ __all__ = [
     "FusedCausalLMOutput",
     "use_adapter",
     "disable_gradient_checkpointing",
+    "HAS_TRL_CPO_ORPO",
     "TRLCPOTrainer",
     "TRLORPOTrainer",
-    "PeftModel",
+    "PEFT_MODEL_TYPES",
     "TRL_DPO_LOSS_TYPES",
     "DPO_CONFIG_HPARAMS",
     "FUSED_OUTPUT_STATS",
@@ -112,7 +124,7 @@ def trl_head_replaced(module, head_fn, **options):
 def unwrap_trained_model(trainer, model):
     """``model`` without its accelerate wrapper and, for a PEFT model, its adapters' wrapper."""
     m = trainer.accelerator.unwrap_model(model)
-    return m.get_base_model() if isinstance(m, PeftModel) else m
+    return m.get_base_model() if isinstance(m, PEFT_MODEL_TYPES) else m
 
 
 def log_metrics(
@@ -157,10 +169,14 @@ class ConcatenatedForwardHook:
     """Routes the CPO/ORPO trainers' ``concatenated_forward`` to ``self.fused_concatenated_forward``
     and gives it TRL's batch concatenation (:meth:`concatenate_batch`)."""
 
+    # the host trainer's (CPOTrainer / ORPOTrainer)
+    accelerator: Any
+    concatenated_inputs: Callable[..., dict[str, torch.LongTensor]]
+
     def concatenated_forward(self, model, batch):
         return self.fused_concatenated_forward(model, batch)
 
-    def concatenate_batch(self, batch, padding_value) -> dict[str, Tensor]:
+    def concatenate_batch(self, batch, padding_value) -> dict[str, torch.LongTensor]:
         """TRL's ``concatenated_inputs`` of a decoder-only batch: chosen rows, then rejected rows."""
         return self.concatenated_inputs(
             batch, is_encoder_decoder=False, padding_value=padding_value, device=self.accelerator.device

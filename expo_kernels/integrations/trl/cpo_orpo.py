@@ -1,11 +1,13 @@
 """TRL's experimental CPO (CPO, SimPO, AlphaPO) and ORPO trainers on expo_kernels' fused head.
 
 TRL computes these from full logits in ``concatenated_forward``; ours returns the same numbers from
-hidden states. :class:`FusedCPOTrainer` / :class:`FusedORPOTrainer` exist when TRL has
-``trl.experimental.cpo`` / ``trl.experimental.orpo``.
+hidden states. This module needs TRL's ``trl.experimental.cpo`` / ``trl.experimental.orpo``; the package
+imports it only when TRL has them (``_trl_compat.HAS_TRL_CPO_ORPO``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,6 +53,12 @@ class _FusedConcatenatedForward(ConcatenatedForwardHook):
     """
 
     _nll_over_prompt = False  # ORPO: the chosen NLL covers prompt and completion tokens
+    _expo_backend: str | None
+
+    # the host trainer's (CPOTrainer / ORPOTrainer)
+    model: torch.nn.Module | None
+    is_encoder_decoder: Any  # a bool; TRL's type, inferred from `model.config`, is Any | Tensor | Module
+    aux_loss_enabled: bool
 
     def _expo_setup_head(self, backend, logit_transform) -> None:
         if self.is_encoder_decoder:
@@ -105,38 +113,34 @@ class _FusedConcatenatedForward(ConcatenatedForwardHook):
         return seq[:len_chosen], seq[len_chosen:], mean_c, mean_r, nll
 
 
-if TRLCPOTrainer is not None:
+class FusedCPOTrainer(_FusedConcatenatedForward, TRLCPOTrainer):
+    """``trl.experimental.cpo.CPOTrainer`` (CPO, SimPO, AlphaPO, ...) on expo_kernels' head: same
+    arguments, losses and metrics, no logits."""
 
-    class FusedCPOTrainer(_FusedConcatenatedForward, TRLCPOTrainer):
-        """``trl.experimental.cpo.CPOTrainer`` (CPO, SimPO, AlphaPO, ...) on expo_kernels' head: same
-        arguments, losses and metrics, no logits."""
+    def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
+        check_head_options(backend, logit_transform)
+        super().__init__(*args, **kwargs)
+        self._expo_setup_head(backend, logit_transform)
 
-        def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
-            check_head_options(backend, logit_transform)
-            super().__init__(*args, **kwargs)
-            self._expo_setup_head(backend, logit_transform)
+    def _expo_pad_value(self):
+        return self.pad_token_id
 
-        def _expo_pad_value(self):
-            return self.pad_token_id
+    def _average_logps(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")
 
-        def _average_logps(self) -> bool:
-            return self.loss_type in ("ipo", "simpo")
-
-        def _nll_weight(self) -> float:
-            return self.cpo_alpha
+    def _nll_weight(self) -> float:
+        return self.cpo_alpha
 
 
-if TRLORPOTrainer is not None:
+class FusedORPOTrainer(_FusedConcatenatedForward, TRLORPOTrainer):
+    """``trl.experimental.orpo.ORPOTrainer`` on expo_kernels' head: same arguments, loss and metrics."""
 
-    class FusedORPOTrainer(_FusedConcatenatedForward, TRLORPOTrainer):
-        """``trl.experimental.orpo.ORPOTrainer`` on expo_kernels' head: same arguments, loss and metrics."""
+    _nll_over_prompt = True
 
-        _nll_over_prompt = True
+    def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
+        check_head_options(backend, logit_transform)
+        super().__init__(*args, **kwargs)
+        self._expo_setup_head(backend, logit_transform)
 
-        def __init__(self, *args, backend: str | None = None, logit_transform: dict | None = None, **kwargs):
-            check_head_options(backend, logit_transform)
-            super().__init__(*args, **kwargs)
-            self._expo_setup_head(backend, logit_transform)
-
-        def _expo_pad_value(self):
-            return self.padding_value
+    def _expo_pad_value(self):
+        return self.padding_value

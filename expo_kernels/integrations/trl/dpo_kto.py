@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -23,9 +23,9 @@ from ...modules import FusedLinearPreferenceLoss
 from ..hf import lm_head_parameters
 from ._trl_compat import (
     DPO_CONFIG_HPARAMS,
+    PEFT_MODEL_TYPES,
     TRL_DPO_LOSS_TYPES,
     DPOComputeLossHook,
-    PeftModel,
     disable_gradient_checkpointing,
     log_metrics,
     trl_dpo,
@@ -42,6 +42,9 @@ from .fused_head import (
     gathered,
     head_operands,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["FusedDPOTrainer", "FusedKTOTrainer", "enable_fused_lm_head", "TRL_DPO_LOSS_TYPES"]
 
@@ -93,6 +96,17 @@ def _registry_loss(args, loss_kwargs: dict, backend, transform) -> FusedLinearPr
 class _FusedDPOMixin(DPOComputeLossHook):
     """Our head in TRL's DPO code paths; losses TRL lacks through :class:`FusedLinearPreferenceLoss`."""
 
+    _expo_backend: str | None
+    _expo_loss: FusedLinearPreferenceLoss | None
+
+    # the host trainer's (DPOTrainer)
+    args: Any  # a DPOConfig (transformers' Trainer declares TrainingArguments)
+    model: torch.nn.Module | None
+    ref_model: PreTrainedModel | None
+    accelerator: Any
+    precompute_ref_logps: bool
+    aux_loss_enabled: bool
+
     def _expo_setup(self, loss_kwargs: dict | None, backend: str | None, registry_loss: bool | None) -> None:
         self._expo_backend = backend
         loss_kwargs = dict(loss_kwargs or {})
@@ -128,7 +142,7 @@ class _FusedDPOMixin(DPOComputeLossHook):
             if self.ref_model is None:
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 ctx = contextlib.nullcontext()
-                if isinstance(unwrapped, PeftModel):
+                if isinstance(unwrapped, PEFT_MODEL_TYPES):
                     ctx = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
                 else:
                     raise ValueError(
@@ -251,14 +265,15 @@ def enable_fused_lm_head(
     _check_loss_options(loss_kwargs, registry_loss)
     if isinstance(trainer, kto) and loss_kwargs:
         raise ValueError("`loss_kwargs` applies to DPOTrainer losses only.")
-    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")
     if isinstance(trainer, dpo) and trainer.use_weighting:
         outputs += ("log_sum_sq_probs",)
-    opts = dict(backend=backend, logit_transform_override=logit_transform)
-    add_fused_lm_head(unwrap_trained_model(trainer, trainer.model), outputs=outputs, **opts)
+    policy = unwrap_trained_model(trainer, trainer.model)
+    add_fused_lm_head(policy, outputs=outputs, backend=backend, logit_transform_override=logit_transform)
     if trainer.ref_model is not None:
-        add_fused_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model), **opts)
+        ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+        add_fused_lm_head(ref, backend=backend, logit_transform_override=logit_transform)
     if isinstance(trainer, dpo) and not isinstance(trainer, _FusedDPOMixin):
         trainer.__class__ = type(f"Fused{type(trainer).__name__}", (_FusedDPOMixin, type(trainer)), {})
-        trainer._expo_setup(loss_kwargs, backend, registry_loss)
+        cast(_FusedDPOMixin, trainer)._expo_setup(loss_kwargs, backend, registry_loss)  # the class just set
     return trainer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from ...distributed.zero3 import any_zero3_partitioned, zero3_gathered
 from ...functional import TokenStats, linear_logprobs
 from ..hf import backbone, check_no_router_aux_loss, logit_transform
 from ._trl_compat import FUSED_OUTPUT_STATS, FusedCausalLMOutput
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "add_fused_lm_head",
@@ -43,7 +47,7 @@ def gathered(t: Tensor | None) -> Tensor | None:
     too: gather it for the call with :func:`expo_kernels.distributed.zero3_gathered`). The op needs
     the whole head for the call (as TRL does)."""
     if t is not None and type(t).__name__ == "DTensor":
-        return t.full_tensor()
+        return cast("DTensor", t).full_tensor()
     return t
 
 
@@ -60,10 +64,11 @@ def call_with_lm_head(head: torch.nn.Module, fn, *args, **kwargs):
     """
     if is_fsdp2(head):
         return fsdp_lm_head_call(head, lambda w, *a, **k: fn(w, getattr(head, "bias", None), *a, **k), *args, **kwargs)
-    weight, bias = head.weight, getattr(head, "bias", None)
+    # nn.Module types a submodule's attribute as Tensor | Module; an LM head's weight is a parameter
+    weight, bias = cast(Tensor, head.weight), getattr(head, "bias", None)
     if any_zero3_partitioned(weight, bias):  # DeepSpeed ZeRO-3: gathered for this call only
-        with zero3_gathered(weight, bias) as (weight, bias):
-            return fn(weight, bias, *args, **kwargs)
+        with zero3_gathered(weight, bias) as (full_weight, full_bias):
+            return fn(full_weight, full_bias, *args, **kwargs)
     return fn(gathered(weight), gathered(bias), *args, **kwargs)
 
 

@@ -6,7 +6,7 @@ split of the vocabulary among a forward's programs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -141,7 +141,7 @@ def _device_arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def launch_config(kernel: str, hidden: torch.Tensor, **options) -> TileConfig:
+def launch_config(kernel: str, hidden: torch.Tensor, **options: Any) -> TileConfig:
     ieee = bool(kernel_flags(hidden)["IEEE_FP32"])
     return select_config(kernel, hidden.dtype, _device_arch(hidden.device), ieee_fp32=ieee, **options)
 
@@ -170,7 +170,9 @@ def _choose_splits(n_token_blocks: int, vocab_tiles: int, device: torch.device) 
     return max(1, min(vocab_tiles, triton.cdiv(target, n_token_blocks)))
 
 
-def split_vocab(n_tokens, vocab, cfg: TileConfig, device, vocab_splits):
+def split_vocab(
+    n_tokens: int, vocab: int, cfg: TileConfig, device: torch.device, vocab_splits: int | None
+) -> tuple[int, int, int]:
     """(token blocks, vocab splits, vocab columns per split), with no empty split."""
     n_blocks = triton.cdiv(n_tokens, cfg.block_n)
     vocab_tiles = triton.cdiv(vocab, cfg.block_v)

@@ -19,7 +19,8 @@ atomics and the result does not depend on the launch order (deterministic).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TypeVar
 
 import torch
 import triton
@@ -202,13 +203,16 @@ def to_dz(
     )
 
 
-def aot_entries(KernelEntry):
+_Entry = TypeVar("_Entry")
+
+
+def aot_entries(KernelEntry: Callable[..., _Entry]) -> list[_Entry]:
     """The two epilogues as entries of the ahead-of-time compile gate (benchmarks/gpu/aot_check.py):
     the workspace holds float32 logits (``*fp32``); dz is written in the head's dtype (``*T``)."""
     import itertools
 
-    def flags(*names):
-        def space():
+    def flags(*names: str) -> Callable[[], Iterator[dict[str, bool]]]:
+        def space() -> Iterator[dict[str, bool]]:
             for values in itertools.product((False, True), repeat=len(names)):
                 yield dict(zip(names, values, strict=True))
 

@@ -359,12 +359,12 @@ def _token_kl_backward_kernel(
 
 
 def token_kl_forward_partial(
-    hidden,
-    weight,
-    bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None,
     transform: LogitTransform,
     config: TileConfig | None = None,
     vocab_splits: int | None = None,
@@ -413,21 +413,21 @@ def token_kl_forward_partial(
 
 
 def token_kl_backward(
-    grad_kl,
-    hidden,
-    weight,
-    bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    lse_p,
-    lse_r,
+    grad_kl: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None,
+    lse_p: torch.Tensor,
+    lse_r: torch.Tensor,
     transform: LogitTransform,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
     config: TileConfig | None = None,
-):
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_n grad_kl[n] * KL_n`` w.r.t. the policy head only: dz_p = g (p - q)."""
     if torch.are_deterministic_algorithms_enabled():
         return torch_backend.token_kl_backward(
