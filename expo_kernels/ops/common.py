@@ -101,18 +101,21 @@ def topk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor
     """Differentiable ``z[n, ids[n, j]] = T(hidden[n] . weight[ids[n, j]] + bias[ids[n, j]])``.
 
     hidden ``[N, H]``, weight ``[V, H]``, bias ``[V] | None``, ids ``[N, k]`` int64 (a row whose first
-    id is negative is an ignored token: 0 there, and its hidden row is never read, so it may hold
-    anything) -> ``[N, k]`` float32 (float64 for float64 inputs). ``O(N k H)``: the kernels select the
+    id is negative is an ignored token: 0 there, with no gradient, whatever its hidden row holds) ->
+    ``[N, k]`` float32 (float64 for float64 inputs). ``O(N k H)``: the kernels select the
     ids without materializing ``[N, V]``, and autograd through this gather gives the sparse update
     (only the selected weight/bias rows receive gradient).
     """
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rows = (ids[:, 0] >= 0).nonzero().squeeze(1) if ids.shape[1] > 0 else ids.new_zeros(0)
-    sel = ids.index_select(0, rows)
-    h = hidden.index_select(0, rows).to(acc)
+    if ids.shape[1] == 0:
+        return hidden.new_zeros(ids.shape, dtype=acc)
+    # Masks, not a compaction: no data-dependent shape, so torch.compile traces it without a graph break.
+    # An ignored row reads weight row 0 and a zeroed hidden row (whatever it held, no NaN reaches d_weight).
+    counted = ids[:, :1] >= 0  # [N, 1]
+    sel = ids.clamp(min=0)
+    h = torch.where(counted, hidden, 0).to(acc)
     w = weight.index_select(0, sel.reshape(-1)).view(*sel.shape, weight.shape[1]).to(acc)
-    raw = (w @ h[:, :, None]).squeeze(-1)  # [n, k]
+    raw = (w @ h[:, :, None]).squeeze(-1)  # [N, k]
     if bias is not None:
         raw = raw + bias.to(acc).index_select(0, sel.reshape(-1)).view(sel.shape)
-    z = transform.apply(raw)
-    return z.new_zeros(ids.shape).index_copy(0, rows, z)
+    return torch.where(counted, transform.apply(raw), 0)

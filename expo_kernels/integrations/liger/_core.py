@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ...functional import linear_logprobs
 from ...losses.registry import get_loss_spec
+
+if TYPE_CHECKING:  # base imports this module
+    from .base import CallArgs
 
 __all__ = [
     "Batch",
@@ -73,7 +75,7 @@ class Batch(NamedTuple):
     ref_bias: Tensor | None = None
 
     @classmethod
-    def of(cls, args: SimpleNamespace) -> Batch:
+    def of(cls, args: CallArgs) -> Batch:
         """The tensors of a call's arguments (a step's ``args``)."""
         refs = (getattr(args, name, None) for name in ("ref_input", "ref_weight", "ref_bias"))
         return cls(args._input, args.weight, args.target, args.bias, *refs)

@@ -20,22 +20,35 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ._core import check_options, check_registry_hparams
 
-__all__ = ["REQUIRED", "Option", "LigerSpec", "SPECS", "LigerFunction", "LigerLoss", "Step", "Check"]
+__all__ = ["REQUIRED", "CallArgs", "Option", "LigerSpec", "SPECS", "LigerFunction", "LigerLoss", "Step", "Check"]
 
 #: An argument with no default.
 REQUIRED = inspect.Parameter.empty
 
+
+class CallArgs:
+    """A call's arguments by name (``args.beta``, ``args._input``, ...): a plain class, as torch.compile
+    traces its construction (it cannot build a ``types.SimpleNamespace`` under ``fullgraph=True``)."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # for mypy: the attributes are the call's argument names
+        raise AttributeError(name)
+
+
 #: ``step(owner, args, hparams) -> (loss, aux)``: a loss family's computation.
-Step = Callable[[str, SimpleNamespace, dict[str, Any]], tuple[Tensor, tuple[Tensor, ...]]]
+Step = Callable[[str, CallArgs, dict[str, Any]], tuple[Tensor, tuple[Tensor, ...]]]
 #: ``check(owner, args)``: option checks beyond the types and the registry's ranges; raises.
-Check = Callable[[str, SimpleNamespace], None]
+Check = Callable[[str, CallArgs], None]
+
 
 _TENSORS = ("_input", "weight", "lin_weight", "target")  # the call arguments Liger requires
 
@@ -80,10 +93,10 @@ class LigerSpec:
         """The alias in ``liger_kernel.chunked_loss.functional``."""
         return f"liger_fused_linear_{self.short.lower()}"
 
-    def registry_loss(self, args: SimpleNamespace) -> str:
+    def registry_loss(self, args: CallArgs) -> str:
         return self.loss if self.loss is not None else args.loss_type
 
-    def hparams(self, args: SimpleNamespace) -> dict[str, Any]:
+    def hparams(self, args: CallArgs) -> dict[str, Any]:
         """The registry hyperparameters of a call: the mapped options, then the fixed ones."""
         loss = self.registry_loss(args)
         hp = {o.to: getattr(args, o.name) for o in self.options if o.to and (not o.only or loss in o.only)}
@@ -271,7 +284,7 @@ class LigerFunction:
     def validate(cls, owner: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """Refuse, naming ``owner`` and the option, what Liger would not take or the registry loss cannot;
         returns the registry hyperparameters."""
-        args = SimpleNamespace(**values)
+        args = CallArgs(**values)
         bools = {o.name: values[o.name] for o in cls.spec.options if isinstance(o.default, bool)}
         check_options(owner, ignore_index=args.ignore_index, chunk_size=args.chunk_size, bools=bools)
         if cls._check is not None:
@@ -284,7 +297,7 @@ class LigerFunction:
     def run(cls, owner: str, values: Mapping[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Validate and compute; ``values`` holds every ``apply`` argument by name."""
         hp = cls.validate(owner, values)
-        loss, aux = cls._step(owner, SimpleNamespace(**values), hp)
+        loss, aux = cls._step(owner, CallArgs(**values), hp)
         assert len(aux) == len(cls.spec.outputs), (cls.spec.outputs, len(aux))
         return loss, aux
 

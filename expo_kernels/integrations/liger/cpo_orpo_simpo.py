@@ -5,7 +5,6 @@ the registry loss of the same name, the chosen NLL from the same fused pass. Row
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from ...losses import preference_loss, preference_loss_and_metrics
 from ._core import Batch, Preference, SequenceLogps, paired_step
-from .base import SPECS, LigerFunction, LigerLoss
+from .base import SPECS, CallArgs, LigerFunction, LigerLoss
 
 __all__ = [
     "LigerFusedLinearORPOFunction",
@@ -28,7 +27,7 @@ _Out = tuple[Tensor, tuple[Tensor, ...], bool]
 
 
 def _reference_free(
-    owner: str, a: SimpleNamespace, preference: Preference, *, alpha: float, average_log_prob: bool, nll_target=None
+    owner: str, a: CallArgs, preference: Preference, *, alpha: float, average_log_prob: bool, nll_target=None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     return paired_step(
         owner,
@@ -42,7 +41,7 @@ def _reference_free(
     )
 
 
-def _orpo_step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _orpo_step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     beta = a.beta
 
     def preference(c: Tensor, r: Tensor, rc: Tensor, rr: Tensor, seq: SequenceLogps, nll: Tensor) -> _Out:
@@ -62,7 +61,7 @@ def _orpo_step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tens
     return _reference_free(owner, a, preference, alpha=1.0, average_log_prob=True, nll_target=a.nll_target)
 
 
-def _cpo_step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _cpo_step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     beta = a.beta
 
     def preference(c: Tensor, r: Tensor, rc: Tensor, rr: Tensor, seq: SequenceLogps, nll: Tensor) -> _Out:
@@ -73,7 +72,7 @@ def _cpo_step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tenso
     return _reference_free(owner, a, preference, alpha=a.alpha, average_log_prob=a.average_log_prob)
 
 
-def _simpo_step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _simpo_step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     beta = a.beta
 
     def preference(c: Tensor, r: Tensor, rc: Tensor, rr: Tensor, seq: SequenceLogps, nll: Tensor) -> _Out:

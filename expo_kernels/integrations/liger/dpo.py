@@ -10,8 +10,6 @@ Liger front end as fast as our own API.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,7 +18,7 @@ from torch import Tensor
 from ...losses import preference_loss
 from ...modules import FusedLinearPreferenceLoss
 from ._core import Batch, SequenceLogps, logit_means, paired_step
-from .base import SPECS, LigerFunction, LigerLoss
+from .base import SPECS, CallArgs, LigerFunction, LigerLoss
 
 __all__ = ["DPO_LOSS_TYPES", "LigerFusedLinearDPOFunction", "LigerFusedLinearDPOLoss"]
 
@@ -40,7 +38,7 @@ DPO_LOSS_TYPES = (
 )
 
 
-def _check(owner: str, a: SimpleNamespace) -> None:
+def _check(owner: str, a: CallArgs) -> None:
     loss_type, label_smoothing = a.loss_type, a.label_smoothing
     if loss_type not in DPO_LOSS_TYPES:
         if loss_type == "ipo":
@@ -63,7 +61,7 @@ def _check(owner: str, a: SimpleNamespace) -> None:
         )
 
 
-def _step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     beta, loss_type, batch = a.beta, a.loss_type, Batch.of(a)
     if not a.compute_nll_loss and not a.average_log_prob:
         fast = _engine_step(batch, a, hp)
@@ -91,14 +89,22 @@ def _step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, t
     )
 
 
-@lru_cache(maxsize=64)
+# One module per (loss, hyperparameters, ignore_index): a plain dict, which torch.compile reads without a
+# warning (it does not trace into functools.lru_cache). The key space is the options users pass: small.
+_MODULES: dict[tuple[str, tuple[tuple[str, Any], ...], int], FusedLinearPreferenceLoss] = {}
+
+
 def _module(loss_type: str, hp: tuple[tuple[str, Any], ...], ignore_index: int) -> FusedLinearPreferenceLoss:
-    return FusedLinearPreferenceLoss(loss_type, ignore_index=ignore_index, compute_metrics=False, **dict(hp))
+    key = (loss_type, hp, ignore_index)
+    module = _MODULES.get(key)
+    if module is None:
+        module = _MODULES[key] = FusedLinearPreferenceLoss(
+            loss_type, ignore_index=ignore_index, compute_metrics=False, **dict(hp)
+        )
+    return module
 
 
-def _engine_step(
-    batch: Batch, a: SimpleNamespace, hp: dict[str, Any]
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+def _engine_step(batch: Batch, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """``(loss, chosen, rejected, ref_chosen, ref_rejected)`` (the last four detached, ``[B]``), or None
     when the call is not one the module takes as is (odd row count, no reference input with
     ``use_ref_model``, non-tensor arguments): the general path then runs and reports."""

@@ -6,7 +6,6 @@ log-prob itself without a reference model).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from ...losses import preference_loss
 from ._core import Batch, policy_and_reference, row_logit_sums
-from .base import SPECS, LigerFunction, LigerLoss
+from .base import SPECS, CallArgs, LigerFunction, LigerLoss
 
 __all__ = ["LigerFusedLinearKTOFunction", "LigerFusedLinearKTOLoss"]
 
@@ -45,7 +44,7 @@ def _baseline(kl: Any, device: torch.device) -> Tensor | float:
     return float(kl)
 
 
-def _step(owner: str, a: SimpleNamespace, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     batch = Batch.of(a)
     seq = policy_and_reference(
         owner, batch, ignore_index=a.ignore_index, average_log_prob=a.average_log_prob, use_ref_model=a.use_ref_model
