@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,11 +17,9 @@ from torch import Tensor
 from ...functional import linear_logprobs
 from ...losses.registry import get_loss_spec
 
-if TYPE_CHECKING:  # base imports this module
-    from .base import CallArgs
-
 __all__ = [
     "Batch",
+    "CallArgs",
     "check_options",
     "check_registry_hparams",
     "SequenceLogps",
@@ -60,6 +58,18 @@ def check_registry_hparams(owner: str, loss: str, **hparams: Any) -> None:
         get_loss_spec(loss).resolve(hparams)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{owner}: {err}") from None
+
+
+class CallArgs:
+    """A call's arguments by name (``args.beta``, ``args._input``, ...): a plain class, as torch.compile
+    traces its construction (it cannot build a ``types.SimpleNamespace`` under ``fullgraph=True``)."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # for mypy: the attributes are the call's argument names
+        raise AttributeError(name)
 
 
 class Batch(NamedTuple):

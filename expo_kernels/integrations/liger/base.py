@@ -24,24 +24,12 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ._core import check_options, check_registry_hparams
+from ._core import CallArgs, check_options, check_registry_hparams
 
-__all__ = ["REQUIRED", "CallArgs", "Option", "LigerSpec", "SPECS", "LigerFunction", "LigerLoss", "Step", "Check"]
+__all__ = ["REQUIRED", "Option", "LigerSpec", "SPECS", "LigerFunction", "LigerLoss", "Step", "Check"]
 
 #: An argument with no default.
 REQUIRED = inspect.Parameter.empty
-
-
-class CallArgs:
-    """A call's arguments by name (``args.beta``, ``args._input``, ...): a plain class, as torch.compile
-    traces its construction (it cannot build a ``types.SimpleNamespace`` under ``fullgraph=True``)."""
-
-    def __init__(self, **values: Any) -> None:
-        for name, value in values.items():
-            setattr(self, name, value)
-
-    def __getattr__(self, name: str) -> Any:  # for mypy: the attributes are the call's argument names
-        raise AttributeError(name)
 
 
 #: ``step(owner, args, hparams) -> (loss, aux)``: a loss family's computation.

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ...losses import preference_loss, preference_loss_and_metrics
-from ._core import Batch, Preference, SequenceLogps, paired_step
-from .base import SPECS, CallArgs, LigerFunction, LigerLoss
+from ._core import Batch, CallArgs, Preference, SequenceLogps, paired_step
+from .base import SPECS, LigerFunction, LigerLoss
 
 __all__ = [
     "LigerFusedLinearORPOFunction",

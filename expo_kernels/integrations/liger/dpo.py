@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ...losses import preference_loss
 from ...modules import FusedLinearPreferenceLoss
-from ._core import Batch, SequenceLogps, logit_means, paired_step
-from .base import SPECS, CallArgs, LigerFunction, LigerLoss
+from ._core import Batch, CallArgs, SequenceLogps, logit_means, paired_step
+from .base import SPECS, LigerFunction, LigerLoss
 
 __all__ = ["DPO_LOSS_TYPES", "LigerFusedLinearDPOFunction", "LigerFusedLinearDPOLoss"]
 

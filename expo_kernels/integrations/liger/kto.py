@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ...losses import preference_loss
-from ._core import Batch, policy_and_reference, row_logit_sums
-from .base import SPECS, CallArgs, LigerFunction, LigerLoss
+from ._core import Batch, CallArgs, policy_and_reference, row_logit_sums
+from .base import SPECS, LigerFunction, LigerLoss
 
 __all__ = ["LigerFusedLinearKTOFunction", "LigerFusedLinearKTOLoss"]
 

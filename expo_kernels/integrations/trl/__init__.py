@@ -22,6 +22,8 @@ Tested with TRL 1.16 (``tests/test_integration_trl.py``).
 from ._trl_compat import HAS_TRL_CPO_ORPO
 from .dpo_kto import TRL_DPO_LOSS_TYPES, FusedDPOTrainer, FusedKTOTrainer, enable_fused_lm_head
 from .fused_head import add_fused_lm_head, call_with_lm_head
+from .grpo import TRL_GRPO_LOSS_TYPES, FusedGRPOTrainer, FusedRLOOTrainer
+from .online_dpo import TRL_ONLINE_DPO_LOSS_TYPES, FusedOnlineDPOTrainer
 
 if HAS_TRL_CPO_ORPO:
     from .cpo_orpo import FusedCPOTrainer, FusedORPOTrainer
@@ -35,4 +37,9 @@ __all__ = [
     "FusedORPOTrainer",
     "enable_fused_lm_head",
     "TRL_DPO_LOSS_TYPES",
+    "FusedGRPOTrainer",
+    "FusedRLOOTrainer",
+    "FusedOnlineDPOTrainer",
+    "TRL_GRPO_LOSS_TYPES",
+    "TRL_ONLINE_DPO_LOSS_TYPES",
 ]
