@@ -133,7 +133,7 @@ MODEL_PATH = {
     "expo-recompute": (False, True),
 }
 EXPO_ROWS = ("expo-engine", "expo-engine-frozen", "expo-recompute")
-#: Test hook (benchmarks/test_bench_dpo_gpu.py): the row child of this impl kills itself with SIGSEGV.
+#: Test hook (tests/test_bench_dpo_gpu.py): the row child of this impl kills itself with SIGSEGV.
 CRASH_ENV = "EXPO_BENCH_CRASH_ROW"
 
 

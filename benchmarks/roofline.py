@@ -70,7 +70,7 @@ DEVICES = {
 }
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
-# Mirrors of expo_kernels' engine constants (benchmarks/test_bench_dpo_gpu.py checks them against the
+# Mirrors of expo_kernels' engine constants (tests/test_bench_dpo_gpu.py checks them against the
 # package): the workspace cap per device type (ops/options.py DEFAULT_WORKSPACE_BYTES) and the tokens
 # a chunk of whole pairs grows to (engine.py CHUNK_TOKENS).
 WORKSPACE_BYTES = {"cpu": 512 << 20, "cuda": 1 << 30}

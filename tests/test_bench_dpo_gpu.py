@@ -1,8 +1,6 @@
 """Small CPU checks of ``bench_dpo_gpu`` and its helpers (``roofline``, ``_harness``, ``_workloads``).
 
-Not part of the test suite (``testpaths = ["tests"]``); run on request, ~20 s on 2 cores:
-
-    pytest benchmarks/test_bench_dpo_gpu.py -p no:cacheprovider -o addopts=""
+Part of the suite (the GPU run has no second try, so its benchmark is tested here); ~20 s on 2 cores.
 
 What they cover: the row order (the engine, every peer, our other paths; cut-cross-entropy before
 Liger at long context), one child process per row (a crashed row is recorded and the next row runs;
