@@ -147,6 +147,28 @@ def recompute_module(backend: str, device: torch.device, dtype: torch.dtype, voc
     return library_gemm_module() if chosen.path is Path.LIBRARY_GEMM else backend_module(chosen.backend)
 
 
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype ``F.linear``'s operands take inside a ``torch.autocast`` region of ``device``'s type
+    (``torch.get_autocast_dtype``), None outside one (or for a device type without autocast).
+
+    Read per call, like autocast itself: a region is for one device type (``"cuda"`` or ``"cpu"``), and
+    a CUDA region leaves CPU tensors alone. Traceable by ``torch.compile`` (dynamo evaluates both
+    queries at trace time and guards on the autocast state)."""
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_dtype(t: Tensor) -> torch.dtype:
+    """``t``'s dtype after autocast's cast (the GEMM operands' dtype a call computes in): the autocast
+    dtype for a floating tensor inside a region of its device type, except float64 (autocast leaves it,
+    as it does for ``F.linear``); else ``t.dtype``."""
+    if not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return autocast_dtype(t.device) or t.dtype
+
+
 def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
     """Per-token results are float32, or float64 for float64 inputs (gradcheck, small studies)."""
     return torch.float64 if input_dtype == torch.float64 else torch.float32
@@ -481,10 +503,10 @@ def plan_linear_logprobs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, topk: int | None = None, backend: str | None = None
 ) -> Plan:
     """:func:`plan` of ``linear_logprobs(hidden, weight, labels, bias, topk=..., backend=...)`` from its
-    tensors, in the current grad mode and ``kernel_options``."""
+    tensors, in the current grad mode, ``kernel_options`` and autocast state."""
     return plan(
         hidden.device,
-        hidden.dtype,
+        cast_dtype(hidden),  # the dtype the call computes in: the autocast dtype inside a region
         tokens=math.prod(hidden.shape[:-1]),
         vocab=weight.shape[0],
         needs_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
@@ -513,6 +535,54 @@ def pair_path(max_pair_tokens: int, budget_tokens: int, options: KernelOptions |
     return Path.PAIR_ENGINE if fits else Path.LONG_PAIR_CHUNKS
 
 
+@dataclass(frozen=True)
+class LongPairGrads:
+    """What decides how a pair longer than the workspace is done (``Path.LONG_PAIR_CHUNKS``): the head's
+    hidden size, the pairs of the batch, which head gradients are asked for, and whether the loss's
+    per-token gradient is one number per sequence (``row_constant``: losses of per-sequence sums or means,
+    the DPO family, SimPO, CPO, ORPO, ...; not LD-DPO's ``ld_alpha``, whose tail tokens count less)."""
+
+    hidden_size: int
+    pairs: int
+    need_weight: bool
+    need_bias: bool
+    row_constant: bool
+
+
+def long_pair_partials(
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    grads: LongPairGrads,
+    options: KernelOptions | None = None,
+) -> tuple[int, str | None]:
+    """``(bytes, why not)`` of the one-pass long-pair step: the per-sequence gradient partials it holds
+    (an unscaled ``[V, H]`` d_weight and ``[V]`` d_bias per sequence of the pair in flight: one pair's
+    chosen row accumulates straight into d_weight when the batch has one pair), and why it cannot run
+    (None: it can; the step then runs in one pass, 8NHV, instead of two, 10NHV). It runs when the loss's
+    per-token gradient is constant along each sequence and the partials take at most half the workspace
+    (the logits' chunk gets the rest); for a frozen head (no d_weight, no d_bias) always: dH's rows are
+    scaled token by token."""
+    device = torch.device(device)
+    acc = 8 if dtype == torch.float64 else 4
+    buffers = 1 if grads.pairs == 1 else 2
+    partial = buffers * acc * vocab * (grads.hidden_size * grads.need_weight + grads.need_bias)
+    if not partial:  # a frozen head: only dH, whose rows scale token by token
+        return 0, None
+    if not grads.row_constant:
+        return partial, (
+            "the loss's per-token gradient is not one number per sequence (ld_alpha): the logits are "
+            "recomputed once the loss's gradient is known"
+        )
+    ws = workspace_bytes(device, options)
+    if 2 * partial > ws:
+        return partial, (
+            f"its per-sequence d_weight partials ({_mib(partial)}) exceed half the workspace ({_mib(ws)}, "
+            "kernel_options(workspace_bytes=...))"
+        )
+    return partial, None
+
+
 def plan_pair_step(
     device: torch.device | str,
     dtype: torch.dtype,
@@ -524,12 +594,15 @@ def plan_pair_step(
     not_separable: str | None = None,
     max_pair_tokens: int | None = None,
     options: KernelOptions | None = None,
+    long_pair: LongPairGrads | None = None,
 ) -> Plan:
     """The plan of a paired preference module's step (``FusedLinearPreferenceLoss``): the pair engine
     (PAIR_ENGINE; LONG_PAIR_CHUNKS when the longest pair, ``max_pair_tokens`` counted tokens, exceeds the
     workspace; None = not known yet), or, where the engine does not serve the call, the op's plan
     (:func:`plan`) of its policy pass over ``tokens`` rows. ``not_separable``: why the loss is not
-    pair-separable (batch-coupled, EXPO's token KL), None when it is.
+    pair-separable (batch-coupled, EXPO's token KL), None when it is. ``long_pair``: what decides whether
+    LONG_PAIR_CHUNKS runs in one pass (per-sequence gradient partials, scaled once the loss's gradient is
+    known: 8NHV) or two (the logits recomputed: 10NHV), :func:`long_pair_partials`; the reason says which.
 
     The engine serves: a separable loss, a gradient to compute, a float head on CPU or CUDA (32/64-bit on
     the CPU: no float32-output 16-bit GEMM there), a backend with epilogues for the device, and
@@ -560,6 +633,8 @@ def plan_pair_step(
             path = pair_path(max_pair_tokens, budget, options)
             size = f"; longest pair {max_pair_tokens} counted tokens, workspace {budget} tokens"
         lead = f"kernel_options(path={forced.value!r})" if forced is not None else "a separable loss with a gradient"
+        if path is Path.LONG_PAIR_CHUNKS:
+            size += "; " + _long_pair_passes(vocab, dtype, device, long_pair, options)
         return Plan(name, path, f"{lead}: the {name} epilogues on library GEMMs, chunks of whole pairs{size}")
     op = plan(device, dtype, tokens=tokens, vocab=vocab, needs_grad=needs_grad, backend=backend, options=options)
     if forced is not None:
@@ -569,3 +644,21 @@ def plan_pair_step(
     else:
         lead = f"no pair engine: {why}"
     return Plan(op.backend, op.path, f"the op's path ({lead}); {op.reason}")
+
+
+def _long_pair_passes(
+    vocab: int, dtype: torch.dtype, device: torch.device, grads: LongPairGrads | None, options: KernelOptions
+) -> str:
+    """How LONG_PAIR_CHUNKS runs, in words (:func:`long_pair_partials`)."""
+    if grads is None:
+        return (
+            "token chunks in one pass (per-sequence gradient partials) where the loss's gradient is constant "
+            "along each sequence and the partials fit half the workspace, else two passes (logits recomputed)"
+        )
+    partial, why = long_pair_partials(vocab, dtype, device, grads, options)
+    if why is None:
+        return (
+            f"token chunks in one pass: the loss's gradient is constant along each sequence, so dz is formed "
+            f"unscaled and its per-sequence partials ({_mib(partial)}) are scaled once the loss is known (8NHV)"
+        )
+    return f"token chunks in two passes, the logits recomputed (10NHV): {why}"

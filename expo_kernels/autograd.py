@@ -39,6 +39,33 @@ def _no_double_backward(op_name: str):
     return backward
 
 
+#: The device types whose autocast the ops step out of (``_autocast_transparent``).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+_AUTOCAST_LIB = torch.library.Library("expo_kernels", "IMPL")
+
+
+def _autocast_transparent(op) -> None:
+    """Run ``op`` inside a ``torch.autocast`` region as outside one: in its inputs' dtypes, with autocast
+    off for its implementation (docs/design.md, "Mixed precision").
+
+    The kernel ``torch.library.register_autocast`` installs, minus its cast: that rule casts every
+    floating input to one fixed dtype per device type (not the region's, which may be bfloat16 or float16),
+    float32 ``lse``/``grad_logp`` of the backward ops and float64 inputs included, and after the backend
+    and path were planned for the uncast dtype. The public functions cast the GEMM operands themselves,
+    before planning (``functional.head_autocast``); this kernel keeps autocast from recasting the float32
+    accumulation inside the op (its torch GEMMs would run in bfloat16), in a forward, in a backward run
+    inside the region, and in a compiled graph alike (the dispatcher, not the Python entry, applies it)."""
+    for device_type in AUTOCAST_DEVICE_TYPES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _excluded=excluded):
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return op._opoverload(*args)
+
+        _AUTOCAST_LIB.impl(op._name, kernel, key, with_keyset=True)
+
+
 def _transform_args(logit_scale, softcap, temperature) -> dict:
     return {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap}
 
@@ -283,6 +310,8 @@ def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, ls
 
 torch.library.register_autograd("expo_kernels::linear_logprobs", _backward, setup_context=_setup_context)
 torch.library.register_autograd("expo_kernels::linear_logprobs_backward", _no_double_backward("linear_logprobs"))
+_autocast_transparent(linear_logprobs_op)
+_autocast_transparent(linear_logprobs_backward_op)
 
 
 @torch.library.custom_op("expo_kernels::linear_token_kl", mutates_args=())
@@ -450,3 +479,5 @@ torch.library.register_autograd(
     "expo_kernels::linear_token_kl", _token_kl_backward, setup_context=_setup_token_kl_context
 )
 torch.library.register_autograd("expo_kernels::linear_token_kl_backward", _no_double_backward("linear_token_kl"))
+_autocast_transparent(linear_token_kl_op)
+_autocast_transparent(linear_token_kl_backward_op)

@@ -21,9 +21,13 @@ recomputing the logits in backward costs 10NHV. Memory: the workspace (one chunk
 never ``[N, V]``. ``dW`` accumulates in float32 for a 16-bit head (a [V, H] buffer of 2x the weight,
 as in every peer) and is rounded to the head's dtype once, at the end of the step.
 
-A pair longer than the workspace cannot be folded whole: the step then runs two passes over token
-chunks of the workspace's size (forward: the per-token results; the loss's ``g`` for every token;
-backward: the logits recomputed, dz, dH, dW) -- 10NHV, still no atomics and deterministic.
+A pair longer than the workspace cannot be folded whole. Where the loss's per-token gradient is one
+number per sequence (sums or means: every engine loss but ``ld_alpha``) and the per-sequence d_weight
+partials fit half the workspace (:func:`_dispatch.long_pair_partials`), it still runs in one pass, 8NHV
+(:func:`_long_pairs_one_pass`): token chunks, dz with ``g = 1``, unscaled dH rows and per-row
+``dW_s += dz_s^T h_s``, then, once the pair's ``g_s`` are known, ``dH *= g``, ``dW += sum_s g_s dW_s``.
+Otherwise two passes over token chunks (forward: the per-token results; the loss's ``g`` for every
+token; backward: the logits recomputed, dz, dH, dW) -- 10NHV. Both without atomics, deterministic.
 
 GEMMs: ``torch.mm`` (MKL/oneDNN on the CPU, cuBLAS on CUDA; 16-bit heads write float32 logits through
 ``out_dtype``, and dz goes back to the head's dtype for the dH/dW GEMMs). Epilogues (fold, dz): C++ on
@@ -424,6 +428,128 @@ class _Head:
         if self.d_bias is not None:
             self.d_bias.add_(dz.sum(dim=0, dtype=self.acc))
 
+    def backward_unscaled(
+        self, idx: Tensor, y: Tensor, h: Tensor, z: Tensor, dz: Tensor, lse: Tensor, split: int, parts
+    ):
+        """dz with ``g = 1`` (``onehot - p``, times the transform's derivative), ``dH[idx] = dz W``
+        unscaled, and the per-row partials: the chunk's first ``split`` tokens are the pair's chosen row,
+        the rest its rejected row (:class:`_RowPartials`)."""
+        n = idx.numel()
+        self.epi.to_dz(z, self.bias, y, lse, torch.ones(n, dtype=self.acc, device=z.device), self.transform, dz)
+        if self.d_hidden is not None:
+            self.d_hidden.index_copy_(0, idx, dz @ self.w.to(dz.dtype))
+        hd = h.to(dz.dtype) if parts.weight else h
+        for k, (lo, hi) in enumerate(((0, split), (split, n))):
+            if hi <= lo:
+                continue
+            if parts.weight:
+                _accumulate_d_weight(parts.weight[k], dz[lo:hi], hd[lo:hi], z[lo:hi])
+            if parts.bias:
+                parts.bias[k].add_(dz[lo:hi].sum(dim=0, dtype=self.acc))
+
+
+class _RowPartials:
+    """The unscaled d_weight / d_bias partials of the two rows (chosen, rejected) of the long pair in
+    flight. With one pair in the batch the chosen row's go straight into the head's (still zero)
+    gradients: one extra ``[V, H]`` buffer instead of two."""
+
+    def __init__(self, head: _Head, shared: bool):
+        self.shared = shared
+
+        def targets(grad: Tensor | None) -> list[Tensor]:
+            if grad is None:
+                return []
+            return [grad if shared else torch.zeros_like(grad), torch.zeros_like(grad)]
+
+        self.weight, self.bias = targets(head.d_weight), targets(head.d_bias)
+
+    def finish(self, head: _Head, idx: Tensor, g: Tensor, n_chosen: int, chunk: int) -> None:
+        """Scale the pair's gradients by the loss's ``g`` (per token, ``[n]`` for the pair's tokens
+        ``idx``, the chosen row's ``n_chosen`` first): ``dH[idx] *= g``, ``dW += g_c W_c + g_r W_r``
+        (the same for the bias); the partials are zeroed for the next pair."""
+        n = idx.numel()
+        if head.d_hidden is not None:
+            for t0 in range(0, n, chunk):
+                rows_t = idx[t0 : t0 + chunk]
+                scaled = head.d_hidden.index_select(0, rows_t).to(head.acc) * g[t0 : t0 + chunk, None]
+                head.d_hidden.index_copy_(0, rows_t, scaled.to(head.d_hidden.dtype))
+        if not (self.weight or self.bias):
+            return
+        segments = [(lo, hi) for lo, hi in ((0, n_chosen), (n_chosen, n)) if hi > lo]
+        # one number per row, by the caller's word (row_constant): checked, one sync per long pair
+        if segments and bool(torch.stack([(g[lo:hi] != g[lo]).any() for lo, hi in segments]).any()):
+            raise RuntimeError(
+                "the pair engine's one-pass long-pair step needs a loss whose per-token gradient is one number per "
+                "sequence (row_constant=True), and this loss's gradient varies along a row: pass row_constant=False"
+            )
+        for grad, parts in ((head.d_weight, self.weight), (head.d_bias, self.bias)):
+            if grad is None:
+                continue
+            for k, (lo, hi) in enumerate(((0, n_chosen), (n_chosen, n))):
+                if hi <= lo:
+                    continue
+                g_row = g[lo].to(grad.dtype)
+                if parts[k] is grad:  # the chosen row's partial is the gradient itself (zero before it)
+                    grad.mul_(g_row)
+                else:
+                    grad.addcmul_(parts[k], g_row)
+                    parts[k].zero_()
+
+
+def _one_pass_tokens(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool], row_constant: bool, plan
+) -> int:
+    """The token chunk of a one-pass long-pair step, 0 where it takes two passes
+    (:func:`_dispatch.long_pair_partials`): the workspace less the partials, at most ``chunk_tokens``."""
+    if not any(need):
+        return 0
+    dev, vocab = hidden.device, weight.shape[0]
+    grads = D.LongPairGrads(weight.shape[1], len(plan.pair_tokens), need[1], need[2] and bias is not None, row_constant)
+    partial, why = D.long_pair_partials(vocab, hidden.dtype, dev, grads)
+    if why is not None:
+        return 0
+    per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, dev, backward=True)
+    return max(1, min(chunk_tokens(dev), (workspace_bytes(dev) - partial) // per_token))
+
+
+def _long_pairs_one_pass(head: _Head, plan: PairPlan, chunk: int, fields, per_token, loss_of_tokens, rows, steps):
+    """A step with pairs longer than the workspace, in one pass (8NHV): each such pair in token chunks of
+    ``chunk`` -- logits, fold, dz with ``g = 1``, ``dH`` rows and per-row d_weight partials -- then the
+    loss's ``g`` (one number per row), which scales them (:class:`_RowPartials`); the other pairs in
+    chunks of whole pairs, as in a step whose pairs fit. A forced LONG_PAIR_CHUNKS whose pairs all fit
+    runs every pair the long way."""
+    per_pair = _pair_counts(plan)
+    b, dev, acc = len(per_pair), head.flat_h.device, head.acc
+    long = [p for p, c in enumerate(per_pair) if c > chunk] or [p for p, c in enumerate(per_pair) if c]
+    parts = _RowPartials(head, shared=b == 1)
+    for p in long:  # first: with one pair, its chosen row's partials are the (zero) gradients themselves
+        idx_all, y_all = _chunk_positions(plan, p, p + 1)  # the chosen row's tokens, then the rejected row's
+        n_chosen = plan.row_tokens[p]
+        for t0 in range(0, idx_all.numel(), chunk):
+            idx, y = idx_all[t0 : t0 + chunk], y_all[t0 : t0 + chunk]
+            out, h, z, dz, _ = head.forward(idx, y)
+            for f in fields:
+                per_token[f].index_copy_(0, idx, getattr(out, f))
+            head.backward_unscaled(idx, y, h, z, dz, out.lse, max(0, min(n_chosen - t0, idx.numel())), parts)
+        pair_out = TokenOutputs(**{f: per_token[f].index_select(0, idx_all) for f in fields})
+        g = _token_grads(loss_of_tokens, pair_out, idx_all, rows, steps, acc, dev)
+        parts.finish(head, idx_all, g, n_chosen, chunk)
+    taken = set(long)
+    short = [p for p in range(b) if p not in taken]
+    runs: list[list[int]] = []
+    for p in short:  # consecutive pairs: chunk ranges are pair ranges
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    for r0, r1 in runs:
+        for q0, q1 in pair_chunks(per_pair[r0:r1], chunk, chunk_tokens(dev)) or []:
+            idx, y = _chunk_positions(plan, r0 + q0, r0 + q1)
+            out, h, z, dz, _ = head.forward(idx, y)
+            for f in fields:
+                per_token[f].index_copy_(0, idx, getattr(out, f))
+            head.backward(idx, y, h, z, dz, out.lse, _token_grads(loss_of_tokens, out, idx, rows, steps, acc, dev))
+
 
 @functools.cache
 def _addmm_writes_float32(device_type: str, dtype: torch.dtype) -> bool:
@@ -469,6 +595,7 @@ def run_pair_step(
     need: tuple[bool, bool, bool],
     plan: PairPlan | None = None,
     ref_hidden: Tensor | None = None,
+    row_constant: bool = False,
 ) -> PairStep | None:
     """One paired step's policy pass and its gradients, chunk by chunk (see the module docstring).
 
@@ -478,7 +605,10 @@ def run_pair_step(
     bias). ``backend``: the epilogues' provider (:func:`epilogues`). ``plan``: :func:`plan_pairs` of
     these labels, when the caller has it. ``ref_hidden [R, T, H]``: the reference's hidden states through
     this same head (detached): each chunk's reference rows join its policy rows in one GEMM and the loss
-    gets their log-probs as ``ref_logp`` (the plan must be ``stacked`` and fit). Returns None only
+    gets their log-probs as ``ref_logp`` (the plan must be ``stacked`` and fit). ``row_constant``: the
+    loss's per-token gradient is one number per row (sum- or mean-aggregated losses; not ``ld_alpha``):
+    a pair longer than the workspace then runs in one pass where its gradient partials fit
+    (:func:`_dispatch.long_pair_partials`; checked: a row whose gradient varies raises). Returns None only
     without a pair.
     """
     rows, steps, _ = hidden.shape
@@ -489,12 +619,16 @@ def run_pair_step(
         return None
     if plan.stacked != stacked or (stacked and plan.chunks is None):
         raise ValueError("a reference through the shared head needs a stacked plan whose pairs fit the workspace")
+    one_pass = 0  # the token chunk of a one-pass long-pair step (0: not one)
     if plan.chunks is not None:
         per_pair = _pair_counts(plan)
         sizes = [sum(per_pair[p0:p1]) for p0, p1 in plan.chunks]
-    else:  # a pair longer than the workspace: token chunks, logits recomputed in the backward pass
+    else:  # a pair longer than the workspace: token chunks, in one pass or two (the logits recomputed)
         # (the chunk need not hold whole pairs here: the GEMM-friendly size, not the whole budget)
         sizes = [max(1, min(plan.budget_tokens, chunk_tokens(hidden.device), plan.token_ids.numel()))]
+        one_pass = _one_pass_tokens(hidden, weight, bias, need, row_constant, plan)
+        if one_pass:
+            sizes = [min(one_pass, max(1, plan.token_ids.numel()))]
     head = _Head(hidden, weight, bias, transform, with_stats, backend, need, max(sizes, default=0), ref_hidden)
     acc = head.acc
     fields = ("logp", "lse") + (("entropy", "mean_logit", "is_top1", "log_sum_p2") if with_stats else ())
@@ -521,6 +655,8 @@ def run_pair_step(
             if any(need):
                 g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device, ref_chunk)
                 head.backward(idx, y, h, z, dz, out.lse, g)
+    elif one_pass:
+        _long_pairs_one_pass(head, plan, sizes[0], fields, per_token, loss_of_tokens, rows, steps)
     else:
         chunk = sizes[0]
         for t0 in range(0, plan.token_ids.numel(), chunk):

@@ -7,8 +7,11 @@ sharded over a process group (``expo_kernels.distributed``).
 
 from __future__ import annotations
 
-from typing import Literal, overload
+import contextlib
+from contextlib import AbstractContextManager
+from typing import Literal, TypeVar, cast, overload
 
+import torch
 from torch import Tensor
 
 from . import _dispatch as D
@@ -18,6 +21,53 @@ from .distributed.zero3 import gathers_zero3_heads
 from .ops.common import LogitTransform, TokenStats, topk_logits
 
 __all__ = ["linear_logprobs", "linear_token_kl", "TokenStats"]
+
+_T = TypeVar("_T")
+
+
+class HeadAutocast:
+    """``torch.autocast`` for one call over an LM head, as ``F.linear`` has it (docs/design.md, "Mixed
+    precision"): inside a region of the device type of the call's first tensor, :meth:`cast` casts a GEMM
+    operand (hidden states, weight, bias, the reference head) to the region's dtype, and :meth:`region`
+    runs the call with autocast off, so that nothing recasts the float32 accumulation after it. Outside
+    a region both do nothing (mixed dtypes then raise the op's ``TypeError``).
+
+    Made by :func:`head_autocast`; used by every entry point (the public functions and the loss modules),
+    before anything is planned or checked, so that the plan sees the dtype the call computes in."""
+
+    def __init__(self, like: object) -> None:
+        device = like.device if isinstance(like, Tensor) else None
+        self.device_type = device.type if device is not None else None
+        self.dtype = D.autocast_dtype(device) if device is not None else None
+        self._done: list[tuple[Tensor, Tensor]] = []
+
+    def cast(self, t: _T) -> _T:
+        """``t`` in the autocast dtype: a floating tensor other than float64 (left alone, as autocast
+        does); anything else unchanged. The cast is differentiable: a float32 master weight gets its
+        gradient in float32. A tensor cast twice in one call is cast once (a head shared by the policy
+        and the reference is read from one copy)."""
+        if self.dtype is None or not isinstance(t, Tensor):
+            return t
+        if not t.is_floating_point() or t.dtype in (torch.float64, self.dtype):
+            return t
+        for src, out in self._done:
+            if src is t:
+                return cast(_T, out)
+        out = t.to(self.dtype)
+        self._done.append((t, out))
+        return cast(_T, out)
+
+    def region(self) -> AbstractContextManager:
+        """The context the call runs in: autocast off for its device type inside a region, else nothing."""
+        if self.dtype is None or self.device_type is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, enabled=False)
+
+
+def head_autocast(like: object) -> HeadAutocast:
+    """The :class:`HeadAutocast` of a call whose tensors live on ``like``'s device (its hidden states);
+    a no-op one for anything that is not a tensor (the call's checks then report it)."""
+    return HeadAutocast(like)
 
 
 def _sharded(process_group) -> bool:
@@ -125,7 +175,46 @@ def linear_logprobs(
         ``logp`` shaped like ``labels``, float32 (float64 for float64 inputs), exactly 0 at ignored
         positions, differentiable
         w.r.t. ``hidden``, ``weight`` and ``bias``; with ``return_stats``, ``(logp, TokenStats)``.
+
+    Inside ``torch.autocast``, ``hidden``, ``weight`` and ``bias`` are cast to the region's dtype first,
+    as ``F.linear``'s operands are (float64 ones are left alone); accumulation stays float32 and the
+    gradients reach the uncast tensors in their own dtype (docs/design.md, "Mixed precision").
     """
+    ac = head_autocast(hidden)
+    hidden, weight, bias = ac.cast(hidden), ac.cast(weight), ac.cast(bias)
+    with ac.region():
+        return _linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            return_stats=return_stats,
+            topk=topk,
+            backend=backend,
+            process_group=process_group,
+        )
+
+
+def _linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float | None,
+    softcap: float | None,
+    return_stats: bool,
+    topk: int | None,
+    backend: str | None,
+    process_group,
+) -> Tensor | tuple[Tensor, TokenStats]:
+    """:func:`linear_logprobs` on the operands it computes with (autocast applied)."""
     V.check_bool("return_stats", return_stats)
     V.check_backend_name(backend)
     if topk is not None and _sharded(process_group):
@@ -213,7 +302,48 @@ def linear_token_kl(
 
     Returns:
         ``[...]`` shaped like ``labels``, float32 (float64 for float64 inputs).
+
+    Inside ``torch.autocast`` both heads' operands are cast to the region's dtype first, as in
+    :func:`linear_logprobs`.
     """
+    ac = head_autocast(hidden)
+    hidden, weight, bias = ac.cast(hidden), ac.cast(weight), ac.cast(bias)
+    ref_hidden, ref_weight, ref_bias = ac.cast(ref_hidden), ac.cast(ref_weight), ac.cast(ref_bias)
+    with ac.region():
+        return _linear_token_kl(
+            hidden,
+            weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            bias,
+            ref_bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            backend=backend,
+            process_group=process_group,
+        )
+
+
+def _linear_token_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ref_bias: Tensor | None,
+    *,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float | None,
+    softcap: float | None,
+    backend: str | None,
+    process_group,
+) -> Tensor:
+    """:func:`linear_token_kl` on the operands it computes with (autocast applied)."""
     V.check_backend_name(backend)
     if _sharded(process_group):
         from .distributed import vocab_parallel_linear_token_kl

@@ -107,7 +107,11 @@ def unfused(
     name, hp, hidden, weight, bias, ref_hidden, ref_weight, labels, *, ref_bias=None, tf=None, ld_alpha=None, **extra
 ):
     """The plain trainer's loss, by hand (tests/reference.py): float64 logits and the paper's formula."""
-    ref = {} if LOSSES[name].reference == "none" else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    ref = (
+        {}
+        if LOSSES[name].reference == "none"
+        else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    )
     return reference_module_loss(
         name, hp, hidden, weight, bias, labels, **ref, ld_alpha=ld_alpha, transform=tf, ignore_index=IGNORE, **extra
     )

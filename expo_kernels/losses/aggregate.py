@@ -10,6 +10,15 @@ Layout (TRL's): a paired batch has ``R = 2B`` rows, the ``B`` chosen sequences f
 rejected ones in the same order. ``per_token_logps`` is ``[R, T]``, aligned with the labels (position
 ``t`` holds ``log p(label_t)``), ``completion_mask`` ``[R, T]`` is 1 on completion tokens (the
 label-aligned mask, i.e. TRL's ``completion_mask[:, 1:]``).
+
+Precision: the per-sequence sums (and the chosen rows' NLL) accumulate in float64 and are returned in
+float64, whatever the per-token dtype (float32 where the device has no float64, e.g. MPS). A long
+sequence's sum is large (about -2.3e5 at 21,845 counted tokens of V = 32000), where the float32 spacing
+is 1/64, and the losses take differences of four such sums to get a margin of order 1: rounded to
+float32, that margin is off by about 1e-2; in float64 only the per-token log-probs' own rounding is left
+(about 1e-6 each, a random walk: ~1e-4 at that length). The losses then run in float64 on them
+(``preference_loss`` computes in its inputs' dtype); the modules cast their loss and metrics back to the
+per-token dtype. The gradient reaching the per-token log-probs is the same number per token either way.
 """
 
 from __future__ import annotations
@@ -23,11 +32,24 @@ Tensor = torch.Tensor
 __all__ = ["PairedLogps", "sequence_logps", "aggregate_pair_logps", "wpo_weights"]
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype per-sequence sums accumulate and are returned in: float64, except on a device without
+    float64 arithmetic (MPS), where they stay float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _row_sums(values: Tensor, mask: Tensor) -> Tensor:
+    """``[R]`` sums of ``values [R, T]`` over ``mask``, in :func:`sum_dtype` (the cast is differentiable:
+    the gradient comes back in ``values``' dtype)."""
+    wide = values.to(sum_dtype(values.device)) if values.is_floating_point() else values
+    return torch.where(mask, wide, torch.zeros_like(wide)).sum(dim=1)
+
+
 class PairedLogps(NamedTuple):
     """Per-sequence numbers of a paired batch (``B`` pairs)."""
 
     chosen_logps: Tensor
-    """``[B]`` summed completion log-probs of the chosen (``ld_alpha``-weighted if given)."""
+    """``[B]`` summed completion log-probs of the chosen (``ld_alpha``-weighted if given), float64."""
     rejected_logps: Tensor
     """``[B]`` the same for the rejected."""
     chosen_lengths: Tensor
@@ -35,7 +57,7 @@ class PairedLogps(NamedTuple):
     rejected_lengths: Tensor
     """``[B]`` the same for the rejected."""
     chosen_nll: Tensor
-    """scalar: mean NLL over all chosen completion tokens of the batch, from the *unweighted* per-token
+    """scalar (float64): mean NLL over all chosen completion tokens of the batch, from the *unweighted* per-token
     log-probs (what TRL's ``sft`` loss type uses, also with ``ld_alpha``)."""
     weights: Tensor | None
     """``[B]`` WPO pair weights (detached), or None without ``log_sum_p2``."""
@@ -55,10 +77,10 @@ def _check(per_token_logps: Tensor, completion_mask: Tensor, name: str = "per_to
 
 
 def sequence_logps(per_token_logps: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sums [R], lengths [R])``: completion log-probs summed per row and completion token counts."""
+    """``(sums [R], lengths [R])``: completion log-probs summed per row (float64: :func:`sum_dtype`) and
+    completion token counts."""
     mask = _check(per_token_logps, completion_mask)
-    sums = torch.where(mask, per_token_logps, torch.zeros_like(per_token_logps)).sum(dim=1)
-    return sums, mask.sum(dim=1)
+    return _row_sums(per_token_logps, mask), mask.sum(dim=1)
 
 
 def wpo_weights(per_token_logps: Tensor, log_sum_p2: Tensor, completion_mask: Tensor) -> Tensor:
@@ -77,11 +99,11 @@ def wpo_weights(per_token_logps: Tensor, log_sum_p2: Tensor, completion_mask: Te
     if per_token_logps.shape[0] % 2:
         raise ValueError("a paired batch needs an even number of rows (chosen rows, then rejected rows).")
     with torch.no_grad():
-        aligned = torch.where(mask, per_token_logps - log_sum_p2, torch.zeros_like(per_token_logps))
+        aligned = _row_sums(per_token_logps - log_sum_p2, mask)
         lengths = mask.sum(dim=1).clamp(min=1).to(aligned.dtype)
-        w = torch.exp(aligned.sum(dim=1) / lengths)
+        w = torch.exp(aligned / lengths)
         wc, wr = w.chunk(2, dim=0)
-        return wc * wr
+        return (wc * wr).to(per_token_logps.dtype)
 
 
 def aggregate_pair_logps(
@@ -91,7 +113,8 @@ def aggregate_pair_logps(
     ld_alpha: float | None = None,
     log_sum_p2: Tensor | None = None,
 ) -> PairedLogps:
-    """Per-sequence numbers of a paired batch from its per-token log-probs.
+    """Per-sequence numbers of a paired batch from its per-token log-probs. The sums and ``chosen_nll``
+    are float64 (:func:`sum_dtype`; see the module docstring), the weights in the per-token dtype.
 
     Args:
         per_token_logps: ``[2B, T]`` log-probs of the label tokens, chosen rows first.
@@ -109,8 +132,9 @@ def aggregate_pair_logps(
         raise ValueError(
             f"a paired batch needs an even number of rows (B chosen rows, then B rejected rows); got {rows}."
         )
-    zeros = torch.zeros_like(per_token_logps)
-    masked = torch.where(mask, per_token_logps, zeros)
+    wide = per_token_logps.to(sum_dtype(per_token_logps.device))
+    zeros = torch.zeros_like(wide)
+    masked = torch.where(mask, wide, zeros)
     lengths = mask.sum(dim=1)
     if ld_alpha is None:
         logps = masked.sum(dim=1)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._dispatch import Plan, plan_linear_logprobs
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_positive_finite
 from ..distributed.zero3 import zero3_gathered
-from ..functional import TokenStats, linear_logprobs, linear_token_kl
+from ..functional import TokenStats, head_autocast, linear_logprobs, linear_token_kl
 from ..losses import LOSSES, get_loss_spec, preference_loss, preference_loss_and_metrics
 from ..losses.api import check_hparams, check_loss_weights
 from ..losses.registry import HParamTypeError, as_real, describe, loss_names
@@ -202,18 +202,35 @@ class FusedLinearLossBase(nn.Module):
         )
         self.reference_free = all(s.reference == "none" for s in self.specs)
 
+    #: the keyword inputs of ``forward`` that are GEMM operands (cast under autocast, :meth:`__call__`),
+    #: besides ``lm_head_weight`` and ``hidden`` (the first two inputs)
+    gemm_inputs: tuple[str, ...] = ("hidden", "bias", "ref_hidden", "ref_weight", "ref_bias")
+
     def __call__(self, lm_head_weight: Any, *args: Any, **kwargs: Any) -> Any:
         """``forward``; DeepSpeed ZeRO-3 heads (policy, reference) are gathered once for the whole call,
         so the policy pass, the token KL and the reference pass of a shared head read one gathered
-        weight (:func:`expo_kernels.distributed.zero3_gathered`)."""
+        weight (:func:`expo_kernels.distributed.zero3_gathered`). Inside ``torch.autocast`` the GEMM
+        operands are then cast to the region's dtype and ``forward`` runs with autocast off
+        (:func:`expo_kernels.functional.head_autocast`; docs/design.md, "Mixed precision")."""
         heads = (lm_head_weight, kwargs.get("bias"), kwargs.get("ref_weight"), kwargs.get("ref_bias"))
         if not any(hasattr(t, "ds_id") for t in heads):  # no ZeRO-3 parameter: deepspeed stays unimported
-            return super().__call__(lm_head_weight, *args, **kwargs)
+            return self._autocast_call(lm_head_weight, *args, **kwargs)
         with zero3_gathered(*heads) as (lm_head_weight, *ref_heads):
             for name, head in zip(("bias", "ref_weight", "ref_bias"), ref_heads, strict=True):
                 if name in kwargs:
                     kwargs[name] = head
+            return self._autocast_call(lm_head_weight, *args, **kwargs)
+
+    def _autocast_call(self, lm_head_weight: Any, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden")
+        ac = head_autocast(hidden)
+        if ac.dtype is None:
             return super().__call__(lm_head_weight, *args, **kwargs)
+        if args:
+            args = (ac.cast(args[0]), *args[1:])
+        kwargs = {k: ac.cast(v) if k in self.gemm_inputs else v for k, v in kwargs.items()}
+        with ac.region():
+            return super().__call__(ac.cast(lm_head_weight), *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     def plan_for(
@@ -221,7 +238,8 @@ class FusedLinearLossBase(nn.Module):
     ) -> Plan:
         """The backend and execution path of this module's policy pass over the LM head for these inputs,
         and why (``_dispatch.plan``), in the current grad mode and ``kernel_options``. The paired module
-        overrides it with the step's plan (the pair engine or the op's path); ``labels`` serve it there."""
+        overrides it with the step's plan (the pair engine or the op's path); ``labels`` serve it there.
+        Inside ``torch.autocast``, the plan of the call in the region's dtype (what ``forward`` runs)."""
         return plan_linear_logprobs(hidden, weight, bias, backend=self.backend)
 
     def _logps(self, hidden, weight, bias, labels, stats: bool):

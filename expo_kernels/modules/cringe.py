@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_linear_head, check_positive_finite
-from ..functional import linear_logprobs
+from ..functional import head_autocast, linear_logprobs
 from ..losses.cringe import check_real, cringe_loss
 from ..ops.common import LogitTransform, topk_logits
 from ._base import PreferenceLossOutput, masked_mean
@@ -82,7 +82,21 @@ class FusedLinearCRINGELoss(nn.Module):
         """hidden ``[2B, T, H]`` (chosen rows, then rejected), labels ``[2B, T]`` (``ignore_index`` off the
         completion), weight ``[V, H]``, bias ``[V] | None``; ``generator`` drives the positives' sampling.
         Returns the loss (differentiable w.r.t. hidden, weight, bias), metrics and ``[2B]`` sequence log-probs.
+        Inside ``torch.autocast`` the head's operands are cast to the region's dtype (docs/design.md,
+        "Mixed precision").
         """
+        ac = head_autocast(hidden)
+        with ac.region():
+            return self._forward(ac.cast(lm_head_weight), ac.cast(hidden), labels, ac.cast(bias), generator)
+
+    def _forward(
+        self,
+        lm_head_weight: Tensor,
+        hidden: Tensor,
+        labels: Tensor,
+        bias: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> PreferenceLossOutput:
         check_linear_head(hidden, lm_head_weight, labels, bias)
         if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
             raise ValueError(f"hidden must be [2B, T, H] (B chosen rows, then B rejected); got {tuple(hidden.shape)}")

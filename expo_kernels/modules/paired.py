@@ -14,7 +14,16 @@ import math
 import torch
 from torch import Tensor
 
-from .._dispatch import PAIR_PATHS, Path, Plan, pair_path, plan_linear_logprobs, plan_pair_step
+from .._dispatch import (
+    PAIR_PATHS,
+    LongPairGrads,
+    Path,
+    Plan,
+    cast_dtype,
+    pair_path,
+    plan_linear_logprobs,
+    plan_pair_step,
+)
 from .._validation import check_linear_head
 from ..engine import (
     attach_gradients,
@@ -179,7 +188,11 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             loss, out = self._loss_and_metrics(*args, **kwargs)
         else:
             loss, out = preference_loss(self.loss, *args, **kwargs, **self.hparams), {}
-        return loss, out, pol, ref_rows
+        # the sums are float64 (losses.aggregate: exact margins at any length) and stay so (fed back as
+        # ref_chosen_logps they keep their precision); the loss and metrics keep the per-token dtype
+        dt = logp.dtype
+        out = {k: v.to(dt) if v.is_floating_point() else v for k, v in out.items()}
+        return loss.to(dt), out, pol, ref_rows
 
     # ---------------------------------------------------------------------------------------------
     # the chunked engine (expo_kernels.engine): no logit recompute for pair-separable losses
@@ -195,7 +208,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         tensors = [t for t in (weight, hidden, bias) if t is not None]
         if (
             not all(isinstance(t, Tensor) for t in tensors)
-            or len({t.dtype for t in tensors}) != 1
+            or len({cast_dtype(t) for t in tensors}) != 1  # the dtypes forward computes in (autocast)
             or len({t.device for t in tensors}) != 1
             or weight.dim() != 2
             or hidden.dim() < 1
@@ -229,13 +242,20 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             longest = int((counts[:b] + counts[b:]).max())
         return plan_pair_step(
             hidden.device,
-            hidden.dtype,
+            cast_dtype(hidden),
             tokens=math.prod(hidden.shape[:-1]),
             vocab=weight.shape[0],
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
             backend=self.backend,
             not_separable=not_separable,
             max_pair_tokens=longest,
+            long_pair=LongPairGrads(
+                weight.shape[-1],
+                max(1, math.prod(hidden.shape[:-2]) // 2) if hidden.dim() >= 3 else 1,
+                weight.requires_grad,
+                bias is not None and bias.requires_grad,
+                self.ld_alpha is None,
+            ),
         )
 
     def _logit_transform(self) -> LogitTransform:
@@ -338,6 +358,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             need=(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
             plan=plan,
             ref_hidden=ref_hidden if stacked else None,
+            row_constant=self.ld_alpha is None,  # dL/dlogp: one number per row (ld_alpha weighs the tail less)
         )
         if step is None:
             return None

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index
-from ..functional import linear_logprobs
+from ..functional import head_autocast, linear_logprobs
 from ..losses.ranking import best_response_mask, check_rewards_and_mask, ranking_loss
 from ..losses.registry import HParamTypeError, as_real, checks_values, describe
 from ._base import masked_mean, positive_number
@@ -187,7 +187,23 @@ class FusedLinearRankingLoss(nn.Module):
             mask: optional ``[B, K]`` bool, False for an empty slot (a prompt with fewer than ``K``
                 responses); every prompt needs at least one response.
             bias: optional ``[V]`` head bias.
+
+        Inside ``torch.autocast`` the head's operands are cast to the region's dtype (docs/design.md,
+        "Mixed precision"); the rewards are not.
         """
+        ac = head_autocast(hidden)
+        with ac.region():
+            return self._forward(ac.cast(lm_head_weight), ac.cast(hidden), labels, rewards, mask, ac.cast(bias))
+
+    def _forward(
+        self,
+        lm_head_weight: Tensor,
+        hidden: Tensor,
+        labels: Tensor,
+        rewards: Tensor,
+        mask: Tensor | None,
+        bias: Tensor | None,
+    ) -> RankingLossOutput:
         r, mask, lengths = self._check(hidden, labels, rewards, mask)
         best = best_response_mask(r, mask)
         n = lengths.to(r.dtype)

@@ -24,6 +24,7 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
     default_loss = "kto"
     paired = False
     precomputed_ref_inputs = "`ref_logps`"
+    gemm_inputs = (*FusedLinearLossBase.gemm_inputs, "kl_hidden", "ref_kl_hidden")
 
     def forward(
         self,

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..._validation import check_backend_name
 from ...distributed.fsdp import fsdp_lm_head_call, is_fsdp2
 from ...distributed.zero3 import any_zero3_partitioned, zero3_gathered
-from ...functional import TokenStats, linear_logprobs
+from ...functional import TokenStats, head_autocast, linear_logprobs
 from ..hf import backbone, check_no_router_aux_loss, logit_transform
 from ._trl_compat import FUSED_OUTPUT_STATS, FusedCausalLMOutput
 
@@ -76,10 +76,9 @@ def head_operands(hidden: Tensor, weight: Tensor, bias: Tensor | None):
     """Operands in the dtype ``F.linear`` would use: under autocast the autocast dtype (as TRL's
     chunked head, whose matmul runs under autocast), otherwise the head's own dtype. The head's
     tensors come whole (``call_with_lm_head``)."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+    ac = head_autocast(hidden)  # the library's own autocast cast (docs/design.md, "Mixed precision")
+    if ac.dtype is not None:
+        return ac.cast(hidden), ac.cast(weight), ac.cast(bias)
     return hidden.to(weight.dtype), weight, bias
 
 
