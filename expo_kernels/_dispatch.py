@@ -21,13 +21,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import _validation as V
-from .ops import Backend, torch_backend
-from .ops import gemm as G
+from . import _validation as checks
+from .ops import Backend, gemm, torch_backend
 from .ops.common import interpreting
 from .ops.options import KernelOptions, Path, get_kernel_options, workspace_bytes
 
-BACKENDS = V.BACKENDS
+BACKENDS = checks.BACKENDS
 BACKEND_ENV = "EXPO_KERNELS_BACKEND"
 
 
@@ -69,7 +68,7 @@ def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dt
     float64 never goes to Triton (Triton 3.6, on our GPU machines, does not compile these kernels in
     float64, and the interpreter rounds scalars to float32): by default it runs on the torch backend;
     asking for ``"triton"`` explicitly raises."""
-    V.check_backend_name(requested)
+    checks.check_backend_name(requested)
     name = requested if requested is not None else os.environ.get(BACKEND_ENV) or None
     source = "backend" if requested is not None else BACKEND_ENV
     fp64 = dtype == torch.float64
@@ -180,10 +179,10 @@ def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_scalars(temperature, logit_scale, softcap, ignore_index) -> None:
-    V.check_positive_finite("temperature", temperature)
-    V.check_positive_finite("logit_scale", logit_scale, allow_none=True)
-    V.check_positive_finite("softcap", softcap, allow_none=True)
-    V.check_ignore_index(ignore_index)
+    checks.check_positive_finite("temperature", temperature)
+    checks.check_positive_finite("logit_scale", logit_scale, allow_none=True)
+    checks.check_positive_finite("softcap", softcap, allow_none=True)
+    checks.check_ignore_index(ignore_index)
 
 
 def scalar_args(ignore_index, logit_scale, softcap, temperature):
@@ -360,7 +359,7 @@ def logits_bytes_per_token(
     if device.type == "cuda" and dtype.itemsize < 4 and not torch.cuda.is_available():
         ld = torch.float32
     else:
-        ld = G.logits_dtype(dtype, device)
+        ld = gemm.logits_dtype(dtype, device)
     return vocab * ((2 if stacked else 1) * ld.itemsize + (dtype.itemsize if backward and ld != dtype else 0))
 
 

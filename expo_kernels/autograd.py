@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _dispatch as D
+from . import _dispatch as dispatch
 from . import ops
 from .ops import LogitTransform, TokenOutputs, library_gemm
 from .ops.options import Path
@@ -93,38 +93,38 @@ def linear_logprobs_op(
     Triton epilogues; ``"kept_logits"`` one GEMM for the call, and the counted tokens' logits
     ``[N_counted, V]`` returned last for the backward (``ops.library_gemm``), else an empty tensor."""
     n = labels.shape[0]
-    rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
+    rows, y, pick = dispatch.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
-    kept = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
+    kept = hidden.new_empty(0, dtype=dispatch.result_dtype(hidden.dtype))
     if path == _KEPT_LOGITS and h.shape[0] > 0:  # (no counted token: nothing to keep, any path returns empty)
         state, kept = library_gemm.forward_keeping_logits(h, weight, bias, y, transform, with_stats, backend)
     elif path == _LIBRARY_GEMM:
-        state = D.library_gemm_module().forward_partial(h, weight, bias, y, transform, with_stats)
+        state = dispatch.library_gemm_module().forward_partial(h, weight, bias, y, transform, with_stats)
     else:
-        state = D.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
+        state = dispatch.backend_module(backend).forward_partial(h, weight, bias, y, transform, with_stats, topk=topk)
     out: TokenOutputs = finalize_logprobs(state, weight.shape[0])
     computed = out.stats() if with_stats else None  # (entropy, mean_logit, is_top1, log_sum_p2)
     # logp may be -inf (a masked label); lse and the statistics are finite for finite inputs
     finite_results = (out.lse,) + ((computed[0], computed[1], computed[3]) if computed is not None else ())
-    D.check_finite(
+    dispatch.check_finite(
         {"hidden": h, "weight": weight},
         {"bias": bias},
         finite_results,
         _transform_args(logit_scale, softcap, temperature),
     )
     if computed is not None:
-        stats = [D.scatter(t, rows, n) for t in computed]
+        stats = [dispatch.scatter(t, rows, n) for t in computed]
     else:
-        empty = hidden.new_empty(0, dtype=D.result_dtype(hidden.dtype))
+        empty = hidden.new_empty(0, dtype=dispatch.result_dtype(hidden.dtype))
         stats = [empty, empty.clone(), empty.bool(), empty.clone()]
     ids = out.topk_indices if out.topk_indices is not None else labels.new_empty((h.shape[0], 0), dtype=torch.long)
-    return D.unaliased(
+    return dispatch.unaliased(
         (
-            D.scatter(out.logp, rows, n),
-            D.scatter(out.lse, rows, n),
+            dispatch.scatter(out.logp, rows, n),
+            dispatch.scatter(out.lse, rows, n),
             *stats,
-            D.scatter_rows(ids, rows, n, -1),
+            dispatch.scatter_rows(ids, rows, n, -1),
             kept,
         ),
         (hidden, weight, bias, labels),
@@ -147,7 +147,7 @@ def _(
     path,
 ):
     n = labels.shape[0]
-    dtype = D.result_dtype(hidden.dtype)
+    dtype = dispatch.result_dtype(hidden.dtype)
     per_token = hidden.new_empty(n, dtype=dtype)
     k = n if with_stats else 0
     stat = hidden.new_empty(k, dtype=dtype)
@@ -187,10 +187,10 @@ def linear_logprobs_backward_op(
     """(d_hidden [N, H], d_weight [V, H], d_bias [V]); an empty tensor for each gradient not needed.
     Recomputes the logits: on library GEMMs for ``path="library_gemm"``, else with the backend's fused
     kernels (also after ``"kept_logits"``: a second backward, or ``create_graph=True``)."""
-    rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
-    module = D.library_gemm_module() if path == _LIBRARY_GEMM else D.backward_module(backend)
+    rows, y, pick = dispatch.counted_rows(labels, ignore_index, weight.shape[0])
+    module = dispatch.library_gemm_module() if path == _LIBRARY_GEMM else dispatch.backward_module(backend)
     d_h, d_w, d_b = module.backward(
-        pick(grad_logp).to(D.result_dtype(hidden.dtype)).contiguous(),
+        pick(grad_logp).to(dispatch.result_dtype(hidden.dtype)).contiguous(),
         pick(hidden).contiguous(),
         weight,
         bias,
@@ -201,7 +201,7 @@ def linear_logprobs_backward_op(
         need_weight,
         need_bias and bias is not None,
     )
-    return D.unaliased(_pack_grads(d_h, d_w, d_b, hidden, rows), (grad_logp, hidden, weight, bias, labels, lse))
+    return dispatch.unaliased(_pack_grads(d_h, d_w, d_b, hidden, rows), (grad_logp, hidden, weight, bias, labels, lse))
 
 
 def _pack_grads(d_h, d_w, d_b, hidden, rows):
@@ -282,7 +282,7 @@ def _backward_from_kept_logits(kept, grad_logp, hidden, weight, bias, labels, ls
     order and differ in the last bits)."""
     ignore_index, logit_scale, softcap, temperature, backend, _path = params
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    rows, y, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
+    rows, y, pick = dispatch.counted_rows(labels, ignore_index, weight.shape[0])
     h = pick(hidden).contiguous()
     transform = LogitTransform(logit_scale, softcap, temperature)
     if kept is None:
@@ -331,10 +331,10 @@ def linear_token_kl_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """hidden [N, H], ref_hidden [N, Hr], labels [N] (a mask) -> (kl, lse_policy, lse_ref), each [N]."""
     n = labels.shape[0]
-    rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
+    rows, _, pick = dispatch.counted_rows(labels, ignore_index, weight.shape[0])
     h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
     kl, lse_p, lse_r = ops.token_kl_forward(
-        D.backend_module(backend),
+        dispatch.backend_module(backend),
         h,
         weight,
         bias,
@@ -344,14 +344,14 @@ def linear_token_kl_op(
         LogitTransform(logit_scale, softcap, temperature),
     )
     # the KL itself may be +inf (the policy masks an entry the reference does not); both lse are finite
-    D.check_finite(
+    dispatch.check_finite(
         {"hidden": h, "weight": weight, "ref_hidden": hr, "ref_weight": ref_weight},
         {"bias": bias, "ref_bias": ref_bias},
         (lse_p, lse_r),
         _transform_args(logit_scale, softcap, temperature),
     )
-    return D.unaliased(
-        tuple(D.scatter(t, rows, n) for t in (kl, lse_p, lse_r)),
+    return dispatch.unaliased(
+        tuple(dispatch.scatter(t, rows, n) for t in (kl, lse_p, lse_r)),
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels),
     )
 
@@ -371,7 +371,7 @@ def _(
     temperature,
     backend,
 ):
-    out = hidden.new_empty(labels.shape[0], dtype=D.result_dtype(hidden.dtype))
+    out = hidden.new_empty(labels.shape[0], dtype=dispatch.result_dtype(hidden.dtype))
     return out, out.clone(), out.clone()
 
 
@@ -397,9 +397,9 @@ def linear_token_kl_backward_op(
     need_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Policy-head gradients (d_hidden, d_weight, d_bias); empty tensors where not needed."""
-    rows, _, pick = D.counted_rows(labels, ignore_index, weight.shape[0])
-    d_h, d_w, d_b = D.backward_module(backend).token_kl_backward(
-        pick(grad_kl).to(D.result_dtype(hidden.dtype)).contiguous(),
+    rows, _, pick = dispatch.counted_rows(labels, ignore_index, weight.shape[0])
+    d_h, d_w, d_b = dispatch.backward_module(backend).token_kl_backward(
+        pick(grad_kl).to(dispatch.result_dtype(hidden.dtype)).contiguous(),
         pick(hidden).contiguous(),
         weight,
         bias,
@@ -413,7 +413,7 @@ def linear_token_kl_backward_op(
         need_weight,
         need_bias and bias is not None,
     )
-    return D.unaliased(
+    return dispatch.unaliased(
         _pack_grads(d_h, d_w, d_b, hidden, rows),
         (grad_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r),
     )

@@ -69,9 +69,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import _dispatch as D
-from .ops import gemm as G
-from .ops import state as S
+from . import _dispatch as dispatch
+from .ops import gemm
+from .ops import state as online_state
 from .ops.common import LogitTransform, TokenOutputs
 from .ops.epilogues import (  # noqa: F401  (re-exported: the engine's epilogue providers)
     Epilogues,
@@ -124,13 +124,13 @@ class _Workspace:
     ) -> int:
         """Bytes per counted token: its logits (twice when the reference's rows share the GEMM) and, for a
         16-bit head with a backward pass, its dz (the planner's formula, :func:`_dispatch.logits_bytes_per_token`)."""
-        return D.logits_bytes_per_token(vocab, dtype, device, backward=backward, stacked=stacked)
+        return dispatch.logits_bytes_per_token(vocab, dtype, device, backward=backward, stacked=stacked)
 
     @staticmethod
     def make(
         tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool = False
     ) -> _Workspace:
-        ld = G.logits_dtype(dtype, device)
+        ld = gemm.logits_dtype(dtype, device)
         dz = torch.empty(tokens * vocab, dtype=dtype, device=device) if backward and ld != dtype else None
         return _Workspace(torch.empty((2 if stacked else 1) * tokens * vocab, dtype=ld, device=device), dz)
 
@@ -258,7 +258,7 @@ def _counted(labels: Tensor, ignore_index: int, vocab: int) -> _Counted:
     bad = valid & ((flat < 0) | (flat >= vocab))
     stats = torch.cat([bad.sum().view(1), valid.view(rows, steps).sum(dim=1)]).tolist()
     if stats[0]:
-        D.counted_rows(flat, ignore_index, vocab)  # raises, naming the first bad label
+        dispatch.counted_rows(flat, ignore_index, vocab)  # raises, naming the first bad label
     row_tokens = tuple(int(c) for c in stats[1:])
     total = sum(row_tokens)
     if total == rows * steps:
@@ -307,7 +307,7 @@ def plan_pairs(
     per_pair = _per_pair(counted.row_tokens, b)
     # the planner's budget: _dispatch.pair_path takes the same numbers to tell PAIR_ENGINE from
     # LONG_PAIR_CHUNKS, and pair_chunks returns None exactly where it says LONG_PAIR_CHUNKS
-    budget = D.pair_budget_tokens(vocab, dtype, labels.device, stacked=stacked)
+    budget = dispatch.pair_budget_tokens(vocab, dtype, labels.device, stacked=stacked)
     chunks = pair_chunks(per_pair, budget, chunk_tokens(labels.device))
     pair_tokens = torch.tensor(per_pair, dtype=torch.long)
     return PairPlan(
@@ -378,7 +378,7 @@ class _Head:
         self.ref_h = None if ref_hidden is None else ref_hidden.detach().reshape(-1, h_size)
         self.w = weight.detach()
         self.vocab = weight.shape[0]
-        self.acc = D.result_dtype(hidden.dtype)
+        self.acc = dispatch.result_dtype(hidden.dtype)
         self.bias = None if bias is None else bias.detach().to(self.acc)
         self.transform, self.with_stats = transform, with_stats
         self.epi = epilogues(backend)
@@ -405,17 +405,21 @@ class _Head:
         ref_rows = 0 if self.ref_h is None else n
         z_all, dz = self.ws.views(n, self.vocab, ref_rows)
         # one GEMM for both models' rows: the head is read once and the GEMM is twice as tall
-        G.logits_into(z_all, h if self.ref_h is None else torch.cat([self.ref_h.index_select(0, idx), h]), self.w)
+        gemm.logits_into(z_all, h if self.ref_h is None else torch.cat([self.ref_h.index_select(0, idx), h]), self.w)
         ref_logp = ref_lse = None
         if self.ref_h is not None:
-            ref = S.finalize_logprobs(self.epi.fold(z_all[:n], self.bias, y, self.transform, False), self.vocab)
+            ref = online_state.finalize_logprobs(
+                self.epi.fold(z_all[:n], self.bias, y, self.transform, False), self.vocab
+            )
             ref_logp, ref_lse = ref.logp, ref.lse
         z = z_all[ref_rows:]
-        out = S.finalize_logprobs(self.epi.fold(z, self.bias, y, self.transform, self.with_stats), self.vocab)
+        out = online_state.finalize_logprobs(
+            self.epi.fold(z, self.bias, y, self.transform, self.with_stats), self.vocab
+        )
         # one sync for both models' rows: the lse of both first (a -inf one names the masked vocabulary)
         lse = out.lse if ref_lse is None else torch.cat([ref_lse, out.lse])
         results = (lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
-        D.check_finite({}, {}, results, self.transform_args)
+        dispatch.check_finite({}, {}, results, self.transform_args)
         return out, h, z, dz, ref_logp
 
     def backward(self, idx: Tensor, y: Tensor, h: Tensor, z: Tensor, dz: Tensor, lse: Tensor, g: Tensor) -> None:
@@ -504,8 +508,10 @@ def _one_pass_tokens(
     if not any(need):
         return 0
     dev, vocab = hidden.device, weight.shape[0]
-    grads = D.LongPairGrads(weight.shape[1], len(plan.pair_tokens), need[1], need[2] and bias is not None, row_constant)
-    partial, why = D.long_pair_partials(vocab, hidden.dtype, dev, grads)
+    grads = dispatch.LongPairGrads(
+        weight.shape[1], len(plan.pair_tokens), need[1], need[2] and bias is not None, row_constant
+    )
+    partial, why = dispatch.long_pair_partials(vocab, hidden.dtype, dev, grads)
     if why is not None:
         return 0
     per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, dev, backward=True)
@@ -637,7 +643,7 @@ def run_pair_step(
     }
     ref_logp = torch.zeros(rows * steps, dtype=acc, device=hidden.device) if stacked else None
     # inputs once per step (one read of the weight); each chunk's results in _Head.forward
-    D.check_finite(
+    dispatch.check_finite(
         {"hidden": head.flat_h.index_select(0, plan.token_ids), "weight": head.w}
         | ({} if head.ref_h is None else {"ref_hidden": head.ref_h.index_select(0, plan.token_ids)}),
         {"bias": bias},
@@ -672,7 +678,7 @@ def run_pair_step(
                 idx, y = plan.token_ids[t0 : t0 + chunk], plan.labels[t0 : t0 + chunk]
                 h = head.flat_h.index_select(0, idx)
                 z, dz = head.ws.views(idx.numel(), head.vocab)
-                G.logits_into(z, h, head.w)
+                gemm.logits_into(z, h, head.w)
                 if head.epi.fold_transforms:
                     transform_in_place(z, head.bias, transform)
                 head.backward(idx, y, h, z, dz, lse_all[t0 : t0 + chunk], g_all[t0 : t0 + chunk])
@@ -706,7 +712,7 @@ def forward_logps(
     per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, hidden.device, backward=False)
     chunk = max(1, min(chunk_tokens(hidden.device), workspace_bytes(hidden.device) // per_token))
     head = _Head(hidden, weight, bias, transform, False, backend, (False, False, False), min(chunk, token_ids.numel()))
-    D.check_finite(
+    dispatch.check_finite(
         {"ref_hidden": head.flat_h.index_select(0, token_ids), "ref_weight": head.w},
         {"ref_bias": bias},
         (),

@@ -14,8 +14,8 @@ from typing import Literal, TypeVar, cast, overload
 import torch
 from torch import Tensor
 
-from . import _dispatch as D
-from . import _validation as V
+from . import _dispatch as dispatch
+from . import _validation as checks
 from .autograd import linear_logprobs_op, linear_token_kl_op
 from .distributed.zero3 import gathers_zero3_heads
 from .ops.common import LogitTransform, TokenStats, topk_logits
@@ -38,7 +38,7 @@ class HeadAutocast:
     def __init__(self, like: object) -> None:
         device = like.device if isinstance(like, Tensor) else None
         self.device_type = device.type if device is not None else None
-        self.dtype = D.autocast_dtype(device) if device is not None else None
+        self.dtype = dispatch.autocast_dtype(device) if device is not None else None
         self._done: list[tuple[Tensor, Tensor]] = []
 
     def cast(self, t: _T) -> _T:
@@ -71,7 +71,7 @@ def head_autocast(like: object) -> HeadAutocast:
 
 
 def _sharded(process_group) -> bool:
-    return process_group is not None and D.group_size(process_group) > 1
+    return process_group is not None and dispatch.group_size(process_group) > 1
 
 
 @overload
@@ -215,8 +215,8 @@ def _linear_logprobs(
     process_group,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """:func:`linear_logprobs` on the operands it computes with (autocast applied)."""
-    V.check_bool("return_stats", return_stats)
-    V.check_backend_name(backend)
+    checks.check_bool("return_stats", return_stats)
+    checks.check_backend_name(backend)
     if topk is not None and _sharded(process_group):
         raise NotImplementedError(
             "topk is not supported with a vocab-parallel process_group (merging the ranks' top-k is not "
@@ -238,17 +238,17 @@ def _linear_logprobs(
             return_stats=return_stats,
             backend=backend,
         )
-    V.check_linear_head(hidden, weight, labels, bias)
-    V.check_topk(topk, weight.shape[0], return_stats)
-    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    checks.check_linear_head(hidden, weight, labels, bias)
+    checks.check_topk(topk, weight.shape[0], return_stats)
+    dispatch.check_scalars(temperature, logit_scale, softcap, ignore_index)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    plan = D.plan_linear_logprobs(hidden_2d, weight, bias, topk=topk, backend=backend)
+    plan = dispatch.plan_linear_logprobs(hidden_2d, weight, bias, topk=topk, backend=backend)
     out = linear_logprobs_op(
         hidden_2d,
         weight,
         bias,
         labels.reshape(-1),
-        *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
+        *dispatch.scalar_args(ignore_index, logit_scale, softcap, temperature),
         return_stats,
         topk or 0,
         plan.backend,
@@ -263,7 +263,7 @@ def _linear_logprobs(
     ids = out[6]
     # the kernel chose the ids in one pass over the vocabulary; the values are recomputed from the k
     # selected weight rows so that autograd gives the sparse update (O(N k H), no [N, V] anywhere)
-    transform = LogitTransform(*D.scalar_args(ignore_index, logit_scale, softcap, temperature)[1:])
+    transform = LogitTransform(*dispatch.scalar_args(ignore_index, logit_scale, softcap, temperature)[1:])
     values = topk_logits(hidden_2d, weight, bias, ids, transform)
     shape = (*labels.shape, topk)
     return logp, stats._replace(topk_values=values.view(shape), topk_indices=ids.view(shape))
@@ -344,7 +344,7 @@ def _linear_token_kl(
     process_group,
 ) -> Tensor:
     """:func:`linear_token_kl` on the operands it computes with (autocast applied)."""
-    V.check_backend_name(backend)
+    checks.check_backend_name(backend)
     if _sharded(process_group):
         from .distributed import vocab_parallel_linear_token_kl
 
@@ -363,16 +363,16 @@ def _linear_token_kl(
             softcap=softcap,
             backend=backend,
         )
-    V.check_linear_head(hidden, weight, labels, bias)
-    V.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
+    checks.check_linear_head(hidden, weight, labels, bias)
+    checks.check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_weight must have the policy's vocabulary size V = {weight.shape[0]}, got {ref_weight.shape[0]}"
         )
     if ref_hidden.dtype != hidden.dtype:
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
-    V.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
-    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    checks.check_same_device(hidden=hidden, ref_hidden=ref_hidden)
+    dispatch.check_scalars(temperature, logit_scale, softcap, ignore_index)
     kl, _, _ = linear_token_kl_op(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -381,7 +381,7 @@ def _linear_token_kl(
         ref_weight,
         ref_bias,
         labels.reshape(-1),
-        *D.scalar_args(ignore_index, logit_scale, softcap, temperature),
-        D.resolve_backend(backend, hidden.device, hidden.dtype),
+        *dispatch.scalar_args(ignore_index, logit_scale, softcap, temperature),
+        dispatch.resolve_backend(backend, hidden.device, hidden.dtype),
     )
     return kl.view(labels.shape)

@@ -100,7 +100,7 @@ def explain(args) -> dict:
     """The plans of ``linear_logprobs`` and of the DPO module's step for the shape in ``args``."""
     import torch
 
-    from expo_kernels import _dispatch as D
+    from expo_kernels import _dispatch as dispatch
     from expo_kernels.ops.options import kernel_options
 
     dtype = getattr(torch, args.dtype, None)
@@ -131,10 +131,10 @@ def explain(args) -> dict:
     }
     with kernel_options(**changes):
         for key, fn in (
-            ("linear_logprobs", lambda: D.plan(device, dtype, topk=args.topk, backend=args.backend, **shape)),
+            ("linear_logprobs", lambda: dispatch.plan(device, dtype, topk=args.topk, backend=args.backend, **shape)),
             (
                 "FusedLinearDPOLoss",
-                lambda: D.plan_pair_step(
+                lambda: dispatch.plan_pair_step(
                     device, dtype, backend=args.backend, max_pair_tokens=args.pair_tokens, **shape
                 ),
             ),

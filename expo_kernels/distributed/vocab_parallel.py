@@ -52,10 +52,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _dispatch as D
-from .. import _validation as V
+from .. import _dispatch as dispatch
+from .. import _validation as checks
 from ..ops import LogitTransform
-from ..ops import state as S
+from ..ops import state as online_state
 from ..ops.common import TokenStats
 
 __all__ = [
@@ -156,7 +156,7 @@ def _layout(weight_shard: Tensor, group, vocab_size: int | None) -> tuple[int, i
 
 def _check_head(hidden, weight, labels, bias, prefix=""):
     if weight.dim() == 2 and weight.shape[0] == 0:  # an empty shard: check the rest
-        V.check_tensor(f"{prefix}weight_shard", weight, floating=True)
+        checks.check_tensor(f"{prefix}weight_shard", weight, floating=True)
         if weight.shape[1] != hidden.shape[-1]:
             raise ValueError(
                 f"{prefix}weight_shard must have shape [V_shard, H] with H = {hidden.shape[-1]}, "
@@ -165,7 +165,7 @@ def _check_head(hidden, weight, labels, bias, prefix=""):
         if weight.dtype != hidden.dtype:
             raise TypeError(f"{prefix}weight_shard.dtype ({weight.dtype}) must match hidden.dtype ({hidden.dtype})")
         return
-    V.check_linear_head(hidden, weight, labels, bias, prefix=prefix)
+    checks.check_linear_head(hidden, weight, labels, bias, prefix=prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,32 +176,32 @@ def _check_head(hidden, weight, labels, bias, prefix=""):
 def _vp_forward(h, w, b, y, transform, with_stats, offset, vocab, group, mod):
     """Compacted tokens h [n, H], global labels y [n] -> TokenOutputs over the whole vocabulary: this
     shard's partial state, merged with the other ranks' by a MAX and a SUM all-reduce (``ops.state``)."""
-    acc = D.result_dtype(h.dtype)
+    acc = dispatch.result_dtype(h.dtype)
     if h.shape[0] == 0:  # every token ignored (the same on every rank): nothing to combine
-        return S.finalize_logprobs(S.empty_logprob_state(0, with_stats, acc, h.device), vocab)
+        return online_state.finalize_logprobs(online_state.empty_logprob_state(0, with_stats, acc, h.device), vocab)
     state = mod.forward_partial(h, w, b, y, transform, with_stats, vocab_start=offset)
-    state = S.LogprobState(*(None if t is None else t.to(acc) for t in state))
-    maxes = _all_reduce(S.reduce_max_fields(state), dist.ReduceOp.MAX, group)
-    sums = _all_reduce(S.sum_fields(state, maxes[0]), dist.ReduceOp.SUM, group)
-    return S.finalize_logprobs(S.from_reduced(maxes, sums), vocab)
+    state = online_state.LogprobState(*(None if t is None else t.to(acc) for t in state))
+    maxes = _all_reduce(online_state.reduce_max_fields(state), dist.ReduceOp.MAX, group)
+    sums = _all_reduce(online_state.sum_fields(state, maxes[0]), dist.ReduceOp.SUM, group)
+    return online_state.finalize_logprobs(online_state.from_reduced(maxes, sums), vocab)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, transform, with_stats, backend, group, offset, vocab):
         n = labels.shape[0]
-        rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
+        rows, y, pick = dispatch.counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
-        mod = D.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0])
+        mod = dispatch.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0])
         out = _vp_forward(h, weight, bias, y, transform, with_stats, offset, vocab, group, mod)
         finite_results = (out.lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if with_stats else ())
-        D.check_finite(
+        dispatch.check_finite(
             {"hidden": h, "weight_shard": weight}, {"bias_shard": bias}, finite_results, dataclasses.asdict(transform)
         )
-        dtype = D.result_dtype(hidden.dtype)
+        dtype = dispatch.result_dtype(hidden.dtype)
 
         def scatter(t, fill_dtype=dtype):
-            return hidden.new_empty(0, dtype=fill_dtype) if t is None else D.scatter(t, rows, n)
+            return hidden.new_empty(0, dtype=fill_dtype) if t is None else dispatch.scatter(t, rows, n)
 
         logp, lse = scatter(out.logp), scatter(out.lse)
         stats = [
@@ -223,10 +223,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         need_b = need_b and bias is not None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        rows, y, pick = D.counted_rows(labels, ignore_index, vocab)
-        acc = D.result_dtype(hidden.dtype)
+        rows, y, pick = dispatch.counted_rows(labels, ignore_index, vocab)
+        acc = dispatch.result_dtype(hidden.dtype)
         # the single-process backward restricted to this shard's rows: labels elsewhere add no one-hot term
-        d_h, d_w, d_b = D.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0]).backward(
+        d_h, d_w, d_b = dispatch.recompute_module(backend, hidden.device, hidden.dtype, weight.shape[0]).backward(
             pick(grad_logp).to(acc).contiguous(),
             pick(hidden).contiguous(),
             weight,
@@ -289,13 +289,13 @@ def vocab_parallel_linear_logprobs(
         ``logp`` shaped like ``labels`` (the same on every rank), or ``(logp, TokenStats)``.
     """
     group = _group(process_group)
-    V.check_tensor("hidden", hidden, floating=True)
-    V.check_tensor("weight_shard", weight_shard, floating=True)
-    V.check_tensor("labels", labels, integer=True)
+    checks.check_tensor("hidden", hidden, floating=True)
+    checks.check_tensor("weight_shard", weight_shard, floating=True)
+    checks.check_tensor("labels", labels, integer=True)
     if weight_shard.dim() != 2:
         raise ValueError(f"weight_shard must have shape [V_shard, H], got shape {tuple(weight_shard.shape)}")
     _check_head(hidden, weight_shard, labels, bias_shard)
-    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    dispatch.check_scalars(temperature, logit_scale, softcap, ignore_index)
     offset, vocab, _ = _layout(weight_shard, group, vocab_size)
     transform = LogitTransform(
         float(logit_scale) if logit_scale is not None else 1.0,
@@ -310,7 +310,7 @@ def vocab_parallel_linear_logprobs(
         int(ignore_index),
         transform,
         bool(return_stats),
-        D.resolve_backend(backend, hidden.device, hidden.dtype),
+        dispatch.resolve_backend(backend, hidden.device, hidden.dtype),
         group,
         offset,
         vocab,
@@ -344,27 +344,27 @@ class _VocabParallelTokenKL(torch.autograd.Function):
         vocab,
     ):
         n = labels.shape[0]
-        rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
+        rows, _, pick = dispatch.counted_rows(labels, ignore_index, vocab)
         h, hr = pick(hidden).contiguous(), pick(ref_hidden).contiguous()
-        acc = D.result_dtype(hidden.dtype)
+        acc = dispatch.result_dtype(hidden.dtype)
         if h.shape[0] == 0:  # every token ignored, on every rank
-            state = S.empty_token_kl_state(0, acc, h.device)
+            state = online_state.empty_token_kl_state(0, acc, h.device)
         else:
-            state = D.backend_module(backend).token_kl_forward_partial(
+            state = dispatch.backend_module(backend).token_kl_forward_partial(
                 h, weight, bias, hr, ref_weight, ref_bias, transform
             )
-            state = S.TokenKLState(*(t.to(acc) for t in state))
+            state = online_state.TokenKLState(*(t.to(acc) for t in state))
             maxes = _all_reduce(torch.stack([state.m_p, state.m_r]), dist.ReduceOp.MAX, group)
-            sums = _all_reduce(S.token_kl_sum_fields(state, maxes[0], maxes[1]), dist.ReduceOp.SUM, group)
-            state = S.TokenKLState(maxes[0], sums[0], maxes[1], sums[1], sums[2])
-        kl, lse_p, lse_r = S.finalize_token_kl(state)
-        D.check_finite(
+            sums = _all_reduce(online_state.token_kl_sum_fields(state, maxes[0], maxes[1]), dist.ReduceOp.SUM, group)
+            state = online_state.TokenKLState(maxes[0], sums[0], maxes[1], sums[1], sums[2])
+        kl, lse_p, lse_r = online_state.finalize_token_kl(state)
+        dispatch.check_finite(
             {"hidden": h, "weight_shard": weight, "ref_hidden": hr, "ref_weight_shard": ref_weight},
             {"bias_shard": bias, "ref_bias_shard": ref_bias},
             (lse_p, lse_r),
             dataclasses.asdict(transform),
         )
-        kl, lse_p, lse_r = (D.scatter(t, rows, n) for t in (kl, lse_p, lse_r))
+        kl, lse_p, lse_r = (dispatch.scatter(t, rows, n) for t in (kl, lse_p, lse_r))
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_p, lse_r)
         ctx.params = (ignore_index, transform, backend, group, vocab)
         ctx.mark_non_differentiable(lse_p, lse_r)
@@ -380,12 +380,12 @@ class _VocabParallelTokenKL(torch.autograd.Function):
             )
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        acc = D.result_dtype(hidden.dtype)
-        rows, _, pick = D.counted_rows(labels, ignore_index, vocab)
+        acc = dispatch.result_dtype(hidden.dtype)
+        rows, _, pick = dispatch.counted_rows(labels, ignore_index, vocab)
         h = pick(hidden).contiguous()
         d_h = d_w = d_b = None
         if weight.shape[0] > 0 and h.shape[0] > 0:
-            d_h, d_w, d_b = D.backend_module(backend).token_kl_backward(
+            d_h, d_w, d_b = dispatch.backend_module(backend).token_kl_backward(
                 pick(grad_kl).to(acc).contiguous(),
                 h,
                 weight,
@@ -443,8 +443,8 @@ def vocab_parallel_linear_token_kl(
         ("ref_hidden", ref_hidden),
         ("ref_weight_shard", ref_weight_shard),
     ):
-        V.check_tensor(name, t, floating=True)
-    V.check_tensor("labels", labels, integer=True)
+        checks.check_tensor(name, t, floating=True)
+    checks.check_tensor("labels", labels, integer=True)
     if weight_shard.dim() != 2 or ref_weight_shard.dim() != 2:
         raise ValueError("weight_shard and ref_weight_shard must have shape [V_shard, H] / [V_shard, Hr]")
     _check_head(hidden, weight_shard, labels, bias_shard)
@@ -456,7 +456,7 @@ def vocab_parallel_linear_token_kl(
         )
     if ref_hidden.dtype != hidden.dtype:
         raise TypeError(f"ref_hidden.dtype ({ref_hidden.dtype}) must match hidden.dtype ({hidden.dtype})")
-    D.check_scalars(temperature, logit_scale, softcap, ignore_index)
+    dispatch.check_scalars(temperature, logit_scale, softcap, ignore_index)
     _, vocab, _ = _layout(weight_shard, group, vocab_size)
     transform = LogitTransform(
         float(logit_scale) if logit_scale is not None else 1.0,
@@ -473,7 +473,7 @@ def vocab_parallel_linear_token_kl(
         labels.reshape(-1),
         int(ignore_index),
         transform,
-        D.resolve_backend(backend, hidden.device, hidden.dtype),
+        dispatch.resolve_backend(backend, hidden.device, hidden.dtype),
         group,
         vocab,
     )

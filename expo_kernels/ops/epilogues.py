@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import state as S
+from . import state as online_state
 from .common import LogitTransform
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 
-def torch_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+def torch_fold(
+    z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool
+) -> online_state.LogprobState:
     """Bias and transform in place, then the tile's partial state (the specification of the C++ fold)."""
     from .torch_backend import tile_state
 
@@ -49,11 +51,13 @@ def torch_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTrans
     z.copy_(g[:, None] * (onehot - p) * deriv)
 
 
-def native_fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+def native_fold(
+    z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool
+) -> online_state.LogprobState:
     fields = torch.ops.expo_native.fold_logits_(
         z, bias, labels, 0, float(t.logit_scale), t.softcap, float(t.inv_temperature), bool(with_stats)
     )
-    return S.LogprobState(*fields)
+    return online_state.LogprobState(*fields)
 
 
 def native_to_dz(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, t: LogitTransform) -> None:
@@ -68,7 +72,7 @@ class Epilogues:
     transformed in place); ``to_dz(z, bias, labels, lse, g, transform, out)`` on what ``fold`` left,
     writing dz into ``out`` (``z`` itself, or a buffer in the head's 16-bit dtype)."""
 
-    fold: Callable[..., S.LogprobState]
+    fold: Callable[..., online_state.LogprobState]
     to_dz: Callable[..., None]
     fold_transforms: bool  # fold leaves the logits transformed (bias added), which to_dz expects
 

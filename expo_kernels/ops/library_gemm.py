@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import gemm as G
-from . import state as S
+from . import gemm
+from . import state as online_state
 from .common import LogitTransform
 from .epilogues import epilogues
 from .options import workspace_bytes
@@ -41,13 +41,13 @@ def forward_partial(
     transform: LogitTransform,
     with_stats: bool,
     vocab_start: int = 0,
-) -> S.LogprobState:
+) -> online_state.LogprobState:
     """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), labels [N] global ids -> the
     range's partial state, through token chunks of the workspace: ``z = h W^T`` (cuBLAS), then the fold."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    ld = G.logits_dtype(hidden.dtype, hidden.device)
+    ld = gemm.logits_dtype(hidden.dtype, hidden.device)
     if n == 0 or vocab == 0:
-        return S.empty_logprob_state(n, with_stats, torch.float32, hidden.device)
+        return online_state.empty_logprob_state(n, with_stats, torch.float32, hidden.device)
     chunk = max(1, min(n, workspace_bytes(hidden.device) // (vocab * ld.itemsize)))
     workspace = torch.empty(chunk * vocab, dtype=ld, device=hidden.device)
     local = labels - vocab_start  # outside [0, V_s) for labels of other ranges: no hit, as the contract says
@@ -57,12 +57,12 @@ def forward_partial(
     for t0 in range(0, n, chunk):
         h = hidden[t0 : t0 + chunk]
         z = workspace[: h.shape[0] * vocab].view(h.shape[0], vocab)
-        G.logits_into(z, h, weight)
+        gemm.logits_into(z, h, weight)
         parts.append(fold(z, b, local[t0 : t0 + chunk], transform, with_stats))
     if len(parts) == 1:
         return parts[0]
     merged = [None if f[0] is None else torch.cat(f) for f in zip(*parts, strict=True)]
-    return S.LogprobState(*merged)  # type: ignore[arg-type]
+    return online_state.LogprobState(*merged)  # type: ignore[arg-type]
 
 
 def backward(
@@ -87,7 +87,7 @@ def backward(
     d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
     if n > 0 and vocab > 0 and (need_hidden or need_weight or need_bias):
-        ld = G.logits_dtype(hidden.dtype, dev)
+        ld = gemm.logits_dtype(hidden.dtype, dev)
         # float32 logits, plus a 16-bit dz buffer when the head is 16-bit (the dW/dH GEMMs' operand)
         per_column = n * (ld.itemsize + (hidden.dtype.itemsize if ld != hidden.dtype else 0))
         cols = max(1, min(vocab, workspace_bytes(dev) // per_column))
@@ -101,7 +101,7 @@ def backward(
             b = None if bias is None else bias[v0 : v0 + c].contiguous()
             z = logits[: n * c].view(n, c)
             dz = z if dz_buf is None else dz_buf[: n * c].view(n, c)
-            G.logits_into(z, hidden, w)
+            gemm.logits_into(z, hidden, w)
             to_dz(z, b, y - v0, lse32, g, transform, dz)
             if d_hidden is not None:
                 if dz.dtype == torch.float32:
@@ -134,13 +134,13 @@ def forward_keeping_logits(
     t: LogitTransform,
     with_stats: bool,
     backend: str,
-) -> tuple[S.LogprobState, Tensor]:
+) -> tuple[online_state.LogprobState, Tensor]:
     """hidden [n, H], weight [V, H], labels [n] in ``[0, V)`` -> (the rows' state, the logits ``[n, V]``
     as the fold left them: the input of :func:`backward_from_logits`). One GEMM for the whole call."""
     z = torch.empty(
-        hidden.shape[0], weight.shape[0], dtype=G.logits_dtype(hidden.dtype, hidden.device), device=hidden.device
+        hidden.shape[0], weight.shape[0], dtype=gemm.logits_dtype(hidden.dtype, hidden.device), device=hidden.device
     )
-    G.logits_into(z, hidden, weight)
+    gemm.logits_into(z, hidden, weight)
     b = None if bias is None else bias.to(z.dtype).contiguous()
     return epilogues(backend).fold(z, b, labels, t, with_stats), z
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _native_build
-from . import state as S
+from . import state as online_state
 from .common import LogitTransform
 
 # 1024 x 8192 float32 = 32 MiB: GEMMs of this size run near the CPU's peak.
@@ -72,7 +72,7 @@ def forward_partial(
     with_stats: bool,
     vocab_start: int = 0,
     topk: int = 0,
-) -> S.LogprobState:
+) -> online_state.LogprobState:
     """As ``torch_backend.forward_partial``. With ``topk=k`` each row of a logit tile, once folded, is
     scanned in id order into the token's running k best (an insertion into a sorted [k] list, entered
     only above the k-th value): no sort, the tie order (lower id first) by construction."""
@@ -89,9 +89,9 @@ def forward_partial(
         int(topk),
     )
     if topk <= 0:
-        return S.LogprobState(*out)
+        return online_state.LogprobState(*out)
     # the state's fields, then the [N, k] values and ids
-    return S.LogprobState(*out[:-2])._replace(topk_values=out[-2], topk_ids=out[-1])
+    return online_state.LogprobState(*out[:-2])._replace(topk_values=out[-2], topk_ids=out[-1])
 
 
 def _wanted_grad(t: torch.Tensor, wanted: bool) -> torch.Tensor | None:
@@ -142,8 +142,8 @@ def token_kl_forward_partial(
     ref_weight: Tensor,
     ref_bias: Tensor | None,
     transform: LogitTransform,
-) -> S.TokenKLState:
-    return S.TokenKLState(
+) -> online_state.TokenKLState:
+    return online_state.TokenKLState(
         *_ops().token_kl_forward(
             hidden,
             weight,

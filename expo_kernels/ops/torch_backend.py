@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from . import state as S
+from . import state as online_state
 from .common import LogitTransform
 
 # Tile of the recomputed logits: 1024 x 8192 float32 = 32 MiB. Large enough that the GEMMs run
@@ -101,7 +101,9 @@ def tile_topk(z: torch.Tensor, cols: torch.Tensor, k: int) -> tuple[torch.Tensor
     return z.gather(1, best), cols[best]
 
 
-def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool, topk: int = 0) -> S.LogprobState:
+def tile_state(
+    z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool, topk: int = 0
+) -> online_state.LogprobState:
     """The partial state of one logit tile ``z [n, v]`` whose columns are the global ids ``cols``."""
     state = _tile_state(z, y, cols, with_stats)
     if topk > 0:
@@ -110,15 +112,15 @@ def tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats:
     return state
 
 
-def _tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool) -> S.LogprobState:
+def _tile_state(z: torch.Tensor, y: torch.Tensor, cols: torch.Tensor, with_stats: bool) -> online_state.LogprobState:
     m = z.amax(dim=1)
-    shift = S.safe_shift(m)
+    shift = online_state.safe_shift(m)
     e = torch.exp(z - shift[:, None])
     hit = cols[None, :] == y[:, None]
     z_label = torch.where(hit, z, 0.0).sum(dim=1)
     if not with_stats:
-        return S.LogprobState(m, e.sum(dim=1), z_label)
-    return S.LogprobState(
+        return online_state.LogprobState(m, e.sum(dim=1), z_label)
+    return online_state.LogprobState(
         m,
         e.sum(dim=1),
         z_label,
@@ -138,7 +140,7 @@ def forward_partial(
     with_stats: bool,
     vocab_start: int = 0,
     topk: int = 0,
-) -> S.LogprobState:
+) -> online_state.LogprobState:
     """hidden [N, H], weight [V_s, H] (vocabulary ids ``vocab_start + [0, V_s)``), bias [V_s] | None,
     labels [N] global ids -> the partial state of that vocabulary range ([N] tensors; with
     ``topk=k`` also the range's k best logits and ids, [N, k])."""
@@ -148,18 +150,18 @@ def forward_partial(
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         h = hidden[t0 : t0 + TOKEN_CHUNK]
         y = labels[t0 : t0 + TOKEN_CHUNK]
-        run = S.empty_logprob_state(h.shape[0], with_stats, acc, h.device, topk)
+        run = online_state.empty_logprob_state(h.shape[0], with_stats, acc, h.device, topk)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             w = weight[v0 : v0 + VOCAB_CHUNK]
             cols = torch.arange(vocab_start + v0, vocab_start + v0 + w.shape[0], device=h.device)
             z = transform.apply(_raw_logits(h, w, None if bias is None else bias[v0 : v0 + VOCAB_CHUNK], acc))
-            run = S.merge_logprob_states([run, tile_state(z, y, cols, with_stats, topk)])
+            run = online_state.merge_logprob_states([run, tile_state(z, y, cols, with_stats, topk)])
             del z
         chunks.append(run)
     if not chunks:
-        return S.empty_logprob_state(0, with_stats, acc, hidden.device, topk)
+        return online_state.empty_logprob_state(0, with_stats, acc, hidden.device, topk)
     # field by field along the tokens; _make: the statistics fields are None in every chunk or in none
-    return S.LogprobState._make(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False))
+    return online_state.LogprobState._make(None if f[0] is None else torch.cat(f) for f in zip(*chunks, strict=False))
 
 
 def backward(
@@ -214,14 +216,14 @@ def backward(
 # --------------------------------------------------------------------------------------------
 
 
-def token_kl_tile_state(zp: torch.Tensor, zr: torch.Tensor) -> S.TokenKLState:
+def token_kl_tile_state(zp: torch.Tensor, zr: torch.Tensor) -> online_state.TokenKLState:
     """The token-KL partial state of one pair of logit tiles (policy ``zp``, reference ``zr``)."""
     m_p, m_r = zp.amax(dim=1), zr.amax(dim=1)
-    shift_p, shift_r = S.safe_shift(m_p), S.safe_shift(m_r)
+    shift_p, shift_r = online_state.safe_shift(m_p), online_state.safe_shift(m_r)
     er = torch.exp(zr - shift_r[:, None])
     # an entry masked in the reference (q = 0) adds 0 even where the policy is masked too
     cross = masked_products(er, (zr - shift_r[:, None]) - (zp - shift_p[:, None]))
-    return S.TokenKLState(m_p, torch.exp(zp - shift_p[:, None]).sum(dim=1), m_r, er.sum(dim=1), cross)
+    return online_state.TokenKLState(m_p, torch.exp(zp - shift_p[:, None]).sum(dim=1), m_r, er.sum(dim=1), cross)
 
 
 def token_kl_forward_partial(
@@ -232,7 +234,7 @@ def token_kl_forward_partial(
     ref_weight: torch.Tensor,
     ref_bias: torch.Tensor | None,
     transform: LogitTransform,
-) -> S.TokenKLState:
+) -> online_state.TokenKLState:
     """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the token-KL partial
     state of that vocabulary range ([N] tensors)."""
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -240,16 +242,16 @@ def token_kl_forward_partial(
     chunks = []
     for t0 in range(0, n_tokens, TOKEN_CHUNK):
         h, hr = hidden[t0 : t0 + TOKEN_CHUNK], ref_hidden[t0 : t0 + TOKEN_CHUNK]
-        run = S.empty_token_kl_state(h.shape[0], acc, h.device)
+        run = online_state.empty_token_kl_state(h.shape[0], acc, h.device)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             sl = slice(v0, v0 + VOCAB_CHUNK)
             zp = transform.apply(_raw_logits(h, weight[sl], None if bias is None else bias[sl], acc))
             zr = transform.apply(_raw_logits(hr, ref_weight[sl], None if ref_bias is None else ref_bias[sl], acc))
-            run = S.merge_token_kl_states([run, token_kl_tile_state(zp, zr)])
+            run = online_state.merge_token_kl_states([run, token_kl_tile_state(zp, zr)])
         chunks.append(run)
     if not chunks:
-        return S.empty_token_kl_state(0, acc, hidden.device)
-    return S.TokenKLState(*(torch.cat(f) for f in zip(*chunks, strict=False)))
+        return online_state.empty_token_kl_state(0, acc, hidden.device)
+    return online_state.TokenKLState(*(torch.cat(f) for f in zip(*chunks, strict=False)))
 
 
 def token_kl_backward(

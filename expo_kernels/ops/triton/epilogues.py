@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import state as S
+from .. import state as online_state
 from ..common import LogitTransform, interpreting
 from .jit import apply_transform, safe_shift, transform_args
 
@@ -151,14 +151,16 @@ def _dz_rows_kernel(
     tl.store(dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool) -> S.LogprobState:
+def fold(
+    z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with_stats: bool
+) -> online_state.LogprobState:
     """Raw logits ``z [n, V]`` (unit column stride), ``bias [V] | None``, ``labels [n]`` int64 in
     ``[0, V)`` -> the rows' ``LogprobState`` (float32 ``[n]`` fields). ``z`` is left as it is."""
     n, vocab = z.shape
-    slots = S.LOGPROB_STATS_SLOTS if with_stats else S.LOGPROB_SLOTS
+    slots = online_state.LOGPROB_STATS_SLOTS if with_stats else online_state.LOGPROB_SLOTS
     out = torch.empty(slots, n, dtype=torch.float32, device=z.device)
     if n == 0:
-        return S.LogprobState(*out)
+        return online_state.LogprobState(*out)
     block = _INTERPRET_BLOCK_V if interpreting() else FOLD_BLOCK_V
     _fold_rows_kernel[(n,)](
         z,
@@ -174,7 +176,7 @@ def fold(z: Tensor, bias: Tensor | None, labels: Tensor, t: LogitTransform, with
         num_warps=FOLD_CONFIG.num_warps,
         **transform_args(t),
     )
-    return S.LogprobState(*out)
+    return online_state.LogprobState(*out)
 
 
 def to_dz(

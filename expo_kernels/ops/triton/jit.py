@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import state as S
+from .. import state as online_state
 from ..common import LogitTransform
 
 __all__ = [
@@ -26,12 +26,13 @@ __all__ = [
 # Slots of the partial-state buffers [slots, splits, N]: the field order of ops.state.LogprobState
 # and TokenKLState, so a split's slots are its state (the slot counts: ops.state.LOGPROB_SLOTS, ...).
 SLOT_M, SLOT_S, SLOT_ZLABEL, SLOT_SZ, SLOT_S2, SLOT_ZSUM, SLOT_MAX_BEFORE = (
-    tl.constexpr(S.LogprobState._fields.index(f)) for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before")
+    tl.constexpr(online_state.LogprobState._fields.index(f))
+    for f in ("m", "s", "z_label", "sz", "s2", "z_sum", "max_before")
 )
 # The id of an empty top-k slot (ops.state.TOPK_PAD_ID): after every real id among -inf values.
-TOPK_PAD = tl.constexpr(S.TOPK_PAD_ID)
+TOPK_PAD = tl.constexpr(online_state.TOPK_PAD_ID)
 SLOT_MP, SLOT_SP, SLOT_MR, SLOT_SR, SLOT_CROSS = (
-    tl.constexpr(S.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross")
+    tl.constexpr(online_state.TokenKLState._fields.index(f)) for f in ("m_p", "s_p", "m_r", "s_r", "cross")
 )
 
 

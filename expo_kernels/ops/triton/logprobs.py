@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import state as S
+from .. import state as online_state
 from .. import torch_backend
 from ..common import LogitTransform
 from ..torch_backend import cast_grads, grad_buffers
@@ -334,7 +334,7 @@ def forward_partial(
     config: TileConfig | None = None,
     vocab_splits: int | None = None,
     topk: int = 0,
-) -> S.LogprobState:
+) -> online_state.LogprobState:
     """hidden [N, H], weight [V_s, H] (ids ``vocab_start + [0, V_s)``), bias [V_s] | None, labels [N]
     global ids -> the range's partial state: the vocab splits' states merged (``ops.state``).
 
@@ -345,11 +345,11 @@ def forward_partial(
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n_tokens == 0 or vocab == 0:
-        return S.empty_logprob_state(n_tokens, with_stats, acc, hidden.device, topk)
+        return online_state.empty_logprob_state(n_tokens, with_stats, acc, hidden.device, topk)
     labels, bias = labels.contiguous(), None if bias is None else bias.contiguous()
     cfg = config or launch_config("forward", hidden, topk=topk)
     n_blocks, splits, per_split = split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
-    parts = torch.empty((S.LOGPROB_STATS_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
+    parts = torch.empty((online_state.LOGPROB_STATS_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     top_v = torch.empty((splits, n_tokens, topk), dtype=acc, device=hidden.device)
     top_i = torch.empty((splits, n_tokens, topk), dtype=torch.int64, device=hidden.device)
     _forward_kernel[(n_blocks, splits)](
@@ -383,11 +383,11 @@ def forward_partial(
         **transform_args(transform),
         **kernel_flags(hidden),
     )
-    fields = S.LOGPROB_STATS_SLOTS if with_stats else S.LOGPROB_SLOTS  # m, s, z_label come first
-    states = [S.LogprobState(*parts[:fields, k]) for k in range(splits)]
+    fields = online_state.LOGPROB_STATS_SLOTS if with_stats else online_state.LOGPROB_SLOTS  # m, s, z_label come first
+    states = [online_state.LogprobState(*parts[:fields, k]) for k in range(splits)]
     if topk > 0:
         states = [st._replace(topk_values=top_v[k], topk_ids=top_i[k]) for k, st in enumerate(states)]
-    return S.merge_logprob_states(states)
+    return online_state.merge_logprob_states(states)
 
 
 def backward(

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import state as S
+from .. import state as online_state
 from .. import torch_backend
 from ..common import LogitTransform
 from ..torch_backend import cast_grads, grad_buffers
@@ -368,18 +368,18 @@ def token_kl_forward_partial(
     transform: LogitTransform,
     config: TileConfig | None = None,
     vocab_splits: int | None = None,
-) -> S.TokenKLState:
+) -> online_state.TokenKLState:
     """Policy hidden [N, H] / weight [V_s, H], reference [N, Hr] / [V_s, Hr] -> the range's token-KL
     partial state (the vocab splits' states merged)."""
     n_tokens, hid = hidden.shape
     vocab = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n_tokens == 0 or vocab == 0:
-        return S.empty_token_kl_state(n_tokens, acc, hidden.device)
+        return online_state.empty_token_kl_state(n_tokens, acc, hidden.device)
     bias, ref_bias = (None if b is None else b.contiguous() for b in (bias, ref_bias))
     cfg = config or launch_config("token_kl_forward", hidden)
     n_blocks, splits, per_split = split_vocab(n_tokens, vocab, cfg, hidden.device, vocab_splits)
-    parts = torch.empty((S.TOKEN_KL_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
+    parts = torch.empty((online_state.TOKEN_KL_SLOTS, splits, n_tokens), dtype=acc, device=hidden.device)
     _token_kl_forward_kernel[(n_blocks, splits)](
         hidden,
         weight,
@@ -409,7 +409,7 @@ def token_kl_forward_partial(
         **transform_args(transform),
         **kernel_flags(hidden),
     )
-    return S.merge_token_kl_states([S.TokenKLState(*parts[:, k]) for k in range(splits)])
+    return online_state.merge_token_kl_states([online_state.TokenKLState(*parts[:, k]) for k in range(splits)])
 
 
 def token_kl_backward(
