@@ -418,7 +418,11 @@ class _Head:
         )
         # one sync for both models' rows: the lse of both first (a -inf one names the masked vocabulary)
         lse = out.lse if ref_lse is None else torch.cat([ref_lse, out.lse])
-        results = (lse,) + ((out.entropy, out.mean_logit, out.log_sum_p2) if self.with_stats else ())
+        results: tuple[Tensor, ...] = (lse,)
+        if self.with_stats:
+            # the fold ran with statistics (with_stats), so finalize_logprobs filled them
+            assert out.entropy is not None and out.mean_logit is not None and out.log_sum_p2 is not None
+            results += (out.entropy, out.mean_logit, out.log_sum_p2)
         dispatch.check_finite({}, {}, results, self.transform_args)
         return out, h, z, dz, ref_logp
 
@@ -657,6 +661,7 @@ def run_pair_step(
             for f in fields:
                 per_token[f].index_copy_(0, idx, getattr(out, f))
             if ref_logp is not None:
+                assert ref_chunk is not None  # stacked: the head holds the reference rows, forward returns theirs
                 ref_logp.index_copy_(0, idx, ref_chunk)
             if any(need):
                 g = _token_grads(loss_of_tokens, out, idx, rows, steps, acc, hidden.device, ref_chunk)

@@ -457,11 +457,6 @@ def test_module_no_counted_token(backend, path, monkeypatch):
     check_module(backend, path, F32, monkeypatch, no_counted=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a forced pair path with zero pairs falls back to the op's path, which refuses the pair path "
-    "('cannot run linear_logprobs') instead of the module's 'needs at least one pair'",
-)
 @pytest.mark.parametrize("path", [p.value for p in D.PAIR_PATHS])
 def test_module_zero_pairs_is_named(path):
     """An empty batch (no pair) is refused with the module's own error, forced path or not."""

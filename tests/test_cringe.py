@@ -141,3 +141,25 @@ def test_cringe_loss_argument_errors():
     z = torch.zeros(B, T)
     with pytest.raises(ValueError, match="k \\+ 1"):
         ek.cringe_loss(z, z.bool(), z, z, torch.zeros(B, T, 3), torch.zeros(B, T, 2, dtype=torch.long), z.long())
+
+
+def test_pairwise_gate_float64_exact_at_long_length():
+    """At T = 32768 a sequence's summed log-prob is ~-1.8e5 (float32 spacing 1/64): the gate's margin, a
+    difference of two such sums, accumulates in float64, so the gate is float64-exact; the loss and
+    metrics keep the per-token dtype (float32)."""
+    t, h, v = 32768, 8, 256
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randn(1, t, h, generator=g)
+    hidden = torch.cat([chosen, chosen + 1e-3 * torch.randn(1, t, h, generator=g)])
+    weight = torch.randn(v, h, generator=g) * 0.5
+    labels = torch.randint(0, v, (2, t), generator=g)
+    sums = ek.linear_logprobs(hidden, weight, labels, backend="torch").double().sum(1)
+    m64 = sums[0] - sums[1]
+    # the gate at its steepest (margin = M): d gate / d M = 1/4
+    module = ek.FusedLinearCRINGELoss(k=1, pairwise=True, margin=float(m64) + 0.5, tau=1.0, backend="torch")
+    out = module(weight, hidden, labels, generator=torch.Generator().manual_seed(1))
+    assert out.loss.dtype == torch.float32
+    assert all(m.dtype == torch.float32 for m in out.metrics.values())
+    torch.testing.assert_close(out.policy_logps, sums, rtol=1e-12, atol=0)
+    gate = torch.sigmoid((float(m64) + 0.5 - m64) / 1.0)
+    assert abs(float(out.metrics["gate"]) - float(gate)) < 1e-6

@@ -420,3 +420,26 @@ def test_expo_with_lam_zero_needs_no_reference():
     lp, _ = naive_token_logps(hidden, weight, None, labels)
     c, r = lp.sum(1).chunk(2)
     torch.testing.assert_close(out.loss, torch.nn.functional.softplus(-(c - r)).mean(), **TOL)
+
+
+def test_kto_long_sequences_exact_and_in_token_dtype():
+    """At T = 32768 a sequence's summed log-prob is ~-1.8e5 (float32 spacing 1/64): the unpaired module's
+    sums are float64, so KTO's policy-minus-reference margin is float64-exact, and its loss and metrics
+    come back in the per-token dtype (float32) as the paired module's do."""
+    t, h, v = 32768, 8, 256
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, t, h, generator=g)
+    ref_hidden = hidden + 1e-3 * torch.randn(2, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.5
+    labels = torch.randint(0, v, (2, t), generator=g)
+    des = torch.tensor([True, False])
+    out = ek.FusedLinearKTOLoss(beta=0.1, backend="torch")(
+        weight, hidden, labels, ref_hidden=ref_hidden, is_desirable=des, kl=0.0
+    )
+    assert out.loss.dtype == torch.float32
+    assert all(m.dtype == torch.float32 for m in out.metrics.values() if m.is_floating_point())
+    pol = ek.linear_logprobs(hidden, weight, labels, backend="torch").double().sum(1)
+    ref = ek.linear_logprobs(ref_hidden, weight, labels, backend="torch").double().sum(1)
+    expect = ek.preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=des, kl=0.0, beta=0.1)
+    torch.testing.assert_close(out.loss, expect.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.policy_logps, pol, rtol=1e-12, atol=0)

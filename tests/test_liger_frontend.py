@@ -406,3 +406,27 @@ def test_classes_do_not_import_liger():
         "assert not any(m.startswith('liger_kernel') for m in sys.modules), 'liger imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cpo_long_rows_sum_in_float64():
+    """At T = 32768 a row's summed log-prob is ~-1.8e5 (float32 spacing 1/64): the paired step's sums
+    accumulate in float64, so CPO's margin (a difference of two sums) is float64-exact, and the loss and
+    the aux outputs keep the per-token dtype (float32)."""
+    import expo_kernels as ek
+
+    t, h, v = 32768, 8, 256
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randn(1, t, h, generator=g)
+    chosen_labels = torch.randint(0, v, (1, t), generator=g)
+    # the rejected row: the chosen one's tokens in another order (the same sum up to rounding)
+    perm = torch.randperm(t, generator=g)
+    hidden = torch.cat([chosen, chosen[:, perm]])
+    hidden[1, 0] += 0.01 * torch.randn(h, generator=g)  # a margin of ~1e-3, off float32's 1/64 grid there
+    labels = torch.cat([chosen_labels, chosen_labels[:, perm]])
+    weight = torch.randn(v, h, generator=g) * 0.5
+    loss, aux = ours.LigerFusedLinearCPOLoss(beta=1.0, compute_nll_loss=False)(weight, hidden, labels)
+    sums = ek.linear_logprobs(hidden, weight, labels).double().sum(1)
+    expect = -torch.nn.functional.logsigmoid(sums[0] - sums[1])
+    assert loss.dtype == torch.float32 and all(x.dtype == torch.float32 for x in aux)
+    assert abs(float(loss) - float(expect)) < 1e-6
+    torch.testing.assert_close(aux[0], sums[:1].float(), rtol=0, atol=0)

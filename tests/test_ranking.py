@@ -448,3 +448,25 @@ def test_module_bad_call():
     with pytest.raises(ValueError, match="`labels`.*without any completion token"):
         m(weight, hidden, empty, rewards)
     m(weight, hidden, empty, rewards, mask=torch.tensor([[True] * K, [True, True, False]]))  # fine when masked
+
+
+def test_long_responses_sum_in_float64():
+    """At T = 32768 a response's summed log-prob is ~-1.8e5, where float32's spacing is 1/64: the sums
+    accumulate in float64, so RRHF's term (a difference of two close scores) is float64-exact, and the
+    outputs keep the per-token dtype (float32)."""
+    t, h, v = 32768, 8, 256
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, t, h, generator=g)
+    hidden = torch.cat([base, base + 1e-4 * torch.randn(1, 1, t, h, generator=g)], dim=1)  # [1, 2, T, H]
+    weight = torch.randn(v, h, generator=g) * 0.5
+    labels = torch.randint(0, v, (1, 2, t), generator=g)
+    tok = ek.linear_logprobs(hidden, weight, labels, backend="torch")
+    scores = tok.double().sum(-1) / t
+    # the response with the higher score gets the lower reward: the RRHF term is their score gap
+    rewards = torch.where(scores[0, 0] > scores[0, 1], torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    out = ek.FusedLinearRankingLoss("rrhf", sft_weight=0.0, backend="torch")(weight, hidden, labels, rewards)
+    expect = (scores[0, 0] - scores[0, 1]).abs()
+    assert out.loss.dtype == out.scores.dtype == out.logps.dtype == torch.float32
+    assert all(m.dtype == torch.float32 for m in out.metrics.values())
+    torch.testing.assert_close(out.loss, expect.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.logps, tok.double().sum(-1).float(), rtol=0, atol=0)

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .aggregate import sum_dtype
+
 __all__ = ["CringeLossOutput", "check_real", "cringe_loss", "sample_positive"]
 
 
@@ -147,17 +149,26 @@ def cringe_loss(
     # -log(e^{s+} / (e^{s+} + e^{s-})) = softplus(s- - s+)
     cr_tok = torch.where(rej_mask, F.softplus(rejected_logits - s_plus), 0.0)
     nll_tok = torch.where(chosen_mask, -chosen_logps, 0.0)
-    nll, cringe = nll_tok.sum(dim=1), cr_tok.sum(dim=1)
+    # per-sequence sums in float64 (losses.aggregate: a long sequence's log-prob sum is large, its float32
+    # spacing coarse, and the gate takes the difference of two); the outputs keep the per-token dtypes
+    wide = sum_dtype(chosen_logps.device)
+    nll, cringe = nll_tok.sum(dim=1, dtype=wide), cr_tok.sum(dim=1, dtype=wide)
+    dt = torch.promote_types(nll_tok.dtype, cr_tok.dtype)
     gate = None
     if pairwise:
-        seq_margin = torch.where(chosen_mask, chosen_logps, 0.0).sum(1) - torch.where(
+        seq_margin = torch.where(chosen_mask, chosen_logps, 0.0).sum(1, dtype=wide) - torch.where(
             rej_mask, rejected_logps, 0.0
-        ).sum(1)
+        ).sum(1, dtype=wide)
         gate = torch.sigmoid((margin - seq_margin) / tau)
         cringe_weighted = gate * cringe
+        gate_dt = torch.promote_types(chosen_logps.dtype, rejected_logps.dtype)
+        dt = torch.promote_types(dt, gate_dt)
+        gate = gate.to(gate_dt)
     else:
         cringe_weighted = cringe
     # the authors' normalization: the sum over every counted token divided by their number
     n_tokens = (chosen_mask.sum() + rej_mask.sum()).clamp(min=1)
     loss = (nll.sum() + alpha * cringe_weighted.sum()) / n_tokens
-    return CringeLossOutput(loss, nll, cringe, gate, torch.where(rej_mask, pos_ids, -1))
+    return CringeLossOutput(
+        loss.to(dt), nll.to(nll_tok.dtype), cringe.to(cr_tok.dtype), gate, torch.where(rej_mask, pos_ids, -1)
+    )

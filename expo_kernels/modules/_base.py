@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict, overload
 
 import torch
 from torch import Tensor, nn
 
 from .._dispatch import Plan, plan_linear_logprobs
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_positive_finite
+from ..distributed.context_parallel import check_sequence_shards, masked_means_across_ranks
 from ..distributed.zero3 import zero3_gathered
 from ..functional import TokenStats, head_autocast, linear_logprobs, linear_token_kl
 from ..losses import LOSSES, get_loss_spec, preference_loss, preference_loss_and_metrics
@@ -26,7 +27,16 @@ __all__ = [
     "masked_mean",
     "is_unpaired_loss",
     "positive_number",
+    "LogitTransformOptions",
 ]
+
+
+class LogitTransformOptions(TypedDict):
+    """A module's logit transform as the op's keyword arguments (``linear_logprobs(..., **transform)``)."""
+
+    temperature: float
+    logit_scale: float | None
+    softcap: float | None
 
 
 @dataclass
@@ -76,6 +86,14 @@ def require_rows(name: str, x: Any, rows: int, dims: int) -> Tensor:
         want = "[R, T, H]" if dims == 3 else ("[R, T]" if dims == 2 else "[R]")
         raise ValueError(f"`{name}` must have shape {want} with R = {rows} rows; got {tuple(x.shape)}.")
     return x
+
+
+@overload
+def positive_number(name: str, value: Any, allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def positive_number(name: str, value: Any, allow_none: bool) -> float | None: ...
 
 
 def positive_number(name: str, value: Any, allow_none: bool = False) -> float | None:
@@ -138,6 +156,7 @@ class FusedLinearLossBase(nn.Module):
         loss_weights: Sequence[float] | None = None,
         compute_metrics: bool = True,
         backend: str | None = None,
+        sequence_group: Any = None,
         **hparams: Any,
     ) -> None:
         super().__init__()
@@ -188,12 +207,19 @@ class FusedLinearLossBase(nn.Module):
             )
         self.hparams = dict(hparams)
         self.ignore_index = int(ignore_index)
-        self.transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+        self.transform = LogitTransformOptions(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
         self.ld_alpha = None if ld_alpha is None else float(ld_alpha)
         self.use_weighting = bool(use_weighting)
         self.loss_weights = None if loss_weights is None else lws
         self.compute_metrics = bool(compute_metrics)
         self.backend = backend
+        if sequence_group is not None and (ld_alpha is not None or use_weighting):
+            raise ValueError(
+                "`sequence_group` (context parallelism) does not support `ld_alpha` or `use_weighting`: they need "
+                "each token's position in its whole completion / per-token weights across the shards."
+            )
+        #: context parallelism: the process group over which the sequences are sharded (None: off)
+        self.sequence_group = sequence_group
         expo = [hp for s, hp in zip(self.specs, self.resolved, strict=False) if s.name == "expo"]
         self.token_kl = bool(expo) and expo[0]["kl_estimator"] == "token"
         # does the objective (not just the logged rewards) read reference log-probs?
@@ -298,7 +324,7 @@ class FusedLinearLossBase(nn.Module):
                 f"Loss {self.loss!r} is reference-free: do not pass a reference (it would be computed and unused)."
             )
         if has_ref_tensors:
-            require_rows("ref_hidden", ref_hidden, rows, 3)
+            ref_hidden = require_rows("ref_hidden", ref_hidden, rows, 3)
             if ref_hidden.shape[1] != hidden.shape[1]:
                 raise ValueError(
                     f"`ref_hidden` must cover the same tokens as `hidden`: shape {tuple(ref_hidden.shape)} "
@@ -375,8 +401,24 @@ class FusedLinearLossBase(nn.Module):
 
     def _token_metrics(self, stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
         """TRL's per-token metric of every loss: ``entropy`` (all completion tokens)."""
+        (entropy,) = self._masked_means([(stats.entropy, mask)])
+        return {"entropy": entropy}
+
+    def _masked_means(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """:func:`masked_mean` of each ``(values, mask)``, over the whole sequences with a
+        ``sequence_group`` (one all-reduce); no gradient."""
+        if self.sequence_group is not None:
+            return masked_means_across_ranks(pairs, self.sequence_group)
         with torch.no_grad():
-            return {"entropy": masked_mean(stats.entropy, mask)}
+            return [masked_mean(v, m) for v, m in pairs]
+
+    def _check_sequence_shards(self, hidden: Any, labels: Any, flag: bool = True) -> bool:
+        """With a ``sequence_group``: the shards' shapes checked on every rank alike
+        (:func:`~expo_kernels.distributed.context_parallel.check_sequence_shards`); returns whether
+        ``flag`` holds on every rank. Without one: ``flag``."""
+        if self.sequence_group is None:
+            return flag
+        return check_sequence_shards(self.sequence_group, hidden, labels, paired=self.paired, flag=flag)
 
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

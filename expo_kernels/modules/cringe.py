@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index, check_linear_head, check_positive_finite
 from ..functional import head_autocast, linear_logprobs
+from ..losses.aggregate import sum_dtype
 from ..losses.cringe import check_real, cringe_loss
 from ..ops.common import LogitTransform, topk_logits
-from ._base import PreferenceLossOutput, masked_mean
+from ._base import LogitTransformOptions, PreferenceLossOutput, masked_mean
 
 __all__ = ["FusedLinearCRINGELoss"]
 
@@ -68,7 +69,7 @@ class FusedLinearCRINGELoss(nn.Module):
         self.alpha = check_real("alpha", alpha)
         self.margin = check_real("margin", margin)
         self.tau = check_real("tau", tau, positive=True)
-        self.transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+        self.transform = LogitTransformOptions(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
 
     def forward(
         self,
@@ -101,10 +102,20 @@ class FusedLinearCRINGELoss(nn.Module):
         if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
             raise ValueError(f"hidden must be [2B, T, H] (B chosen rows, then B rejected); got {tuple(hidden.shape)}")
         b = hidden.shape[0] // 2
-        common = dict(ignore_index=self.ignore_index, backend=self.backend, **self.transform)
-        chosen_logp = linear_logprobs(hidden[:b], lm_head_weight, labels[:b], bias, **common)
+        ignore_index, backend = self.ignore_index, self.backend
+        chosen_logp = linear_logprobs(
+            hidden[:b], lm_head_weight, labels[:b], bias, ignore_index=ignore_index, backend=backend, **self.transform
+        )
         rejected_logp, stats = linear_logprobs(
-            hidden[b:], lm_head_weight, labels[b:], bias, return_stats=True, topk=self.k + 1, **common
+            hidden[b:],
+            lm_head_weight,
+            labels[b:],
+            bias,
+            return_stats=True,
+            topk=self.k + 1,
+            ignore_index=ignore_index,
+            backend=backend,
+            **self.transform,
         )
         assert stats.topk_values is not None and stats.topk_indices is not None
         rej_labels = labels[b:]
@@ -129,13 +140,15 @@ class FusedLinearCRINGELoss(nn.Module):
             ignore_index=self.ignore_index,
             generator=generator,
         )
-        logps = torch.cat([chosen_logp.sum(1), rejected_logp.sum(1)])
+        # the sequence sums in float64 (losses.aggregate), as the paired module's; the metrics in the per-token dtype
+        wide, dt = sum_dtype(hidden.device), chosen_logp.dtype
+        logps = torch.cat([chosen_logp.sum(1, dtype=wide), rejected_logp.sum(1, dtype=wide)])
         with torch.no_grad():
             metrics = {
                 "nll": out.nll.mean(),
                 "cringe": out.cringe.mean(),
-                "logps/chosen": logps[:b].mean(),
-                "logps/rejected": logps[b:].mean(),
+                "logps/chosen": logps[:b].mean().to(dt),
+                "logps/rejected": logps[b:].mean().to(dt),
                 "entropy/rejected": masked_mean(stats.entropy, rej_mask),
             }
             if out.gate is not None:

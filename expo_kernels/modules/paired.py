@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -25,19 +26,24 @@ from .._dispatch import (
     plan_pair_step,
 )
 from .._validation import check_linear_head
+from ..distributed.context_parallel import max_across_ranks, sum_across_ranks
 from ..engine import (
+    PairPlan,
     attach_gradients,
+    chunk_tokens,
     eager_region,
     forward_logps,
+    pair_chunks,
     plan_pairs,
     run_pair_step,
     tracing_fullgraph,
 )
 from ..functional import TokenStats
 from ..losses import aggregate_pair_logps, preference_loss
+from ..losses.aggregate import PairedLogps
 from ..ops.common import LogitTransform
 from ..ops.options import get_kernel_options, kernel_options
-from ._base import FusedLinearLossBase, PreferenceLossOutput, is_unpaired_loss, masked_mean
+from ._base import FusedLinearLossBase, PreferenceLossOutput, is_unpaired_loss
 from .unpaired import FusedLinearUnpairedLoss
 
 __all__ = [
@@ -67,6 +73,12 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         compute_metrics: compute the metrics dict (costs the statistics of the policy pass); when
             False, ``metrics`` is empty.
         backend: kernel backend (``"triton"``, ``"native"``, ``"torch"``); default from the device.
+        sequence_group: context parallelism: the ``torch.distributed`` process group over which every
+            sequence is sharded along ``T`` (each rank passes its contiguous slice of ``hidden``/``labels``,
+            the same rows). The per-sequence sums, token counts and metric sums are all-reduced over it
+            (``O(R)`` numbers), so every rank gets the same loss and metrics and the exact gradient of its
+            own hidden slice; the head's gradient on each rank is its tokens' share: SUM-reduce it over the
+            group (:mod:`expo_kernels.distributed.context_parallel`). Not with ``ld_alpha``/``use_weighting``.
         **hparams: the loss's hyperparameters (``beta``, ``label_smoothing``, ``lam``, ``kl_estimator``,
             ``gamma``, ...), validated here so a bad value fails at construction.
     """
@@ -106,7 +118,8 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             offset: ODPO's per-pair offset, ``[B]`` or scalar.
         """
         step = self.plan_for(lm_head_weight, hidden, bias)
-        if step.path in PAIR_PATHS:
+        # context parallelism: the shards checked, and one path for every rank (their collectives pair up)
+        if self._check_sequence_shards(hidden, labels, step.path in PAIR_PATHS):
             # host-driven: under torch.compile, one eager region the graph breaks around (engine.eager_region)
             out = _engine_forward_eager(
                 self,
@@ -124,16 +137,20 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             )
             if out is not None:
                 return out
-        passes = self._token_passes(
-            lm_head_weight,
-            hidden,
-            labels,
-            bias=bias,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            ref_bias=ref_bias,
-            has_ref_numbers=ref_chosen_logps is not None or ref_rejected_logps is not None,
-        )
+        # no pair (the engine returned None): the op's path, planned without a forced pair path (the step's,
+        # which the op's plan refuses), so the batch gets its own error ("needs at least one pair")
+        forced_pair = get_kernel_options().path in PAIR_PATHS
+        with kernel_options(path=None) if forced_pair else contextlib.nullcontext():
+            passes = self._token_passes(
+                lm_head_weight,
+                hidden,
+                labels,
+                bias=bias,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                ref_bias=ref_bias,
+                has_ref_numbers=ref_chosen_logps is not None or ref_rejected_logps is not None,
+            )
         stats = passes.stats
         loss, metrics, pol, ref_rows = self._pair_loss(
             passes.logp,
@@ -147,6 +164,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             metrics=True,
         )
         if self.compute_metrics:
+            assert stats is not None  # the policy pass returns its statistics with compute_metrics
             metrics.update(self._token_metrics(stats, passes.mask))
         return PreferenceLossOutput(
             loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, passes.token_kl_rows
@@ -173,9 +191,17 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         if ref_tok is not None:
             ref = aggregate_pair_logps(ref_tok, mask, ld_alpha=self.ld_alpha)
             ref_c, ref_r = ref.chosen_logps, ref.rejected_logps
+        if self.sequence_group is not None:
+            pol, ref_c, ref_r, token_kl_rows = _sum_over_shards(
+                pol, ref_c if ref_tok is not None else None, ref_r if ref_tok is not None else None, token_kl_rows, self
+            )
+            if ref_tok is None:
+                ref_c, ref_r = ref_chosen_logps, ref_rejected_logps  # precomputed: whole-sequence numbers already
+        if ref_tok is not None:
+            assert ref_c is not None and ref_r is not None
             ref_rows = torch.cat([ref_c, ref_r])
         args = (pol.chosen_logps, pol.rejected_logps, ref_c, ref_r)
-        kwargs = dict(
+        kwargs = _PairLossKwargs(
             chosen_lengths=pol.chosen_lengths,
             rejected_lengths=pol.rejected_lengths,
             chosen_nll=pol.chosen_nll if any(s.needs_nll for s in self.specs) else None,
@@ -298,10 +324,10 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         # A reference through the policy's own head (LoRA, or the adapter-off model) shares each chunk's
         # GEMM with the policy rows when both fit the workspace: one read of the head, a taller GEMM.
         stacked = ref_hidden is not None and _same_head(weight, bias, ref_weight, ref_bias, hidden, ref_hidden)
-        plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype, stacked=stacked)
+        plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype, stacked=stacked)
         if stacked and plan is not None and plan.chunks is None:
             stacked = False
-            plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
+            plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype)
         if plan is None:
             return None  # before the reference pass: the op's path runs its own
         longest = int(plan.pair_tokens.max()) if plan.pair_tokens.numel() else 0
@@ -309,7 +335,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         if pair_path(longest, plan.budget_tokens) is Path.LONG_PAIR_CHUNKS:
             if stacked:  # token chunks hold one model's rows
                 stacked = False
-                plan = plan_pairs(labels, self.ignore_index, weight.shape[0], hidden.dtype)
+                plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype)
                 assert plan is not None
             if plan.chunks is not None:  # forced: token chunks although the pairs fit
                 plan = dataclasses.replace(plan, chunks=None)
@@ -323,6 +349,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             ref_head = [t for t in (ref_hidden, ref_weight, ref_bias) if t is not None]
             if all(t.dtype == hidden.dtype and t.device == hidden.device for t in ref_head):
                 # the reference pass through the engine's large GEMMs too
+                assert ref_weight is not None  # _check_head_inputs: the policy's head when none was given
                 check_linear_head(ref_hidden, ref_weight, labels, ref_bias, prefix="ref_")
                 ref_tok = forward_logps(
                     ref_hidden,
@@ -358,7 +385,9 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
             need=(hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad),
             plan=plan,
             ref_hidden=ref_hidden if stacked else None,
-            row_constant=self.ld_alpha is None,  # dL/dlogp: one number per row (ld_alpha weighs the tail less)
+            # dL/dlogp: one number per row (ld_alpha weighs the tail less). With a sequence_group, a pair longer
+            # than the workspace takes the two-pass token chunks, whose one loss call pairs up across the ranks
+            row_constant=self.ld_alpha is None and self.sequence_group is None,
         )
         if step is None:
             return None
@@ -382,9 +411,22 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
                 metrics=True,
             )
         if self.compute_metrics:
+            assert stats is not None  # run_pair_step ran with_stats (compute_metrics): the outputs hold them
             metrics.update(self._token_metrics(stats, mask))
         loss = attach_gradients(loss, hidden, weight, bias, step)
         return PreferenceLossOutput(loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, None)
+
+    def _plan_pairs(self, labels: Tensor, vocab: int, dtype: torch.dtype, stacked: bool = False) -> PairPlan | None:
+        """:func:`~expo_kernels.engine.plan_pairs`; with a ``sequence_group``, its chunks cut from the per-pair
+        MAX over the ranks of the counted tokens (one all-reduce of ``B`` ints): every rank runs the same chunks
+        of whole pairs, so the loss callback's all-reduce of each chunk pairs up across the ranks, and every
+        rank decides alike whether the pairs fit."""
+        plan = plan_pairs(labels, self.ignore_index, vocab, dtype, stacked=stacked)
+        if plan is None or self.sequence_group is None:
+            return plan
+        counts = max_across_ranks(plan.pair_tokens.tolist(), self.sequence_group, labels.device)
+        chunks = pair_chunks(counts, plan.budget_tokens, chunk_tokens(labels.device))
+        return dataclasses.replace(plan, pair_tokens=torch.tensor(counts, dtype=torch.long), chunks=chunks)
 
     def _token_metrics(self, stats: TokenStats, mask: Tensor) -> dict[str, Tensor]:
         """``entropy``, plus the paired metrics: ``logits/chosen`` and ``logits/rejected`` (token means
@@ -393,10 +435,45 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         with torch.no_grad():
             mc, mr = mask.chunk(2, dim=0)
             lc, lr = stats.mean_logit.chunk(2, dim=0)
-            out["logits/chosen"] = masked_mean(lc, mc)
-            out["logits/rejected"] = masked_mean(lr, mr)
-            out["mean_token_accuracy"] = masked_mean(stats.is_top1.chunk(2, dim=0)[0].to(lc.dtype), mc)
+            acc = stats.is_top1.chunk(2, dim=0)[0].to(lc.dtype)
+            means = self._masked_means([(lc, mc), (lr, mr), (acc, mc)])
+            for k, v in zip(("logits/chosen", "logits/rejected", "mean_token_accuracy"), means, strict=True):
+                out[k] = v
         return out
+
+
+def _sum_over_shards(
+    pol: PairedLogps,
+    ref_c: Tensor | None,
+    ref_r: Tensor | None,
+    token_kl_rows: Tensor | None,
+    module: FusedLinearPreferenceLoss,
+) -> tuple[PairedLogps, Tensor | None, Tensor | None, Tensor | None]:
+    """Context parallelism: the per-sequence numbers of the rank's shards summed over the sequence group
+    (one all-reduce, identity backward: ``expo_kernels.distributed.context_parallel``). The chosen NLL is a
+    token mean: its numerator and the chosen token count are summed, then divided."""
+    local_chosen = pol.chosen_lengths.sum().clamp(min=1).to(pol.chosen_nll.dtype)
+    c, r, lc, lr, nll_sum, rc, rr, tkl = sum_across_ranks(
+        [
+            pol.chosen_logps,
+            pol.rejected_logps,
+            pol.chosen_lengths,
+            pol.rejected_lengths,
+            pol.chosen_nll * local_chosen,
+            ref_c,
+            ref_r,
+            token_kl_rows,
+        ],
+        module.sequence_group,
+    )
+    assert c is not None and r is not None and lc is not None and lr is not None and nll_sum is not None
+    nll = nll_sum / lc.sum().clamp(min=1).to(nll_sum.dtype)
+    return (
+        pol._replace(chosen_logps=c, rejected_logps=r, chosen_lengths=lc, rejected_lengths=lr, chosen_nll=nll),
+        rc,
+        rr,
+        tkl,
+    )
 
 
 def _engine_forward(module: FusedLinearPreferenceLoss, *args, **kwargs) -> PreferenceLossOutput | None:
@@ -458,3 +535,15 @@ def _same_head(weight: Tensor, bias: Tensor | None, ref_weight, ref_bias, hidden
         and ref_hidden.dtype == hidden.dtype
         and ref_hidden.device == hidden.device
     )
+
+
+class _PairLossKwargs(TypedDict):
+    """The keyword inputs of ``preference_loss`` that ``_pair_loss`` passes (besides the hyperparameters)."""
+
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    chosen_nll: Tensor | None
+    weights: Tensor | None
+    token_kl: Tensor | None
+    offset: Tensor | float | None
+    loss_weights: list[float] | None

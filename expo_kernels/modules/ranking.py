@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .._validation import check_backend_name, check_bool, check_ignore_index
 from ..functional import head_autocast, linear_logprobs
+from ..losses.aggregate import sum_dtype
 from ..losses.ranking import best_response_mask, check_rewards_and_mask, ranking_loss
 from ..losses.registry import HParamTypeError, as_real, checks_values, describe
 from ._base import masked_mean, positive_number
@@ -205,6 +206,11 @@ class FusedLinearRankingLoss(nn.Module):
         bias: Tensor | None,
     ) -> RankingLossOutput:
         r, mask, lengths = self._check(hidden, labels, rewards, mask)
+        # the per-response sums accumulate in float64 (losses.aggregate: a long response's sum is large,
+        # its float32 spacing coarse) and the scores, losses and metrics are computed from them in float64;
+        # the outputs are cast back to the per-token dtype ``dt`` at the end
+        dt = r.dtype
+        r = r.to(sum_dtype(hidden.device))
         best = best_response_mask(r, mask)
         n = lengths.to(r.dtype)
         # empty slots become ignored tokens: no work, and their hidden states may hold anything
@@ -216,21 +222,21 @@ class FusedLinearRankingLoss(nn.Module):
                 out = self._logps(hidden[best], lm_head_weight, labels[best], bias)
                 tok, stats = out if isinstance(out, tuple) else (out, None)
                 token_mask = labels[best] != self.ignore_index
-                seq_best = tok.sum(dim=-1)
+                seq_best = tok.sum(dim=-1, dtype=r.dtype)
             else:
                 # torch.compile: rows picked by a mask have a data-dependent count; the others' labels are
                 # ignored instead (the op compacts ignored tokens away: the same 1/K of the work)
                 out = self._logps(hidden, lm_head_weight, labels.masked_fill(~best[..., None], self.ignore_index), bias)
                 tok, stats = out if isinstance(out, tuple) else (out, None)
                 token_mask = (labels != self.ignore_index) & best[..., None]
-                seq_best = tok.sum(dim=-1)[best]
+                seq_best = tok.sum(dim=-1, dtype=r.dtype)[best]
             logps = torch.full_like(r, float("nan")).masked_scatter(best, seq_best.detach().to(r.dtype))
             seq = None
         else:
             out = self._logps(hidden, lm_head_weight, labels, bias)
             tok, stats = out if isinstance(out, tuple) else (out, None)
             token_mask = labels != self.ignore_index
-            seq = tok.sum(dim=-1).to(r.dtype)  # [B, K], 0 at masked slots
+            seq = tok.sum(dim=-1, dtype=r.dtype)  # [B, K], 0 at masked slots
             logps = seq.detach()
         scores_detached = logps / n.clamp(min=1)
 
@@ -260,7 +266,8 @@ class FusedLinearRankingLoss(nn.Module):
         metrics: dict[str, Tensor] = {}
         if self.compute_metrics:
             metrics = self._metrics(rank, sft, scores_detached, r, mask, best, stats, token_mask)
-        return RankingLossOutput(loss, metrics, scores_detached, logps, best)
+            metrics = {k: v.to(dt) for k, v in metrics.items()}
+        return RankingLossOutput(loss.to(dt), metrics, scores_detached.to(dt), logps.to(dt), best)
 
     def _metrics(self, rank, sft, scores, r, mask, best, stats, token_mask) -> dict[str, Tensor]:
         with torch.no_grad():  # (a block, not a decorator: dynamo traces it on a module built in the trace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed.context_parallel import sum_across_ranks
 from ..losses import sequence_logps
 from ._base import FusedLinearLossBase, PreferenceLossOutput, TokenPasses, require_rows
 
@@ -59,6 +60,7 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
                 ``[K, T', H]`` / ``[K, T']`` / ``[K, T', Hr]`` for its detached KL baseline (forward only);
                 or ``kl``: a precomputed baseline (0 turns it off).
         """
+        self._check_sequence_shards(hidden, labels)  # context parallelism: the shards line up on every rank
         passes = self._token_passes(
             lm_head_weight,
             hidden,
@@ -85,6 +87,17 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
             kl_logps, ref_kl_logps = self._kl_rows_logps(
                 passes, lm_head_weight, bias, kl_hidden=kl_hidden, kl_labels=kl_labels, ref_kl_hidden=ref_kl_hidden
             )
+        if self.sequence_group is not None:
+            # context parallelism: the rank's partial sums summed over the group (identity backward)
+            own_ref = passes.ref_tok is not None
+            pol_sum, ref_sum, kl_logps, ref_kl_logps = sum_across_ranks(
+                [pol, ref if own_ref else None, kl_logps, ref_kl_logps], self.sequence_group
+            )
+            assert pol_sum is not None
+            pol = pol_sum
+            if own_ref:
+                assert ref_sum is not None
+                ref = ref_sum
         loss, metrics = self._loss_and_metrics(
             policy_logps=pol,
             ref_logps=ref,
@@ -93,7 +106,12 @@ class FusedLinearUnpairedLoss(FusedLinearLossBase):
             ref_kl_logps=ref_kl_logps,
             kl=kl,
         )
+        # the sums are float64 (losses.aggregate: exact at any length) and stay so; the loss and metrics
+        # keep the per-token dtype, as in the paired module
+        dt = passes.logp.dtype
+        loss, metrics = loss.to(dt), {k: v.to(dt) if v.is_floating_point() else v for k, v in metrics.items()}
         if self.compute_metrics:
+            assert passes.stats is not None  # the policy pass returns its statistics with compute_metrics
             metrics.update(self._token_metrics(passes.stats, passes.mask))
         return PreferenceLossOutput(loss, metrics, pol, ref)
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...functional import linear_logprobs
+from ...losses.aggregate import sum_dtype
 from ...losses.registry import get_loss_spec
 
 __all__ = [
@@ -92,7 +93,8 @@ class Batch(NamedTuple):
 
 
 class SequenceLogps(NamedTuple):
-    """Per-row log-probs of a batch (``[R]`` float32), as Liger's ``average_log_prob`` defines them."""
+    """Per-row log-probs of a batch (``[R]`` float32, or float64 from ``policy_and_reference(wide=True)``),
+    as Liger's ``average_log_prob`` defines them."""
 
     policy: Tensor  # summed, or averaged over the counted tokens; differentiable
     reference: Tensor | None  # the same under the reference head, no gradient; None without one
@@ -102,9 +104,12 @@ class SequenceLogps(NamedTuple):
 
 
 def policy_and_reference(
-    owner: str, batch: Batch, *, ignore_index: int, average_log_prob: bool, use_ref_model: bool
+    owner: str, batch: Batch, *, ignore_index: int, average_log_prob: bool, use_ref_model: bool, wide: bool = False
 ) -> SequenceLogps:
     """One fused policy pass and (with ``use_ref_model``) one forward-only reference pass.
+
+    The per-row sums accumulate in float64 (a long row's sum is large, its float32 spacing coarse:
+    ``losses.aggregate``); ``wide``: they are returned in float64 too, else in the per-token dtype.
 
     Without ``ref_weight`` the reference shares the policy head (detached), as for a LoRA model whose
     head is frozen; Liger would fail there.
@@ -119,8 +124,9 @@ def policy_and_reference(
         )
     token_logps = linear_logprobs(_input, weight, target, bias, ignore_index=ignore_index)
     mask = target != ignore_index
-    lengths = mask.sum(-1).to(token_logps.dtype)
-    summed = token_logps.sum(-1)
+    acc = sum_dtype(token_logps.device) if wide else token_logps.dtype
+    lengths = mask.sum(-1).to(acc)
+    summed = token_logps.sum(-1, dtype=sum_dtype(token_logps.device)).to(acc)
     policy = summed / lengths if average_log_prob else summed
     reference = None
     if use_ref_model:
@@ -141,7 +147,7 @@ def policy_and_reference(
                 None if ref_bias is None else ref_bias.detach(),
                 ignore_index=ignore_index,
             )
-            reference = ref_tok.sum(-1)
+            reference = ref_tok.sum(-1, dtype=sum_dtype(ref_tok.device)).to(acc)
             if average_log_prob:
                 reference = reference / lengths
     return SequenceLogps(policy, reference, summed, lengths, token_logps)
@@ -216,8 +222,14 @@ def paired_step(
     gives the preference term and the extra aux outputs; the NLL is added with weight ``alpha`` unless
     the preference term already holds it (``nll_included``). The aux outputs carry no gradient."""
     seq = policy_and_reference(
-        owner, batch, ignore_index=ignore_index, average_log_prob=average_log_prob, use_ref_model=use_ref_model
+        owner,
+        batch,
+        ignore_index=ignore_index,
+        average_log_prob=average_log_prob,
+        use_ref_model=use_ref_model,
+        wide=True,  # float64 sums: the preference term's margins are exact; loss and aux come back in `dt`
     )
+    dt = seq.token_logps.dtype
     _input, weight, target, bias = batch[:4]
     n = target.shape[0] // 2
     if compute_nll_loss:
@@ -232,5 +244,5 @@ def paired_step(
     pref, extras, nll_included = preference(c, r, rc, rr, seq, nll)
     loss = pref if nll_included or not compute_nll_loss else alpha * nll + pref
     chosen_mean, rejected_mean = logit_means(_input, weight, bias)
-    aux = (c.detach(), r.detach(), chosen_mean, rejected_mean, nll.detach().float())
-    return loss, aux + tuple(x.detach() for x in extras)
+    aux = (c.detach().to(dt), r.detach().to(dt), chosen_mean, rejected_mean, nll.detach().float())
+    return loss.to(dt), aux + tuple(x.detach().to(dt) for x in extras)
