@@ -11,6 +11,7 @@ and Triton backends on a GPU machine).
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from conftest import triton_available
 from helpers import device_for
@@ -427,12 +428,13 @@ def test_kto_long_sequences_exact_and_in_token_dtype():
     sums are float64, so KTO's policy-minus-reference margin is float64-exact, and its loss and metrics
     come back in the per-token dtype (float32) as the paired module's do."""
     t, h, v = 32768, 8, 256
+    dev = device_for("torch")
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, t, h, generator=g)
-    ref_hidden = hidden + 1e-3 * torch.randn(2, t, h, generator=g)
-    weight = torch.randn(v, h, generator=g) * 0.5
-    labels = torch.randint(0, v, (2, t), generator=g)
-    des = torch.tensor([True, False])
+    hidden = torch.randn(2, t, h, generator=g).to(dev)
+    ref_hidden = hidden + 1e-3 * torch.randn(2, t, h, generator=g).to(dev)
+    weight = torch.randn(v, h, generator=g).to(dev) * 0.5
+    labels = torch.randint(0, v, (2, t), generator=g).to(dev)
+    des = torch.tensor([True, False], device=dev)
     out = ek.FusedLinearKTOLoss(beta=0.1, backend="torch")(
         weight, hidden, labels, ref_hidden=ref_hidden, is_desirable=des, kl=0.0
     )
@@ -440,6 +442,7 @@ def test_kto_long_sequences_exact_and_in_token_dtype():
     assert all(m.dtype == torch.float32 for m in out.metrics.values() if m.is_floating_point())
     pol = ek.linear_logprobs(hidden, weight, labels, backend="torch").double().sum(1)
     ref = ek.linear_logprobs(ref_hidden, weight, labels, backend="torch").double().sum(1)
-    expect = ek.preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=des, kl=0.0, beta=0.1)
+    # the hand formula (tests/reference.py), batch mean, on float64 sums of the same per-token values
+    expect = reference.loss_kto({"pol": pol, "ref": ref, "kl": 0.0, "is_desirable": des}, beta=0.1).mean()
     torch.testing.assert_close(out.loss, expect.float(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.policy_logps, pol, rtol=1e-12, atol=0)

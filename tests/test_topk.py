@@ -155,20 +155,20 @@ def test_topk_values_ignore_what_ignored_rows_hold():
     from expo_kernels.ops.common import topk_logits
 
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, device="cpu")  # ops.common: any device
     hidden[1] = float("nan")
     hidden[3] = float("inf")
     hidden.requires_grad_()
-    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    ids = torch.tensor([[2, 7], [-1, -1], [0, 8], [-1, -1], [5, 5]])
+    weight = torch.randn(9, 4, generator=g, dtype=torch.float64, device="cpu", requires_grad=True)
+    ids = torch.tensor([[2, 7], [-1, -1], [0, 8], [-1, -1], [5, 5]], device="cpu")
     values = topk_logits(hidden, weight, None, ids, LogitTransform(softcap=3.0))
     want = LogitTransform(softcap=3.0).apply((weight[ids.clamp(min=0)] * hidden.detach()[:, None, :]).sum(-1))
     keep = ids[:, :1] >= 0
-    assert torch.equal(values[~keep[:, 0]], torch.zeros(2, 2, dtype=torch.float64))
+    assert torch.equal(values[~keep[:, 0]], values.new_zeros(2, 2))
     torch.testing.assert_close(values[keep[:, 0]], want[keep[:, 0]], rtol=1e-12, atol=1e-12)
     values.sum().backward()
     assert torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
-    assert torch.equal(hidden.grad[~keep[:, 0]], torch.zeros(2, 4, dtype=torch.float64))
+    assert torch.equal(hidden.grad[~keep[:, 0]], hidden.new_zeros(2, 4))
     assert torch.count_nonzero(weight.grad[[1, 3, 4, 6]]) == 0  # never selected by a counted row
 
 
