@@ -98,6 +98,18 @@ def check_head_options(backend=None, logit_transform=None) -> None:
         )
 
 
+class FusedHiddenOutput:
+    """What ``fused_lm_head="hidden"`` returns: the shifted final hidden states, their labels and the
+    unshifted ones. A plain class, as torch.compile traces its construction (a ``types.SimpleNamespace``
+    breaks the graph at the forward's return); not a pytree node, so FSDP / DeepSpeed output hooks see
+    it as before."""
+
+    def __init__(self, hidden_states: Tensor, labels: Tensor, last_hidden_state: Tensor) -> None:
+        self.hidden_states = hidden_states  # [B, T-1, H]
+        self.labels = labels  # [B, T-1]
+        self.last_hidden_state = last_hidden_state  # [B, T, H]
+
+
 def add_fused_lm_head(
     model,
     temperature: float = 1.0,
@@ -154,7 +166,7 @@ def add_fused_lm_head(
         head = self.get_output_embeddings()
         hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
         if fused_lm_head == "hidden":
-            return types.SimpleNamespace(hidden_states=hidden, labels=labels, last_hidden_state=full)
+            return FusedHiddenOutput(hidden_states=hidden, labels=labels, last_hidden_state=full)
 
         def project(weight, bias, hidden, labels):
             if cast_lm_head_to_fp32:
