@@ -1,4 +1,4 @@
-"""Peak memory of one DPO training step at the LM head as the sequence length grows (issue 4).
+"""Peak memory of one DPO training step at the LM head as the sequence length grows.
 
 At a fixed vocabulary, sweeps the sequence length ``T`` of one preference batch (``B`` pairs, so
 ``2B`` rows: the chosen sequences, then the rejected ones) and measures the peak memory of one
