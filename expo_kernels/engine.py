@@ -41,7 +41,8 @@ Host syncs of a step (each a device round trip on CUDA; none decides anything th
 * planning: **1** -- the counted tokens per row and the number of out-of-range labels, read together
   (:func:`_counted`). They size the chunks and say whether the pairs fit the workspace, stacked with a
   shared head's reference rows or not: that choice is arithmetic on these host counts, and the second
-  plan (the unstacked one, when the stacked one does not fit) and the reference pass reuse them.
+  plan (the unstacked one, when the stacked one does not fit: ``plan_pairs(counts_of=...)``) and the
+  reference pass (``forward_logps(plan=...)``) are handed them.
   The token positions come from a stable sort, the chunks' token ranges from host offsets.
 * the inputs' finiteness: **1** per pass (hidden, weight, bias; the reference pass has its own).
 * the results' finiteness: **1** per chunk (lse and statistics; with a shared head, both models'
@@ -62,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -237,21 +237,10 @@ class _Counted:
     row_tokens: tuple[int, ...]
 
 
-# The last labels counted, keyed by the tensor itself and its version counter: a step plans the same
-# labels up to three times (the stacked plan, the unstacked one when that does not fit, the reference
-# pass), and the counts are the step's only bookkeeping sync.
-_LAST_COUNTED: tuple[weakref.ref, int, int, int, _Counted] | None = None
-
-
 def _counted(labels: Tensor, ignore_index: int, vocab: int) -> _Counted:
     """:class:`_Counted` of ``labels [R, T]`` in one host sync (the per-row counts and the number of
     out-of-range labels read together); out-of-range labels raise :func:`_dispatch.counted_rows`'s error.
     The positions come from a stable sort, not ``nonzero`` (whose output size costs a sync of its own)."""
-    global _LAST_COUNTED
-    version = None if labels.is_inference() else labels._version  # inference tensors keep no version
-    last = _LAST_COUNTED
-    if version is not None and last is not None and last[0]() is labels and last[1:4] == (version, ignore_index, vocab):
-        return last[4]
     rows, steps = labels.shape
     flat = labels.reshape(-1).long()
     valid = flat != ignore_index
@@ -265,10 +254,7 @@ def _counted(labels: Tensor, ignore_index: int, vocab: int) -> _Counted:
         token_ids = torch.arange(rows * steps, device=labels.device)
     else:  # counted positions first, each group in its original order
         token_ids = torch.sort((~valid).to(torch.uint8), stable=True).indices[:total]
-    result = _Counted(token_ids, flat.index_select(0, token_ids), row_tokens)
-    if version is not None:
-        _LAST_COUNTED = (weakref.ref(labels), version, ignore_index, vocab, result)
-    return result
+    return _Counted(token_ids, flat.index_select(0, token_ids), row_tokens)
 
 
 @dataclass
@@ -287,22 +273,32 @@ class PairPlan:
     stacked: bool = False
     row_tokens: tuple[int, ...] = field(default=())
 
+    def counted(self) -> _Counted:
+        """The counted tokens this plan was made from (for another plan or pass over the same labels)."""
+        return _Counted(self.token_ids, self.labels, self.row_tokens)
+
 
 def plan_pairs(
-    labels: Tensor, ignore_index: int, vocab: int, dtype: torch.dtype, stacked: bool = False
+    labels: Tensor,
+    ignore_index: int,
+    vocab: int,
+    dtype: torch.dtype,
+    stacked: bool = False,
+    *,
+    counts_of: PairPlan | None = None,
 ) -> PairPlan | None:
     """The :class:`PairPlan` of ``labels [R, T]`` for a ``dtype`` head, or None without a pair (the op's
     path gives its clear error). Checks the label range. ``stacked``: the reference's rows share each
     chunk's GEMM (a shared head), so a token takes twice the logits.
 
-    Whether the pairs fit (stacked or not) is arithmetic on the per-row counts, which are read once per
-    ``labels`` (:func:`_counted`): planning a stacked step that does not fit and then the unstacked one
-    costs one host sync in all."""
+    Whether the pairs fit (stacked or not) is arithmetic on the per-row counts (:func:`_counted`, one host
+    sync). ``counts_of``: an earlier plan of the same ``labels``, whose counts are reused (no sync): a
+    stacked step that does not fit is planned again unstacked for free."""
     rows, steps = labels.shape
     b = rows // 2
     if b == 0:
         return None
-    counted = _counted(labels, ignore_index, vocab)
+    counted = _counted(labels, ignore_index, vocab) if counts_of is None else counts_of.counted()
     pair_of_token = torch.div(counted.token_ids, steps, rounding_mode="floor") % b
     per_pair = _per_pair(counted.row_tokens, b)
     # the planner's budget: _dispatch.pair_path takes the same numbers to tell PAIR_ENGINE from
@@ -707,12 +703,14 @@ def forward_logps(
     ignore_index: int,
     transform: LogitTransform,
     backend: str,
+    plan: PairPlan | None = None,
 ) -> Tensor:
     """Per-token log-probs ``[R, T]`` (0 at ignored tokens) without gradient, through the same large GEMMs
-    into a workspace of at most ``chunk_tokens`` tokens (the reference pass of a step)."""
+    into a workspace of at most ``chunk_tokens`` tokens (the reference pass of a step). ``plan``: the step's
+    plan of the same ``labels``, whose counted tokens are reused (no sync); without, they are counted."""
     rows, steps, h_size = hidden.shape
     vocab = weight.shape[0]
-    counted = _counted(labels, ignore_index, vocab)  # the plan's counts: no sync when it made them
+    counted = _counted(labels, ignore_index, vocab) if plan is None else plan.counted()
     token_ids, y_all = counted.token_ids, counted.labels
     per_token = _Workspace.bytes_per_token(vocab, hidden.dtype, hidden.device, backward=False)
     chunk = max(1, min(chunk_tokens(hidden.device), workspace_bytes(hidden.device) // per_token))

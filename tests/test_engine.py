@@ -664,10 +664,9 @@ def test_a_shared_head_that_does_not_fit_is_planned_with_one_sync(syncs):
     dev = device_for("torch")
     hidden, ref_hidden, weight, bias, labels = batch(seed=22, empty_pair=True, device=dev)
     per_pair = 2 * (T - 2)
-    engine._LAST_COUNTED = None
     with ek.kernel_options(workspace_bytes=8 * V * per_pair), syncs:  # one pair's fp64 logits, not two
         stacked = engine.plan_pairs(labels, -100, V, DT, stacked=True)
-        plain = engine.plan_pairs(labels, -100, V, DT)
+        plain = engine.plan_pairs(labels, -100, V, DT, counts_of=stacked)  # as the module re-plans
         ref_logp = engine.forward_logps(
             ref_hidden,
             weight,
@@ -676,6 +675,7 @@ def test_a_shared_head_that_does_not_fit_is_planned_with_one_sync(syncs):
             ignore_index=-100,
             transform=LogitTransform(1.0, None, 1.0),
             backend="torch",
+            plan=plain,  # as the module hands its plan to the reference pass
         )
     assert stacked is not None and stacked.chunks is None  # two models' rows of a pair do not fit
     assert plain is not None and plain.chunks is not None and len(plain.chunks) == B  # a pair per chunk

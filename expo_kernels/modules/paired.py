@@ -327,7 +327,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype, stacked=stacked)
         if stacked and plan is not None and plan.chunks is None:
             stacked = False
-            plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype)
+            plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype, counts_of=plan)
         if plan is None:
             return None  # before the reference pass: the op's path runs its own
         longest = int(plan.pair_tokens.max()) if plan.pair_tokens.numel() else 0
@@ -335,7 +335,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         if pair_path(longest, plan.budget_tokens) is Path.LONG_PAIR_CHUNKS:
             if stacked:  # token chunks hold one model's rows
                 stacked = False
-                plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype)
+                plan = self._plan_pairs(labels, weight.shape[0], hidden.dtype, counts_of=plan)
                 assert plan is not None
             if plan.chunks is not None:  # forced: token chunks although the pairs fit
                 plan = dataclasses.replace(plan, chunks=None)
@@ -359,6 +359,7 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
                     ignore_index=self.ignore_index,
                     transform=transform,
                     backend=backend,
+                    plan=plan,  # its counted tokens: no second count of the labels
                 )
             else:
                 # the op's path (a forced pair path is this step's, not the reference pass's)
@@ -416,12 +417,14 @@ class FusedLinearPreferenceLoss(FusedLinearLossBase):
         loss = attach_gradients(loss, hidden, weight, bias, step)
         return PreferenceLossOutput(loss, metrics, torch.cat([pol.chosen_logps, pol.rejected_logps]), ref_rows, None)
 
-    def _plan_pairs(self, labels: Tensor, vocab: int, dtype: torch.dtype, stacked: bool = False) -> PairPlan | None:
+    def _plan_pairs(
+        self, labels: Tensor, vocab: int, dtype: torch.dtype, stacked: bool = False, counts_of: PairPlan | None = None
+    ) -> PairPlan | None:
         """:func:`~expo_kernels.engine.plan_pairs`; with a ``sequence_group``, its chunks cut from the per-pair
         MAX over the ranks of the counted tokens (one all-reduce of ``B`` ints): every rank runs the same chunks
         of whole pairs, so the loss callback's all-reduce of each chunk pairs up across the ranks, and every
         rank decides alike whether the pairs fit."""
-        plan = plan_pairs(labels, self.ignore_index, vocab, dtype, stacked=stacked)
+        plan = plan_pairs(labels, self.ignore_index, vocab, dtype, stacked=stacked, counts_of=counts_of)
         if plan is None or self.sequence_group is None:
             return plan
         counts = max_across_ranks(plan.pair_tokens.tolist(), self.sequence_group, labels.device)
