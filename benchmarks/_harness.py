@@ -3,8 +3,8 @@
 * fresh-process workers: :func:`spawn_worker` runs ``python -m <module> --_worker <spec>`` and
   returns its JSON result or an error row; :func:`add_worker_args` / :func:`worker_main` are the
   worker side of that protocol; :func:`error_fields` turns an exception into an error row;
-* memory: :func:`maxrss_bytes`, :func:`current_rss_bytes`, :func:`reset_peak_rss` (Linux RSS
-  high-water mark);
+* memory and time: :func:`maxrss_bytes`, :func:`current_rss_bytes`, :func:`reset_peak_rss` (Linux RSS
+  high-water mark), :func:`time_steps` (a worker's first, warm-up and timed calls with the RSS peak);
 * environment record: :func:`environment` (device, versions, expo backends; imports torch),
   :func:`probe` (the same in a subprocess), :func:`expo_impls`, :func:`git_commit`, :func:`git_dirty`
   (from git, else from ``.whl/COMMIT`` written by ``benchmarks/gpu/fetch_wheels.sh``);
@@ -65,6 +65,35 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def time_steps(step, warmup: int, repeats: int, result: dict):
+    """Time ``step()`` inside a worker: the RSS baseline (after a ``gc.collect()``) and a reset of the
+    high-water mark, the first call (compilation included), ``warmup`` untimed calls, then ``repeats``
+    timed ones. Fills ``baseline_rss_bytes``, ``peak_reset``, ``first_s``, ``times_s``, ``median_s`` (the
+    first call's time without timed calls) and ``peak_rss_bytes`` of ``result``; returns the last call's
+    output."""
+    import gc
+    import statistics
+    import time
+
+    gc.collect()
+    result["baseline_rss_bytes"] = current_rss_bytes()
+    result["peak_reset"] = reset_peak_rss()
+    t0 = time.perf_counter()
+    out = step()
+    result["first_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = step()
+        times.append(time.perf_counter() - t0)
+    result["peak_rss_bytes"] = maxrss_bytes()
+    result["times_s"] = times
+    result["median_s"] = statistics.median(times) if times else result["first_s"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

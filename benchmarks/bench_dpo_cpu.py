@@ -57,7 +57,6 @@ same-run ``torch.mm`` rate at 4096 x 1024 x 32000, and the loss and gradient che
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import tempfile
@@ -263,23 +262,7 @@ def _time_steps(step, spec: dict, result: dict, hidden, weight) -> None:
     """Baseline and peak RSS, the first call, warm-up, the timed calls, the loss and gradient probes."""
     import torch
 
-    gc.collect()
-    result["baseline_rss_bytes"] = hn.current_rss_bytes()
-    result["peak_reset"] = hn.reset_peak_rss()
-    t0 = time.perf_counter()
-    step()
-    result["first_s"] = time.perf_counter() - t0
-    for _ in range(spec["warmup"]):
-        step()
-    times = []
-    loss = None
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    result["peak_rss_bytes"] = hn.maxrss_bytes()
-    result["times_s"] = times
-    result["median_s"] = statistics.median(times) if times else result["first_s"]
+    loss = hn.time_steps(step, spec["warmup"], spec["repeats"], result)
     r = grad_probe(spec["hidden"], "cpu")
     result["loss"] = None if loss is None else float(loss)
     result["dw_r"] = None if weight.grad is None else (weight.grad.float() @ r).tolist()

@@ -35,9 +35,7 @@ file's rows of the other workload.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -164,22 +162,7 @@ def run_worker(spec: dict) -> dict:
                 return _grpo_step(head, hidden, old_hidden, ref_hidden, weight, labels, advantages)
             return _online_dpo_step(head, hidden, ref_hidden, weight, labels)
 
-        gc.collect()
-        result["baseline_rss_bytes"] = hn.current_rss_bytes()
-        result["peak_reset"] = hn.reset_peak_rss()
-        t0 = time.perf_counter()
-        loss, ent = step()
-        result["first_s"] = time.perf_counter() - t0
-        for _ in range(spec["warmup"]):
-            step()
-        times = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            loss, ent = step()
-            times.append(time.perf_counter() - t0)
-        result["peak_rss_bytes"] = hn.maxrss_bytes()
-        result["times_s"] = times
-        result["median_s"] = statistics.median(times) if times else result["first_s"]
+        loss, ent = hn.time_steps(step, spec["warmup"], spec["repeats"], result)
         result["loss"], result["entropy"] = float(loss), ent
         assert weight.grad is not None and hidden.grad is not None
         result["grad_w_norm"] = float(weight.grad.norm())
