@@ -123,16 +123,22 @@ def _counting_gather_class():
             cls.calls, cls.storages = 0, []
 
         @classmethod
-        def alive(cls):
+        def alive(cls, patience_s=5.0):
             """How many storages gathered since the last reset are still referenced. The all-gather's
             bookkeeping (gloo's in-flight work) may hold its output buffer until that work completes: a
-            barrier waits for every outstanding collective of the process group (ProcessGroupGloo's
-            barrier joins the queued and running work; every rank calls this at the same point), then
-            nothing but a real reference keeps a storage. A tensor the autograd graph keeps stays alive
-            until backward, so it still fails the check."""
+            barrier first waits for every outstanding collective of the process group (every rank calls
+            this at the same point). Gloo's work objects can still drop the buffer a little after the
+            barrier returns, on their own thread, with no event to wait for: the count is then re-read
+            (with a collection) for at most ``patience_s``, returning at once when it is 0. A tensor the
+            autograd graph keeps stays alive until backward, so it still fails the check."""
             torch.distributed.barrier()
-            gc.collect()
-            return sum(not w.expired() for w in cls.storages)
+            deadline = time.monotonic() + patience_s
+            while True:
+                gc.collect()
+                n = sum(not w.expired() for w in cls.storages)
+                if n == 0 or time.monotonic() > deadline:
+                    return n
+                time.sleep(0.02)
 
     return CountingGather
 
