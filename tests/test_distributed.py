@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import require_backend
+from helpers import end_spawned_rank
 
 import expo_kernels as ek
 from expo_kernels import distributed as ekd
@@ -509,8 +510,7 @@ def _worker(rank, world, init_file, out_dir):
         times[name] = time.perf_counter() - t0
     results["__seconds__"] = times
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_spawned_rank()  # barrier, destroy, os._exit(0): see helpers.end_spawned_rank
 
 
 _CACHE = {}
