@@ -322,6 +322,27 @@ def test_cpo_family_matches_trl(cfg):
     )
 
 
+def test_cpo_hands_trl_float64_sums():
+    # TRL's CPO/ORPO loss code subtracts the per-sequence sums we hand it: they are float64 (a long row's
+    # float32 sum has a spacing of 1/64 at 2e5; tests/test_long_context.py measures the effect)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from expo_kernels.integrations.trl import FusedCPOTrainer
+
+    torch.manual_seed(0)
+    model = llama()
+    args = CPOConfig(**{**TRAINER_ARGS, "max_length": 64})
+    ours = FusedCPOTrainer(model=model, args=args, train_dataset=PAIRS, processing_class=TOK)
+    theirs = CPOTrainer(model=model, args=args, train_dataset=PAIRS, processing_class=TOK)
+    batch = next(iter(ours.get_train_dataloader()))
+    with torch.no_grad():
+        got = ours.fused_concatenated_forward(ours.model, batch)
+        want = theirs.concatenated_forward(theirs.model, batch)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    for g, w in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("make_model", [llama, gemma2], ids=["llama", "gemma2"])
 def test_orpo_matches_trl(make_model):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer

@@ -14,6 +14,7 @@ per-token log-probs (H = 8, V = 256 with a unit-scale head gives about -9.5 per 
 """
 
 import pytest
+import reference as reference_losses
 import torch
 import torch.nn.functional as F
 from conftest import require_backend
@@ -23,6 +24,7 @@ from reference import reference_module_loss
 import expo_kernels as ek
 from expo_kernels import _dispatch as D
 from expo_kernels import engine
+from expo_kernels.integrations.liger import LigerFusedLinearKTOLoss
 from expo_kernels.losses import aggregate_pair_logps, preference_loss, preference_loss_and_metrics, sequence_logps
 from expo_kernels.ops import LogitTransform
 from expo_kernels.ops.options import KernelOptions
@@ -172,6 +174,26 @@ def test_unpaired_module_sums_are_exact():
         beta=BETA,
     )
     assert abs(out.loss.double() - loss).item() / loss.item() < 1e-4
+
+
+def test_liger_kto_front_end_sums_are_exact():
+    # KTO through the Liger-compatible front end: its log-ratios come from float64 sums as well (with
+    # float32 sums the rewards were off by ~5e-4 here), the loss and aux come back in float32
+    hidden, ref_hidden, weight, labels = long_pair(16384, seed=3)
+    desirable = torch.tensor([True, False])
+    with torch.no_grad():
+        loss, aux = LigerFusedLinearKTOLoss(beta=BETA, use_ref_model=True)(
+            hidden, weight, labels, None, desirable, ref_hidden, None, None, None
+        )
+    ratios64 = sums64(hidden, weight, labels) - sums64(ref_hidden, weight, labels)
+    assert ratios64.abs().min() > 1  # log-ratios of order 1 under sums of about -1e5
+    assert loss.dtype == torch.float32 and all(a.dtype == torch.float32 for a in aux)
+    # aux[4], aux[5]: beta x the log-ratio summed over the desirable / undesirable rows (one each)
+    assert abs(aux[4].double() - BETA * ratios64[0]).item() < 1e-4
+    assert abs(aux[5].double() - BETA * ratios64[1]).item() < 1e-4
+    s = {"pol": ratios64, "ref": torch.zeros(2, dtype=torch.float64), "kl": 0.0, "is_desirable": desirable}
+    want = reference_losses.loss_kto(s, BETA).mean()  # Liger: the sum over the rows / the batch size
+    assert abs(loss.double() - want).item() / want.item() < 2e-5
 
 
 # ---------------------------------------------------------------------------------------------

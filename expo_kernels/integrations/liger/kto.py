@@ -47,8 +47,14 @@ def _baseline(kl: Any, device: torch.device) -> Tensor | float:
 def _step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Tensor, ...]]:
     batch = Batch.of(a)
     seq = policy_and_reference(
-        owner, batch, ignore_index=a.ignore_index, average_log_prob=a.average_log_prob, use_ref_model=a.use_ref_model
+        owner,
+        batch,
+        ignore_index=a.ignore_index,
+        average_log_prob=a.average_log_prob,
+        use_ref_model=a.use_ref_model,
+        wide=True,  # float64 sums: the log-ratios are exact; the loss and aux come back in `dt`
     )
+    dt = seq.token_logps.dtype
     labels = _labels(a.preference_labels, a.target.shape[0], seq.policy.device)
     ref = torch.zeros_like(seq.policy) if seq.reference is None else seq.reference
     loss = preference_loss(
@@ -66,7 +72,8 @@ def _step(owner: str, a: CallArgs, hp: dict[str, Any]) -> tuple[Tensor, tuple[Te
             (rewards * lab).sum(),
             (rewards * (1 - lab)).sum(),
         )
-    return loss, aux
+    # the float64 sums back to the token dtype; the logit sums stay float32, as before
+    return loss.to(dt), tuple(x.to(dt) if x.dtype == torch.float64 else x for x in aux)
 
 
 class LigerFusedLinearKTOFunction(LigerFunction, spec=SPECS["KTO"], step=_step):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ...distributed.zero3 import zero3_gathered
 from ...functional import linear_logprobs
+from ...losses.aggregate import sum_dtype
 from ..hf import lm_head_parameters
 from ._trl_compat import ConcatenatedForwardHook, TRLCPOTrainer, TRLORPOTrainer, unwrap_trained_model
 from .fused_head import (
@@ -94,7 +95,9 @@ class _FusedConcatenatedForward(ConcatenatedForwardHook):
         head = policy.get_output_embeddings()
         logp = call_with_lm_head(head, project, out.hidden_states, out.labels)
         comp_mask = completion[:, 1:].to(logp.device) != -100
-        seq = torch.where(comp_mask, logp, torch.zeros_like(logp)).sum(-1)
+        # float64 sums (losses.aggregate): TRL's loss code subtracts them, and a long row's float32 sum
+        # has a spacing of 1/64 at 2e5; TRL's loss and metrics then run in float64
+        seq = torch.where(comp_mask, logp, torch.zeros_like(logp)).sum(-1, dtype=sum_dtype(logp.device))
         if self._average_logps():
             seq = seq / comp_mask.sum(-1)
         if self._nll_weight() == 0:
