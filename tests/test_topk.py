@@ -6,6 +6,8 @@ values 0 and ids -1; ``topk > V`` raises. ``topk_values`` is differentiable and 
 only the selected rows of the head. Shapes stay tiny: Triton runs in its CPU interpreter here.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import triton_available
@@ -14,7 +16,7 @@ from reference import logits64
 
 import expo_kernels as ek
 from expo_kernels import functional
-from expo_kernels.ops import LogitTransform, torch_backend, triton_backend
+from expo_kernels.ops import LogitTransform, state, torch_backend, triton_backend
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +186,18 @@ def test_topk_argument_errors(monkeypatch):
     monkeypatch.setattr(functional, "_sharded", lambda group: True)
     with pytest.raises(NotImplementedError, match="topk"):
         ek.linear_logprobs(hidden, weight, labels, return_stats=True, topk=3, process_group=object())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_select_topk_orders_and_pads_candidates(k):
+    # the merge of candidate lists (ops.state.select_topk), against a plain sort by (-value, id); fewer
+    # candidates than k (3 per row here) pad with -inf and TOPK_PAD_ID, which rank after every real one
+    values = torch.tensor([[0.5, 2.0, -1.0], [1.0, 1.0, 3.0], [-math.inf, 0.0, 0.0], [4.0, -2.0, 4.0]])
+    ids = torch.tensor([[7, 3, 11], [9, 4, 0], [5, 8, 2], [1, 6, 0]])
+    got_v, got_i = state.select_topk(values, ids, k)
+    assert got_v.shape == got_i.shape == (4, k)
+    for r in range(values.shape[0]):
+        ranked = sorted(zip(values[r].tolist(), ids[r].tolist(), strict=True), key=lambda p: (-p[0], p[1]))
+        ranked += [(-math.inf, state.TOPK_PAD_ID)] * max(0, k - len(ranked))
+        assert got_v[r].tolist() == [v for v, _ in ranked[:k]], r
+        assert got_i[r].tolist() == [i for _, i in ranked[:k]], r

@@ -171,6 +171,12 @@ def test_ropo_sample_weights_minimize_the_kept_loss():
         assert (w * losses).sum().item() == pytest.approx(best)
     # ties go by position: of the two 0.4, the first is kept
     assert ropo_sample_weights(losses, 1 / 3).tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    # and in a long run of ties (where an unstable sort reorders them): the first ones, in order
+    many = torch.zeros(100, dtype=DT)
+    many[::3] = 1.0  # 34 pairs of loss 1, 66 of loss 0: keeping 40 keeps the first 40 zeros
+    w = ropo_sample_weights(many, 0.4)
+    zeros = (many == 0).nonzero().squeeze(1)
+    assert w.tolist() == [1.0 if i in zeros[:40].tolist() else 0.0 for i in range(100)]
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.5, -0.1, "0.5", None])
