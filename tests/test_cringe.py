@@ -163,3 +163,38 @@ def test_pairwise_gate_float64_exact_at_long_length():
     torch.testing.assert_close(out.policy_logps, sums, rtol=1e-12, atol=0)
     gate = torch.sigmoid((float(m64) + 0.5 - m64) / 1.0)
     assert abs(float(out.metrics["gate"]) - float(gate)) < 1e-6
+
+
+def _cringe_terms(seed=0, b=2, tc=3, tr=4, k1=3):
+    g = torch.Generator().manual_seed(seed)
+    chosen = -torch.rand(b, tc, generator=g, dtype=torch.float64) * 5
+    rejected = -torch.rand(b, tr, generator=g, dtype=torch.float64) * 5
+    rejected_logits = torch.randn(b, tr, generator=g, dtype=torch.float64)
+    top_v = torch.randn(b, tr, k1, generator=g, dtype=torch.float64).sort(dim=-1, descending=True).values
+    top_i = torch.stack([torch.randperm(50, generator=g)[:k1] for _ in range(b * tr)]).view(b, tr, k1)
+    labels = top_i[..., 0].clone()  # the first rejected token is the model's argmax: a sampled positive
+    labels[:, -1] = -100
+    return chosen, torch.ones(b, tc, dtype=torch.bool), rejected, rejected_logits, top_v, top_i, labels
+
+
+def test_cringe_loss_defaults_and_checks():
+    # the function's defaults are the module's (alpha 1, binary, margin 0, tau 1), and its own checks
+    # name the argument
+    from expo_kernels.losses.cringe import cringe_loss
+
+    args = _cringe_terms()
+    default = cringe_loss(*args, generator=torch.Generator().manual_seed(1))
+    explicit = cringe_loss(
+        *args, alpha=1.0, pairwise=False, margin=0.0, tau=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(default.loss, explicit.loss, rtol=0, atol=0)
+    # margin and tau act in the pairwise form only
+    gated = cringe_loss(*args, pairwise=True, generator=torch.Generator().manual_seed(1))
+    gated_explicit = cringe_loss(*args, pairwise=True, margin=0.0, tau=1.0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gated.loss, gated_explicit.loss, rtol=0, atol=0)
+    assert not torch.equal(gated.loss, default.loss)
+    other = cringe_loss(*args, alpha=2.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(other.loss, default.loss)
+    for bad in (dict(tau=0.0), dict(tau=-1.0), dict(alpha=float("nan")), dict(margin=float("inf"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cringe_loss(*args, **bad)

@@ -849,3 +849,26 @@ def test_kto_batch_kl_baseline_matches_hand_formula(kl_shift, scale):
     rtol = 5e-2 if kl_shift > 10 else 1e-4
     torch.testing.assert_close(gp32.double(), gp64, rtol=rtol, atol=0)
     assert gk32 is None or gk32.abs().max() == 0
+
+
+@pytest.mark.parametrize("counts", [(1, 0), (0, 0), (2, 3)])
+def test_batch_nll_is_the_token_mean_at_one_or_no_token(counts):
+    # CPO's NLL term: -sum(chosen log-probs) / (chosen tokens in the batch), the count taken as at least
+    # 1 (a batch without a counted chosen token, whose sums are 0, gets 0, not NaN)
+    c = torch.tensor([-2.5, 0.0], dtype=DT) if counts[0] == 1 else torch.tensor([-2.5, -4.0], dtype=DT)
+    if counts == (0, 0):
+        c = torch.zeros(2, dtype=DT)
+    r = torch.tensor([-3.0, -1.0], dtype=DT)
+    lengths = torch.tensor(counts)
+    got = preference_loss(
+        "cpo",
+        c,
+        r,
+        beta=0.1,
+        cpo_alpha=1.0,
+        chosen_lengths=lengths,
+        rejected_lengths=torch.tensor([4, 4]),
+    )
+    nll = -c.sum() / max(1, sum(counts))
+    want = (-F.logsigmoid(0.1 * (c - r))).mean() + nll
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from expo_kernels.losses import aggregate_pair_logps, preference_loss, preference_loss_and_metrics, wpo_weights
+from expo_kernels.losses.registry import HParamTypeError
 
 DT = torch.float64
 B = 4
@@ -60,10 +61,11 @@ def test_label_smoothing_not_taken_by_hinge():
         preference_loss("hinge", c, r, cr, rr, label_smoothing=0.1)
 
 
-def test_cpo_label_smoothing_with_hinge_variant():
+@pytest.mark.parametrize("variant", ["hinge", "ipo"])
+def test_cpo_label_smoothing_with_hinge_or_ipo_variant(variant):
     c, r, _, _ = _x()
-    with pytest.raises(ValueError, match="label_smoothing.*not used by the 'hinge' variant"):
-        preference_loss("cpo", c, r, cpo_loss_type="hinge", label_smoothing=0.1, **LENS)
+    with pytest.raises(ValueError, match=f"label_smoothing.*not used by the '{variant}' variant"):
+        preference_loss("cpo", c, r, cpo_loss_type=variant, label_smoothing=0.1, **LENS)
 
 
 @pytest.mark.parametrize(
@@ -326,3 +328,24 @@ def test_aggregate_errors():
         aggregate_pair_logps(lp[0], mask[0])
     with pytest.raises(ValueError, match="`log_sum_p2` must have the shape"):
         wpo_weights(lp, lp[:, :2], mask)
+
+
+@pytest.mark.parametrize(
+    "name, hp, wrong_type",
+    [
+        ("sigmoid", dict(beta="0.1"), True),  # a number check given a string
+        ("sigmoid", dict(beta=-1.0), False),  # ... given a number out of range
+        ("sigmoid", dict(f_divergence_type=3), True),  # a string choice given a number
+        ("sigmoid", dict(f_divergence_type="kl"), False),  # ... given an unknown string
+        ("exo_pair", dict(label_smoothing="a"), True),  # a custom check: the kind is read from the default
+        ("exo_pair", dict(label_smoothing=0.0), False),
+    ],
+)
+def test_wrong_type_vs_out_of_range(name, hp, wrong_type):
+    # a value of the wrong type is an HParamTypeError (a TypeError and a ValueError), a value of the right
+    # type out of range a plain ValueError
+    c, r, cr, rr = _x()
+    with pytest.raises(ValueError) as info:
+        preference_loss(name, c, r, cr, rr, **hp)
+    assert isinstance(info.value, HParamTypeError) is wrong_type, info.value
+    assert isinstance(info.value, TypeError) is wrong_type

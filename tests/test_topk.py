@@ -192,8 +192,9 @@ def test_topk_argument_errors(monkeypatch):
 def test_select_topk_orders_and_pads_candidates(k):
     # the merge of candidate lists (ops.state.select_topk), against a plain sort by (-value, id); fewer
     # candidates than k (3 per row here) pad with -inf and TOPK_PAD_ID, which rank after every real one
-    values = torch.tensor([[0.5, 2.0, -1.0], [1.0, 1.0, 3.0], [-math.inf, 0.0, 0.0], [4.0, -2.0, 4.0]])
-    ids = torch.tensor([[7, 3, 11], [9, 4, 0], [5, 8, 2], [1, 6, 0]])
+    dev = device_for("torch")
+    values = torch.tensor([[0.5, 2.0, -1.0], [1.0, 1.0, 3.0], [-math.inf, 0.0, 0.0], [4.0, -2.0, 4.0]], device=dev)
+    ids = torch.tensor([[7, 3, 11], [9, 4, 0], [5, 8, 2], [1, 6, 0]], device=dev)
     got_v, got_i = state.select_topk(values, ids, k)
     assert got_v.shape == got_i.shape == (4, k)
     for r in range(values.shape[0]):
