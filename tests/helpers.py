@@ -457,20 +457,34 @@ def missing_external_input(reason: str):
     pytest.skip(reason)
 
 
-def end_spawned_rank() -> None:
-    """End a rank spawned by ``torch.multiprocessing`` after it saved its results: barrier, destroy the
-    process group, then ``os._exit(0)``.
+def run_rank_jobs(jobs, rank: int, out_dir: str) -> None:
+    """The body of a rank spawned by ``torch.multiprocessing``, once its process group is up: run each
+    ``(name, fn)`` of ``jobs`` (``fn()`` returns the case's ``{check: (error, tolerance)}``; an exception
+    is recorded as ``{"error": traceback}`` for the parent to assert), save the results and the seconds
+    per case to ``out_dir/rank<rank>.pt``, then barrier, destroy the group and ``os._exit(0)``.
 
     Why not a normal return: ``destroy_process_group`` leaves gloo's threads (``gloo_tcp_loop``,
     ``pt_gloo_runloop``) running in torch 2.13, and the interpreter's teardown then races them: about 1
     exit in 20 aborts with "terminate called without an active exception" (a joinable ``std::thread``
     destroyed), after every check has finished. Leaving through ``os._exit`` skips that teardown; the
-    results file was written before the barrier, so nothing is lost, and a failure before this point
-    still surfaces as the rank's exception."""
+    results are saved before the barrier, so nothing is lost, and a failure before this point still
+    surfaces as the rank's exception."""
     import sys
+    import time
+    import traceback
 
     import torch.distributed as dist
 
+    results, times = {}, {}
+    for name, fn in jobs:
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception:  # recorded, asserted in the parent
+            results[name] = {"error": traceback.format_exc()}
+        times[name] = time.perf_counter() - t0
+    results["__seconds__"] = times
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -16,17 +16,16 @@ global token counts), KTO (unpaired, with its mismatched KL rows), and shards th
 """
 
 import datetime
+import functools
 import os
 import tempfile
-import time
-import traceback
 import zlib
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import end_spawned_rank
+from helpers import run_rank_jobs
 
 import expo_kernels as ek
 from expo_kernels import _dispatch
@@ -201,18 +200,8 @@ def _worker(rank, world, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     group = dist.group.WORLD
-    results, times = {}, {}
     jobs = [(c, _run_case) for c in CASES] + [(c, _run_error_case) for c in ERROR_CASES]
-    for name, fn in jobs:
-        t0 = time.perf_counter()
-        try:
-            results[name] = fn(name, rank, world, group)
-        except Exception:  # recorded, asserted in the parent
-            results[name] = {"error": traceback.format_exc()}
-        times[name] = time.perf_counter() - t0
-    results["__seconds__"] = times
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    end_spawned_rank()  # barrier, destroy, os._exit(0): see helpers.end_spawned_rank
+    run_rank_jobs([(name, functools.partial(fn, name, rank, world, group)) for name, fn in jobs], rank, out_dir)
 
 
 _CACHE = {}

@@ -31,7 +31,6 @@ import importlib.util
 import logging
 import os
 import time
-import traceback
 import types
 
 import pytest
@@ -390,19 +389,12 @@ def _worker(rank, world, out_dir):
     )
     _CountingGather = _counting_gather_class()
     deepspeed.zero.GatheredParameters = _CountingGather  # zero3.py looks it up at call time
-    results, times = {}, {}
-    for name in CASES + TRL_CASES:
-        t0 = time.perf_counter()
-        try:
-            results[name] = (_run_trl if name in TRL_CASES else _run_training)(name, rank, world)
-        except Exception:  # recorded, asserted in the parent
-            results[name] = {"error": traceback.format_exc()}
-        times[name] = time.perf_counter() - t0
-    results["__seconds__"] = times
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    from helpers import end_spawned_rank
+    from helpers import run_rank_jobs
 
-    end_spawned_rank()  # barrier, destroy, os._exit(0): see helpers.end_spawned_rank
+    jobs = [
+        (n, functools.partial(_run_trl if n in TRL_CASES else _run_training, n, rank, world)) for n in CASES + TRL_CASES
+    ]
+    run_rank_jobs(jobs, rank, out_dir)
 
 
 def spawn_ranks(fn, world, *args, timeout=TIMEOUT_S):

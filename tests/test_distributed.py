@@ -15,10 +15,9 @@ partial results); is_top1 exact. The torch backend's tiles are shrunk (16 x 64) 
 
 import copy
 import datetime
+import functools
 import os
 import tempfile
-import time
-import traceback
 import zlib
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import require_backend
-from helpers import end_spawned_rank
+from helpers import run_rank_jobs
 
 import expo_kernels as ek
 from expo_kernels import distributed as ekd
@@ -488,7 +487,6 @@ def _worker(rank, world, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     group = dist.group.WORLD
-    results = {}
     jobs = [(c["name"], _run_logp_case, c) for c in logprob_cases()]
     jobs += [(c["name"], _run_kl_case, c) for c in kl_cases()]
     here = ek.available_backends("cpu")
@@ -500,17 +498,7 @@ def _worker(rank, world, init_file, out_dir):
     jobs += [(n, _run_extra, n) for n in EXTRA_CASES]
     if world == 2:
         jobs += [(n, _run_fsdp_hf if "-hf-" in n else _run_fsdp, n) for n in FSDP_CASES]
-    times = {}
-    for name, fn, arg in jobs:
-        t0 = time.perf_counter()
-        try:
-            results[name] = fn(arg, rank, world, group)
-        except Exception:  # recorded, asserted in the parent
-            results[name] = {"error": traceback.format_exc()}
-        times[name] = time.perf_counter() - t0
-    results["__seconds__"] = times
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    end_spawned_rank()  # barrier, destroy, os._exit(0): see helpers.end_spawned_rank
+    run_rank_jobs([(name, functools.partial(fn, arg, rank, world, group)) for name, fn, arg in jobs], rank, out_dir)
 
 
 _CACHE = {}
