@@ -12,7 +12,10 @@ that backend cannot take that dtype on that device.
 """
 
 import functools
+import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +69,19 @@ def _skip_unavailable_backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, run the fastest tests first.
+
+    mutmut names the mutant in ``MUTANT_UNDER_TEST``, runs from its ``mutants/`` copy (where it keeps each
+    test's measured duration) and stops at the first failure (``-x``): a mutant that one quick test kills
+    should not wait for a slow one. Outside mutmut the order is left alone.
+    """
+    if not os.environ.get("MUTANT_UNDER_TEST"):
+        return
+    try:
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return
+    items.sort(key=lambda item: durations.get(item.nodeid, math.inf))

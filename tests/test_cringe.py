@@ -198,3 +198,66 @@ def test_cringe_loss_defaults_and_checks():
     for bad in (dict(tau=0.0), dict(tau=-1.0), dict(alpha=float("nan")), dict(margin=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             cringe_loss(*args, **bad)
+
+
+def test_sampling_drops_a_negative_in_the_last_slot_and_keeps_leading_dims():
+    # the negative in the last candidate slot is dropped like anywhere else; [B, T, k + 1] inputs sample along
+    # the last dimension
+    values = torch.tensor([[4.0, 3.0, 2.5, 2.0]]).repeat(2, 300, 1)
+    ids = torch.tensor([[5, 6, 7, 8]]).repeat(2, 300, 1)
+    neg = torch.full((2, 300), 8)
+    s_plus, picked = sample_positive(values, ids, neg, torch.Generator().manual_seed(3))
+    assert picked.shape == (2, 300) and s_plus.shape == (2, 300)
+    assert set(picked.flatten().tolist()) == {5, 6, 7}
+    torch.testing.assert_close(s_plus, values[0, 0][picked - 5])
+
+
+def test_cringe_loss_terms_by_hand():
+    # float32 per-token inputs over long rows: the per-pair sums are float64 sums returned in float32 (exact
+    # to the rounding of the float64 sum), the sampled ids are -1 where a rejected token is not counted, and the
+    # loss divides by the number of counted tokens
+    from expo_kernels.losses.cringe import cringe_loss
+
+    g = torch.Generator().manual_seed(4)
+    b, t, k1 = 3, 3000, 3
+    chosen = -torch.rand(b, t, generator=g) * 9
+    chosen_mask = torch.rand(b, t, generator=g) > 0.1
+    rejected = -torch.rand(b, t, generator=g) * 9
+    rejected_logits = torch.randn(b, t, generator=g) * 3
+    top_v = torch.randn(b, t, k1, generator=g).sort(dim=-1, descending=True).values
+    top_i = torch.stack([torch.randperm(50, generator=g)[:k1] for _ in range(b * t)]).view(b, t, k1)
+    labels = torch.where(torch.rand(b, t, generator=g) > 0.2, top_i[..., 1], torch.full_like(top_i[..., 1], -100))
+    out = cringe_loss(chosen, chosen_mask, rejected, rejected_logits, top_v, top_i, labels, alpha=0.7)
+    counted = labels != -100
+    assert out.nll.shape == (b,) and out.cringe.shape == (b,) and out.nll.dtype == torch.float32
+    assert bool((out.positive_ids[~counted] == -1).all())
+    ids = out.positive_ids[counted]
+    assert bool((ids != labels[counted]).all())
+    slot = (top_i == out.positive_ids.unsqueeze(-1)) & counted.unsqueeze(-1)
+    assert bool((slot.sum(-1) == counted.long()).all())  # each counted position picked one of its candidates
+    s_plus = (top_v * slot).sum(-1)
+    cr_tok = torch.where(counted, torch.nn.functional.softplus(rejected_logits - s_plus), 0.0)
+    nll64 = torch.where(chosen_mask, -chosen, 0.0).double().sum(1)
+    cr64 = cr_tok.double().sum(1)
+    assert torch.equal(out.nll, nll64.float()), (out.nll - nll64).abs().max()
+    assert torch.equal(out.cringe, cr64.float()), (out.cringe - cr64).abs().max()
+    n = chosen_mask.sum() + counted.sum()
+    torch.testing.assert_close(out.loss.double(), (nll64.sum() + 0.7 * cr64.sum()) / n, rtol=1e-6, atol=0)
+    # one counted token in the whole batch: the loss is that token's term
+    one_mask = torch.zeros_like(chosen_mask)
+    one_mask[1, 7] = True
+    none = torch.full_like(labels, -100)
+    single = cringe_loss(chosen, one_mask, rejected, rejected_logits, top_v, top_i, none)
+    torch.testing.assert_close(single.loss, -chosen[1, 7], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, bad", [("alpha", "1"), ("alpha", math.nan), ("margin", math.inf), ("tau", 0.0)])
+def test_cringe_loss_errors_name_the_argument(name, bad):
+    from expo_kernels.losses.cringe import cringe_loss
+
+    with pytest.raises((TypeError, ValueError), match=f"^{name} must be"):
+        cringe_loss(*_cringe_terms(), **{name: bad})
+    args = list(_cringe_terms())
+    args[4], args[5] = args[4][..., :1], args[5][..., :1]  # one candidate column: k = 0
+    with pytest.raises(ValueError, match=r"k >= 1 candidates; got 1 columns"):
+        cringe_loss(*args)

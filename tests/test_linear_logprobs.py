@@ -9,6 +9,8 @@ arithmetic is wrong in the interpreter, DESIGN.md section 6: those cases are ski
 a GPU runs it in bf16 too. Every tensor is made on ``helpers.device_for(backend)``.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import require_backend
@@ -308,3 +310,114 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton backend needs CUDA"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge of partial states over vocabulary ranges (ops.state), at the state level: every backend's
+# chunked forward and the vocabulary-parallel all-reduces use this arithmetic. Each range's state is built
+# here in float64 from its definition (docs/design.md, "Online log-softmax"), not by a backend.
+# ---------------------------------------------------------------------------------------------
+
+# uneven ranges, with one-entry ranges (s == 1 exactly, the max's own term) away from the overall max
+_RANGES = [(0, 1), (1, 6), (6, 7), (7, 19), (19, 20)]
+
+
+def _reference_range_state(z, y, lo, hi):
+    """float64 LogprobState (with statistics) of logits ``z [n, V]`` restricted to columns ``lo:hi``."""
+    part = z[:, lo:hi]
+    m = part.amax(dim=1)
+    shift = torch.where(m > -math.inf, m, torch.zeros_like(m))
+    e = torch.exp(part - shift[:, None])
+    finite = part > -math.inf
+    moved = torch.where(finite, part - shift[:, None], torch.zeros_like(part))
+    cols = torch.arange(lo, hi)
+    in_range = (cols[None, :] == y[:, None]).any(dim=1)
+    z_label = torch.where(in_range, z.gather(1, y[:, None]).squeeze(1), torch.zeros_like(m))
+    before = part.masked_fill(cols[None, :] >= y[:, None], -math.inf).amax(dim=1)
+    return ops.state.LogprobState(
+        m,
+        e.sum(dim=1),
+        z_label,
+        sz=(e * moved).sum(dim=1),
+        s2=(e * e).sum(dim=1),
+        z_sum=torch.where(finite, part, torch.zeros_like(part)).sum(dim=1),
+        max_before=before,
+    )
+
+
+def _ranged_logits(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, 20, generator=g, dtype=torch.float64) * 3
+    z[0, 0] = 9.0  # a one-entry range holds the max
+    z[1, 19] = -7.0  # a one-entry range far below the max
+    z[2, 7:19] = -math.inf  # a fully masked range
+    y = torch.tensor([0, 19, 3, 6, 12, 6])
+    return z, y
+
+
+def test_merged_range_states_give_the_full_vocabulary_results():
+    # the merge moves each range's sums to the common max: (m_k - M) s_k enters the entropy term, also for a
+    # range whose sum is exactly 1 (one entry); a masked range (s = 0) adds nothing
+    z, y = _ranged_logits()
+    states = [_reference_range_state(z, y, lo, hi) for lo, hi in _RANGES]
+    out = ops.state.finalize_logprobs(ops.state.merge_logprob_states(states), z.shape[1])
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    finite_z = torch.where(z > -math.inf, z, torch.zeros_like(z))
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.lse, torch.logsumexp(z, dim=1), **tol)
+    torch.testing.assert_close(out.logp, logp.gather(1, y[:, None]).squeeze(1), **tol)
+    torch.testing.assert_close(out.entropy, -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(1), **tol)
+    torch.testing.assert_close(out.mean_logit, finite_z.sum(1) / z.shape[1], **tol)
+    torch.testing.assert_close(out.log_sum_p2, torch.log((p * p).sum(1)), **tol)
+    assert out.is_top1.tolist() == (z.argmax(dim=1) == y).tolist()
+    assert out.lse.dtype == torch.float64
+
+
+def test_empty_states_are_the_merge_identity_in_their_dtype():
+    z, y = _ranged_logits(1)
+    full = _reference_range_state(z, y, 0, z.shape[1])
+    for topk in (0, 1, 3):
+        empty = ops.state.empty_logprob_state(z.shape[0], True, torch.float64, torch.device("cpu"), topk=topk)
+        assert all(t.dtype == torch.float64 for t in empty[:7]), [t.dtype for t in empty[:7]]
+        if topk == 0:
+            assert empty.topk_values is None and empty.topk_ids is None
+            merged = ops.state.merge_logprob_states([empty, full])
+        else:
+            assert empty.topk_values.shape == (z.shape[0], topk) and empty.topk_values.dtype == torch.float64
+            assert empty.topk_ids.dtype == torch.int64
+            assert bool((empty.topk_ids == ops.state.TOPK_PAD_ID).all())
+            merged = ops.state.merge_logprob_states(
+                [empty, full._replace(topk_values=empty.topk_values, topk_ids=empty.topk_ids)]
+            )
+        for got, want in zip(merged[:7], full[:7], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    default = ops.state.empty_logprob_state(4, False, torch.float64, torch.device("cpu"))
+    assert default.topk_values is None and default.sz is None and default.m.dtype == torch.float64
+    kl_empty = ops.state.empty_token_kl_state(4, torch.float64, torch.device("cpu"))
+    assert all(t.dtype == torch.float64 for t in kl_empty)
+
+
+def _reference_range_token_kl_state(zp, zr, lo, hi):
+    """float64 TokenKLState of the policy/reference logits restricted to columns ``lo:hi``."""
+    p_part, r_part = zp[:, lo:hi], zr[:, lo:hi]
+    m_p, m_r = p_part.amax(dim=1), r_part.amax(dim=1)
+    er = torch.exp(r_part - m_r[:, None])
+    cross = (er * ((r_part - m_r[:, None]) - (p_part - m_p[:, None]))).sum(dim=1)
+    return ops.state.TokenKLState(m_p, torch.exp(p_part - m_p[:, None]).sum(dim=1), m_r, er.sum(dim=1), cross)
+
+
+def test_merged_token_kl_states_give_the_full_vocabulary_kl():
+    # each range's cross term is taken about its own maxima; the merge moves it by (m_r - M_r) - (m_p - M_p),
+    # weighted by the range's reference mass, also where the policy's range sum is exactly 1
+    g = torch.Generator().manual_seed(2)
+    zp = torch.randn(5, 20, generator=g, dtype=torch.float64) * 2
+    zr = zp + torch.randn(5, 20, generator=g, dtype=torch.float64)
+    zp[0, 0], zr[0, 6] = 8.0, 6.0  # the maxima sit in one-entry ranges, different ones per head
+    states = [_reference_range_token_kl_state(zp, zr, lo, hi) for lo, hi in _RANGES]
+    kl, lse_p, lse_r = ops.state.finalize_token_kl(ops.state.merge_token_kl_states(states))
+    log_q, log_p = torch.log_softmax(zr, 1), torch.log_softmax(zp, 1)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, (log_q.exp() * (log_q - log_p)).sum(1), **tol)
+    torch.testing.assert_close(lse_p, torch.logsumexp(zp, 1), **tol)
+    torch.testing.assert_close(lse_r, torch.logsumexp(zr, 1), **tol)

@@ -280,8 +280,8 @@ def test_nll_losses_per_pair_with_explicit_chosen_nll(name):
     torch.testing.assert_close(per - base, w * nll)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["sigmoid", "ipo", "simpo", "orpo", "expo", "kto", "aot", "discopop"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "simpo", "orpo", "expo", "kto", "aot", "discopop", "cpo", "sft"])
 def test_dtype_preserved(dtype, name):
     (c, r, cr, rr), lc, lr = _inputs(seed=9, dtype=dtype)
     extra = {"expo": dict(lam=0.1), "kto": dict(kl=0.1)}.get(name, {})
@@ -446,6 +446,38 @@ def test_expo_estimators_hand_formulas():
     torch.testing.assert_close(preference_loss("expo", c, r, lam=0.0), bt.mean())
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "compile-branch"])
+@pytest.mark.parametrize("labels", [[1, 0, 0], [1, 1, 0, 1], [0, 0], [1, 1, 1]], ids=["one-D", "one-U", "no-D", "no-U"])
+def test_kto_metrics_are_the_means_of_each_side(monkeypatch, traced, labels):
+    # The metrics by hand: rewards beta (pi - ref) and log-probs averaged over the desirable ("chosen") and
+    # undesirable ("rejected") examples. Eagerly a side without examples has no key (and no margin); under
+    # torch.compile (checks_values() False, forced here without compiling) the keys cannot depend on the data,
+    # and an empty side's means are NaN.
+    import expo_kernels.losses.unpaired as unpaired
+
+    if traced:
+        monkeypatch.setattr(unpaired, "checks_values", lambda: False)
+    g = torch.Generator().manual_seed(16)
+    lab = torch.tensor(labels, dtype=torch.bool)
+    pol = -torch.rand(len(labels), generator=g, dtype=DT) * 10
+    ref = pol + torch.randn(len(labels), generator=g, dtype=DT)
+    beta = 0.3
+    _, m = preference_loss_and_metrics("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=0.2, beta=beta)
+    torch.testing.assert_close(m["kl"], torch.tensor(0.2, dtype=DT))
+    expected = {}
+    for side, sel in (("chosen", lab), ("rejected", ~lab)):
+        if bool(sel.any()):
+            expected[f"rewards/{side}"] = beta * (pol[sel] - ref[sel]).mean()
+            expected[f"logps/{side}"] = pol[sel].mean()
+        elif traced:
+            expected[f"rewards/{side}"] = expected[f"logps/{side}"] = torch.tensor(math.nan, dtype=DT)
+    if "rewards/chosen" in expected and "rewards/rejected" in expected:
+        expected["rewards/margins"] = expected["rewards/chosen"] - expected["rewards/rejected"]
+    assert set(m) == set(expected) | {"kl"}
+    for key, want in expected.items():
+        torch.testing.assert_close(m[key], want.to(DT), equal_nan=True, msg=key)
+
+
 def _population_optimum(loss, ref_probs, target, steps=60, **kw):
     """argmin over a softmax policy on 3 outcomes of the exact expected pairwise loss: all ordered pairs
     (i, j), i preferred with probability sigma(log target_i - log target_j) (Bradley-Terry of pi*)."""
@@ -514,6 +546,7 @@ def test_aggregate_plain_sums_lengths_nll():
     assert out.weights is None
     s, n = sequence_logps(lp, mask)
     torch.testing.assert_close(s, torch.tensor([-6.0, -0.5, -4.0, -2.0], dtype=DT))
+    assert n.tolist() == [3, 2, 4, 1]
 
 
 def test_aggregate_ld_alpha_by_hand():
@@ -546,6 +579,10 @@ def test_wpo_weights_by_hand():
     torch.testing.assert_close(wpo_weights(lp, lsp, mask), expected)
     torch.testing.assert_close(aggregate_pair_logps(lp, mask, log_sum_p2=lsp).weights, expected)
     assert not wpo_weights(lp.requires_grad_(True), lsp, mask).requires_grad
+    # float32 inputs: summed in float64, returned in float32
+    w32 = wpo_weights(lp.detach().float(), lsp.float(), mask)
+    assert w32.dtype == torch.float32
+    torch.testing.assert_close(w32, expected.float())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -744,6 +781,13 @@ def test_alphapo_reward_saturates_instead_of_nan():
         c = torch.full((1,), -1000.0 if dt == torch.float32 else -5000.0, dtype=dt)
         got = preference_loss("cpo", c, c.clone(), alpha=0.5, cpo_alpha=0.0, chosen_lengths=n, rejected_lengths=n)
         assert got.item() == pytest.approx(math.log(2.0), rel=1e-6)  # equal rewards, not inf - inf
+    # float64 keeps the exponent up to its own limit (exp(700)), not float32's (exp(80)): rewards of
+    # -(exp(100) - 1) and -(exp(100.02) - 1) give a margin of about 2.7e41, a loss of 0 (at float32's clamp, 0
+    # and a loss of log 2)
+    c, r = torch.tensor([-100.0], dtype=torch.float64), torch.tensor([-100.02], dtype=torch.float64)
+    got = preference_loss("alphapo", c, r, alpha=1.0, beta=1.0, gamma=0.0, chosen_lengths=n, rejected_lengths=n)
+    rc, rr = -math.expm1(100.0), -math.expm1(100.02)
+    assert rc - rr > 1e41 and got.item() == pytest.approx(-math.log(sig(torch.tensor(rc - rr)).item()), abs=1e-12)
 
 
 @pytest.mark.parametrize("name,c,r", [("apo_zero", 300.0, -400.0), ("apo_down", -600.0, -1000.0)])

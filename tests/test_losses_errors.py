@@ -51,7 +51,10 @@ def test_label_smoothing_range(name, eps):
 @pytest.mark.parametrize("eps", [0.0, 0.5, -1e-3])
 def test_exo_pair_needs_positive_eps(eps):
     c, r, cr, rr = _x()
-    with pytest.raises(ValueError, match=r"`label_smoothing` must be a number in \(0, 0.5\).*log\(eps\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`label_smoothing` must be a number in \(0, 0.5\) \(EXO's eps: 0 makes log\(eps\) infinite; the EXO paper recommends 1e-3\); got ",
+    ):
         preference_loss("exo_pair", c, r, cr, rr, label_smoothing=eps)
 
 
@@ -182,6 +185,9 @@ def test_missing_lengths(name):
     c, r, cr, rr = _x()
     with pytest.raises(ValueError, match=rf"Loss '{name}' normalizes by completion length: pass `chosen_lengths`"):
         preference_loss(name, c, r, cr, rr)
+    for one in (dict(chosen_lengths=LENS["chosen_lengths"]), dict(rejected_lengths=LENS["rejected_lengths"])):
+        with pytest.raises(ValueError, match=rf"Loss '{name}' normalizes by completion length"):
+            preference_loss(name, c, r, cr, rr, **one)
 
 
 @pytest.mark.parametrize("name", ["sft", "cpo", "rpo"])
@@ -339,6 +345,9 @@ def test_aggregate_errors():
         ("sigmoid", dict(f_divergence_type="kl"), False),  # ... given an unknown string
         ("exo_pair", dict(label_smoothing="a"), True),  # a custom check: the kind is read from the default
         ("exo_pair", dict(label_smoothing=0.0), False),
+        ("expo", dict(lam=0.1, kl_estimator=2), True),  # a string choice checked by the registry itself
+        ("expo", dict(lam=0.1, kl_estimator="tokens"), False),
+        ("cpo", dict(cpo_loss_type=None), True),
     ],
 )
 def test_wrong_type_vs_out_of_range(name, hp, wrong_type):
@@ -349,3 +358,27 @@ def test_wrong_type_vs_out_of_range(name, hp, wrong_type):
         preference_loss(name, c, r, cr, rr, **hp)
     assert isinstance(info.value, HParamTypeError) is wrong_type, info.value
     assert isinstance(info.value, TypeError) is wrong_type
+
+
+def test_wrong_type_follows_the_check_then_the_default():
+    # The kind a check declares (one_of: "str") wins over the default's type (here none: REQUIRED); a check that
+    # declares nothing takes the default's kind, a string default included.
+    from expo_kernels.losses.registry import REQUIRED, HParam, one_of, positive
+
+    def choice(value):
+        return None if value in ("a", "b") else "'a' or 'b'"
+
+    cases = [
+        (HParam("mode", REQUIRED, "", one_of("a", "b")), 3, True),
+        (HParam("mode", REQUIRED, "", one_of("a", "b")), "c", False),
+        (HParam("scale", REQUIRED, "", positive), "1", True),
+        (HParam("scale", REQUIRED, "", positive), -1.0, False),
+        (HParam("mode", "a", "", choice), 1.0, True),
+        (HParam("mode", "a", "", choice), "c", False),
+        (HParam("scale", 1.0, "", lambda v: None if v == 1.0 else "1.0"), "x", True),
+        (HParam("scale", 1.0, "", lambda v: None if v == 1.0 else "1.0"), 2.0, False),
+    ]
+    for hparam, value, wrong_type in cases:
+        with pytest.raises(ValueError, match=f"`{hparam.name}` must be .*; got {type(value).__name__} ") as info:
+            hparam.validate("toy", value)
+        assert isinstance(info.value, HParamTypeError) is wrong_type, (hparam, value)

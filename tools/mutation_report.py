@@ -1,67 +1,76 @@
-"""Summarize a mutmut run as Markdown: the score, per-module counts, and the survivors grouped by
-function with a first classification.
+"""Summarize a mutmut run as Markdown: the score, per-module counts, and every survivor grouped by
+function with its class.
 
-    mutmut run --max-children 2
-    python tools/mutation_report.py > docs/mutation-run.md
+    mutmut run --max-children 2 && python tools/mutation_import_time.py
+    python tools/mutation_report.py > report.md
 
-The classes are rules on a survivor's function and diff, written down so that each can be checked:
+The classes are rules on a survivor's function and diff, or entries of ``docs/mutation-equivalent.toml``,
+written down so that each can be checked:
 
-* ``import-time``: the function runs while the package is imported (loss registration, the
-  hyperparameter checks it builds, decorators), before mutmut activates a mutant in the forked
-  worker, so no test can see the mutant. Their behaviour is tested, e.g. by tests/test_losses_errors.py.
+* ``equivalent``: listed in ``docs/mutation-equivalent.toml`` with the reason it cannot change a result.
 * ``device``: a ``device=`` argument removed or set to None (or ``.to(device)`` made ``.to(None)``);
-  on a CPU-only machine every tensor is on the CPU either way. The GPU session's tests see them.
-* ``text``: only the text of a message or a docstring changed.
-* ``default``: the default of ``hparams.get(name, default)``; the registry fills in every declared
-  hyperparameter before a loss runs, so the default is never read.
-* ``open``: none of the above: a missing test or an equivalent mutant still to be argued.
+  on a CPU-only machine every tensor is on the CPU either way (equivalent here). The GPU session's
+  tests see them.
+* ``import-time``: the function runs while the package is imported (``tools/mutation_import_time.py``
+  re-checks these in a fresh interpreter); a survivor of that pass too.
+* ``open``: none of the above: a missing test, or an equivalent mutant not yet argued.
+
+Survivors that ``tools/mutation_import_time.py`` killed count as killed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import tomllib
 from collections import Counter, defaultdict
+from pathlib import Path
 
-IMPORT_TIME = {
-    "expo_kernels.losses.registry.x_register_loss",
-    "expo_kernels.losses.registry.x_one_of",
-    "expo_kernels.losses.registry.x_unit_interval",
-    "expo_kernels.losses.registry.x__number_check",
-    "expo_kernels.losses.registry.x__expects",
-    "expo_kernels.losses.registry.x_positive",
-    "expo_kernels.losses.registry.x_non_negative",
-    "expo_kernels.losses._common.x_label_smoothing",
-    "expo_kernels.engine.x_eager_region",
-}
+from mutation_import_time import IMPORT_TIME
+
+EQUIVALENT = Path("docs/mutation-equivalent.toml")
+FRESH_IMPORT = Path("mutants/import-time.json")
+
+
+def load_equivalent() -> dict[str, str]:
+    """mutant name -> why it is equivalent, from the ``[[equivalent]]`` entries (function, mutants, why)."""
+    if not EQUIVALENT.exists():
+        return {}
+    entries = tomllib.loads(EQUIVALENT.read_text())["equivalent"]
+    return {f"{e['function']}__mutmut_{n}": e["why"] for e in entries for n in e["mutants"]}
 
 
 def _run(*args: str) -> str:
     return subprocess.run(["mutmut", *args], capture_output=True, text=True, check=False).stdout
 
 
-def classify(function: str, diff: list[str]) -> str:
-    if function in IMPORT_TIME:
-        return "import-time"
+def classify(name: str, diff: list[str], equivalent: dict[str, str]) -> str:
+    if name in equivalent:
+        return "equivalent"
     added = " ".join(line[1:] for line in diff if line.startswith("+"))
     removed = " ".join(line[1:] for line in diff if line.startswith("-"))
     if "device=None" in added or ("device=" in removed and "device=" not in added) or ".to(None)" in added:
         if "device" in removed:
             return "device"
-    if re.search(r"\.get\(\"\w+\", ", removed) and re.sub(r"\.get\(\"(\w+)\", [^)]*\)", "", added) == re.sub(
-        r"\.get\(\"(\w+)\", [^)]*\)", "", removed
-    ):
-        return "default"
-    strip = re.compile(r"\"[^\"]*\"|'[^']*'")
-    if strip.sub("", added) == strip.sub("", removed) and ("XX" in added or added.lower() == removed.lower()):
-        return "text"
+    if function_of(name) in IMPORT_TIME:
+        return "import-time"
     return "open"
+
+
+def function_of(name: str) -> str:
+    return re.sub(r"__mutmut_\d+$", "", name)
 
 
 def main() -> int:
     rows = [line.strip().rsplit(": ", 1) for line in _run("results", "--all", "true").splitlines() if ": " in line]
     status = {name: state for name, state in rows}
+    fresh = json.loads(FRESH_IMPORT.read_text()) if FRESH_IMPORT.exists() else {}
+    killed_fresh = {n for n, v in fresh.items() if v != "survived" and status.get(n) == "survived"}
+    for name in killed_fresh:
+        status[name] = "killed"
+    equivalent = load_equivalent()
     by_module: dict[str, Counter] = defaultdict(Counter)
     for name, state in status.items():
         by_module[re.sub(r"\.x[_ǁ].*", "", name)][state] += 1
@@ -72,8 +81,7 @@ def main() -> int:
         if state != "survived":
             continue
         diff = [ln for ln in _run("show", name).splitlines() if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-        function = re.sub(r"__mutmut_\d+$", "", name)
-        survivors[function].append((name.rsplit("_", 1)[1], diff, classify(function, diff)))
+        survivors[function_of(name)].append((name, diff, classify(name, diff, equivalent)))
     classes = Counter(c for items in survivors.values() for _, _, c in items)
     print("| state | mutants |\n| --- | --- |")
     for state, n in sorted(total.items()):
@@ -81,17 +89,28 @@ def main() -> int:
     killed = total["killed"] + total["timeout"]
     if decided:
         print(f"\nScore (killed or timed out / checked): {killed} / {decided} = {killed / decided:.1%}")
-        real = decided - classes["import-time"] - total["no tests"]
-        print(f"Without the import-time survivors and the functions no selected test reaches: {killed / real:.1%}")
+        print(f"(of the killed, {len(killed_fresh)} by tools/mutation_import_time.py in a fresh interpreter)")
+        real = decided - classes["equivalent"] - classes["device"]
+        print(f"Without the survivors explained as equivalent (here): {killed} / {real} = {killed / real:.1%}")
     print("\nSurvivors by class: " + ", ".join(f"{c} {n}" for c, n in sorted(classes.items())))
     print("\n| module | killed | survived | timeout | no tests | not checked |\n| --- | --- | --- | --- | --- | --- |")
     for module, c in sorted(by_module.items()):
         print(f"| {module} | {c['killed']} | {c['survived']} | {c['timeout']} | {c['no tests']} | {c['not checked']} |")
     print("\n## Survivors\n")
+    reasons: dict[str, list[str]] = defaultdict(list)
     for function, items in sorted(survivors.items()):
         print(f"### `{function}` ({len(items)})\n")
-        for number, diff, cls in items:
-            print(f"- {number} [{cls}]: " + " / ".join(f"`{ln.strip()}`" for ln in diff if ln.startswith("+"))[:300])
+        for name, diff, cls in items:
+            number = name.rsplit("_", 1)[1]
+            why = (
+                f" ({len(reasons[equivalent[name]]) and 'see above' or equivalent[name]})"
+                if cls == "equivalent"
+                else ""
+            )
+            if cls == "equivalent":
+                reasons[equivalent[name]].append(name)
+            change = " / ".join(f"`{ln[1:].strip()}`" for ln in diff if ln.startswith("+"))[:300]
+            print(f"- {number} [{cls}]: {change}{why}")
         print()
     return 0
 

@@ -191,7 +191,7 @@ def f_divergence_scores(u: Tensor, kind: str, coef: float) -> Tensor:
         dtype = t.dtype
         # exp in fp32 for half types (fp64 stays fp64); the clamp keeps exp(t) finite after the cast back
         work = t if dtype == torch.float64 else t.float()
-        work = torch.clamp(work, max=_ALPHA_CLAMP.get(dtype, 80.0))
+        work = torch.clamp(work, max=exp_limit(dtype))
         return (torch.exp(work) - 1.0).to(dtype) * (1.0 / (coef - 1.0))
     raise ValueError(f"Unknown f_divergence_type {kind!r}; expected one of {list(F_DIVERGENCE_TYPES)}.")
 

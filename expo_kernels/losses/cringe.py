@@ -40,6 +40,7 @@ none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,7 @@ def check_real(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     v = float(value)
-    if v != v or v in (float("inf"), float("-inf")) or (positive and v <= 0):
+    if not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value!r}")
     return v
 
@@ -91,7 +92,7 @@ def sample_positive(
     is_neg = topk_indices == negatives.unsqueeze(-1)
     drop = is_neg.clone()
     drop[..., -1] |= ~is_neg.any(dim=-1)
-    logits = topk_values.detach().double().masked_fill(drop, float("-inf"))
+    logits = topk_values.detach().double().masked_fill(drop, -math.inf)
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
     u = torch.rand(negatives.shape, generator=generator, dtype=torch.float64).to(cdf.device)
     # inverse CDF: the first candidate whose cumulative probability exceeds u (dropped ones have p = 0)

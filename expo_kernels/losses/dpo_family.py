@@ -34,7 +34,7 @@ _FDIV = (F_DIV, F_ALPHA)
 
 
 def _exo_eps_check(value):
-    inner = unit_interval(0.0, 0.5, low_open=True, high_open=True)(value)
+    inner = unit_interval(0.0, 0.5, low_open=True)(value)
     if inner is not None:
         return inner + " (EXO's eps: 0 makes log(eps) infinite; the EXO paper recommends 1e-3)"
     return None

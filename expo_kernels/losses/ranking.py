@@ -188,6 +188,6 @@ def ranking_loss(name: str, scores: Tensor, rewards: Tensor, *, mask: Tensor | N
 def check_ranking_hparams(name: str, hparams: dict[str, Any]) -> None:
     """Type checks of the hyper-parameters of ranking loss ``name`` (names were checked before)."""
     if name == "pro":
-        temp = hparams.get("reward_temperature", False)
+        temp = hparams["reward_temperature"]
         if not isinstance(temp, bool):
             raise HParamTypeError(f"`reward_temperature` must be a bool (True or False); got {describe(temp)}.")

@@ -35,7 +35,7 @@ _CPO_VARIANTS = ("sigmoid", "hinge", "ipo", "simpo")
 
 def _cpo_core(batch: PreferenceBatch, hp: dict, loss: str, variant: str, cpo_alpha: float, alpha: float) -> LossTerms:
     beta = hp["beta"]
-    eps = hp.get("label_smoothing", 0.0)
+    eps = hp["label_smoothing"]
     if variant in ("hinge", "ipo") and eps != 0.0:
         raise ValueError(f"Loss {loss!r}: `label_smoothing` is not used by the {variant!r} variant; set it to 0.")
     # TRL averages the log-probs over completion tokens for the ipo and simpo variants.
@@ -139,15 +139,16 @@ _LN_HALF = -math.log(2.0)
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, switching formula at ``-log 2`` for accuracy.
 
-    Each branch gets its input clamped to the side where it is used: torch.where back-propagates
-    0 * (the other branch's gradient), which is NaN where that branch is infinite (log1p(-exp(x))
-    at x -> 0). ``x`` is also kept below ``-tiny``: at ``x = 0`` (a probability of exactly 1, which
-    float32 log-probs do reach) the value would be -inf; it saturates at ``log(tiny)`` instead
-    (about -87 in float32) with a zero gradient there.
+    torch.where back-propagates 0 * (the unused branch's gradient), which is NaN where that branch is
+    infinite: log1p(-exp(x)) at x -> 0, so its input is clamped to ``x <= -log 2``, where it is used
+    (log(-expm1(x)) is finite, with a finite gradient, for every x < 0, -inf included). ``x`` is also
+    kept below ``-tiny``: at ``x = 0`` (a probability of exactly 1, which float32 log-probs do reach)
+    the value would be -inf; it saturates at ``log(tiny)`` instead (about -87 in float32) with a zero
+    gradient there.
     """
     tiny = torch.finfo(x.dtype).tiny
     lo = torch.clamp(x, max=_LN_HALF)
-    hi = torch.clamp(x, min=_LN_HALF, max=-tiny)
+    hi = torch.clamp(x, max=-tiny)
     return torch.where(x < _LN_HALF, torch.log1p(-torch.exp(lo)), torch.log(-torch.expm1(hi)))
 
 

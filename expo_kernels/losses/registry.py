@@ -200,9 +200,8 @@ class HParam:
         """Whether a refused value has the wrong type (vs. the right type out of range). The check
         says what it expects; a custom check without ``expects`` is read from the default's type."""
         expects = getattr(self.check, "expects", None)
-        if expects is None:
-            expects = "str" if isinstance(self.default, str) else "number"
-        if expects == "str":
+        wants_str = isinstance(self.default, str) if expects is None else expects == "str"
+        if wants_str:
             return not isinstance(value, str)
         return as_real(value) is None
 

@@ -93,6 +93,6 @@ def ropo_sample_weights(pair_losses: torch.Tensor, keep_ratio: float) -> torch.T
     n = pair_losses.shape[0]
     k = min(n, math.ceil(v * n - 1e-9))  # the tolerance keeps 0.3 * 10 at 3, not 4
     order = torch.argsort(pair_losses.detach(), stable=True)
-    weights = torch.zeros_like(pair_losses, requires_grad=False)
+    weights = torch.zeros_like(pair_losses)
     weights[order[:k]] = 1.0
     return weights
