@@ -365,3 +365,265 @@ def test_matrix_size():
         + len(_TRAINER_CASES)
     )
     assert n >= 60 and math.isfinite(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# is_desirable: the accepted label forms give the bool tensor's numbers; the refused forms name it
+# ------------------------------------------------------------------------------------------------
+def _kto_by_hand(pol, ref, labels, beta, z0, wd, wu):
+    """KTO per example in float64 by hand: desirable ``wd (1 - sigma(beta (h - z0)))``, undesirable
+    ``wu (1 - sigma(beta (z0 - h)))``, ``h = pol - ref``."""
+    out = []
+    for p, r, d in zip(pol.tolist(), ref.tolist(), labels, strict=True):
+        h = p - r
+        x = beta * (h - z0) if d else beta * (z0 - h)
+        out.append((wd if d else wu) * (1.0 - 1.0 / (1.0 + math.exp(-x))))
+    return torch.tensor(out, dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [True, False, True],
+        [np.bool_(True), np.bool_(False), np.bool_(True)],
+        torch.tensor([1, 0, 1]),
+        torch.tensor([1, 0, 1], dtype=torch.uint8),
+        torch.tensor([1, 0, 1], dtype=torch.int32),
+    ],
+    ids=["list_bool", "list_np_bool", "int64", "uint8", "int32"],
+)
+def test_is_desirable_accepted_forms(labels):
+    """A list of Python or NumPy bools and integer 0/1 tensors are labels, read as True = 1 = desirable
+    (each example gets its own side's formula), not refused and not misread."""
+    pol, ref = _logps(1)[:2]
+    beta, z0, wd, wu = 0.7, 0.2, 1.3, 0.6
+    got = preference_loss(
+        "kto",
+        policy_logps=pol,
+        ref_logps=ref,
+        is_desirable=labels,
+        kl=z0,
+        beta=beta,
+        desirable_weight=wd,
+        undesirable_weight=wu,
+        reduction="none",
+    )
+    expected = _kto_by_hand(pol, ref, [True, False, True], beta, z0, wd, wu)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "labels,exc,match",
+    [
+        ([1, 0, 1], TypeError, r"`is_desirable` must be a bool tensor \(or list of bools\) of shape \(3,\); got list"),
+        ((1.0, 0.0, 1.0), TypeError, r"`is_desirable` must be a bool tensor \(or list of bools\) of shape \(3,\)"),
+        (torch.tensor([1.0, 0.0, 1.0]), TypeError, r"`is_desirable` must be a bool tensor .*got dtype torch\.float32"),
+        (torch.tensor([2, 0, 0]), ValueError, r"`is_desirable` must hold 0/1 \(or True/False\) labels"),
+        (torch.tensor([0, 0, 3]), ValueError, r"`is_desirable` must hold 0/1 \(or True/False\) labels"),
+        (
+            torch.ones(B - 1, dtype=torch.bool),
+            ValueError,
+            rf"`is_desirable` must have shape \({B},\); got \({B - 1},\)",
+        ),
+    ],
+    ids=["list_int", "tuple_float", "float_tensor_01", "int_2", "int_3", "short"],
+)
+def test_is_desirable_refused_forms(labels, exc, match):
+    """Integers in a list, floats (even exactly 0/1) and integer labels other than 0/1 are refused, naming
+    `is_desirable` and what it must be: a list of ints is not silently read as bools."""
+    pol, ref = _logps(2)[:2]
+    with pytest.raises(exc, match=match):
+        preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=labels, kl=0.0)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[True, False, True], torch.tensor([True, False, True]), torch.tensor([1, 0, 1])],
+    ids=["list", "bool", "int"],
+)
+def test_is_desirable_follows_the_logps_device(labels, monkeypatch):
+    """Labels built on the CPU (a list always is) are moved to the log-probs' device. The ``meta`` device
+    stands for the accelerator on a CPU-only machine; value checks are skipped as under ``torch.compile``
+    (a meta tensor has no values to read), so the call only runs the device handling and the formula."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    pol = torch.zeros(B, dtype=DT, device="meta")
+    out = preference_loss("kto", policy_logps=pol, ref_logps=pol, is_desirable=labels, kl=0.0, reduction="none")
+    assert out.device.type == "meta" and out.shape == (B,) and out.dtype == DT
+
+
+def _kto_args(form, **kw):
+    c, r, cr, rr = _logps(3)
+    if form == "policy":
+        args = dict(policy_logps=c, ref_logps=cr, is_desirable=[True, False, True], kl=0.0)
+    else:
+        args = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=cr, ref_rejected_logps=rr, kl=0.0)
+    args.update(kw)
+    return {k: v for k, v in args.items() if v is not None}
+
+
+_EMPTY = torch.zeros(0, dtype=DT)
+_UNPAIRED_FORM_CASES = [
+    ("policy_list", "policy", dict(policy_logps=[0.0] * B), r"`policy_logps` must be a torch\.Tensor of shape \[B\]"),
+    (
+        "ref_short",
+        "policy",
+        dict(ref_logps=torch.zeros(B - 1, dtype=DT)),
+        rf"`ref_logps` has shape \({B - 1},\) but the batch has {B} pairs: expected \({B},\)",
+    ),
+    (
+        "policy_and_chosen",
+        "policy",
+        dict(chosen_logps=torch.zeros(B, dtype=DT)),
+        r"pass either `policy_logps`/`ref_logps`/`is_desirable` or the chosen/rejected form",
+    ),
+    (
+        "chosen_without_rejected",
+        "pairs",
+        dict(rejected_logps=None, ref_chosen_logps=None, ref_rejected_logps=None),
+        r"Loss 'kto' needs `policy_logps`, `ref_logps`, `is_desirable` \(\[N\] each\), or `chosen_logps` and",
+    ),
+    (
+        "chosen_int",
+        "pairs",
+        dict(chosen_logps=torch.zeros(B, dtype=torch.long)),
+        r"`chosen_logps` must be a floating-point tensor \(log-probs\); got dtype torch\.int64",
+    ),
+    ("rejected_list", "pairs", dict(rejected_logps=[0.0] * B), r"`rejected_logps` must be a torch\.Tensor"),
+    (
+        "batch_empty",
+        "pairs",
+        dict(chosen_logps=_EMPTY, rejected_logps=_EMPTY, ref_chosen_logps=_EMPTY, ref_rejected_logps=_EMPTY),
+        r"the batch is empty",
+    ),
+    (
+        "no_reference",
+        "pairs",
+        dict(ref_chosen_logps=None, ref_rejected_logps=None),
+        r"Loss 'kto' needs the reference model's log-probs: pass `ref_chosen_logps` and `ref_rejected_logps`",
+    ),
+    ("ref_chosen_list", "pairs", dict(ref_chosen_logps=[0.0] * B), r"`ref_chosen_logps` must be a torch\.Tensor"),
+    (
+        "ref_chosen_short",
+        "pairs",
+        dict(ref_chosen_logps=torch.zeros(B - 1, dtype=DT)),
+        rf"`ref_chosen_logps` has shape \({B - 1},\) but the batch has {B} pairs: expected \({B},\)",
+    ),
+    (
+        "ref_rejected_int",
+        "pairs",
+        dict(ref_rejected_logps=torch.zeros(B, dtype=torch.long)),
+        r"`ref_rejected_logps` must be a floating-point tensor \(log-probs\); got dtype torch\.int64",
+    ),
+    (
+        "ref_rejected_long",
+        "pairs",
+        dict(ref_rejected_logps=torch.zeros(B + 1, dtype=DT)),
+        rf"`ref_rejected_logps` has shape \({B + 1},\) but the batch has {B} pairs: expected \({B},\)",
+    ),
+    (
+        "kl_logps_list",
+        "policy",
+        dict(kl=None, kl_logps=[0.0] * B, ref_kl_logps=torch.zeros(B, dtype=DT)),
+        r"`kl_logps` must be a torch\.Tensor",
+    ),
+    (
+        "ref_kl_logps_list",
+        "policy",
+        dict(kl=None, kl_logps=torch.zeros(B, dtype=DT), ref_kl_logps=[0.0] * B),
+        r"`ref_kl_logps` must be a torch\.Tensor",
+    ),
+    (
+        "ref_kl_logps_short",
+        "policy",
+        dict(kl=None, kl_logps=torch.zeros(B, dtype=DT), ref_kl_logps=torch.zeros(B - 1, dtype=DT)),
+        rf"`ref_kl_logps` has shape \({B - 1},\) but the batch has {B} pairs: expected \({B},\)",
+    ),
+    ("kl_vector", "policy", dict(kl=torch.zeros(B, dtype=DT)), r"`kl` must be a scalar; got \(\d+,\)"),
+    ("kl_str", "policy", dict(kl="0"), r"`kl` must be a number or a tensor"),
+]
+
+
+@pytest.mark.parametrize(
+    "form,kw,match", [c[1:] for c in _UNPAIRED_FORM_CASES], ids=[c[0] for c in _UNPAIRED_FORM_CASES]
+)
+def test_unpaired_inputs_bad_form(form, kw, match):
+    """The unpaired losses' two input forms (policy/ref/is_desirable, or chosen = desirable and rejected =
+    undesirable): a wrong tensor is named by its own argument name, a mixed or half form is refused."""
+    with pytest.raises(ValueError, match=match):
+        preference_loss("kto", **_kto_args(form, **kw))
+
+
+def test_kto_pairs_form_one_sided_batch():
+    """The chosen/rejected form may have one side empty: one desirable example and no undesirable one is
+    a batch (not "empty"), its loss the desirable formula by hand."""
+    c, cr = torch.tensor([-2.0], dtype=DT), torch.tensor([-2.5], dtype=DT)
+    none = torch.zeros(0, dtype=DT)
+    beta, z0 = 0.5, 0.1
+    got = preference_loss(
+        "kto", c, none, cr, none, kl=z0, beta=beta, desirable_weight=1.0, undesirable_weight=1.0, reduction="none"
+    )
+    expected = torch.tensor([1.0 - 1.0 / (1.0 + math.exp(-beta * ((-2.0 + 2.5) - z0)))], dtype=DT)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_number_inputs_follow_the_logps_device(monkeypatch):
+    """A per-batch input given as a Python number (KTO's ``kl``, RPO's ``chosen_nll``) becomes a tensor on
+    the log-probs' device, not the default one: ``meta`` stands for the accelerator, value checks are
+    skipped as under ``torch.compile`` (see test_is_desirable_follows_the_logps_device)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.zeros(B, dtype=DT, device="meta")
+    _, metrics = preference_loss_and_metrics("kto", policy_logps=x, ref_logps=x, is_desirable=[True] * B, kl=0.0)
+    assert metrics["kl"].device.type == "meta"
+    loss = preference_loss("rpo", x, x, x, x, chosen_nll=1.0)
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss = preference_loss("expo", x, x, x, x, lam=0.1, kl_estimator="token", token_kl=0.2)
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+_PAIRED_FORM_CASES = [
+    (
+        "rejected_missing",
+        dict(rejected_logps=None),
+        r"Loss \['sigmoid'\] needs `chosen_logps` and `rejected_logps` \(shape \[B\]\)",
+    ),
+    (
+        "ref_rejected_long",
+        dict(ref_rejected_logps=torch.zeros(B + 1, dtype=DT)),
+        rf"`ref_rejected_logps` has shape \({B + 1},\) but the batch has {B} pairs: expected \({B},\)",
+    ),
+    (
+        "rejected_lengths_long",
+        dict(rejected_lengths=torch.full((B + 1,), 5)),
+        rf"`rejected_lengths` must have shape \({B},\) \(one entry per pair\); got \({B + 1},\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("kw,match", [c[1:] for c in _PAIRED_FORM_CASES], ids=[c[0] for c in _PAIRED_FORM_CASES])
+def test_paired_inputs_bad_form(kw, match):
+    """Paired losses: a missing or mis-sized tensor is named by its own argument name and expected shape."""
+    c, r, cr, rr = _logps(4)
+    args = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=cr, ref_rejected_logps=rr, **LENS)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        preference_loss("sigmoid", **{k: v for k, v in args.items() if v is not None})
+
+
+def test_unknown_hparam_after_shared_option():
+    """A shared option (``f_alpha_divergence_coef``) passed first does not end the unknown-name check."""
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter `bta` for loss 'sigmoid'"):
+        _call(preference_loss, "sigmoid", dict(f_alpha_divergence_coef=0.5, bta=0.1))
+
+
+def test_loss_weights_tensor_by_hand():
+    """``loss_weights`` may be a 1-D tensor; a weight of 2 doubles its loss: 2 * sigmoid + 1 * hinge by hand."""
+    c, r, cr, rr = _logps(5)
+    beta = 0.1
+    got = preference_loss(
+        ["sigmoid", "hinge"], c, r, cr, rr, beta=beta, loss_weights=torch.tensor([2.0, 1.0]), reduction="none"
+    )
+    exp = []
+    for a, b, ca, rb in zip(c.tolist(), r.tolist(), cr.tolist(), rr.tolist(), strict=True):
+        z = beta * ((a - ca) - (b - rb))
+        exp.append(2.0 * math.log1p(math.exp(-z)) + max(0.0, 1.0 - z))
+    torch.testing.assert_close(got, torch.tensor(exp, dtype=DT), rtol=1e-12, atol=0)

@@ -468,6 +468,9 @@ def test_cuda_op_on_library_gemms_against_float64(dtype, tol, monkeypatch):
         assert torch.equal(a, c), "the op's GEMM path differs between two runs"
 
 
+# a warning is an error here: writing the stacked rows' logits into a view of the wrong size would only
+# warn (torch resizes an `out=` tensor) and give the same numbers
+@pytest.mark.filterwarnings("error")
 @pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("ref_head", ["omitted", "weight.detach()", "a copy"])
 def test_a_shared_head_runs_both_models_through_one_gemm(backend, ref_head, monkeypatch):
@@ -725,3 +728,442 @@ def test_a_step_syncs_once_for_its_inputs_and_once_per_chunk(syncs):
         (step.d_hidden, step.d_weight, step.d_bias), torch.autograd.grad(logp.sum(), (h64, w64, b64)), strict=True
     ):
         assert rel_err(got, want) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one-pass long-pair step (engine._long_pairs_one_pass): a pair longer than the workspace, a loss
+# whose per-token gradient is one number per row, and per-row d_weight / d_bias partials that fit half
+# the workspace. On the CPU (logits in the head's dtype, no separate dz buffer) a float64 token takes
+# 8 V bytes of workspace and a sequence's partials 8 V (H + 1) bytes (d_weight + d_bias; 4 V (H + 1)
+# for a 16-bit head, whose gradients accumulate in float32); the one-pass chunk is the largest number of
+# tokens whose logits fit the workspace less the partials (one buffer with one pair in the batch: its
+# chosen row's partials are the gradients themselves; two with more pairs).
+# ----------------------------------------------------------------------------------------------------
+V1 = 53
+
+
+def _dpo_with_sft(logp, mask, pairs):
+    """A pair-separable loss whose per-token gradient is one number per row, and a different one for the
+    chosen and the rejected row of a pair: DPO's ``softplus(-beta (S_c - S_r))`` plus an NLL term on the
+    chosen rows (``S``: the row's sum of counted log-probs)."""
+    s = (logp * mask).sum(-1)
+    return torch.nn.functional.softplus(-0.5 * (s[:pairs] - s[pairs:])).sum() - 0.3 * s[:pairs].sum()
+
+
+def _long_pair_step(
+    monkeypatch,
+    chosen,
+    rejected,
+    *,
+    h_size,
+    need,
+    bias,
+    workspace,
+    dtype=DT,
+    backend="torch",
+    row_constant=True,
+    token_weight=None,
+    seed=30,
+):
+    """One ``run_pair_step`` on the CPU with rows of the given counted tokens (pair ``p``: rows ``p`` and
+    ``p + B``); returns the step, the row count of every logits GEMM, the [V, H] gradient buffers it
+    allocated, and the float64 reference gradients (materialized logits, autograd through the same
+    formula). ``token_weight [R, T]``: a per-token factor in the loss (its gradient then varies along a row)."""
+    pairs, counts = len(chosen), list(chosen) + list(rejected)
+    steps = max(counts)
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * pairs, steps, h_size, generator=g, dtype=DT).to(dtype)
+    weight = (torch.randn(V1, h_size, generator=g, dtype=DT) * 0.5).to(dtype)
+    b = (torch.randn(V1, generator=g, dtype=DT) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V1, (2 * pairs, steps), generator=g)
+    for r, c in enumerate(counts):
+        labels[r, : steps - c] = -100  # the counted tokens at the end of the row
+    mask = (labels != -100).double()
+    tw = torch.ones_like(mask) if token_weight is None else token_weight(mask)
+
+    def loss(logp, mask=mask):
+        return _dpo_with_sft(logp * tw.to(logp.dtype), mask.to(logp.dtype), pairs)
+
+    gemm_rows = []
+    real_logits_into = engine.gemm.logits_into
+
+    def logits_into(z, h, w):
+        gemm_rows.append(z.shape[0])
+        real_logits_into(z, h, w)
+
+    monkeypatch.setattr(engine.gemm, "logits_into", logits_into)
+    buffers = _GradientBuffers((V1, h_size))
+    with ek.kernel_options(workspace_bytes=workspace), buffers:
+        step = engine.run_pair_step(
+            hidden,
+            weight,
+            b,
+            labels,
+            ignore_index=-100,
+            transform=LogitTransform(1.0, None, 1.0),
+            with_stats=False,
+            loss_of_tokens=lambda logp, log_sum_p2, ref: loss(logp),
+            backend=backend,
+            need=need,
+            row_constant=row_constant,
+        )
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    b64 = None if b is None else b.double().requires_grad_()
+    logits = h64 @ w64.T + (0.0 if b64 is None else b64)
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    wanted = [t for t, n in zip((h64, w64, b64), need, strict=True) if n and t is not None]
+    want = iter(torch.autograd.grad(loss(logp), wanted))
+    want = [next(want) if n and t is not None else None for t, n in zip((h64, w64, b64), need, strict=True)]
+    return step, gemm_rows, buffers.count, want
+
+
+class _GradientBuffers(TorchDispatchMode):
+    """Counts the floating-point tensors of one shape that factory ops (zeros, empty, *_like) return."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
+        if name in ("zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like"):
+            if isinstance(out, torch.Tensor) and out.shape == self.shape and out.is_floating_point():
+                self.count += 1
+        return out
+
+
+def _vary_along_rows(mask):
+    return 1.0 + mask.cumsum(-1) / 10  # ld_alpha-like: a later token counts more
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize(
+    "chosen,rejected,h_size,need,bias,workspace,gemm_rows,buffers",
+    [
+        # one pair of 17 tokens; partials 8 x 53 x 5 = 2120 B of 5188: (5188 - 2120) // 424 = 7 tokens a
+        # chunk, the last two chunks wholly or partly in the rejected row; the rejected row's partial is
+        # the one [V, H] buffer next to d_weight
+        ([8], [9], 4, (True, True, True), True, 5188, [7, 7, 3], 2),
+        # a pair of 24 tokens between a pair of exactly one chunk (10 tokens) and a short one: two partial
+        # buffers (4240 B of 8580, chunk (8580 - 4240) // 424 = 10); the long pair goes first, then the
+        # other pairs in chunks of whole pairs
+        ([6, 12, 2], [4, 12, 1], 4, (True, True, True), True, 8580, [10, 10, 4, 10, 3], 3),
+        # a frozen weight with a trainable bias: partials of 8 x 53 = 424 B of 948, one token a chunk
+        ([2], [2], 4, (True, False, True), True, 948, [1, 1, 1, 1], 0),
+        # a chosen row of one token, and a pair whose rejected row counts none: 2 x 8 x 53 x 3 = 2544 B of
+        # 5188, (5188 - 2544) // 424 = 6 tokens a chunk
+        ([1, 14], [13, 0], 2, (True, True, True), True, 5188, [6, 6, 2, 6, 6, 2], 3),
+        # a bias that is given but not trained takes no partial: 8 x 53 x 4 = 1696 B, (5188 - 1696) // 424 = 8
+        ([8], [9], 4, (True, True, False), True, 5188, [8, 8, 1], 2),
+    ],
+    ids=["one pair", "a long pair between short ones", "frozen weight", "1-token and empty rows", "fixed bias"],
+)
+def test_one_pass_long_pairs_against_float64(
+    backend, chosen, rejected, h_size, need, bias, workspace, gemm_rows, buffers, monkeypatch
+):
+    # A pair longer than the workspace with a row-constant loss runs in one pass (each token's logits
+    # computed once, in chunks of the workspace less the per-row partials) and its gradients -- dz with
+    # g = 1, then each row's partials scaled by that row's g -- match float64 autograd; a mix-up of the
+    # rows at a chunk boundary, an unscaled or leaked partial, or a wrong chunk size would show here.
+    # On the CPU: the chunk arithmetic is the CPU's (tolerance 1e-10, float64 throughout).
+    require_backend(backend, "cpu")
+    step, rows, made, want = _long_pair_step(
+        monkeypatch, chosen, rejected, h_size=h_size, need=need, bias=bias, workspace=workspace, backend=backend
+    )
+    assert rows == gemm_rows  # one pass: every counted token's logits once
+    assert made == buffers  # the gradient's [V, H] buffers: d_weight and the partials
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert (got is None) == (w is None)
+        if w is not None:
+            assert rel_err(got, w) < 1e-10
+
+
+def test_one_pass_long_pair_of_a_16bit_head_against_float64(monkeypatch):
+    # A bf16 head through CUDA's contract (as in test_16bit_d_weight_accumulates_in_float32_across_chunks:
+    # the CPU has no float32-output bf16 GEMM): float32 logits and a bf16 dz buffer, 6 x 53 = 318 B a
+    # token; float32 partials, 4 x 53 x 5 = 1060 B of 2226: (2226 - 1060) // 318 = 3 tokens a chunk. dH's
+    # rows are scaled in float32 and written back in bf16; d_weight's partials accumulate dz upcast
+    # through the chunk's float32 logits. Against float64 of the same bf16 inputs: 5e-3 normwise (the
+    # bf16 rounding of dz and of the results, as in that test; measured 1.8e-3 to 3.2e-3).
+    from expo_kernels.ops import gemm
+
+    def logits_dtype(dtype, device):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def logits_into(z, h, w):  # float32 products of bf16 operands are exact, as in cuBLAS
+        torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z)
+
+    monkeypatch.setattr(gemm, "logits_dtype", logits_dtype)
+    monkeypatch.setattr(gemm, "logits_into", logits_into)
+    step, rows, made, want = _long_pair_step(
+        monkeypatch, [12], [12], h_size=4, need=(True, True, True), bias=True, workspace=2226, dtype=torch.bfloat16
+    )
+    assert rows == [3] * 8
+    assert made == 2
+    assert step.d_hidden.dtype == step.d_weight.dtype == torch.bfloat16
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert rel_err(got, w) < 5e-3
+
+
+def test_long_pair_of_a_loss_that_varies_along_rows_takes_two_passes(monkeypatch):
+    # row_constant=False (a gradient that varies along a row, as ld_alpha's): the logits are recomputed
+    # once g is known -- two passes of min(budget 5188 // 424 = 12, 17) tokens -- and the gradients are
+    # exact; d_weight is the only [V, H] buffer (no partials).
+    step, rows, made, want = _long_pair_step(
+        monkeypatch,
+        [8],
+        [9],
+        h_size=4,
+        need=(True, True, False),
+        bias=False,
+        workspace=5188,
+        row_constant=False,
+        token_weight=_vary_along_rows,
+    )
+    assert rows == [12, 5, 12, 5]
+    assert made == 1
+    assert rel_err(step.d_hidden, want[0]) < 1e-10
+    assert rel_err(step.d_weight, want[1]) < 1e-10
+
+
+def test_one_pass_long_pair_checks_that_the_loss_is_row_constant(monkeypatch):
+    # row_constant=True is the caller's word, checked once the pair's g is known: a chosen row whose
+    # first token's gradient differs from the rest of the row raises (instead of scaling the whole row's
+    # d_weight partial by one of its numbers).
+    def first_chosen_token_counts_twice(mask):
+        w = torch.ones_like(mask)
+        w[0, mask[0].argmax()] = 2.0
+        return w
+
+    with pytest.raises(RuntimeError, match="row_constant"):
+        _long_pair_step(
+            monkeypatch,
+            [8],
+            [9],
+            h_size=4,
+            need=(True, True, True),
+            bias=True,
+            workspace=5188,
+            token_weight=first_chosen_token_counts_twice,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference pass (forward_logps), the step's argument checks and chunk sizes, error names
+# ---------------------------------------------------------------------------------------------
+
+
+def _float64_logp(hidden, weight, bias, labels, transform=None):
+    """Per-token log-probs ``[R, T]`` (0 at ignored tokens) from materialized float64 logits."""
+    z = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+    if transform is not None:
+        z = z * transform.logit_scale
+        if transform.softcap is not None:
+            z = transform.softcap * torch.tanh(z / transform.softcap)
+        z = z * transform.inv_temperature
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return torch.where(labels != -100, logp, torch.zeros_like(logp))
+
+
+class _Allocations(TorchDispatchMode):
+    """The op names, shapes and dtypes of the tensors that factory ops (zeros, empty, full, ...) return."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
+        if name in ("zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like"):
+            if isinstance(out, torch.Tensor):
+                self.made.append((name, tuple(out.shape), out.dtype))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("tokens_per_chunk", [1, 3])
+def test_reference_pass_against_float64(backend, tokens_per_chunk, monkeypatch):
+    # forward_logps without a plan (it counts the labels itself): per-token log-probs of a biased,
+    # softcapped head with prompt and padding tokens ignored and one vocabulary entry masked (-inf bias:
+    # an allowed input, with a finite log-softmax) against float64 log_softmax of materialized logits
+    # (1e-12; float64 throughout). Pinned down too: the chunk is workspace // (8 B x V) tokens, down to
+    # one (every GEMM's rows); the pass runs on the backend it is given (the native fold is called only
+    # for backend="native"); and it allocates no gradient buffer ([V, H] or [V] or [R*T, H] zeros).
+    require_backend(backend, "cpu")
+    from expo_kernels.ops import epilogues as epi
+
+    hidden, _, weight, bias, labels = batch(seed=41, device="cpu")
+    bias = bias.clone()
+    bias[7] = -torch.inf
+    transform = LogitTransform(0.8, 2.5, 1.3)
+    gemm_rows, native_folds = [], []
+    real_logits_into, real_native_fold = engine.gemm.logits_into, epi.native_fold
+    monkeypatch.setattr(
+        engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real_logits_into(z, h, w)
+    )
+    monkeypatch.setattr(epi, "native_fold", lambda *a: native_folds.append(1) or real_native_fold(*a))
+    with ek.kernel_options(workspace_bytes=tokens_per_chunk * V * 8 + 7), _Allocations() as alloc:
+        logp = engine.forward_logps(
+            hidden, weight, bias, labels, ignore_index=-100, transform=transform, backend=backend
+        )
+    counted = int((labels != -100).sum())
+    assert gemm_rows == [tokens_per_chunk] * (counted // tokens_per_chunk) + [counted % tokens_per_chunk] * bool(
+        counted % tokens_per_chunk
+    )
+    assert bool(native_folds) == (backend == "native")
+    assert not [m for m in alloc.made if m[0] == "zeros" and m[1] in ((V, H), (V,), (2 * B * T, H))]
+    assert logp.dtype == torch.float64 and logp.shape == labels.shape
+    torch.testing.assert_close(logp, _float64_logp(hidden, weight, bias, labels, transform), rtol=1e-12, atol=1e-12)
+
+
+def _cuda_gemm_contract(monkeypatch):
+    """A 16-bit head's GEMM as on CUDA (float32 logits from 16-bit operands; the CPU has no such GEMM)."""
+    from expo_kernels.ops import gemm
+
+    monkeypatch.setattr(gemm, "logits_dtype", lambda dtype, device: torch.float64 if dtype == DT else torch.float32)
+    monkeypatch.setattr(gemm, "logits_into", lambda z, h, w: torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z))
+
+
+def test_reference_pass_of_a_16bit_head_takes_no_dz(monkeypatch):
+    # The reference pass has no backward: a bf16 head's token costs its float32 logits only (4 x 53 B, no
+    # bf16 dz), so a workspace of 3 x 212 B holds 3 tokens a chunk (2 if a dz were counted). Log-probs
+    # against float64 of the same bf16 inputs at 1e-5 (float32 logits of exact bf16 products).
+    _cuda_gemm_contract(monkeypatch)
+    hidden, _, weight, bias, labels = batch(seed=42, device="cpu")
+    hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    gemm_rows = []
+    real = engine.gemm.logits_into
+    monkeypatch.setattr(engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real(z, h, w))
+    with ek.kernel_options(workspace_bytes=3 * 4 * V):
+        logp = engine.forward_logps(
+            hidden, weight, bias, labels, ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch"
+        )
+    counted = int((labels != -100).sum())
+    assert gemm_rows == [3] * (counted // 3) + [counted % 3] * bool(counted % 3)
+    torch.testing.assert_close(logp.double(), _float64_logp(hidden, weight, bias, labels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("culprit", ["ref_hidden", "ref_weight", "ref_bias"])
+def test_reference_pass_names_a_non_finite_input(culprit):
+    # A NaN in the reference's hidden state (at a counted token) or head, or a +inf in its bias, is named
+    # as the reference's: the error says which input to look at.
+    hidden, _, weight, bias, labels = batch(seed=44, device="cpu")
+    t = {"ref_hidden": hidden, "ref_weight": weight, "ref_bias": bias}[culprit]
+    t.view(-1)[t.numel() - 1] = torch.inf if culprit == "ref_bias" else torch.nan
+    with pytest.raises(ValueError, match=f"^{culprit} contains NaN"):
+        engine.forward_logps(
+            hidden, weight, bias, labels, ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch"
+        )
+
+
+def _step(hidden, weight, bias, labels, loss, **kw):
+    kw = dict(ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), with_stats=False, backend="torch") | kw
+    return engine.run_pair_step(hidden, weight, bias, labels, loss_of_tokens=loss, need=(True, True, True), **kw)
+
+
+@pytest.mark.parametrize("rows", ["policy", "reference"])
+def test_an_overflow_is_named_in_policy_and_reference_rows(rows):
+    # Finite float32 inputs whose logits overflow (hidden 1e38: h . w exceeds 3.4e38) in the policy's rows,
+    # or only in the reference's rows of a shared head's stacked GEMM: the step refuses with the overflow
+    # message (naming the transform), before the non-finite results reach the loss.
+    hidden, ref_hidden, weight, bias, labels = (
+        t.float() if t.is_floating_point() else t for t in batch(seed=45, device="cpu")
+    )
+    weight = weight.abs() + 0.5
+    (hidden if rows == "policy" else ref_hidden)[:] = 1e38
+    plan = engine.plan_pairs(labels, -100, V, torch.float32, stacked=True)
+    with pytest.raises(ValueError, match="overflow the accumulation precision"):
+        _step(hidden, weight, bias, labels, lambda logp, p2, ref: (logp - ref).sum(), plan=plan, ref_hidden=ref_hidden)
+
+
+def test_a_masked_vocabulary_is_named_with_statistics():
+    # Every vocabulary entry masked (-inf bias) leaves no log-softmax; with statistics asked for, the step
+    # still names the masked vocabulary (not an overflow).
+    hidden, _, weight, bias, labels = batch(seed=46, device="cpu")
+    with pytest.raises(ValueError, match="every vocabulary entry is masked"):
+        _step(
+            hidden, weight, torch.full_like(bias, -torch.inf), labels, lambda logp, p2, ref: logp.sum(), with_stats=True
+        )
+
+
+def test_a_plan_of_the_other_kind_is_refused():
+    # A stacked plan (reference rows in each GEMM) for a step without a reference, or an unstacked plan
+    # for a step with one, would size the workspace wrongly: refused.
+    hidden, ref_hidden, weight, bias, labels = batch(seed=47, device="cpu")
+    loss = lambda logp, p2, ref: logp.sum()  # noqa: E731
+    for stacked, ref in ((True, None), (False, ref_hidden)):
+        plan = engine.plan_pairs(labels, -100, V, DT, stacked=stacked)
+        with pytest.raises(ValueError, match="stacked plan"):
+            _step(hidden, weight, bias, labels, loss, plan=plan, ref_hidden=ref)
+
+
+def _one_long_pair(counts, seed=48):
+    g = torch.Generator().manual_seed(seed)
+    steps = max(counts)
+    hidden = torch.randn(len(counts), steps, 2, generator=g, dtype=DT)
+    weight = torch.randn(V, 2, generator=g, dtype=DT)
+    labels = torch.randint(0, V, (len(counts), steps), generator=g)
+    for r, c in enumerate(counts):
+        labels[r, : steps - c] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize(
+    "counts,workspace,chunk",
+    [
+        ([3, 2], V * 8, 1),  # a workspace of one float64 token: chunks of 1 token
+        ([300, 0, 290, 0], 550 * V * 8, 512),  # 590 tokens, budget 550: chunks of chunk_tokens (512)
+    ],
+    ids=["one-token budget", "budget above chunk_tokens"],
+)
+def test_two_pass_token_chunks_and_the_row_constant_default(counts, workspace, chunk, monkeypatch):
+    # A pair longer than the workspace, with a loss whose gradient varies along a row and no row_constant
+    # given (the default: False): two passes of token chunks of min(budget, chunk_tokens, tokens) rows,
+    # and the gradients of float64 autograd through materialized logits (1e-10; float64 throughout).
+    hidden, weight, labels = _one_long_pair(counts)
+    mask = (labels != -100).double()
+    tw = _vary_along_rows(mask)
+    pairs = len(counts) // 2
+
+    def loss(logp):
+        return _dpo_with_sft(logp * tw, mask, pairs)
+
+    gemm_rows = []
+    real = engine.gemm.logits_into
+    monkeypatch.setattr(engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real(z, h, w))
+    with ek.kernel_options(workspace_bytes=workspace):
+        step = engine.run_pair_step(
+            hidden,
+            weight,
+            None,
+            labels,
+            ignore_index=-100,
+            transform=LogitTransform(1.0, None, 1.0),
+            with_stats=False,
+            loss_of_tokens=lambda logp, p2, ref: loss(logp),
+            backend="torch",
+            need=(True, True, False),
+        )
+    n = sum(counts)
+    assert gemm_rows == 2 * ([chunk] * (n // chunk) + [n % chunk] * bool(n % chunk))
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want_h, want_w = torch.autograd.grad(loss(_float64_logp(h64, w64, None, labels)), (h64, w64))
+    assert rel_err(step.d_hidden, want_h) < 1e-10
+    assert rel_err(step.d_weight, want_w) < 1e-10
+
+
+def test_a_chunk_of_pairs_without_tokens(monkeypatch):
+    # Pair 0 fills a chunk (512 counted tokens: chunk_tokens on the CPU), so pair 1, which counts no
+    # token, is a chunk of its own with no rows: its positions are empty, and the gradients are those of
+    # float64 autograd through materialized logits (1e-10).
+    hidden, weight, labels = _one_long_pair([300, 0, 212, 0])
+    mask = (labels != -100).double()
+    plan = engine.plan_pairs(labels, -100, V, DT)
+    assert plan.chunks == [(0, 1), (1, 2)]
+    step = _step(hidden, weight, None, labels, lambda logp, p2, ref: _dpo_with_sft(logp, mask, 2), plan=plan)
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = torch.autograd.grad(_dpo_with_sft(_float64_logp(h64, w64, None, labels), mask, 2), (h64, w64))
+    assert rel_err(step.d_hidden, want[0]) < 1e-10
+    assert rel_err(step.d_weight, want[1]) < 1e-10

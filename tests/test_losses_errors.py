@@ -334,6 +334,12 @@ def test_aggregate_errors():
         aggregate_pair_logps(lp[0], mask[0])
     with pytest.raises(ValueError, match="`log_sum_p2` must have the shape"):
         wpo_weights(lp, lp[:, :2], mask)
+    with pytest.raises(
+        ValueError, match=r"`per_token_logps` must be a floating-point tensor \(log-probs\); got dtype torch.int64"
+    ):
+        aggregate_pair_logps(lp.long(), mask)
+    with pytest.raises(ValueError, match="`log_sum_p2` must be a floating-point tensor"):
+        wpo_weights(lp, lp.long(), mask)
 
 
 @pytest.mark.parametrize(

@@ -202,3 +202,15 @@ def test_select_topk_orders_and_pads_candidates(k):
         ranked += [(-math.inf, state.TOPK_PAD_ID)] * max(0, k - len(ranked))
         assert got_v[r].tolist() == [v for v, _ in ranked[:k]], r
         assert got_i[r].tolist() == [i for _, i in ranked[:k]], r
+
+
+def test_select_topk_breaks_long_runs_of_ties_by_id():
+    # hundreds of candidates with tied values: ties go to the lower id, which needs a stable sort by value
+    # after the sort by id (torch's unstable CPU sort reorders equal keys from about 100 elements on)
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(0, 3, (4, 300), generator=g).double()
+    ids = torch.stack([torch.randperm(1000, generator=g)[:300] for _ in range(4)])
+    got_v, got_i = state.select_topk(values, ids, 150)
+    for r in range(4):
+        ranked = sorted(zip(values[r].tolist(), ids[r].tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:150]
+        assert got_v[r].tolist() == [v for v, _ in ranked] and got_i[r].tolist() == [i for _, i in ranked], r

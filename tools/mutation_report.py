@@ -97,20 +97,16 @@ def main() -> int:
     for module, c in sorted(by_module.items()):
         print(f"| {module} | {c['killed']} | {c['survived']} | {c['timeout']} | {c['no tests']} | {c['not checked']} |")
     print("\n## Survivors\n")
-    reasons: dict[str, list[str]] = defaultdict(list)
     for function, items in sorted(survivors.items()):
         print(f"### `{function}` ({len(items)})\n")
+        reasons: list[str] = []
         for name, diff, cls in items:
-            number = name.rsplit("_", 1)[1]
-            why = (
-                f" ({len(reasons[equivalent[name]]) and 'see above' or equivalent[name]})"
-                if cls == "equivalent"
-                else ""
-            )
-            if cls == "equivalent":
-                reasons[equivalent[name]].append(name)
             change = " / ".join(f"`{ln[1:].strip()}`" for ln in diff if ln.startswith("+"))[:300]
-            print(f"- {number} [{cls}]: {change}{why}")
+            print(f"- {name.rsplit('_', 1)[1]} [{cls}]: {change}")
+            if cls == "equivalent" and equivalent[name] not in reasons:
+                reasons.append(equivalent[name])
+        for why in reasons:
+            print("\n  Equivalent: " + " ".join(why.split()))
         print()
     return 0
 

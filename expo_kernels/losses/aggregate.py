@@ -41,7 +41,7 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 def _row_sums(values: Tensor, mask: Tensor) -> Tensor:
     """``[R]`` sums of ``values [R, T]`` over ``mask``, in :func:`sum_dtype` (the cast is differentiable:
     the gradient comes back in ``values``' dtype)."""
-    wide = values.to(sum_dtype(values.device)) if values.is_floating_point() else values
+    wide = values.to(sum_dtype(values.device))
     return torch.where(mask, wide, torch.zeros_like(wide)).sum(dim=1)
 
 
@@ -68,6 +68,8 @@ def _check(per_token_logps: Tensor, completion_mask: Tensor, name: str = "per_to
         raise ValueError(
             f"`{name}` must be a 2-D tensor [R, T]; got {getattr(per_token_logps, 'shape', per_token_logps)!r}."
         )
+    if not per_token_logps.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor (log-probs); got dtype {per_token_logps.dtype}.")
     if not isinstance(completion_mask, torch.Tensor) or completion_mask.shape != per_token_logps.shape:
         raise ValueError(
             f"`completion_mask` must have the shape of `{name}` {tuple(per_token_logps.shape)}; got "
@@ -96,6 +98,8 @@ def wpo_weights(per_token_logps: Tensor, log_sum_p2: Tensor, completion_mask: Te
             f"`log_sum_p2` must have the shape of `per_token_logps` {tuple(per_token_logps.shape)}; got "
             f"{tuple(getattr(log_sum_p2, 'shape', ()))}."
         )
+    if not log_sum_p2.is_floating_point():
+        raise ValueError(f"`log_sum_p2` must be a floating-point tensor; got dtype {log_sum_p2.dtype}.")
     if per_token_logps.shape[0] % 2:
         raise ValueError("a paired batch needs an even number of rows (chosen rows, then rejected rows).")
     with torch.no_grad():

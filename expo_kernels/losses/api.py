@@ -52,11 +52,16 @@ def check_loss_weights(loss_weights: Any, names: Sequence[str]) -> list[float]:
     return out
 
 
+def _is_bool(v: Any) -> bool:
+    """A Python or NumPy bool (NumPy 2 names its type ``bool``, NumPy 1 ``bool_``), without importing NumPy."""
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
 def _check_is_desirable(x: Any, n: int, device) -> Tensor:
     """``[N]`` bool, True = desirable. Integer 0/1 labels are accepted; floats are refused (``0.3``
     would silently count as True)."""
     if not isinstance(x, torch.Tensor):
-        if isinstance(x, (list, tuple)) and all(isinstance(v, bool) or type(v).__name__ == "bool_" for v in x):
+        if isinstance(x, (list, tuple)) and all(_is_bool(v) for v in x):
             x = torch.tensor([bool(v) for v in x], dtype=torch.bool)
         else:
             raise HParamTypeError(
@@ -131,7 +136,8 @@ def _scalar_or_vector(name: str, x: Any, n: int, like: Tensor, allowed: Sequence
         return x
     if x.dim() != 1 or x.shape[0] not in allowed:
         shapes = " or ".join(f"({k},)" for k in allowed)
-        raise ValueError(f"`{name}` must be a scalar or have shape {shapes}; got {tuple(x.shape)}.")
+        expected = f"a scalar or have shape {shapes}" if allowed else "a scalar"
+        raise ValueError(f"`{name}` must be {expected}; got {tuple(x.shape)}.")
     return x
 
 
