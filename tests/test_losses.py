@@ -615,6 +615,11 @@ def test_registry_covers_trl_and_extras():
     assert LOSSES["sigmoid"].requires_reference and not LOSSES["simpo"].requires_reference
     assert LOSSES["expo"].reference == "optional"
     assert LOSSES["ipo"].needs_lengths and LOSSES["orpo"].needs_nll and LOSSES["aot"].batch_coupled
+    # plain DPO normalizes by nothing and has no NLL term; every loss says what it computes
+    assert not LOSSES["sigmoid"].needs_lengths and not LOSSES["sigmoid"].needs_nll
+    assert not LOSSES["kto"].needs_lengths and not LOSSES["kto"].needs_nll
+    assert all(spec.description for spec in LOSSES.values())
+    assert LOSSES["sigmoid"].defaults["label_smoothing"] == 0.0
     assert LOSSES["sigmoid"].defaults["beta"] == 0.1
     assert LOSSES["discopop"].defaults["discopop_tau"] == 0.05
     assert LOSSES["simpo"].canonical("simpo_gamma") == "gamma"

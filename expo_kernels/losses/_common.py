@@ -151,13 +151,11 @@ F_DIV = HParam(
 F_ALPHA = HParam("f_alpha_divergence_coef", 0.5, "alpha of the alpha-divergence (TRL's name and default)", real)
 
 
-def label_smoothing(default: float = 0.0, *, low_open: bool = False, doc: str = "") -> HParam:
-    return HParam(
-        "label_smoothing",
-        default,
-        doc or "probability that a preference label is flipped (conservative DPO); in [0, 0.5)",
-        unit_interval(0.0, 0.5, low_open=low_open, high_open=True),
-    )
+def label_smoothing(
+    doc: str = "probability that a preference label is flipped (conservative DPO); in [0, 0.5)",
+) -> HParam:
+    """The ``label_smoothing`` hyperparameter (cDPO's eps, default 0) with a loss's own description."""
+    return HParam("label_smoothing", 0.0, doc, unit_interval(0.0, 0.5))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -141,19 +141,17 @@ def non_negative(value: Any) -> str | None:
     return None
 
 
-def unit_interval(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Callable:
-    """A number in an interval, e.g. ``unit_interval(0, 0.5)`` is ``[0, 0.5)``."""
-    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+def unit_interval(low: float, high: float, *, low_open: bool = False) -> Callable:
+    """A number in a half-open interval, e.g. ``unit_interval(0, 0.5)`` is ``[0, 0.5)``, ``low_open=True``
+    ``(0, 0.5)``."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g})"
 
     def check(value: Any) -> str | None:
         v = as_real(value)
-        if v is None or not math.isfinite(v):
-            return f"a number in {text}"
-        if v < low or (low_open and v == low) or v > high or (high_open and v == high):
+        if v is None or not math.isfinite(v) or v < low or (low_open and v == low) or v >= high:
             return f"a number in {text}"
         return None
 
-    check.__doc__ = f"A number in {text}."
     return _number_check(check)
 
 
@@ -166,7 +164,6 @@ def one_of(*choices: str) -> Callable:
             return f"one of {list(choices)}"
         return None
 
-    check.__doc__ = f"One of {list(choices)}."
     return _expects("str", check)
 
 
