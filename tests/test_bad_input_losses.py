@@ -627,3 +627,52 @@ def test_loss_weights_tensor_by_hand():
         z = beta * ((a - ca) - (b - rb))
         exp.append(2.0 * math.log1p(math.exp(-z)) + max(0.0, 1.0 - z))
     torch.testing.assert_close(got, torch.tensor(exp, dtype=DT), rtol=1e-12, atol=0)
+
+
+def _finite_pairs(n=3):
+    g = torch.Generator().manual_seed(21)
+    c = -torch.rand(n, generator=g, dtype=DT) * 5
+    return c, c - 1.0, c + 0.5, c - 0.5
+
+
+_NAN = torch.tensor([0.0, math.nan, 0.0], dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "name, extra, where",
+    [
+        ("sft", dict(chosen_nll=torch.tensor([1.0, math.inf, 1.0], dtype=DT)), "chosen_nll"),
+        ("odpo", dict(offset=torch.tensor([1.0, math.nan, 1.0], dtype=DT)), "offset"),
+        (
+            "expo",
+            dict(lam=0.1, kl_estimator="token", token_kl=torch.tensor([0.1, math.inf, 0.1], dtype=DT)),
+            "token_kl",
+        ),
+        (
+            "simpo",
+            dict(chosen_lengths=torch.tensor([2.0, math.nan, 3.0], dtype=DT), rejected_lengths=torch.full((3,), 2)),
+            "chosen_lengths",
+        ),
+        (
+            "simpo",
+            dict(chosen_lengths=torch.full((3,), 2), rejected_lengths=torch.tensor([2.0, 2.0, math.nan], dtype=DT)),
+            "rejected_lengths",
+        ),
+    ],
+)
+def test_a_non_finite_loss_names_the_paired_input(name, extra, where):
+    # the loss comes out NaN or inf because of one input (a NaN: an infinite log-prob or length can saturate to a
+    # finite loss): the error names that input
+    c, r, cr, rr = _finite_pairs()
+    with pytest.raises(ValueError, match=rf"`{where}` contains NaN or inf values \(the loss came out non-finite\)"):
+        preference_loss(name, c, r, cr, rr, **extra)
+
+
+@pytest.mark.parametrize("where", ["policy_logps", "ref_logps", "kl_logps", "ref_kl_logps"])
+def test_a_non_finite_kto_loss_names_the_unpaired_input(where):
+    pol, ref = torch.tensor([-1.0, -2.0, -3.0], dtype=DT), torch.tensor([-1.5, -2.5, -2.0], dtype=DT)
+    inputs = dict(policy_logps=pol, ref_logps=ref, kl_logps=pol - 0.1, ref_kl_logps=ref)
+    inputs[where] = inputs[where] + _NAN
+    lab = torch.tensor([True, False, True])
+    with pytest.raises(ValueError, match=rf"`{where}` contains NaN or inf values \(the loss came out non-finite\)"):
+        preference_loss("kto", is_desirable=lab, **inputs)
