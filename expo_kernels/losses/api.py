@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._common import F_DIVERGENCE_LOSSES, F_DIVERGENCE_TYPES, LossTerms, PreferenceBatch
-from .registry import HParamTypeError, LossSpec, as_real, checks_values, describe, get_loss_spec, loss_names
+from .registry import HParamTypeError, LossSpec, as_real, checks_values, describe, get_loss_spec, is_bool, loss_names
 
 Tensor = torch.Tensor
 Number = int | float
@@ -52,16 +52,11 @@ def check_loss_weights(loss_weights: Any, names: Sequence[str]) -> list[float]:
     return out
 
 
-def _is_bool(v: Any) -> bool:
-    """A Python or NumPy bool (NumPy 2 names its type ``bool``, NumPy 1 ``bool_``), without importing NumPy."""
-    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
-
-
 def _check_is_desirable(x: Any, n: int, device) -> Tensor:
     """``[N]`` bool, True = desirable. Integer 0/1 labels are accepted; floats are refused (``0.3``
     would silently count as True)."""
     if not isinstance(x, torch.Tensor):
-        if isinstance(x, (list, tuple)) and all(_is_bool(v) for v in x):
+        if isinstance(x, (list, tuple)) and all(is_bool(v) for v in x):
             x = torch.tensor([bool(v) for v in x], dtype=torch.bool)
         else:
             raise HParamTypeError(

@@ -41,6 +41,7 @@ __all__ = [
     "one_of",
     "real",
     "HParamTypeError",
+    "is_bool",
     "as_real",
     "describe",
 ]
@@ -79,13 +80,18 @@ def checks_values() -> bool:
 # Range checks. Each returns None when the value is valid, else the text "expected ..." used in the
 # ValueError raised by the spec.
 # --------------------------------------------------------------------------------------------------
+def is_bool(value: Any) -> bool:
+    """A Python or NumPy bool (NumPy names the type ``bool_`` before 2.0, ``bool`` since), without importing NumPy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def as_real(value: Any) -> float | None:
     """``value`` as a float when it is a real number, else None.
 
     Accepted: int / float (not bool), numpy real scalars and 0-dim real tensors. Strings are refused:
     ``float("0.1")`` would accept them, and a string reaching the math fails far from its cause.
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_ too
+    if is_bool(value):
         return None
     if isinstance(value, numbers.Real):
         return float(value)
