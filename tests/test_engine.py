@@ -772,10 +772,10 @@ def _long_pair_step(
     pairs, counts = len(chosen), list(chosen) + list(rejected)
     steps = max(counts)
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2 * pairs, steps, h_size, generator=g, dtype=DT).to(dtype)
-    weight = (torch.randn(V1, h_size, generator=g, dtype=DT) * 0.5).to(dtype)
-    b = (torch.randn(V1, generator=g, dtype=DT) * 0.5).to(dtype) if bias else None
-    labels = torch.randint(0, V1, (2 * pairs, steps), generator=g)
+    hidden = torch.randn(2 * pairs, steps, h_size, generator=g, dtype=DT, device="cpu").to(dtype)
+    weight = (torch.randn(V1, h_size, generator=g, dtype=DT, device="cpu") * 0.5).to(dtype)
+    b = (torch.randn(V1, generator=g, dtype=DT, device="cpu") * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V1, (2 * pairs, steps), generator=g, device="cpu")
     for r, c in enumerate(counts):
         labels[r, : steps - c] = -100  # the counted tokens at the end of the row
     mask = (labels != -100).double()
@@ -1102,9 +1102,9 @@ def test_a_plan_of_the_other_kind_is_refused():
 def _one_long_pair(counts, seed=48):
     g = torch.Generator().manual_seed(seed)
     steps = max(counts)
-    hidden = torch.randn(len(counts), steps, 2, generator=g, dtype=DT)
-    weight = torch.randn(V, 2, generator=g, dtype=DT)
-    labels = torch.randint(0, V, (len(counts), steps), generator=g)
+    hidden = torch.randn(len(counts), steps, 2, generator=g, dtype=DT, device="cpu")
+    weight = torch.randn(V, 2, generator=g, dtype=DT, device="cpu")
+    labels = torch.randint(0, V, (len(counts), steps), generator=g, device="cpu")
     for r, c in enumerate(counts):
         labels[r, : steps - c] = -100
     return hidden, weight, labels

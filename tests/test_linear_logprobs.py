@@ -330,7 +330,7 @@ def _reference_range_state(z, y, lo, hi):
     e = torch.exp(part - shift[:, None])
     finite = part > -math.inf
     moved = torch.where(finite, part - shift[:, None], torch.zeros_like(part))
-    cols = torch.arange(lo, hi)
+    cols = torch.arange(lo, hi, device="cpu")
     in_range = (cols[None, :] == y[:, None]).any(dim=1)
     z_label = torch.where(in_range, z.gather(1, y[:, None]).squeeze(1), torch.zeros_like(m))
     before = part.masked_fill(cols[None, :] >= y[:, None], -math.inf).amax(dim=1)
@@ -347,11 +347,11 @@ def _reference_range_state(z, y, lo, hi):
 
 def _ranged_logits(seed=0):
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(6, 20, generator=g, dtype=torch.float64) * 3
+    z = torch.randn(6, 20, generator=g, dtype=torch.float64, device="cpu") * 3
     z[0, 0] = 9.0  # a one-entry range holds the max
     z[1, 19] = -7.0  # a one-entry range far below the max
     z[2, 7:19] = -math.inf  # a fully masked range
-    y = torch.tensor([0, 19, 3, 6, 12, 6])
+    y = torch.tensor([0, 19, 3, 6, 12, 6], device="cpu")
     return z, y
 
 
@@ -411,8 +411,8 @@ def test_merged_token_kl_states_give_the_full_vocabulary_kl():
     # each range's cross term is taken about its own maxima; the merge moves it by (m_r - M_r) - (m_p - M_p),
     # weighted by the range's reference mass, also where the policy's range sum is exactly 1
     g = torch.Generator().manual_seed(2)
-    zp = torch.randn(5, 20, generator=g, dtype=torch.float64) * 2
-    zr = zp + torch.randn(5, 20, generator=g, dtype=torch.float64)
+    zp = torch.randn(5, 20, generator=g, dtype=torch.float64, device="cpu") * 2
+    zr = zp + torch.randn(5, 20, generator=g, dtype=torch.float64, device="cpu")
     zp[0, 0], zr[0, 6] = 8.0, 6.0  # the maxima sit in one-entry ranges, different ones per head
     states = [_reference_range_token_kl_state(zp, zr, lo, hi) for lo, hi in _RANGES]
     kl, lse_p, lse_r = ops.state.finalize_token_kl(ops.state.merge_token_kl_states(states))

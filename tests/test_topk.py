@@ -208,8 +208,8 @@ def test_select_topk_breaks_long_runs_of_ties_by_id():
     # hundreds of candidates with tied values: ties go to the lower id, which needs a stable sort by value
     # after the sort by id (torch's unstable CPU sort reorders equal keys from about 100 elements on)
     g = torch.Generator().manual_seed(7)
-    values = torch.randint(0, 3, (4, 300), generator=g).double()
-    ids = torch.stack([torch.randperm(1000, generator=g)[:300] for _ in range(4)])
+    values = torch.randint(0, 3, (4, 300), generator=g, device="cpu").double()
+    ids = torch.stack([torch.randperm(1000, generator=g, device="cpu")[:300] for _ in range(4)])
     got_v, got_i = state.select_topk(values, ids, 150)
     for r in range(4):
         ranked = sorted(zip(values[r].tolist(), ids[r].tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:150]
