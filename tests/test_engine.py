@@ -586,16 +586,7 @@ def test_16bit_d_weight_accumulates_in_float32_across_chunks(path, monkeypatch):
     is the CUDA pipeline: dz rounded to bf16, dH/dW GEMMs on bf16 operands. Measured: 1.6-1.8e-3
     normwise with float32 accumulation (the bf16 rounding of dz and of the result, as for d_hidden);
     8e-3 (pairs) and 1.2-1.5e-2 (token chunks) with a bf16 accumulator rounded once per chunk."""
-    from expo_kernels.ops import gemm
-
-    def logits_dtype(dtype, device):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    def logits_into(z, h, w):  # float32 products of bf16 operands are exact, as in cuBLAS
-        torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z)
-
-    monkeypatch.setattr(gemm, "logits_dtype", logits_dtype)
-    monkeypatch.setattr(gemm, "logits_into", logits_into)
+    _cuda_gemm_contract(monkeypatch)
     pairs, steps = (64, 8) if path == "a pair per chunk" else (1, 512)
     h_size, vocab = 32, 48
     g = torch.Generator().manual_seed(12)
@@ -750,6 +741,56 @@ def _dpo_with_sft(logp, mask, pairs):
     return torch.nn.functional.softplus(-0.5 * (s[:pairs] - s[pairs:])).sum() - 0.3 * s[:pairs].sum()
 
 
+def _float64_logp(hidden, weight, bias, labels, transform=None):
+    """Per-token log-probs ``[R, T]`` (0 at ignored tokens) from materialized float64 logits."""
+    z = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+    if transform is not None:
+        z = z * transform.logit_scale
+        if transform.softcap is not None:
+            z = transform.softcap * torch.tanh(z / transform.softcap)
+        z = z * transform.inv_temperature
+    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return torch.where(labels != -100, logp, torch.zeros_like(logp))
+
+
+class _Allocations(TorchDispatchMode):
+    """The op names, shapes and dtypes of the tensors that factory ops (zeros, empty, full, ...) return."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
+        if name in ("zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like"):
+            if isinstance(out, torch.Tensor):
+                self.made.append((name, tuple(out.shape), out.dtype))
+        return out
+
+
+def _cuda_gemm_contract(monkeypatch):
+    """A 16-bit head's GEMM as on CUDA (float32 logits from 16-bit operands; the CPU has no such GEMM)."""
+    from expo_kernels.ops import gemm
+
+    monkeypatch.setattr(gemm, "logits_dtype", lambda dtype, device: torch.float64 if dtype == DT else torch.float32)
+    monkeypatch.setattr(gemm, "logits_into", lambda z, h, w: torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z))
+
+
+def _step(hidden, weight, bias, labels, loss, *, need=(True, True, True), **kw):
+    """``engine.run_pair_step`` of a plain head (no transform, no statistics, torch backend unless ``kw`` says
+    otherwise); ``loss(logp, log_sum_p2, ref)`` is the loss of the per-token log-probs."""
+    kw = dict(ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), with_stats=False, backend="torch") | kw
+    return engine.run_pair_step(hidden, weight, bias, labels, loss_of_tokens=loss, need=need, **kw)
+
+
+def _record_gemm_rows(monkeypatch):
+    """The row count of every logits GEMM from now on (a list the caller reads)."""
+    rows, real = [], engine.gemm.logits_into
+    monkeypatch.setattr(engine.gemm, "logits_into", lambda z, h, w: rows.append(z.shape[0]) or real(z, h, w))
+    return rows
+
+
 def _long_pair_step(
     monkeypatch,
     chosen,
@@ -784,53 +825,26 @@ def _long_pair_step(
     def loss(logp, mask=mask):
         return _dpo_with_sft(logp * tw.to(logp.dtype), mask.to(logp.dtype), pairs)
 
-    gemm_rows = []
-    real_logits_into = engine.gemm.logits_into
-
-    def logits_into(z, h, w):
-        gemm_rows.append(z.shape[0])
-        real_logits_into(z, h, w)
-
-    monkeypatch.setattr(engine.gemm, "logits_into", logits_into)
-    buffers = _GradientBuffers((V1, h_size))
-    with ek.kernel_options(workspace_bytes=workspace), buffers:
-        step = engine.run_pair_step(
+    gemm_rows = _record_gemm_rows(monkeypatch)
+    with ek.kernel_options(workspace_bytes=workspace), _Allocations() as alloc:
+        step = _step(
             hidden,
             weight,
             b,
             labels,
-            ignore_index=-100,
-            transform=LogitTransform(1.0, None, 1.0),
-            with_stats=False,
-            loss_of_tokens=lambda logp, log_sum_p2, ref: loss(logp),
-            backend=backend,
+            lambda logp, log_sum_p2, ref: loss(logp),
             need=need,
+            backend=backend,
             row_constant=row_constant,
         )
+    gradient_buffers = sum(shape == (V1, h_size) and dt.is_floating_point for _, shape, dt in alloc.made)
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     b64 = None if b is None else b.double().requires_grad_()
-    logits = h64 @ w64.T + (0.0 if b64 is None else b64)
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logp = _float64_logp(h64, w64, b64, labels)
     wanted = [t for t, n in zip((h64, w64, b64), need, strict=True) if n and t is not None]
     want = iter(torch.autograd.grad(loss(logp), wanted))
     want = [next(want) if n and t is not None else None for t, n in zip((h64, w64, b64), need, strict=True)]
-    return step, gemm_rows, buffers.count, want
-
-
-class _GradientBuffers(TorchDispatchMode):
-    """Counts the floating-point tensors of one shape that factory ops (zeros, empty, *_like) return."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.shape, self.count = torch.Size(shape), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
-        if name in ("zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like"):
-            if isinstance(out, torch.Tensor) and out.shape == self.shape and out.is_floating_point():
-                self.count += 1
-        return out
+    return step, gemm_rows, gradient_buffers, want
 
 
 def _vary_along_rows(mask):
@@ -886,16 +900,7 @@ def test_one_pass_long_pair_of_a_16bit_head_against_float64(monkeypatch):
     # rows are scaled in float32 and written back in bf16; d_weight's partials accumulate dz upcast
     # through the chunk's float32 logits. Against float64 of the same bf16 inputs: 5e-3 normwise (the
     # bf16 rounding of dz and of the results, as in that test; measured 1.8e-3 to 3.2e-3).
-    from expo_kernels.ops import gemm
-
-    def logits_dtype(dtype, device):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    def logits_into(z, h, w):  # float32 products of bf16 operands are exact, as in cuBLAS
-        torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z)
-
-    monkeypatch.setattr(gemm, "logits_dtype", logits_dtype)
-    monkeypatch.setattr(gemm, "logits_into", logits_into)
+    _cuda_gemm_contract(monkeypatch)
     step, rows, made, want = _long_pair_step(
         monkeypatch, [12], [12], h_size=4, need=(True, True, True), bias=True, workspace=2226, dtype=torch.bfloat16
     )
@@ -954,34 +959,6 @@ def test_one_pass_long_pair_checks_that_the_loss_is_row_constant(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def _float64_logp(hidden, weight, bias, labels, transform=None):
-    """Per-token log-probs ``[R, T]`` (0 at ignored tokens) from materialized float64 logits."""
-    z = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
-    if transform is not None:
-        z = z * transform.logit_scale
-        if transform.softcap is not None:
-            z = transform.softcap * torch.tanh(z / transform.softcap)
-        z = z * transform.inv_temperature
-    logp = torch.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return torch.where(labels != -100, logp, torch.zeros_like(logp))
-
-
-class _Allocations(TorchDispatchMode):
-    """The op names, shapes and dtypes of the tensors that factory ops (zeros, empty, full, ...) return."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func).split(".")[1] if str(func).startswith("aten.") else ""
-        if name in ("zeros", "zeros_like", "empty", "empty_like", "new_zeros", "new_empty", "full", "full_like"):
-            if isinstance(out, torch.Tensor):
-                self.made.append((name, tuple(out.shape), out.dtype))
-        return out
-
-
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("tokens_per_chunk", [1, 3])
 def test_reference_pass_against_float64(backend, tokens_per_chunk, monkeypatch):
@@ -998,11 +975,8 @@ def test_reference_pass_against_float64(backend, tokens_per_chunk, monkeypatch):
     bias = bias.clone()
     bias[7] = -torch.inf
     transform = LogitTransform(0.8, 2.5, 1.3)
-    gemm_rows, native_folds = [], []
-    real_logits_into, real_native_fold = engine.gemm.logits_into, epi.native_fold
-    monkeypatch.setattr(
-        engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real_logits_into(z, h, w)
-    )
+    gemm_rows, native_folds = _record_gemm_rows(monkeypatch), []
+    real_native_fold = epi.native_fold
     monkeypatch.setattr(epi, "native_fold", lambda *a: native_folds.append(1) or real_native_fold(*a))
     with ek.kernel_options(workspace_bytes=tokens_per_chunk * V * 8 + 7), _Allocations() as alloc:
         logp = engine.forward_logps(
@@ -1018,14 +992,6 @@ def test_reference_pass_against_float64(backend, tokens_per_chunk, monkeypatch):
     torch.testing.assert_close(logp, _float64_logp(hidden, weight, bias, labels, transform), rtol=1e-12, atol=1e-12)
 
 
-def _cuda_gemm_contract(monkeypatch):
-    """A 16-bit head's GEMM as on CUDA (float32 logits from 16-bit operands; the CPU has no such GEMM)."""
-    from expo_kernels.ops import gemm
-
-    monkeypatch.setattr(gemm, "logits_dtype", lambda dtype, device: torch.float64 if dtype == DT else torch.float32)
-    monkeypatch.setattr(gemm, "logits_into", lambda z, h, w: torch.mm(h.to(z.dtype), w.to(z.dtype).T, out=z))
-
-
 def test_reference_pass_of_a_16bit_head_takes_no_dz(monkeypatch):
     # The reference pass has no backward: a bf16 head's token costs its float32 logits only (4 x 53 B, no
     # bf16 dz), so a workspace of 3 x 212 B holds 3 tokens a chunk (2 if a dz were counted). Log-probs
@@ -1033,9 +999,7 @@ def test_reference_pass_of_a_16bit_head_takes_no_dz(monkeypatch):
     _cuda_gemm_contract(monkeypatch)
     hidden, _, weight, bias, labels = batch(seed=42, device="cpu")
     hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
-    gemm_rows = []
-    real = engine.gemm.logits_into
-    monkeypatch.setattr(engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real(z, h, w))
+    gemm_rows = _record_gemm_rows(monkeypatch)
     with ek.kernel_options(workspace_bytes=3 * 4 * V):
         logp = engine.forward_logps(
             hidden, weight, bias, labels, ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch"
@@ -1056,11 +1020,6 @@ def test_reference_pass_names_a_non_finite_input(culprit):
         engine.forward_logps(
             hidden, weight, bias, labels, ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch"
         )
-
-
-def _step(hidden, weight, bias, labels, loss, **kw):
-    kw = dict(ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), with_stats=False, backend="torch") | kw
-    return engine.run_pair_step(hidden, weight, bias, labels, loss_of_tokens=loss, need=(True, True, True), **kw)
 
 
 @pytest.mark.parametrize("rows", ["policy", "reference"])
@@ -1130,22 +1089,9 @@ def test_two_pass_token_chunks_and_the_row_constant_default(counts, workspace, c
     def loss(logp):
         return _dpo_with_sft(logp * tw, mask, pairs)
 
-    gemm_rows = []
-    real = engine.gemm.logits_into
-    monkeypatch.setattr(engine.gemm, "logits_into", lambda z, h, w: gemm_rows.append(z.shape[0]) or real(z, h, w))
+    gemm_rows = _record_gemm_rows(monkeypatch)
     with ek.kernel_options(workspace_bytes=workspace):
-        step = engine.run_pair_step(
-            hidden,
-            weight,
-            None,
-            labels,
-            ignore_index=-100,
-            transform=LogitTransform(1.0, None, 1.0),
-            with_stats=False,
-            loss_of_tokens=lambda logp, p2, ref: loss(logp),
-            backend="torch",
-            need=(True, True, False),
-        )
+        step = _step(hidden, weight, None, labels, lambda logp, p2, ref: loss(logp), need=(True, True, False))
     n = sum(counts)
     assert gemm_rows == 2 * ([chunk] * (n // chunk) + [n % chunk] * bool(n % chunk))
     h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

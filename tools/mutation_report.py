@@ -28,7 +28,7 @@ import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mutation_import_time import IMPORT_TIME
+from mutation_import_time import IMPORT_TIME, function_of
 
 EQUIVALENT = Path("docs/mutation-equivalent.toml")
 FRESH_IMPORT = Path("mutants/import-time.json")
@@ -57,10 +57,6 @@ def classify(name: str, diff: list[str], equivalent: dict[str, str]) -> str:
     if function_of(name) in IMPORT_TIME:
         return "import-time"
     return "open"
-
-
-def function_of(name: str) -> str:
-    return re.sub(r"__mutmut_\d+$", "", name)
 
 
 def main() -> int:
