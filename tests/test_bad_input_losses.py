@@ -9,6 +9,7 @@ check their own options before TRL's ``__init__`` does any work).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -676,3 +677,26 @@ def test_a_non_finite_kto_loss_names_the_unpaired_input(where):
     lab = torch.tensor([True, False, True])
     with pytest.raises(ValueError, match=rf"`{where}` contains NaN or inf values \(the loss came out non-finite\)"):
         preference_loss("kto", is_desirable=lab, **inputs)
+
+
+def test_a_nan_kl_tensor_is_named():
+    # a tensor `kl` is not looked into before the loss runs (it may live on an accelerator): the NaN it
+    # carries into KTO's loss is named afterwards
+    pol, ref = torch.tensor([-1.0, -2.0], dtype=DT), torch.tensor([-1.5, -2.5], dtype=DT)
+    lab = torch.tensor([True, False])
+    with pytest.raises(ValueError, match=r"^`kl` contains NaN or inf values \(the loss came out non-finite\)\.$"):
+        preference_loss("kto", policy_logps=pol, ref_logps=ref, is_desirable=lab, kl=torch.tensor(math.nan, dtype=DT))
+
+
+@pytest.mark.parametrize(
+    "name, shown", [("sppo_hard", "'sppo_hard'"), (["sppo_hard", "sigmoid"], "['sppo_hard', 'sigmoid']")]
+)
+def test_an_overflow_from_finite_inputs_names_the_losses_and_hyperparameters(name, shown):
+    # SPPO-hard squares the log-ratio: 1e20 squared overflows float32 although every input is finite
+    c, zero = torch.tensor([1e20, 0.0]), torch.zeros(2)
+    want = (
+        f"Loss {shown} came out non-finite from finite inputs: it overflowed the torch.float32 range; check the "
+        "scale of the log-probs and the hyperparameters {'beta': 0.5}."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        preference_loss(name, c, zero, zero, zero, beta=0.5)

@@ -421,3 +421,15 @@ def test_merged_token_kl_states_give_the_full_vocabulary_kl():
     torch.testing.assert_close(kl, (log_q.exp() * (log_q - log_p)).sum(1), **tol)
     torch.testing.assert_close(lse_p, torch.logsumexp(zp, 1), **tol)
     torch.testing.assert_close(lse_r, torch.logsumexp(zr, 1), **tol)
+
+
+def test_torch_to_dz_caps_probabilities_at_one():
+    # a logit recomputed by a GEMM of another shape can round a few ulps above the lse the forward found: the
+    # probability exp(z - lse) is capped at 1 there (a hand-made lse 0.5 below the largest logit shows it)
+    z = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64, device="cpu")
+    lse = torch.tensor([1.5], dtype=torch.float64, device="cpu")
+    ops.epilogues.torch_to_dz(
+        z, torch.tensor([1], device="cpu"), lse, torch.ones(1, dtype=torch.float64, device="cpu"), ops.LogitTransform()
+    )
+    want = [-1.0, 1.0 - math.exp(-1.5), -math.exp(-2.5)]
+    torch.testing.assert_close(z, torch.tensor([want], dtype=torch.float64, device="cpu"), rtol=1e-15, atol=0)

@@ -18,6 +18,7 @@ from expo_kernels.losses import (
     sequence_logps,
     wpo_weights,
 )
+from expo_kernels.losses.aggregate import sum_dtype
 
 DT = torch.float64
 B = 6
@@ -921,3 +922,60 @@ def test_batch_nll_is_the_token_mean_at_one_or_no_token(counts):
     nll = -c.sum() / max(1, sum(counts))
     want = (-F.logsigmoid(0.1 * (c - r))).mean() + nll
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_f_divergence_scores_use_float64s_exponent_range():
+    # float64 log-ratios keep exp up to float64's limit (exp(700)), not float32's (exp(80)): a chosen log-ratio
+    # of -100 (forward KL: score 1 - exp(100)) and a rejected one of 400 (alpha = 1.5: (exp(200) - 1) / 0.5)
+    z = torch.zeros(1, dtype=DT)
+
+    def loss(kind, uc, ur):
+        c, r = torch.full((1,), uc, dtype=DT), torch.full((1,), ur, dtype=DT)
+        return preference_loss("sigmoid", c, r, z, z, beta=0.1, f_divergence_type=kind, f_alpha_divergence_coef=1.5)
+
+    # -log sigma(beta * (sc - sr)) at a margin of -x, x ~ 1e42 or 1e86: x (log1p(exp(-x)) is 0 in float64)
+    assert loss("forward_kl", -100.0, 0.0).item() == pytest.approx(0.1 * math.expm1(100.0), rel=1e-12)
+    assert loss("alpha_divergence", 0.0, 400.0).item() == pytest.approx(0.1 * 2 * math.expm1(200.0), rel=1e-12)
+
+
+def test_alpha_divergence_exp_of_16_bit_log_ratios_is_taken_in_float32():
+    # u = 5/256 (exact in bfloat16), alpha = 0.5: t = -u/2 and exp(t) - 1 = -0.00972; rounded to bfloat16 first,
+    # exp(t) = 0.99219 and the score would come out 0.0156 instead of 0.0194 (20% off)
+    c = torch.tensor([-0.5], dtype=torch.bfloat16)
+    cr = torch.tensor([-0.51953125], dtype=torch.bfloat16)
+    r = torch.tensor([-1.0], dtype=torch.bfloat16)
+    got = preference_loss("sigmoid", c, r, cr, r, beta=100.0, f_divergence_type="alpha_divergence")
+    assert got.dtype == torch.bfloat16
+    u = 0.01953125
+    score = math.expm1(-0.5 * u) / -0.5
+    want = math.log1p(math.exp(-100.0 * score))  # -log sigma(beta * (score - 0))
+    assert got.item() == pytest.approx(want, rel=2**-6)  # a few bfloat16 roundings of ~2^-9 each
+
+
+def test_sum_dtype_is_float64_except_on_mps():
+    # a device without float64 arithmetic (MPS) sums in float32; every other one in float64 (a device object
+    # needs no such device present)
+    assert sum_dtype(torch.device("mps")) == torch.float32
+    assert sum_dtype(torch.device("cpu")) == torch.float64
+    assert sum_dtype(torch.device("cuda", 0)) == torch.float64
+
+
+@pytest.mark.parametrize("chosen_mask, nll", [([[1, 0], [0, 0]], 1.5), ([[0, 0], [0, 0]], 0.0)])
+def test_aggregate_nll_at_one_or_no_chosen_token(chosen_mask, nll):
+    # the batch NLL divides by the chosen token count taken as at least 1: one token gives its own -log p
+    lp = torch.tensor([[-1.5, -2.0], [-0.25, -1.0], [-3.0, -4.0], [-5.0, -6.0]], dtype=DT)
+    mask = torch.tensor([*chosen_mask, [1, 1], [1, 0]])
+    assert aggregate_pair_logps(lp, mask).chosen_nll.item() == nll
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "cpo"])
+def test_a_margin_past_float32s_range_gives_a_zero_loss(name):
+    # log-ratios of +-3e38 are finite float32 numbers whose difference is not: -log sigma(+inf) = 0 (float64's
+    # value, log1p(exp(-6e37))), where the cDPO smoothing term, 0 * log sigma(-inf), would be NaN at eps = 0
+    c, r, zero = torch.full((1,), 3e38), torch.full((1,), -3e38), torch.zeros(1)
+    one = torch.ones(1, dtype=torch.long)
+    if name == "cpo":
+        got = preference_loss("cpo", c, r, cpo_alpha=0.0, chosen_lengths=one, rejected_lengths=one)
+    else:
+        got = preference_loss("sigmoid", c, r, zero, zero)
+    assert got.item() == 0.0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from expo_kernels.losses import aggregate_pair_logps, preference_loss, preference_loss_and_metrics, wpo_weights
+from expo_kernels.losses import LOSSES, aggregate_pair_logps, preference_loss, preference_loss_and_metrics, wpo_weights
 from expo_kernels.losses.registry import HParamTypeError
 
 DT = torch.float64
@@ -103,7 +106,12 @@ def test_unknown_hyperparameter_typo():
 @pytest.mark.parametrize("name", ["sigmoid", "ipo", "nca_pair", "aot", "apo_zero", "rpo", "odpo"])
 def test_missing_reference(name):
     c, r, _, _ = _x()
-    with pytest.raises(ValueError, match=rf"Loss '{name}' needs the reference model's log-probs"):
+    # the whole message (a loss that says why it needs them adds it before the full stop)
+    want = (
+        f"Loss '{name}' needs the reference model's log-probs: pass `ref_chosen_logps` and `ref_rejected_logps` "
+        "(shape [B], summed over completion tokens)."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
         preference_loss(name, c, r, offset=0.1, **LENS) if name == "odpo" else preference_loss(name, c, r, **LENS)
 
 
@@ -388,3 +396,47 @@ def test_wrong_type_follows_the_check_then_the_default():
         with pytest.raises(ValueError, match=f"`{hparam.name}` must be .*; got {type(value).__name__} ") as info:
             hparam.validate("toy", value)
         assert isinstance(info.value, HParamTypeError) is wrong_type, (hparam, value)
+
+
+@pytest.mark.parametrize(
+    "bad,hint",
+    [
+        # similarity ratio (difflib) 0.857 for 'odpo', 0.667 for 'rpo', 'ipo', 'cpo', ...: the closest three, in order
+        ("dpo", "Did you mean 'odpo' or 'rpo' or 'ipo'?"),
+        # 'nca_pair' at ratio 0.545: above the cutoff of 0.5 (difflib's own default, 0.6, would drop it)
+        ("nca", "Did you mean 'nca_pair'?"),
+    ],
+)
+def test_unknown_name_hint_lists_at_most_three_names_above_half_similarity(bad, hint):
+    c, r, cr, rr = _x()
+    with pytest.raises(ValueError, match=rf"^Unknown preference loss '{bad}'\. {re.escape(hint)} Known losses: \["):
+        preference_loss(bad, c, r, cr, rr)
+
+
+def test_a_one_name_list_is_that_loss():
+    c, r, cr, rr = _x()
+    want = preference_loss("sigmoid", c, r, cr, rr, beta=0.3)
+    for name in (["sigmoid"], ("sigmoid",)):
+        assert torch.equal(preference_loss(name, c, r, cr, rr, beta=0.3), want)
+
+
+@pytest.mark.parametrize(
+    "hp,message",
+    [
+        (dict(beta=-1.0), "hyperparameter `beta` must be a finite number > 0; got float -1.0."),
+        (dict(label_smoothing=0.7), "hyperparameter `label_smoothing` must be a number in [0, 0.5); got float 0.7."),
+    ],
+)
+def test_a_bad_hyperparameter_value_names_the_loss(hp, message):
+    c, r, cr, rr = _x()
+    with pytest.raises(ValueError, match=rf"^Loss 'sigmoid': {re.escape(message)}$"):
+        preference_loss("sigmoid", c, r, cr, rr, **hp)
+
+
+def test_resolved_numbers_are_python_floats():
+    # numbers of any kind (int, NumPy scalars) reach the losses as Python floats; strings stay as given
+    spec = LOSSES["sigmoid"]
+    got = spec.resolve({"beta": np.float32(0.25), "label_smoothing": 0, "f_divergence_type": "forward_kl"})
+    assert type(got["beta"]) is float and got["beta"] == 0.25
+    assert type(got["label_smoothing"]) is float and got["label_smoothing"] == 0.0
+    assert got["f_divergence_type"] == "forward_kl"

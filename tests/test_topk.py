@@ -214,3 +214,18 @@ def test_select_topk_breaks_long_runs_of_ties_by_id():
     for r in range(4):
         ranked = sorted(zip(values[r].tolist(), ids[r].tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:150]
         assert got_v[r].tolist() == [v for v, _ in ranked] and got_i[r].tolist() == [i for _, i in ranked], r
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_finalized_state_carries_the_top_k(with_stats):
+    # the ops layer's contract (ops/state.py): a state folded with topk=k keeps its k best logits and ids through
+    # finalize_logprobs, with or without the statistics
+    hidden, weight, labels, _ = make_inputs(9, 16, 100, "cpu", torch.float64)
+    labels = labels.clamp(min=0)
+    part = torch_backend.forward_partial(
+        hidden.detach(), weight.detach(), None, labels, LogitTransform(), with_stats, topk=4
+    )
+    out = state.finalize_logprobs(part, 100)
+    want_v, want_i = reference_topk(hidden, weight, None, labels, 4)
+    assert torch.equal(out.topk_indices, want_i)
+    torch.testing.assert_close(out.topk_values, want_v, rtol=1e-12, atol=1e-12)

@@ -197,8 +197,7 @@ def f_divergence_scores(u: Tensor, kind: str, coef: float) -> Tensor:
 def scores(batch: PreferenceBatch, loss: str, hp: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(chosen_logratios, rejected_logratios, chosen_scores, rejected_scores)``."""
     hc, hr = batch.logratios(loss)
-    kind = hp.get("f_divergence_type", "reverse_kl")
-    coef = hp.get("f_alpha_divergence_coef", 0.5)
+    kind, coef = hp["f_divergence_type"], hp["f_alpha_divergence_coef"]  # every caller declares both (_FDIV)
     return hc, hr, f_divergence_scores(hc, kind, coef), f_divergence_scores(hr, kind, coef)
 
 

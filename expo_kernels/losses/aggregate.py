@@ -104,9 +104,9 @@ def wpo_weights(per_token_logps: Tensor, log_sum_p2: Tensor, completion_mask: Te
         raise ValueError("a paired batch needs an even number of rows (chosen rows, then rejected rows).")
     with torch.no_grad():
         aligned = _row_sums(per_token_logps - log_sum_p2, mask)
-        lengths = mask.sum(dim=1).clamp(min=1).to(aligned.dtype)
+        lengths = mask.sum(dim=1).clamp(min=1)  # an integer count: the division promotes it exactly
         w = torch.exp(aligned / lengths)
-        wc, wr = w.chunk(2, dim=0)
+        wc, wr = w.chunk(2)
         return (wc * wr).to(per_token_logps.dtype)
 
 
@@ -149,16 +149,16 @@ def aggregate_pair_logps(
                 f"shorter response); got {ld_alpha!r}."
             )
         pos = mask.long().cumsum(dim=1)  # 1-based index of each completion token within its completion
-        lc, lr = lengths.chunk(2, dim=0)
+        lc, lr = lengths.chunk(2)
         shared = torch.minimum(lc, lr).repeat(2).unsqueeze(1)
         shared_mask = mask & (pos <= shared)
         tail_mask = mask & (pos > shared)
         logps = torch.where(shared_mask, masked, zeros).sum(dim=1) + ld_alpha * torch.where(
             tail_mask, masked, zeros
         ).sum(dim=1)
-    chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-    chosen_lengths, rejected_lengths = lengths.chunk(2, dim=0)
+    chosen_logps, rejected_logps = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
     b = rows // 2
-    chosen_nll = -masked[:b].sum() / chosen_lengths.sum().clamp(min=1).to(masked.dtype)
+    chosen_nll = -masked[:b].sum() / chosen_lengths.sum().clamp(min=1)
     weights = None if log_sum_p2 is None else wpo_weights(per_token_logps, log_sum_p2, completion_mask)
     return PairedLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll, weights)

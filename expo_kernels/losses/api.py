@@ -117,7 +117,7 @@ def _vector(name: str, x: Any, n: int) -> Tensor:
     return x
 
 
-def _scalar_or_vector(name: str, x: Any, n: int, like: Tensor, allowed: Sequence[int]) -> Tensor:
+def _scalar_or_vector(name: str, x: Any, like: Tensor, allowed: Sequence[int]) -> Tensor:
     if not isinstance(x, torch.Tensor):
         v = as_real(x)
         if v is None:
@@ -237,9 +237,9 @@ def _build_batch(
         rr = _float_vector("ref_rejected_logps", ref_rejected_logps, n)
     lc = None if chosen_lengths is None else _vector("chosen_lengths", chosen_lengths, n)
     lr = None if rejected_lengths is None else _vector("rejected_lengths", rejected_lengths, n)
-    nll = None if chosen_nll is None else _scalar_or_vector("chosen_nll", chosen_nll, n, c, (n,))
-    off = None if offset is None else _scalar_or_vector("offset", offset, n, c, (n,))
-    tk = None if token_kl is None else _scalar_or_vector("token_kl", token_kl, n, c, (n, 2 * n))
+    nll = None if chosen_nll is None else _scalar_or_vector("chosen_nll", chosen_nll, c, (n,))
+    off = None if offset is None else _scalar_or_vector("offset", offset, c, (n,))
+    tk = None if token_kl is None else _scalar_or_vector("token_kl", token_kl, c, (n, 2 * n))
     return PreferenceBatch(
         chosen=c,
         rejected=r,
@@ -311,7 +311,7 @@ def _build_unpaired(
     if kl is not None:
         if kl_logps is not None:
             raise ValueError("Pass either `kl` or `kl_logps`/`ref_kl_logps`, not both.")
-        batch.kl = _scalar_or_vector("kl", kl, 1, like, ())
+        batch.kl = _scalar_or_vector("kl", kl, like, ())
     return batch
 
 

@@ -328,7 +328,7 @@ def get_loss_spec(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(LOSSES), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(LOSSES), cutoff=0.5)  # at most 3 (the default n)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"Unknown preference loss {name!r}.{hint} Known losses: {sorted(LOSSES)}.") from None
 
