@@ -1,7 +1,7 @@
 """Summarize a mutmut run as Markdown: the score, per-module counts, and every survivor grouped by
 function with its class.
 
-    mutmut run --max-children 2 && python tools/mutation_import_time.py
+    mutmut run --max-children 2 && python tools/mutation_recheck.py
     python tools/mutation_report.py > report.md
 
 The classes are rules on a survivor's function and diff, or entries of ``docs/mutation-equivalent.toml``,
@@ -11,11 +11,12 @@ written down so that each can be checked:
 * ``device``: a ``device=`` argument removed or set to None (or ``.to(device)`` made ``.to(None)``);
   on a CPU-only machine every tensor is on the CPU either way (equivalent here). The GPU session's
   tests see them.
-* ``import-time``: the function runs while the package is imported (``tools/mutation_import_time.py``
+* ``import-time``: the function runs while the package is imported (``tools/mutation_recheck.py``
   re-checks these in a fresh interpreter); a survivor of that pass too.
 * ``open``: none of the above: a missing test, or an equivalent mutant not yet argued.
 
-Survivors that ``tools/mutation_import_time.py`` killed count as killed.
+Survivors that ``tools/mutation_recheck.py`` killed (import-time code in a fresh interpreter, Triton-only
+code with the Triton-interpreter tests) count as killed.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mutation_import_time import IMPORT_TIME, function_of
+from mutation_recheck import IMPORT_TIME, function_of
 
 EQUIVALENT = Path("docs/mutation-equivalent.toml")
-FRESH_IMPORT = Path("mutants/import-time.json")
+FRESH_IMPORT = Path("mutants/recheck.json")
 
 
 def load_equivalent() -> dict[str, str]:
@@ -85,7 +86,7 @@ def main() -> int:
     killed = total["killed"] + total["timeout"]
     if decided:
         print(f"\nScore (killed or timed out / checked): {killed} / {decided} = {killed / decided:.1%}")
-        print(f"(of the killed, {len(killed_fresh)} by tools/mutation_import_time.py in a fresh interpreter)")
+        print(f"(of the killed, {len(killed_fresh)} by tools/mutation_recheck.py in a fresh interpreter)")
         real = decided - classes["equivalent"] - classes["device"]
         print(f"Without the survivors explained as equivalent (here): {killed} / {real} = {killed / real:.1%}")
     print("\nSurvivors by class: " + ", ".join(f"{c} {n}" for c, n in sorted(classes.items())))

@@ -1,14 +1,20 @@
-"""Re-check mutmut's survivors in code that runs at import time, each in a fresh interpreter.
+"""Re-check mutmut's survivors that the run itself cannot see die, each in a fresh interpreter.
 
-mutmut switches a mutant on in a worker forked from a server that has already imported the package
-(it collects the tests before forking), so a mutant in code that runs while the package is imported
-(loss registration, the hyperparameter checks it builds, a decorator) is never active when a test
-runs: it always "survives". This pass runs each such survivor's tests in a new interpreter with
-``MUTANT_UNDER_TEST`` set, whose import of the package runs the mutated code, and writes the verdicts
-to ``mutants/import-time.json`` (``tools/mutation_report.py`` reads them; mutmut's own records are left
-as they are).
+Two kinds:
 
-    mutmut run --max-children 2 && python tools/mutation_import_time.py
+* code that runs at import time. mutmut switches a mutant on in a worker forked from a server that has
+  already imported the package (it collects the tests before forking), so a mutant in code that runs
+  while the package is imported (loss registration, the hyperparameter checks it builds, a decorator)
+  is never active when a test runs: it always "survives". A new interpreter with ``MUTANT_UNDER_TEST``
+  set imports the mutated code.
+* code whose effect only the Triton provider sees (its epilogues take the bias and the transform
+  themselves). The run leaves the Triton-interpreter tests out (``-k "not triton"``: they are slow);
+  here each survivor of those functions runs the Triton tests of its module.
+
+The verdicts go to ``mutants/recheck.json`` (``tools/mutation_report.py`` reads them; mutmut's own
+records are left as they are).
+
+    mutmut run --max-children 2 && python tools/mutation_recheck.py
 """
 
 from __future__ import annotations
@@ -41,7 +47,15 @@ IMPORT_TIME: dict[str, tuple[str, ...]] = {
     ),
 }
 
-RESULTS = Path("mutants/import-time.json")
+# function -> the Triton-interpreter tests that run it with the Triton provider's epilogues
+TRITON_ONLY: dict[str, tuple[str, ...]] = {
+    "expo_kernels.ops.epilogues.x_epilogues": ("tests/test_engine.py", "-k", "triton"),
+    "expo_kernels.engine.xǁ_Headǁbackward": ("tests/test_engine.py", "-k", "triton"),
+    "expo_kernels.engine.xǁ_Headǁbackward_unscaled": ("tests/test_engine.py", "-k", "triton"),
+}
+RECHECK = {**IMPORT_TIME, **TRITON_ONLY}
+
+RESULTS = Path("mutants/recheck.json")
 TIMEOUT_S = 600
 
 
@@ -52,7 +66,7 @@ def function_of(mutant: str) -> str:
 def survivors() -> list[str]:
     out = subprocess.run(["mutmut", "results"], capture_output=True, text=True, check=True).stdout
     names = [line.strip().rsplit(": ", 1)[0] for line in out.splitlines() if line.strip().endswith(": survived")]
-    return [n for n in names if function_of(n) in IMPORT_TIME]
+    return [n for n in names if function_of(n) in RECHECK]
 
 
 def main() -> int:
@@ -85,7 +99,7 @@ def main() -> int:
             reap(block=False)
             time.sleep(0.2)
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-        cmd += list(IMPORT_TIME[function_of(name)])
+        cmd += list(RECHECK[function_of(name)])
         proc = subprocess.Popen(
             cmd,
             cwd="mutants",
@@ -97,7 +111,7 @@ def main() -> int:
     reap(block=True)
     RESULTS.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
     killed = sum(v != "survived" for v in verdicts.values())
-    print(f"{len(verdicts)} import-time survivors re-checked in {time.monotonic() - start:.0f} s: {killed} killed")
+    print(f"{len(verdicts)} survivors re-checked in {time.monotonic() - start:.0f} s: {killed} killed")
     for name, verdict in sorted(verdicts.items()):
         if verdict == "survived":
             print(f"  survived: {name}")
