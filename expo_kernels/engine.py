@@ -128,7 +128,7 @@ class _Workspace:
 
     @staticmethod
     def make(
-        tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool = False
+        tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, backward: bool, stacked: bool
     ) -> _Workspace:
         ld = gemm.logits_dtype(dtype, device)
         dz = torch.empty(tokens * vocab, dtype=dtype, device=device) if backward and ld != dtype else None
@@ -260,13 +260,12 @@ def _counted(labels: Tensor, ignore_index: int, vocab: int) -> _Counted:
 @dataclass
 class PairPlan:
     """How a paired batch ``labels [R, T]`` is cut: the counted tokens (flat positions, int64 labels),
-    each one's pair, the pairs' token counts, and the chunks of whole pairs (None when a pair is longer
+    the pairs' token counts, and the chunks of whole pairs (None when a pair is longer
     than the workspace: the step then recomputes the logits in token chunks). ``pair_tokens`` is a CPU
     tensor and ``row_tokens`` host ints: the chunks' sizes and token ranges are read without a sync."""
 
     token_ids: Tensor
     labels: Tensor
-    pair_of_token: Tensor
     pair_tokens: Tensor
     chunks: list | None
     budget_tokens: int
@@ -294,21 +293,17 @@ def plan_pairs(
     Whether the pairs fit (stacked or not) is arithmetic on the per-row counts (:func:`_counted`, one host
     sync). ``counts_of``: an earlier plan of the same ``labels``, whose counts are reused (no sync): a
     stacked step that does not fit is planned again unstacked for free."""
-    rows, steps = labels.shape
-    b = rows // 2
+    b = labels.shape[0] // 2
     if b == 0:
         return None
     counted = _counted(labels, ignore_index, vocab) if counts_of is None else counts_of.counted()
-    pair_of_token = torch.div(counted.token_ids, steps, rounding_mode="floor") % b
     per_pair = _per_pair(counted.row_tokens, b)
     # the planner's budget: _dispatch.pair_path takes the same numbers to tell PAIR_ENGINE from
     # LONG_PAIR_CHUNKS, and pair_chunks returns None exactly where it says LONG_PAIR_CHUNKS
     budget = dispatch.pair_budget_tokens(vocab, dtype, labels.device, stacked=stacked)
     chunks = pair_chunks(per_pair, budget, chunk_tokens(labels.device))
     pair_tokens = torch.tensor(per_pair, dtype=torch.long)
-    return PairPlan(
-        counted.token_ids, counted.labels, pair_of_token, pair_tokens, chunks, budget, stacked, counted.row_tokens
-    )
+    return PairPlan(counted.token_ids, counted.labels, pair_tokens, chunks, budget, stacked, counted.row_tokens)
 
 
 def _per_pair(row_tokens: tuple[int, ...], pairs: int) -> list[int]:
@@ -771,7 +766,7 @@ class _LossWithGradients(torch.autograd.Function):
             )
         grads, ctx.grads = ctx.grads, None
         # scaled in place: the buffers are this step's own, and a [V, H] copy would double d_weight's memory
-        scaled = [None if d is None else d.mul_(grad_out.to(d.dtype)) for d in grads]
+        scaled = [None if d is None else d.mul_(grad_out) for d in grads]
         return (None, *scaled, None, None, None)
 
 

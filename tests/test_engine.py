@@ -16,6 +16,7 @@ from conftest import require_backend
 from helpers import LargestTensor, backend_dtype_cases, device_for, rel_err
 from reference import reference_module_loss
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import expo_kernels as ek
 from expo_kernels import engine
@@ -1113,3 +1114,305 @@ def test_a_chunk_of_pairs_without_tokens(monkeypatch):
     want = torch.autograd.grad(_dpo_with_sft(_float64_logp(h64, w64, None, labels), mask, 2), (h64, w64))
     assert rel_err(step.d_hidden, want[0]) < 1e-10
     assert rel_err(step.d_weight, want[1]) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# the bookkeeping's edges (labels, chunks), the devices and dtypes a step's tensors take, its memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_label_range_and_counted_positions(syncs):
+    # Labels in [0, V) and ignore_index are accepted (0 and V - 1 included) with one host read (the counts
+    # and the number of bad labels together: no second look for a culprit); V, or a negative label other
+    # than ignore_index, is refused with the op's message. A batch with as many counted tokens as rows /
+    # steps (4 x 2 labels, 2 counted) gets the counted positions, not every position.
+    labels = torch.tensor([[0, V - 1, -100, 3], [-100, 5, 6, V - 1]], device="cpu")
+    with syncs:
+        plan = engine.plan_pairs(labels, -100, V, DT)
+    assert syncs.ops == ["tolist"], syncs.ops
+    assert torch.equal(plan.token_ids, torch.tensor([0, 1, 3, 5, 6, 7], device="cpu"))
+    assert torch.equal(plan.labels, torch.tensor([0, V - 1, 3, 5, 6, V - 1], device="cpu"))
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\).*found {bad}"):
+            engine.plan_pairs(labels.masked_fill(labels == 5, bad), -100, V, DT)
+    labels = torch.full((4, 2), -100, device="cpu")
+    labels[1, 0], labels[3, 1] = 4, 7
+    plan = engine.plan_pairs(labels, -100, V, DT)
+    assert torch.equal(plan.token_ids, torch.tensor([2, 7], device="cpu"))
+    assert torch.equal(plan.labels, torch.tensor([4, 7], device="cpu"))
+    assert plan.row_tokens == (0, 1, 0, 1) and plan.pair_tokens.tolist() == [0, 2]
+
+
+def test_pair_chunks_edges(syncs):
+    # A tensor of counts is read once (one tolist, no scalar read per pair); the first chunk starts empty
+    # (2 + 1 tokens reach a target of 3 only with both pairs; 2 + 2 fit a budget of 4 exactly); a target
+    # of 0 gives a pair per chunk, and no chunk is empty.
+    counts = torch.tensor([300, 300, 100, 600, 50, 0, 700], device="cpu")
+    with syncs:
+        chunks = engine.pair_chunks(counts, budget_tokens=1000, target_tokens=512)
+    assert chunks == [(0, 2), (2, 4), (4, 7)]
+    assert syncs.ops == ["tolist"], syncs.ops
+    assert engine.pair_chunks([2, 1, 5], budget_tokens=10, target_tokens=3) == [(0, 2), (2, 3)]
+    assert engine.pair_chunks([2, 2, 1], budget_tokens=4, target_tokens=10) == [(0, 2), (2, 3)]
+    assert engine.pair_chunks([3, 4], budget_tokens=10, target_tokens=0) == [(0, 1), (1, 2)]
+
+
+def test_chunk_tokens_of_other_devices():
+    # A device without its own entry (meta, xpu, mps, ...) takes CUDA's chunk (a number, never None).
+    assert engine.chunk_tokens(torch.device("meta")) == engine.CHUNK_TOKENS["cuda"]
+    assert engine.chunk_tokens(torch.device("cpu")) == engine.CHUNK_TOKENS["cpu"]
+
+
+def test_chunks_follow_chunk_tokens(monkeypatch):
+    # The chunk target is chunk_tokens(device), read when the step runs (here 600 instead of the CPU's 512):
+    # pairs of [520, 10, 300] tokens make one chunk within the default budget (a target of 512 would cut
+    # after the first). The same in a one-pass long-pair step: pair 0 (640 tokens, more than the
+    # workspace's 620) in token chunks of 600, then pairs 1-3 in chunks of whole pairs of at most 600
+    # tokens, [1, 3) and [3, 4) (512 would cut [1, 2), [2, 4)), each chunk's tokens those of its own pairs;
+    # gradients against float64 autograd (1e-10).
+    monkeypatch.setitem(engine.CHUNK_TOKENS, "cpu", 600)
+    hidden, weight, labels = _one_long_pair([260, 5, 150, 260, 5, 150])
+    assert engine.plan_pairs(labels, -100, V, DT).chunks == [(0, 3)]
+    step, rows, made, want = _long_pair_step(
+        monkeypatch,
+        [320, 260, 5, 150],
+        [320, 260, 5, 150],
+        h_size=2,
+        need=(True, True, True),
+        bias=True,
+        workspace=620 * 8 * V1,
+    )
+    assert rows == [600, 40, 530, 300]
+    assert made == 3
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert rel_err(got, w) < 1e-10
+
+
+# (chosen, rejected, workspace) of a step whose pairs fit, of one with a long pair in one pass (a pair of
+# 24 tokens between short ones: the configuration of test_one_pass_long_pairs_against_float64, 10 tokens
+# a chunk), and of one with a long pair in two passes (partials that do not fit: chunks of 12 tokens)
+_PATHS = {
+    "pairs": ([8, 3], [9, 2], None, [22]),
+    "one pass": ([6, 12, 2], [4, 12, 1], 8580, [10, 10, 4, 10, 3]),
+    "two passes": ([8, 3], [9, 2], 5188, [12, 10, 12, 10]),
+}
+
+
+@pytest.mark.parametrize("case", list(_PATHS))
+def test_a_step_places_its_tensors_on_the_inputs_device(case, monkeypatch):
+    # Every tensor a step makes lives on its inputs' device, whatever torch's default device: under
+    # torch.device("meta") a CPU step (pairs that fit, a long pair in one pass, or in two) gives CPU
+    # gradients equal to float64 autograd (1e-10); a tensor left on the default device would be a meta
+    # tensor, which no CPU op takes.
+    chosen, rejected, workspace, gemm_rows = _PATHS[case]
+    with torch.device("meta"):
+        step, rows, _, want = _long_pair_step(
+            monkeypatch, chosen, rejected, h_size=4, need=(True, True, True), bias=True, workspace=workspace
+        )
+    assert rows == gemm_rows
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert got.device.type == "cpu"
+        assert rel_err(got, w) < 1e-10
+
+
+@pytest.mark.parametrize("culprit", ["hidden", "weight"])
+def test_step_names_a_non_finite_input(culprit):
+    # A NaN in the policy's hidden state (at a counted token) or head is named: the error says which input.
+    hidden, _, weight, bias, labels = batch(seed=49, device="cpu")
+    t = {"hidden": hidden, "weight": weight}[culprit]
+    t.view(-1)[t.numel() - 1] = torch.nan
+    with pytest.raises(ValueError, match=f"^{culprit} contains NaN"):
+        _step(hidden, weight, bias, labels, lambda logp, p2, ref: logp.sum())
+
+
+def _raw_logit_epilogues():
+    """Triton's contract, in torch ops on the CPU: ``fold`` leaves the logits raw (no bias, no transform),
+    and ``to_dz`` adds the bias and applies the transform itself."""
+    from expo_kernels.ops import epilogues as epi
+
+    def fold(z, bias, y, t, with_stats):
+        return epi.torch_fold(z.clone(), bias, y, t, with_stats)
+
+    def to_dz(z, bias, y, lse, g, t, out):
+        zt = z.clone()
+        epi.transform_in_place(zt, bias, t)
+        epi.torch_to_dz(zt, y, lse, g, t)
+        out.copy_(zt)
+
+    return epi.Epilogues(fold, to_dz, False)
+
+
+@pytest.mark.parametrize("case", list(_PATHS))
+def test_epilogues_that_leave_the_logits_raw(case, monkeypatch):
+    # A provider whose fold leaves the logits raw (as Triton's does) is handed the bias in to_dz: on pairs
+    # that fit and on a long pair (one pass or two), a biased head's gradients match float64 autograd
+    # (1e-10).
+    monkeypatch.setattr(engine, "epilogues", lambda backend: _raw_logit_epilogues())
+    chosen, rejected, workspace, gemm_rows = _PATHS[case]
+    step, rows, _, want = _long_pair_step(
+        monkeypatch, chosen, rejected, h_size=4, need=(True, True, True), bias=True, workspace=workspace
+    )
+    assert rows == gemm_rows
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert rel_err(got, w) < 1e-10
+
+
+def test_reference_pass_folds_without_statistics(monkeypatch):
+    # The reference pass needs log-probs only: every fold it runs is asked for no statistics.
+    from expo_kernels.ops import epilogues as epi
+
+    asked, real = [], epi.torch_fold
+    monkeypatch.setattr(
+        epi, "torch_fold", lambda z, b, y, t, with_stats: asked.append(with_stats) or real(z, b, y, t, with_stats)
+    )
+    hidden, _, weight, bias, labels = batch(seed=50, device="cpu")
+    logp = engine.forward_logps(
+        hidden, weight, bias, labels, ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch"
+    )
+    assert asked and not any(asked)
+    torch.testing.assert_close(logp, _float64_logp(hidden, weight, bias, labels), rtol=1e-12, atol=1e-12)
+
+
+def test_tracing_fullgraph_needs_both_a_trace_and_fullgraph(monkeypatch):
+    # True only while torch.compile traces (is_compiling) a frame that may not break (the probe).
+    for compiling in (False, True):
+        for probe in (False, True):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+            monkeypatch.setattr(engine, "_fullgraph_probe", lambda p=probe: p)
+            assert engine.tracing_fullgraph() == (compiling and probe), (compiling, probe)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16 bias", "float32 bias"])
+@pytest.mark.parametrize("path", ["pairs", "one pass"])
+def test_16bit_head_bias_gradient_sums_in_float32(path, bias_dtype, backend, monkeypatch):
+    # A bf16 head through CUDA's contract (float32 logits, a bf16 dz buffer): d_bias sums the bf16 dz of
+    # each chunk in float32 (16 chunks of a pair each; or a long pair in one pass, 3 tokens a chunk, as in
+    # test_one_pass_long_pair_of_a_16bit_head_against_float64) and comes back in the bias's dtype. The
+    # reference: float64 autograd's per-token dz (the pairs: g (onehot - p); the long pair: onehot - p,
+    # scaled by its row's g afterwards) rounded to bf16 as the engine's dz buffer is, then summed in
+    # float64. A float32 bias keeps the float32 sum: 1e-5 (measured ~1e-7; a bf16 rounding of each
+    # chunk's sum would be ~1e-3); a bf16 bias is rounded once: 4e-3 (2^-9 per entry at most).
+    require_backend(backend, "cpu")
+    _cuda_gemm_contract(monkeypatch)
+    pairs, (chosen, rejected, workspace) = {
+        "pairs": (16, ([8] * 16, [7] * 16, 16 * V1 * 6)),
+        "one pass": (1, ([12], [12], 2226)),
+    }[path]
+    g = torch.Generator().manual_seed(51)
+    steps = max(chosen + rejected)
+    hidden = torch.randn(2 * pairs, steps, 4, generator=g, dtype=DT, device="cpu").bfloat16()
+    weight = (torch.randn(V1, 4, generator=g, dtype=DT, device="cpu") * 0.5).bfloat16()
+    bias = (torch.randn(V1, generator=g, dtype=DT, device="cpu") * 0.5).to(bias_dtype)
+    labels = torch.randint(0, V1, (2 * pairs, steps), generator=g, device="cpu")
+    for r, c in enumerate(chosen + rejected):
+        labels[r, : steps - c] = -100
+    mask = (labels != -100).double()
+    gemm_rows = _record_gemm_rows(monkeypatch)
+    with ek.kernel_options(workspace_bytes=workspace):
+        step = _step(
+            hidden,
+            weight,
+            bias,
+            labels,
+            lambda logp, p2, ref: _dpo_with_sft(logp, mask.to(logp.dtype), pairs),
+            backend=backend,
+            row_constant=True,
+        )
+    assert gemm_rows == ([15] * 16 if path == "pairs" else [3] * 8)
+    z = hidden.double() @ weight.double().T + bias.double()
+    p = torch.softmax(z, -1)
+    logp = _float64_logp(hidden, weight, bias, labels).requires_grad_()
+    (g_tok,) = torch.autograd.grad(_dpo_with_sft(logp, mask, pairs), logp)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), V1).double()
+    if path == "pairs":
+        dz = (g_tok[..., None] * (onehot - p)).bfloat16().double()
+    else:
+        dz = g_tok[..., None] * (onehot - p).bfloat16().double()
+    want = (dz * mask[..., None]).sum((0, 1))
+    assert step.d_bias.dtype == bias_dtype
+    assert rel_err(step.d_bias, want) < (1e-5 if bias_dtype == torch.float32 else 4e-3)
+
+
+class _NewTensors(TorchDispatchMode):
+    """The size in bytes of every tensor an op returns in storage none of its inputs own (in-place
+    results and views of an input are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        owned = {t.untyped_storage().data_ptr() for t in inputs}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                self.sizes.append(t.numel() * t.element_size())
+        return out
+
+
+def test_16bit_d_weight_upcasts_dz_through_the_dead_logits(monkeypatch):
+    # d_weight += dz^T h, bf16 dz and h into a float32 d_weight, where the device's addmm cannot write
+    # float32 (the probe is asked about dz's own device: the CPU, which cannot): dz is upcast through the
+    # chunk's float32 logits z (dead once dz is formed), so no new tensor as large as dz; the result is
+    # exact up to float32 sums (bf16 x bf16 products are exact in float32): 1e-6 against float64.
+    asked, real = [], engine._addmm_writes_float32
+    monkeypatch.setattr(engine, "_addmm_writes_float32", lambda d, t: asked.append((d, t)) or real(d, t))
+    g = torch.Generator().manual_seed(52)
+    n, v, h = 64, 300, 8
+    dz = torch.randn(n, v, generator=g, device="cpu").bfloat16()
+    hh = torch.randn(n, h, generator=g, device="cpu").bfloat16()
+    z = torch.randn(n, v, generator=g, device="cpu")
+    d_weight = torch.randn(v, h, generator=g, device="cpu")
+    want = d_weight.double() + dz.double().T @ hh.double()
+    with _NewTensors() as new:
+        engine._accumulate_d_weight(d_weight, dz, hh, z)
+    assert asked == [("cpu", torch.bfloat16)]
+    assert max(new.sizes) < n * v * 2, new.sizes  # at most h's upcast (n x h float32)
+    assert rel_err(d_weight, want) < 1e-6
+    torch.testing.assert_close(z, dz.float(), rtol=0, atol=0)  # the logits' buffer took dz's upcast
+
+
+@pytest.mark.parametrize("case", ["float64", "shared head", "bf16", "bf16 reference pass"])
+def test_workspace_buffers(case, monkeypatch):
+    # The workspace a step allocates ([n x V] buffers, one chunk of n counted tokens here): a float64 head's
+    # logits only (dz is formed in place); twice the rows for a shared head's stacked GEMM (the reference's
+    # rows and the policy's: 2 n V, not more); a 16-bit head's float32 logits and a bf16 dz (CUDA's contract);
+    # and no dz for a pass without backward. The workspace dtype is asked for the inputs' device.
+    hidden, ref_hidden, weight, bias, labels = batch(seed=53, device="cpu")
+    n = int((labels != -100).sum())
+    devices = []
+    if case.startswith("bf16"):
+        _cuda_gemm_contract(monkeypatch)
+        hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    real = engine.gemm.logits_dtype
+    monkeypatch.setattr(engine.gemm, "logits_dtype", lambda dt, dev: devices.append(dev) or real(dt, dev))
+    loss = lambda logp, p2, ref: logp.sum() if ref is None else (logp - ref).sum()  # noqa: E731
+    with _Allocations() as alloc:
+        if case == "bf16 reference pass":
+            engine.forward_logps(
+                hidden,
+                weight,
+                bias,
+                labels,
+                ignore_index=-100,
+                transform=LogitTransform(1.0, None, 1.0),
+                backend="torch",
+            )
+        elif case == "shared head":
+            plan = engine.plan_pairs(labels, -100, V, DT, stacked=True)
+            _step(hidden, weight, bias, labels, loss, plan=plan, ref_hidden=ref_hidden)
+        else:
+            _step(hidden, weight, bias, labels, loss)
+    workspace = [(shape[0], dt) for name, shape, dt in alloc.made if name == "empty" and len(shape) == 1]
+    assert (
+        workspace
+        == {
+            "float64": [(n * V, DT)],
+            "shared head": [(2 * n * V, DT)],
+            "bf16": [(n * V, torch.bfloat16), (n * V, torch.float32)],
+            "bf16 reference pass": [(n * V, torch.float32)],
+        }[case]
+    )
+    assert devices and all(d == torch.device("cpu") for d in devices), devices
