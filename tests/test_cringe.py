@@ -261,3 +261,24 @@ def test_cringe_loss_errors_name_the_argument(name, bad):
     args[4], args[5] = args[4][..., :1], args[5][..., :1]  # one candidate column: k = 0
     with pytest.raises(ValueError, match=r"k >= 1 candidates; got 1 columns"):
         cringe_loss(*args)
+
+
+def test_cringe_samples_on_the_cpu_whatever_the_default_device():
+    # the positives are drawn on the CPU (the module docstring), so a seeded generator gives the same draw when a
+    # trainer set another default device (torch.set_default_device; "meta" here)
+    from expo_kernels.losses.cringe import cringe_loss
+
+    g = torch.Generator().manual_seed(5)
+    b, t, k1 = 2, 4, 3
+    chosen, rejected = -torch.rand(b, t, generator=g), -torch.rand(b, t, generator=g)
+    chosen_mask = torch.ones(b, t, dtype=torch.bool)
+    rejected_logits = torch.randn(b, t, generator=g)
+    top_v = torch.randn(b, t, k1, generator=g).sort(dim=-1, descending=True).values
+    top_i = torch.stack([torch.randperm(20, generator=g)[:k1] for _ in range(b * t)]).view(b, t, k1)
+    labels = top_i[..., 0].clone()
+    args = (chosen, chosen_mask, rejected, rejected_logits, top_v, top_i, labels)
+    want = cringe_loss(*args, generator=torch.Generator().manual_seed(6))
+    with torch.device("meta"):
+        got = cringe_loss(*args, generator=torch.Generator(device="cpu").manual_seed(6))
+    assert torch.equal(got.positive_ids, want.positive_ids) and torch.equal(got.loss, want.loss)
+    assert got.loss.device.type == "cpu"

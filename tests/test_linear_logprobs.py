@@ -433,3 +433,26 @@ def test_torch_to_dz_caps_probabilities_at_one():
     )
     want = [-1.0, 1.0 - math.exp(-1.5), -math.exp(-2.5)]
     torch.testing.assert_close(z, torch.tensor([want], dtype=torch.float64, device="cpu"), rtol=1e-15, atol=0)
+
+
+def test_ops_make_their_tensors_on_the_inputs_device_not_the_default():
+    # a trainer may set another default device (torch.set_default_device): the ops' own tensors (empty states,
+    # the fold's column ids) follow the device they are given or their inputs'. Under a "meta" default, a
+    # tensor made without one would come out on meta.
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        lp = ops.state.empty_logprob_state(3, True, torch.float32, cpu, topk=2)
+        kl = ops.state.empty_token_kl_state(3, torch.float64, cpu)
+    assert all(t.device == cpu for t in (*lp, *kl) if t is not None)
+    g = torch.Generator().manual_seed(17)
+    z = torch.randn(5, 40, generator=g, dtype=torch.float64, device="cpu")
+    labels = torch.randint(0, 40, (5,), generator=g, device="cpu")
+    want = ops.state.finalize_logprobs(
+        ops.epilogues.torch_fold(z.clone(), None, labels, ops.LogitTransform(), True), 40
+    )
+    with torch.device("meta"):
+        got = ops.state.finalize_logprobs(
+            ops.epilogues.torch_fold(z.clone(), None, labels, ops.LogitTransform(), True), 40
+        )
+    for a, b in zip(got, want, strict=True):
+        assert (a is None and b is None) or (a.device == cpu and torch.equal(a, b))

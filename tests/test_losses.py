@@ -979,3 +979,54 @@ def test_a_margin_past_float32s_range_gives_a_zero_loss(name):
     else:
         got = preference_loss("sigmoid", c, r, zero, zero)
     assert got.item() == 0.0
+
+
+_DEFAULT_DEVICE_CASES = [(name, {}) for name in sorted(LOSSES)] + [
+    ("cpo", dict(cpo_alpha=0.0)),  # no NLL term: its zero metric is made, not taken from the inputs
+    ("kto", dict(unpaired=True)),
+    ("apo_zero_unpaired", dict(unpaired=True)),
+]
+
+
+@pytest.mark.parametrize("name, kw", _DEFAULT_DEVICE_CASES, ids=[f"{n}-{sorted(k)}" for n, k in _DEFAULT_DEVICE_CASES])
+def test_losses_follow_their_inputs_device_not_the_default(name, kw):
+    # a trainer may set another default device (torch.set_default_device): every tensor a loss makes goes to
+    # its inputs' device. Under a "meta" default, one made without a device would fail (or come out on meta).
+    (c, r, cr, rr), lc, lr = _inputs(seed=13, b=4)
+    kw = dict(kw)
+    if kw.pop("unpaired", False):
+        args = dict(policy_logps=torch.cat([c, r]), ref_logps=torch.cat([cr, rr]), kl=0.1)
+        args["is_desirable"] = torch.tensor([True] * 4 + [False] * 4)
+    else:
+        args = dict(chosen_logps=c, rejected_logps=r, ref_chosen_logps=cr, ref_rejected_logps=rr)
+        args.update(
+            chosen_lengths=lc,
+            rejected_lengths=lr,
+            **{"odpo": dict(offset=0.5), "expo": dict(lam=0.2), "kto": dict(kl=0.1)}.get(name, {}),
+        )
+    want, want_metrics = preference_loss_and_metrics(name, **args, **kw)
+    with torch.device("meta"):
+        got, metrics = preference_loss_and_metrics(name, **args, **kw)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert metrics.keys() == want_metrics.keys() and all(torch.equal(metrics[k], want_metrics[k]) for k in metrics)
+
+
+def test_aggregation_follows_its_inputs_device_not_the_default():
+    g = torch.Generator().manual_seed(14)
+    lp, lsp = -torch.rand(4, 6, generator=g), -torch.rand(4, 6, generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    want = aggregate_pair_logps(lp, mask, ld_alpha=0.5, log_sum_p2=lsp)
+    with torch.device("meta"):
+        got = aggregate_pair_logps(lp, mask, ld_alpha=0.5, log_sum_p2=lsp)
+    for field in ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll", "weights"):
+        assert getattr(got, field).device.type == "cpu" and torch.equal(getattr(got, field), getattr(want, field))
+
+
+def test_float32_per_token_logps_are_summed_and_returned_in_float64():
+    # the sequence sums take float64 (sum_dtype): 3000 float32 terms of ~1 summed in float32 lose ~1e-4
+    g = torch.Generator().manual_seed(15)
+    lp = -torch.rand(2, 3000, generator=g)
+    out = aggregate_pair_logps(lp, torch.ones(2, 3000, dtype=torch.bool))
+    assert out.chosen_logps.dtype == torch.float64 and out.chosen_nll.dtype == torch.float64
+    assert out.chosen_logps.item() == pytest.approx(math.fsum(lp[0].double().tolist()), rel=1e-13, abs=0)
+    assert out.rejected_logps.item() == pytest.approx(math.fsum(lp[1].double().tolist()), rel=1e-13, abs=0)

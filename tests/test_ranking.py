@@ -474,3 +474,15 @@ def test_long_responses_sum_in_float64():
     assert all(m.dtype == torch.float32 for m in out.metrics.values())
     torch.testing.assert_close(out.loss, expect.float(), rtol=1e-5, atol=0)
     torch.testing.assert_close(out.logps, tok.double().sum(-1).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rrhf", "pro"])
+def test_ranking_loss_follows_its_inputs_device_not_the_default(name):
+    # with another default device (torch.set_default_device), the mask made when none is given goes to the
+    # inputs' device (under a "meta" default, a mask made without one would not mix with CPU scores)
+    g = torch.Generator().manual_seed(16)
+    scores, rewards = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g)
+    want = ek.ranking_loss(name, scores, rewards)
+    with torch.device("meta"):
+        got = ek.ranking_loss(name, scores, rewards)
+    assert got.device.type == "cpu" and torch.equal(got, want)

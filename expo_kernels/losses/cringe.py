@@ -94,7 +94,8 @@ def sample_positive(
     drop[..., -1] |= ~is_neg.any(dim=-1)
     logits = topk_values.detach().double().masked_fill(drop, -math.inf)
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-    u = torch.rand(negatives.shape, generator=generator, dtype=torch.float64).to(cdf.device)
+    # drawn on the CPU (the module docstring), whatever the default device: reproducible across devices
+    u = torch.rand(negatives.shape, generator=generator, dtype=torch.float64, device="cpu").to(cdf.device)
     # inverse CDF: the first candidate whose cumulative probability exceeds u (dropped ones have p = 0)
     pick = (cdf <= u.unsqueeze(-1)).sum(dim=-1, keepdim=True)
     pick = torch.minimum(pick, (~drop).long().cumsum(-1).argmax(dim=-1, keepdim=True))  # rounding at u ~ 1
