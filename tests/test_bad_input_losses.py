@@ -700,3 +700,13 @@ def test_an_overflow_from_finite_inputs_names_the_losses_and_hyperparameters(nam
     )
     with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
         preference_loss(name, c, zero, zero, zero, beta=0.5)
+
+
+def test_numpy_1_bool_scalars_count_as_bools():
+    # NumPy 1 names its bool scalar type `bool_` (NumPy 2, installed here: `bool`): a stand-in type with NumPy's
+    # module and that name is a bool, another NumPy scalar type is not
+    from expo_kernels.losses.registry import is_bool
+
+    assert is_bool(type("bool_", (), {"__module__": "numpy"})())
+    assert is_bool(np.bool_(True)) and is_bool(False)
+    assert not is_bool(type("float64", (), {"__module__": "numpy"})()) and not is_bool(np.float64(1.0))

@@ -282,3 +282,13 @@ def test_cringe_samples_on_the_cpu_whatever_the_default_device():
         got = cringe_loss(*args, generator=torch.Generator(device="cpu").manual_seed(6))
     assert torch.equal(got.positive_ids, want.positive_ids) and torch.equal(got.loss, want.loss)
     assert got.loss.device.type == "cpu"
+
+
+def test_the_cpu_draw_moves_to_the_inputs_device():
+    # the uniforms are drawn on the CPU and moved to the candidates' device ("meta" tensors stand in for an
+    # accelerator's here: a CPU draw left on the CPU would not mix with them)
+    values = torch.randn(2, 3, 4, device="meta")
+    ids = torch.zeros(2, 3, 4, dtype=torch.long, device="meta")
+    negatives = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    s_plus, picked = sample_positive(values, ids, negatives, generator=torch.Generator().manual_seed(0))
+    assert s_plus.device.type == picked.device.type == "meta" and s_plus.shape == picked.shape == (2, 3)

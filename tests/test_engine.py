@@ -8,6 +8,7 @@ take the engine, and the memory bound. Tensors live on ``helpers.device_for(back
 tests compare against float64 references made on the CPU (``device="cpu"``, on purpose).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -1195,6 +1196,7 @@ _PATHS = {
     "pairs": ([8, 3], [9, 2], None, [22]),
     "one pass": ([6, 12, 2], [4, 12, 1], 8580, [10, 10, 4, 10, 3]),
     "two passes": ([8, 3], [9, 2], 5188, [12, 10, 12, 10]),
+    "all counted": ([5, 5], [5, 5], None, [20]),  # no ignored label: the counted positions are all of them
 }
 
 
@@ -1215,14 +1217,15 @@ def test_a_step_places_its_tensors_on_the_inputs_device(case, monkeypatch):
         assert rel_err(got, w) < 1e-10
 
 
-@pytest.mark.parametrize("culprit", ["hidden", "weight"])
+@pytest.mark.parametrize("culprit", ["hidden", "weight", "bias", "ref_hidden"])
 def test_step_names_a_non_finite_input(culprit):
-    # A NaN in the policy's hidden state (at a counted token) or head is named: the error says which input.
-    hidden, _, weight, bias, labels = batch(seed=49, device="cpu")
-    t = {"hidden": hidden, "weight": weight}[culprit]
+    # A NaN in the policy's hidden state (at a counted token), head, bias, or the reference's hidden state (a
+    # reference through the shared head) is named: the error says which input.
+    hidden, ref_hidden, weight, bias, labels = batch(seed=49, device="cpu")
+    t = {"hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden}[culprit]
     t.view(-1)[t.numel() - 1] = torch.nan
     with pytest.raises(ValueError, match=f"^{culprit} contains NaN"):
-        _step(hidden, weight, bias, labels, lambda logp, p2, ref: logp.sum())
+        _step(hidden, weight, bias, labels, lambda logp, p2, ref: logp.sum(), ref_hidden=ref_hidden)
 
 
 def _raw_logit_epilogues():
@@ -1374,12 +1377,15 @@ def test_16bit_d_weight_upcasts_dz_through_the_dead_logits(monkeypatch):
     torch.testing.assert_close(z, dz.float(), rtol=0, atol=0)  # the logits' buffer took dz's upcast
 
 
+@pytest.mark.parametrize("default_device", [None, "meta"])
 @pytest.mark.parametrize("case", ["float64", "shared head", "bf16", "bf16 reference pass"])
-def test_workspace_buffers(case, monkeypatch):
+def test_workspace_buffers(case, default_device, monkeypatch):
     # The workspace a step allocates ([n x V] buffers, one chunk of n counted tokens here): a float64 head's
     # logits only (dz is formed in place); twice the rows for a shared head's stacked GEMM (the reference's
     # rows and the policy's: 2 n V, not more); a 16-bit head's float32 logits and a bf16 dz (CUDA's contract);
-    # and no dz for a pass without backward. The workspace dtype is asked for the inputs' device.
+    # and no dz for a pass without backward. The workspace dtype is asked for the inputs' device. Under a "meta"
+    # default device (torch.set_default_device), every buffer still goes to the inputs' device: a meta one would
+    # fail the CPU step.
     hidden, ref_hidden, weight, bias, labels = batch(seed=53, device="cpu")
     n = int((labels != -100).sum())
     devices = []
@@ -1389,7 +1395,7 @@ def test_workspace_buffers(case, monkeypatch):
     real = engine.gemm.logits_dtype
     monkeypatch.setattr(engine.gemm, "logits_dtype", lambda dt, dev: devices.append(dev) or real(dt, dev))
     loss = lambda logp, p2, ref: logp.sum() if ref is None else (logp - ref).sum()  # noqa: E731
-    with _Allocations() as alloc:
+    with torch.device(default_device) if default_device else contextlib.nullcontext(), _Allocations() as alloc:
         if case == "bf16 reference pass":
             engine.forward_logps(
                 hidden,
@@ -1400,9 +1406,8 @@ def test_workspace_buffers(case, monkeypatch):
                 transform=LogitTransform(1.0, None, 1.0),
                 backend="torch",
             )
-        elif case == "shared head":
-            plan = engine.plan_pairs(labels, -100, V, DT, stacked=True)
-            _step(hidden, weight, bias, labels, loss, plan=plan, ref_hidden=ref_hidden)
+        elif case == "shared head":  # (the step plans its stacked chunks itself)
+            _step(hidden, weight, bias, labels, loss, ref_hidden=ref_hidden)
         else:
             _step(hidden, weight, bias, labels, loss)
     workspace = [(shape[0], dt) for name, shape, dt in alloc.made if name == "empty" and len(shape) == 1]
@@ -1416,3 +1421,22 @@ def test_workspace_buffers(case, monkeypatch):
         }[case]
     )
     assert devices and all(d == torch.device("cpu") for d in devices), devices
+
+
+def test_one_pass_long_pair_with_an_empty_chosen_row(monkeypatch):
+    # A long pair whose chosen row counts no token (its rejected row 24), between short pairs, in one pass: the
+    # rejected row's partials are still scaled by its g (float64 autograd, 1e-10). The log-probs weighted by 1/50
+    # keep DPO's sigmoid off saturation, so that g is not ~0 (sums of 24 log-probs would make it 1e-25).
+    step, rows, _, want = _long_pair_step(
+        monkeypatch,
+        [6, 0, 2],
+        [4, 24, 1],
+        h_size=4,
+        need=(True, True, True),
+        bias=True,
+        workspace=8580,
+        token_weight=lambda mask: torch.full_like(mask, 0.02),
+    )
+    assert max(rows) < 24  # the long pair took token chunks
+    for got, w in zip((step.d_hidden, step.d_weight, step.d_bias), want, strict=True):
+        assert rel_err(got, w) < 1e-10
