@@ -663,14 +663,11 @@ def test_a_shared_head_that_does_not_fit_is_planned_with_one_sync(syncs):
     with ek.kernel_options(workspace_bytes=8 * V * per_pair), syncs:  # one pair's fp64 logits, not two
         stacked = engine.plan_pairs(labels, -100, V, DT, stacked=True)
         plain = engine.plan_pairs(labels, -100, V, DT, counts_of=stacked)  # as the module re-plans
-        ref_logp = engine.forward_logps(
+        ref_logp = _forward_logps(
             ref_hidden,
             weight,
             bias,
             labels,
-            ignore_index=-100,
-            transform=LogitTransform(1.0, None, 1.0),
-            backend="torch",
             plan=plain,  # as the module hands its plan to the reference pass
         )
     assert stacked is not None and stacked.chunks is None  # two models' rows of a pair do not fit
@@ -784,6 +781,13 @@ def _step(hidden, weight, bias, labels, loss, *, need=(True, True, True), **kw):
     otherwise); ``loss(logp, log_sum_p2, ref)`` is the loss of the per-token log-probs."""
     kw = dict(ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), with_stats=False, backend="torch") | kw
     return engine.run_pair_step(hidden, weight, bias, labels, loss_of_tokens=loss, need=need, **kw)
+
+
+def _forward_logps(hidden, weight, bias, labels, **kw):
+    """``engine.forward_logps`` (the reference pass) of a plain head on the torch backend unless ``kw`` says
+    otherwise."""
+    kw = dict(ignore_index=-100, transform=LogitTransform(1.0, None, 1.0), backend="torch") | kw
+    return engine.forward_logps(hidden, weight, bias, labels, **kw)
 
 
 def _record_gemm_rows(monkeypatch):
@@ -1397,14 +1401,11 @@ def test_workspace_buffers(case, default_device, monkeypatch):
     loss = lambda logp, p2, ref: logp.sum() if ref is None else (logp - ref).sum()  # noqa: E731
     with torch.device(default_device) if default_device else contextlib.nullcontext(), _Allocations() as alloc:
         if case == "bf16 reference pass":
-            engine.forward_logps(
+            _forward_logps(
                 hidden,
                 weight,
                 bias,
                 labels,
-                ignore_index=-100,
-                transform=LogitTransform(1.0, None, 1.0),
-                backend="torch",
             )
         elif case == "shared head":  # (the step plans its stacked chunks itself)
             _step(hidden, weight, bias, labels, loss, ref_hidden=ref_hidden)
