@@ -114,6 +114,15 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def as_is_and_under_a_meta_default(fn):
+    """``(fn(), fn() with "meta" as torch's default device)``: how a call behaves when a trainer has set another
+    default device (``torch.set_default_device``). A tensor it makes without its inputs' device lands on meta
+    there: it fails to mix with the inputs, or comes back on meta, so the two results differ."""
+    as_is = fn()
+    with torch.device("meta"):
+        return as_is, fn()
+
+
 def shrink_native_tiles(monkeypatch, token_block, vocab_tile):
     """The native backend's tiles, like the torch backend's, shrunk below [N, V] of the test shapes.
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import as_is_and_under_a_meta_default
 from reference import kto_kl_baseline, loss_kto, loss_orpo
 
 from expo_kernels.losses import (
@@ -1004,9 +1005,9 @@ def test_losses_follow_their_inputs_device_not_the_default(name, kw):
             rejected_lengths=lr,
             **{"odpo": dict(offset=0.5), "expo": dict(lam=0.2), "kto": dict(kl=0.1)}.get(name, {}),
         )
-    want, want_metrics = preference_loss_and_metrics(name, **args, **kw)
-    with torch.device("meta"):
-        got, metrics = preference_loss_and_metrics(name, **args, **kw)
+    (want, want_metrics), (got, metrics) = as_is_and_under_a_meta_default(
+        lambda: preference_loss_and_metrics(name, **args, **kw)
+    )
     assert got.device.type == "cpu" and torch.equal(got, want)
     assert metrics.keys() == want_metrics.keys() and all(torch.equal(metrics[k], want_metrics[k]) for k in metrics)
 
@@ -1015,9 +1016,7 @@ def test_aggregation_follows_its_inputs_device_not_the_default():
     g = torch.Generator().manual_seed(14)
     lp, lsp = -torch.rand(4, 6, generator=g), -torch.rand(4, 6, generator=g)
     mask = torch.rand(4, 6, generator=g) > 0.3
-    want = aggregate_pair_logps(lp, mask, ld_alpha=0.5, log_sum_p2=lsp)
-    with torch.device("meta"):
-        got = aggregate_pair_logps(lp, mask, ld_alpha=0.5, log_sum_p2=lsp)
+    want, got = as_is_and_under_a_meta_default(lambda: aggregate_pair_logps(lp, mask, ld_alpha=0.5, log_sum_p2=lsp))
     for field in ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_nll", "weights"):
         assert getattr(got, field).device.type == "cpu" and torch.equal(getattr(got, field), getattr(want, field))
 

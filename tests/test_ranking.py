@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 from conftest import require_backend
-from helpers import FP64_BACKEND_NAMES
+from helpers import FP64_BACKEND_NAMES, as_is_and_under_a_meta_default
 from reference import reference_logprobs
 
 import expo_kernels as ek
@@ -482,7 +482,5 @@ def test_ranking_loss_follows_its_inputs_device_not_the_default(name):
     # inputs' device (under a "meta" default, a mask made without one would not mix with CPU scores)
     g = torch.Generator().manual_seed(16)
     scores, rewards = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g)
-    want = ek.ranking_loss(name, scores, rewards)
-    with torch.device("meta"):
-        got = ek.ranking_loss(name, scores, rewards)
+    want, got = as_is_and_under_a_meta_default(lambda: ek.ranking_loss(name, scores, rewards))
     assert got.device.type == "cpu" and torch.equal(got, want)
